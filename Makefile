@@ -1,0 +1,32 @@
+# Battery-cell inspection: one entry point for people and CI.
+PYTHON ?= python3.11
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+
+.PHONY: setup test synth preview bench-synth clean
+
+setup: $(STAMP)
+
+# Re-install only when the dependency list changes; a no-op otherwise.
+$(STAMP): pyproject.toml
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e '.[dev]'
+	@touch $(STAMP)
+
+test: setup
+	$(PY) -m pytest -n 2 $(PYTEST_ARGS)
+
+# Demo data: a small synthetic AI Hub tree and its contact sheet.
+synth: setup
+	$(PY) -m training.synth --out data/synth --batteries 40 --seed 0
+
+preview: synth
+	$(PY) -m training.synth preview data/synth --out results/synth_preview.png
+
+bench-synth: setup
+	$(PY) -m benchmarks.synth_speed
+
+clean:
+	rm -rf $(VENV) build .pytest_cache

@@ -1,0 +1,1 @@
+"""Throughput and latency benchmarks (they print numbers; tests never time anything)."""

@@ -1,0 +1,1 @@
+"""Battery-cell inspection: data, models, training and evaluation."""
