@@ -12,7 +12,7 @@ from pathlib import Path
 
 from training.data.aihub import scan
 from training.data.labels import CT_CLASSES
-from training.synth.plan import DEFAULT_MIX, SynthConfig
+from training.synth.plan import DEFAULT_MIX, DEFECT_VISIBILITY, SynthConfig
 from training.synth.preview import contact_sheet
 from training.synth.writer import CONFIG_FILE, generate
 
@@ -28,6 +28,19 @@ def _mix(text: str) -> dict:
         except ValueError:
             raise argparse.ArgumentTypeError(f"{part!r}: weight is not a number") from None
     return mix
+
+
+def _visibility(text: str) -> dict:
+    out = {}
+    for part in text.split(","):
+        axis, sep, value = part.partition("=")
+        try:
+            out[axis.strip()] = float(value)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{part!r}: expected AXIS=PROBABILITY, e.g. x=0.3") from None
+        if not sep or axis.strip() not in ("x", "y", "z") or not 0 <= out[axis.strip()] <= 1:
+            raise argparse.ArgumentTypeError(f"{part!r}: expected AXIS=PROBABILITY with AXIS x, y or z and 0..1")
+    return {**DEFECT_VISIBILITY, **out}
 
 
 def _size(text: str) -> tuple[int, int]:
@@ -53,6 +66,9 @@ def _generate_parser() -> argparse.ArgumentParser:
     p.add_argument("--photos", type=int, default=2, help="RGB photos per battery")
     default_mix = ",".join(f"{k}={v}" for k, v in DEFAULT_MIX.items())
     p.add_argument("--mix", type=_mix, default=None, help=f"CT class mix of batteries (default {default_mix})")
+    default_vis = ",".join(f"{k}={v}" for k, v in DEFECT_VISIBILITY.items())
+    p.add_argument("--visibility", type=_visibility, default=None,
+                   help=f"chance that a slice of a defective battery shows the defect, per axis (default {default_vis})")
     p.add_argument("--rgb-defect-rate", type=float, default=0.3, help="share of batteries with exterior defects")
     p.add_argument("--workers", type=int, default=None, help="parallel workers (default: all cores)")
     p.add_argument("--force", action="store_true", help="write into a folder that is not empty")
@@ -92,6 +108,7 @@ def main(argv: list[str] | None = None) -> int:
             batteries=args.batteries, seed=args.seed, ct_size=args.ct_size, rgb_width=args.rgb_size[0],
             rgb_height=args.rgb_size[1], slices_per_axis=args.slices_per_axis, photos_per_battery=args.photos,
             mix=args.mix or dict(DEFAULT_MIX), rgb_defect_rate=args.rgb_defect_rate,
+            visibility=args.visibility or dict(DEFECT_VISIBILITY),
         )
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -37,14 +37,6 @@ TAB = 1.45  # copper/aluminium tabs and busbars
 STEEL = 1.9  # cylindrical can, caps
 WELD = 2.3  # weld beads
 
-# How often a slice of a defective battery actually cuts through a defect. Many x-axis
-# slices of a porosity battery show no pore at all, as in the real data.
-DEFECT_VISIBILITY = {
-    "porosity": {"x": 0.25, "y": 0.8, "z": 0.7},
-    "resin_overflow": {"x": 0.3, "y": 0.85, "z": 0.55},
-}
-
-
 @dataclass(frozen=True)
 class CTSliceSpec:
     """Everything that determines one slice; rendering it twice gives the same bytes."""

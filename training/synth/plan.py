@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from training.data.labels import CT_CLASSES, SLICE_AXES, class_finding, class_type
-from training.synth.ct import DEFECT_VISIBILITY, CTSliceSpec
+from training.synth.ct import CTSliceSpec
 from training.synth.rgb import RGBPhotoSpec
 
 # Somewhat more defects than the real test split (where resin overflow is 1%), so that a
@@ -24,6 +24,11 @@ DEFAULT_MIX = {
 }
 
 SUBSETS = ("Training", "Validation")
+
+# How often a slice of a defective battery cuts through its defect. Many x-axis slices of
+# a porosity battery show no pore at all, as in the real data; such slices still carry
+# the battery's label, which is why slice_axis is a model input.
+DEFECT_VISIBILITY = {"x": 0.3, "y": 0.9, "z": 0.85}
 
 
 @dataclass(frozen=True)
@@ -39,6 +44,7 @@ class SynthConfig:
     rgb_defect_rate: float = 0.3  # share of batteries whose photos show exterior defects
     cylindrical_fraction: float = 0.5
     validation_fraction: float = 0.2  # share written under Validation/ (AI Hub's own split)
+    visibility: dict = field(default_factory=lambda: dict(DEFECT_VISIBILITY))  # per axis
 
     def __post_init__(self):
         unknown = set(self.mix) - set(CT_CLASSES)
@@ -52,6 +58,8 @@ class SynthConfig:
             raise ValueError("rgb_defect_rate must be within 0..1")
         if self.ct_size < 64 or min(self.rgb_width, self.rgb_height) < 64:
             raise ValueError("images must be at least 64 pixels on a side")
+        if set(self.visibility) != set(SLICE_AXES) or not all(0 <= v <= 1 for v in self.visibility.values()):
+            raise ValueError(f"visibility needs a probability 0..1 for each axis {list(SLICE_AXES)}, got {self.visibility}")
         if self.slices_per_axis < 1 or self.photos_per_battery < 1:
             raise ValueError("need at least one slice per axis and one photo per battery")
 
@@ -85,7 +93,7 @@ def _slice_specs(cfg: SynthConfig, rng, battery_id, battery_type, form, finding)
     for axis in SLICE_AXES:
         indices = sorted(rng.choice(np.arange(1, 40), size=cfg.slices_per_axis, replace=False).tolist())
         for idx in indices:
-            show = finding != "normal" and rng.random() < DEFECT_VISIBILITY[finding][axis]
+            show = finding != "normal" and rng.random() < cfg.visibility[axis]
             specs.append(CTSliceSpec(battery_id, battery_type, form, axis, int(idx), finding, bool(show), cfg.ct_size, cfg.seed))
     if finding != "normal" and not any(s.show_defect for s in specs):
         # A defective battery is labelled from its slices, so at least one must show it.

@@ -89,10 +89,11 @@ def _bench(ph: _Photo, rng: np.random.Generator, light: tuple[float, float]) -> 
 
 
 def _shadow(ph: _Photo, cx: float, base_y: float, half_w: float, light: tuple[float, float]) -> None:
+    """A soft contact shadow on the bench, thrown away from the light."""
     dx = np.clip((cx - light[0]) / ph.w, -0.5, 0.5) * half_w * 1.5
-    shadow = raster.polygon_mask(raster.blob_polygon(np.random.default_rng(0), (cx + dx, base_y), half_w * 1.25, aspect=1.0, roughness=0.0, n_vertices=40) * [1, 1] + [0, 0], (ph.h, ph.w)).astype(np.float32)
-    shadow *= raster.rect_coverage((ph.h, ph.w), 0, base_y - half_w * 0.15, ph.w, ph.h)
-    shadow = ndimage.gaussian_filter(shadow, 0.01 * ph.w + 2)
+    footprint = raster.polygon_mask(raster.circle_polygon(cx + dx, base_y, half_w * 1.25, 40), (ph.h, ph.w)).astype(np.float32)
+    footprint *= raster.rect_coverage((ph.h, ph.w), 0, base_y - half_w * 0.15, ph.w, ph.h)
+    shadow = ndimage.gaussian_filter(footprint, 0.01 * ph.w + 2)
     ph.img *= (1 - 0.45 * shadow)[..., None]
 
 
@@ -307,7 +308,7 @@ def render_rgb_photo(spec: RGBPhotoSpec, with_defects: bool = True) -> RGBPhoto:
                     placed += 1
     cam = spec.rng(4)
     img = ndimage.gaussian_filter(ph.img, (0.6, 0.6, 0))
-    img *= cam.uniform(0.92, 1.08, 3).astype(np.float32) * cam.uniform(0.85, 1.1)  # white balance, exposure
+    img *= cam.uniform(0.95, 1.05, 3).astype(np.float32) * cam.uniform(0.85, 1.1)  # white balance, exposure
     vignette = 1 - 0.25 * (((ph.xx - w / 2) / w) ** 2 + ((ph.yy - h / 2) / h) ** 2) * 2
     img = img * vignette[..., None] + cam.normal(0, cam.uniform(1.5, 4.0), img.shape).astype(np.float32)
     image = np.clip(np.rint(img), 0, 255).astype(np.uint8)
