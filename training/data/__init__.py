@@ -1,0 +1,1 @@
+"""Battery data: the AI Hub layout reader, labels and battery-level splits."""
