@@ -57,3 +57,6 @@ def class_type(class_name: str) -> str:
 def class_finding(class_name: str) -> str:
     """'normal', 'porosity' or 'resin_overflow' for a CT class name."""
     return class_name.split("_", 1)[1]
+
+# The CT classes that make a slice "defective" in the binary view the verdict uses.
+CT_DEFECT_CLASSES: tuple[str, ...] = ("cell_porosity", "module_porosity", "module_resin_overflow")

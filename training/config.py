@@ -1,0 +1,86 @@
+"""Training configuration: defaults here, overridden by a YAML file (training/configs/NAME.yaml).
+
+A preset file has up to three sections: `data` (the synthetic set it is meant for), `ct`
+and `rgb`. Unknown keys are errors, so a typo never silently trains the default.
+"""
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import yaml
+
+from training.models.autoencoder import DEFAULT_SCORE
+
+_SCHED = {"T_0": 5, "T_mult": 2, "eta_min": 1e-5, "warmup_epochs": 1}
+
+DEFAULTS = {
+    "data": {"batteries": 60, "seed": 0, "ct_size": 256, "rgb_size": [640, 360], "slices_per_axis": 2, "photos": 2,
+             "rgb_defect_rate": 0.4},
+    "ct": {
+        "model": {"name": "resnet18_late_fusion", "hidden": 256, "dropout": 0.3},
+        "input_size": 128,
+        "epochs": 20,
+        "batch_size": 32,
+        "optimizer": {"lr": 1e-3, "weight_decay": 1e-4},
+        "scheduler": dict(_SCHED),
+        "loss": {"focal_gamma": 2.0, "label_smoothing": 0.05, "class_weights": "balanced"},
+        "augment": {"hflip": True, "vflip": True, "rot90": False, "affine": {"degrees": 8.0, "scale": [0.92, 1.08], "translate": 0.04}},
+        "weighted_sampling": False,
+        "early_stopping": {"patience": 6},
+        "seed": 0,
+        "split_seed": 0,
+        "threads": None,
+        "workers": None,
+    },
+    "rgb": {
+        "model": {"name": "conv_autoencoder", "base": 32, "latent": 32, "depth": 4},
+        "input_size": 128,
+        "epochs": 40,
+        "batch_size": 16,
+        "optimizer": {"lr": 2e-3, "weight_decay": 1e-5},
+        "scheduler": dict(_SCHED),
+        "loss": {"ssim_weight": 0.5},
+        "augment": {"hflip": True},
+        "early_stopping": {"patience": 8},
+        "score": dict(DEFAULT_SCORE),
+        "threshold": "f1",  # which validation-calibrated threshold is stored: f1 | roc
+        "seed": 0,
+        "split_seed": 0,
+        "threads": None,
+        "workers": None,
+    },
+}
+
+# Sub-dictionaries whose keys are free (passed through as keyword arguments).
+_FREE = {("ct", "model"), ("rgb", "model"), ("ct", "augment", "affine")}
+
+
+def _merge(base: dict, override: dict, path: tuple = ()) -> dict:
+    out = copy.deepcopy(base)
+    for key, value in (override or {}).items():
+        where = ".".join(path + (key,))
+        if path not in _FREE and key not in base:
+            raise ValueError(f"unknown config key {where!r}; known here: {', '.join(sorted(base))}")
+        if isinstance(value, dict) and isinstance(base.get(key), dict):
+            out[key] = _merge(base[key], value, path + (key,))
+        else:
+            out[key] = value
+    return out
+
+
+def load_config(path: str | Path | None) -> dict:
+    """Defaults overridden by the YAML file at `path` (None: the defaults alone)."""
+    if path is None:
+        return copy.deepcopy(DEFAULTS)
+    path = Path(path)
+    if not path.exists():
+        named = Path(__file__).parent / "configs" / f"{path.name if path.suffix else path.name + '.yaml'}"
+        if named.exists():
+            path = named
+        else:
+            raise FileNotFoundError(f"no config {path} (presets: {', '.join(sorted(p.stem for p in (Path(__file__).parent / 'configs').glob('*.yaml')))})")
+    loaded = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(loaded, dict):
+        raise ValueError(f"{path}: expected a mapping with data/ct/rgb sections")
+    return _merge(DEFAULTS, loaded)

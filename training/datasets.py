@@ -1,0 +1,61 @@
+"""Turn reader records into model-ready arrays, preprocessed once (in parallel) and cached in memory."""
+from __future__ import annotations
+
+import multiprocessing as mp
+import os
+from dataclasses import dataclass
+
+import numpy as np
+from tqdm import tqdm
+
+from training.data.aihub import CTRecord, RGBRecord
+from training.preprocess import CT_MEAN, CT_STD, Crop, ct_input, load_image, rgb_input
+
+
+@dataclass
+class CTArrays:
+    images: np.ndarray  # (N, 1, S, S) float16, normalised
+    meta: np.ndarray  # (N, 2) float32
+    labels: np.ndarray  # (N,) int64
+    crops: list[Crop]
+
+
+@dataclass
+class RGBArrays:
+    images: np.ndarray  # (N, 3, S, S) float16 in 0..1
+    anomalous: np.ndarray  # (N,) bool
+    crops: list[Crop]
+
+
+def _ct_one(args):
+    path, size, mean, std = args
+    x, crop = ct_input(load_image(path), size, mean, std)
+    return x.astype(np.float16), crop
+
+
+def _rgb_one(args):
+    path, size = args
+    x, crop = rgb_input(load_image(path), size)
+    return x.astype(np.float16), crop
+
+
+def _map(fn, jobs, desc: str, workers: int | None, progress: bool):
+    workers = workers or os.cpu_count() or 1
+    if workers == 1 or len(jobs) < 8:
+        return [fn(j) for j in tqdm(jobs, desc=desc, unit="img", disable=not progress)]
+    with mp.get_context("fork").Pool(workers) as pool:
+        return list(tqdm(pool.imap(fn, jobs, chunksize=4), total=len(jobs), desc=desc, unit="img", disable=not progress))
+
+
+def load_ct(records: list[CTRecord], size: int, mean: float = CT_MEAN, std: float = CT_STD,
+            workers: int | None = None, progress: bool = True) -> CTArrays:
+    out = _map(_ct_one, [(r.path, size, mean, std) for r in records], f"preprocess CT {size}px", workers, progress)
+    images = np.stack([x for x, _ in out]) if out else np.zeros((0, 1, size, size), np.float16)
+    return CTArrays(images=images, meta=np.array([r.meta for r in records], np.float32).reshape(-1, 2),
+                    labels=np.array([r.label_index for r in records], np.int64), crops=[c for _, c in out])
+
+
+def load_rgb(records: list[RGBRecord], size: int, workers: int | None = None, progress: bool = True) -> RGBArrays:
+    out = _map(_rgb_one, [(r.path, size) for r in records], f"preprocess RGB {size}px", workers, progress)
+    images = np.stack([x for x, _ in out]) if out else np.zeros((0, 3, size, size), np.float16)
+    return RGBArrays(images=images, anomalous=np.array([not r.is_normal for r in records], bool), crops=[c for _, c in out])

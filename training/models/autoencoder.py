@@ -1,0 +1,83 @@
+"""The RGB convolutional autoencoder, trained on normal photos only.
+
+A narrow bottleneck (spatial size/16, few channels) keeps it from learning the identity,
+so it reconstructs what normal cells look like and fails on dents, scratches and stains.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from training.models.registry import register
+
+
+def _down(cin: int, cout: int) -> nn.Sequential:
+    return nn.Sequential(nn.Conv2d(cin, cout, 4, stride=2, padding=1), nn.BatchNorm2d(cout), nn.LeakyReLU(0.2, inplace=True),
+                         nn.Conv2d(cout, cout, 3, padding=1), nn.BatchNorm2d(cout), nn.LeakyReLU(0.2, inplace=True))
+
+
+def _up(cin: int, cout: int) -> nn.Sequential:
+    return nn.Sequential(nn.Upsample(scale_factor=2, mode="nearest"), nn.Conv2d(cin, cout, 3, padding=1), nn.BatchNorm2d(cout),
+                         nn.LeakyReLU(0.2, inplace=True), nn.Conv2d(cout, cout, 3, padding=1), nn.BatchNorm2d(cout),
+                         nn.LeakyReLU(0.2, inplace=True))
+
+
+class ConvAutoencoder(nn.Module):
+    def __init__(self, in_chans: int = 3, base: int = 32, latent: int = 64, depth: int = 4):
+        super().__init__()
+        widths = [base * 2**i for i in range(depth)]
+        enc, cin = [], in_chans
+        for w in widths:
+            enc.append(_down(cin, w))
+            cin = w
+        enc.append(nn.Conv2d(cin, latent, 1))
+        self.encoder = nn.Sequential(*enc)
+        dec, cin = [nn.Conv2d(latent, widths[-1], 1), nn.LeakyReLU(0.2, inplace=True)], widths[-1]
+        for w in reversed(widths[:-1]):
+            dec.append(_up(cin, w))
+            cin = w
+        dec += [_up(cin, base), nn.Conv2d(base, in_chans, 3, padding=1), nn.Sigmoid()]
+        self.decoder = nn.Sequential(*dec)
+        self.multiple = 2**depth  # input sides must be a multiple of this
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.decoder(self.encoder(x))
+
+
+@register("conv_autoencoder")
+def conv_autoencoder(in_chans: int = 3, base: int = 32, latent: int = 64, depth: int = 4):
+    return ConvAutoencoder(in_chans, base, latent, depth)
+
+
+# How an error map and an anomaly score are computed from a reconstruction. Stored in the
+# checkpoint with the threshold; the exported graph computes exactly this.
+DEFAULT_SCORE = {"error": "squared_error_channel_mean", "smooth_sigma": 1.5, "top_fraction": 0.01}
+
+
+class AnomalyScorer(nn.Module):
+    """image -> (anomaly score (B,), error map (B, H, W)), all in one traceable graph."""
+
+    def __init__(self, autoencoder: nn.Module, smooth_sigma: float = 1.5, top_fraction: float = 0.01):
+        super().__init__()
+        self.autoencoder = autoencoder
+        self.top_fraction = top_fraction
+        radius = max(1, int(round(3 * smooth_sigma)))
+        coords = torch.arange(-radius, radius + 1, dtype=torch.float32)
+        g = torch.exp(-(coords**2) / (2 * smooth_sigma**2))
+        g = g / g.sum()
+        self.register_buffer("kernel", (g[:, None] * g[None, :])[None, None])
+        self.pad = radius
+
+    def error_map(self, image: torch.Tensor, recon: torch.Tensor) -> torch.Tensor:
+        err = (image - recon).pow(2).mean(dim=1, keepdim=True)
+        err = nn.functional.conv2d(nn.functional.pad(err, [self.pad] * 4, mode="replicate"), self.kernel)
+        return err[:, 0]
+
+    def score(self, error_map: torch.Tensor) -> torch.Tensor:
+        flat = error_map.flatten(1)
+        k = max(1, int(round(flat.shape[1] * self.top_fraction)))
+        return flat.topk(k, dim=1).values.mean(dim=1)
+
+    def forward(self, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        emap = self.error_map(image, self.autoencoder(image))
+        return self.score(emap), emap

@@ -1,0 +1,134 @@
+"""CT classifiers: an image backbone, the [battery_type, slice_axis] metadata, 5 logits.
+
+Late fusion (the default): backbone -> pooled features, concatenated with the metadata,
+-> MLP head (Linear, BatchNorm1d, ReLU, Dropout, Linear). The head is deliberately this
+shape: the gradient of a logit with respect to the pooled features has a closed form
+through it, which lets the exported graph emit Grad-CAM in its forward pass.
+"""
+from __future__ import annotations
+
+import timm
+import torch
+from torch import nn
+from torchvision.models import resnet18 as tv_resnet18
+
+from training.data.labels import CT_CLASSES
+from training.models.registry import register
+
+META_DIM = 2  # [battery_type, slice_axis]
+
+
+def _resnet18_trunk(in_chans: int) -> nn.Module:
+    """torchvision ResNet18 without its classifier, first conv for `in_chans` channels."""
+    net = tv_resnet18(weights=None)
+    net.conv1 = nn.Conv2d(in_chans, 64, kernel_size=7, stride=2, padding=3, bias=False)
+    return nn.Sequential(net.conv1, net.bn1, net.relu, net.maxpool, net.layer1, net.layer2, net.layer3, net.layer4)
+
+
+def fusion_head(in_features: int, hidden: int, dropout: float, num_classes: int) -> nn.Sequential:
+    return nn.Sequential(
+        nn.Linear(in_features, hidden), nn.BatchNorm1d(hidden), nn.ReLU(inplace=True), nn.Dropout(dropout),
+        nn.Linear(hidden, num_classes),
+    )
+
+
+class LateFusionClassifier(nn.Module):
+    """features(image) -> global average pool -> concat(meta) -> head."""
+
+    def __init__(self, features: nn.Module, num_features: int, hidden: int = 256, dropout: float = 0.3,
+                 num_classes: int = len(CT_CLASSES), use_meta: bool = True):
+        super().__init__()
+        self.features = features  # image -> (B, C, h, w), the last convolutional stage
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.use_meta = use_meta
+        self.head = fusion_head(num_features + (META_DIM if use_meta else 0), hidden, dropout, num_classes)
+
+    def forward(self, image: torch.Tensor, meta: torch.Tensor) -> torch.Tensor:
+        pooled = self.pool(self.features(image)).flatten(1)
+        if self.use_meta:
+            pooled = torch.cat([pooled, meta.to(pooled.dtype)], dim=1)
+        return self.head(pooled)
+
+
+class EarlyFusionClassifier(nn.Module):
+    """The metadata, through an MLP, scales and shifts the stem's feature maps (FiLM)."""
+
+    def __init__(self, in_chans: int = 1, hidden: int = 256, dropout: float = 0.3, num_classes: int = len(CT_CLASSES)):
+        super().__init__()
+        trunk = _resnet18_trunk(in_chans)
+        self.stem, self.body = trunk[:4], trunk[4:]
+        self.film = nn.Sequential(nn.Linear(META_DIM, 64), nn.ReLU(inplace=True), nn.Linear(64, 2 * 64))
+        nn.init.zeros_(self.film[-1].weight)
+        nn.init.zeros_(self.film[-1].bias)
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.head = fusion_head(512, hidden, dropout, num_classes)
+
+    def forward(self, image: torch.Tensor, meta: torch.Tensor) -> torch.Tensor:
+        x = self.stem(image)
+        gamma, beta = self.film(meta.to(x.dtype)).chunk(2, dim=1)
+        x = x * (1 + gamma[..., None, None]) + beta[..., None, None]
+        return self.head(self.pool(self.body(x)).flatten(1))
+
+
+class CBAM(nn.Module):
+    """Convolutional Block Attention Module: channel then spatial attention."""
+
+    def __init__(self, channels: int, reduction: int = 16, kernel: int = 7):
+        super().__init__()
+        self.mlp = nn.Sequential(nn.Linear(channels, channels // reduction), nn.ReLU(inplace=True), nn.Linear(channels // reduction, channels))
+        self.spatial = nn.Conv2d(2, 1, kernel, padding=kernel // 2, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        channel = torch.sigmoid(self.mlp(x.mean(dim=(2, 3))) + self.mlp(x.amax(dim=(2, 3))))
+        x = x * channel[..., None, None]
+        spatial = torch.sigmoid(self.spatial(torch.cat([x.mean(1, keepdim=True), x.amax(1, keepdim=True)], dim=1)))
+        return x * spatial
+
+
+@register("resnet18_late_fusion")
+def resnet18_late_fusion(in_chans: int = 1, hidden: int = 256, dropout: float = 0.3, num_classes: int = len(CT_CLASSES)):
+    return LateFusionClassifier(_resnet18_trunk(in_chans), 512, hidden, dropout, num_classes)
+
+
+@register("resnet18")
+def resnet18(in_chans: int = 1, hidden: int = 256, dropout: float = 0.3, num_classes: int = len(CT_CLASSES)):
+    """Image only: the metadata input is accepted and ignored (same call signature)."""
+    return LateFusionClassifier(_resnet18_trunk(in_chans), 512, hidden, dropout, num_classes, use_meta=False)
+
+
+@register("resnet18_early_fusion")
+def resnet18_early_fusion(in_chans: int = 1, hidden: int = 256, dropout: float = 0.3, num_classes: int = len(CT_CLASSES)):
+    return EarlyFusionClassifier(in_chans, hidden, dropout, num_classes)
+
+
+@register("cbam_resnet18")
+def cbam_resnet18(in_chans: int = 1, hidden: int = 256, dropout: float = 0.3, num_classes: int = len(CT_CLASSES)):
+    """ResNet18 with CBAM on the residual branch of every basic block, late fusion."""
+    trunk = _resnet18_trunk(in_chans)
+    for stage in trunk[4:]:
+        for block in stage:
+            block.bn2 = nn.Sequential(block.bn2, CBAM(block.bn2.num_features))
+    return LateFusionClassifier(trunk, 512, hidden, dropout, num_classes)
+
+
+class _TimmFeatures(nn.Module):
+    def __init__(self, name: str, in_chans: int):
+        super().__init__()
+        self.net = timm.create_model(name, pretrained=False, in_chans=in_chans, num_classes=0, global_pool="")
+        self.num_features = self.net.num_features
+
+    def forward(self, x):
+        return self.net.forward_features(x)
+
+
+def _timm_late_fusion(name: str):
+    def build(in_chans: int = 1, hidden: int = 256, dropout: float = 0.3, num_classes: int = len(CT_CLASSES)):
+        features = _TimmFeatures(name, in_chans)
+        return LateFusionClassifier(features, features.num_features, hidden, dropout, num_classes)
+
+    build.__doc__ = f"timm {name} backbone (random init; no weights are downloaded), late fusion."
+    return build
+
+
+for _name in ("convnext_tiny", "efficientnet_b0"):
+    register(_name)(_timm_late_fusion(_name))

@@ -1,0 +1,163 @@
+"""The one preprocessing of the project: crop to the battery, resize, normalise.
+
+Training, evaluation and the server's preprocessing models all call these functions, so
+a model always sees at serving time exactly what it saw in training.
+
+- CT: find the battery in the slice (the reconstruction around it is near black), take a
+  square crop around it with a margin (padding with black), resize to `size`, normalise.
+- RGB: find the cell on the bench (where a pixel differs from its row's background
+  colour), take a square crop around it, resize to `size`; values stay in 0..1, which is
+  what the autoencoder reconstructs.
+
+Each function also returns the `Crop` it used, to map label polygons into model input
+coordinates and heatmaps back onto the original image.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+from PIL import Image
+from scipy import ndimage
+
+# Normalisation constants (stored in checkpoints; these are the defaults).
+CT_MEAN, CT_STD = 0.2, 0.25
+CROP_MARGIN = 0.06
+
+
+@dataclass(frozen=True)
+class Crop:
+    """A square window of the source image: x0, y0 (may be negative: padded) and side."""
+
+    x0: float
+    y0: float
+    side: float
+
+    def to_input(self, points, size: int) -> np.ndarray:
+        """Map (N, 2) source pixel coordinates into a size x size model input."""
+        pts = np.asarray(points, np.float64).reshape(-1, 2)
+        return (pts - [self.x0, self.y0]) * (size / self.side)
+
+    def as_list(self) -> list[float]:
+        return [float(self.x0), float(self.y0), float(self.side)]
+
+
+def to_unit(image: np.ndarray) -> np.ndarray:
+    """Scale an 8- or 16-bit (or float) image to float32 0..1."""
+    if image.dtype == np.uint8:
+        return image.astype(np.float32) / 255.0
+    if image.dtype == np.uint16:
+        return image.astype(np.float32) / 65535.0
+    if np.issubdtype(image.dtype, np.floating):
+        return np.clip(image.astype(np.float32), 0.0, 1.0)
+    raise TypeError(f"unsupported image dtype {image.dtype}")
+
+
+def _square_around(box: tuple[int, int, int, int], margin: float) -> Crop:
+    x0, y0, x1, y1 = box
+    side = max(x1 - x0, y1 - y0) * (1 + 2 * margin)
+    cx, cy = (x0 + x1) / 2, (y0 + y1) / 2
+    return Crop(cx - side / 2, cy - side / 2, max(side, 8.0))
+
+
+def _cut(image: np.ndarray, crop: Crop, size: int) -> np.ndarray:
+    """Resample the crop window to size x size (anti-aliased), padding with zeros."""
+    h, w = image.shape[:2]
+    x0, y0, side = int(np.floor(crop.x0)), int(np.floor(crop.y0)), int(np.ceil(crop.side))
+    channels = image.shape[2:] if image.ndim == 3 else ()
+    window = np.zeros((side, side, *channels), np.float32)
+    sx0, sy0, sx1, sy1 = max(x0, 0), max(y0, 0), min(x0 + side, w), min(y0 + side, h)
+    if sx1 > sx0 and sy1 > sy0:
+        window[sy0 - y0 : sy1 - y0, sx0 - x0 : sx1 - x0] = image[sy0:sy1, sx0:sx1]
+    if window.ndim == 2:
+        return np.asarray(Image.fromarray(window, mode="F").resize((size, size), Image.BILINEAR), np.float32)
+    return np.stack([np.asarray(Image.fromarray(np.ascontiguousarray(window[..., c]), mode="F").resize((size, size), Image.BILINEAR), np.float32)
+                     for c in range(window.shape[2])], axis=-1)
+
+
+def _box_of(mask: np.ndarray, min_fraction: float) -> tuple[int, int, int, int] | None:
+    """Bounding box of the rows and columns where the mask is dense enough (ignores specks)."""
+    rows = np.nonzero(mask.mean(axis=1) >= min_fraction)[0]
+    cols = np.nonzero(mask.mean(axis=0) >= min_fraction)[0]
+    if len(rows) == 0 or len(cols) == 0:
+        return None
+    return int(cols[0]), int(rows[0]), int(cols[-1]) + 1, int(rows[-1]) + 1
+
+
+def find_battery_ct(gray: np.ndarray) -> tuple[int, int, int, int]:
+    """Box (x0, y0, x1, y1) of the battery in a CT slice given as float 0..1."""
+    step = max(1, max(gray.shape) // 256)  # search on a small copy: fast on 4000-px slices
+    small = gray[::step, ::step]
+    smooth = ndimage.uniform_filter(small, 3)
+    mask = smooth > max(0.08, 0.25 * float(np.percentile(smooth, 99.5)))
+    box = _box_of(mask, 0.02)
+    if box is None:
+        return 0, 0, gray.shape[1], gray.shape[0]
+    x0, y0, x1, y1 = box
+    return x0 * step, y0 * step, min(x1 * step, gray.shape[1]), min(y1 * step, gray.shape[0])
+
+
+def ct_input(image: np.ndarray, size: int, mean: float = CT_MEAN, std: float = CT_STD) -> tuple[np.ndarray, Crop]:
+    """A CT slice (H, W) of uint8/uint16/float -> model input (1, size, size) float32, and its crop."""
+    if image.ndim == 3:  # a CT saved as RGB: take the luminance
+        image = image[..., :3].mean(axis=2).astype(image.dtype)
+    if image.ndim != 2:
+        raise ValueError(f"a CT slice must be a 2-D grey image, got shape {image.shape}")
+    gray = to_unit(image)
+    crop = _square_around(find_battery_ct(gray), CROP_MARGIN)
+    x = (_cut(gray, crop, size) - mean) / std
+    return x[None].astype(np.float32), crop
+
+
+def find_object_rgb(rgb: np.ndarray) -> tuple[int, int, int, int]:
+    """Box of the battery in a bench photo given as float 0..1 (H, W, 3).
+
+    The bench and wall change slowly down the image and the object covers well under
+    half of any row, so each row's median colour is its background; the object is where
+    pixels differ from it.
+    """
+    step = max(1, max(rgb.shape[:2]) // 320)
+    small = rgb[::step, ::step]
+    background = np.median(small, axis=1, keepdims=True)
+    diff = np.abs(small - background).sum(axis=2)
+    mask = ndimage.binary_opening(diff > 0.25, iterations=2)
+    labels, n = ndimage.label(mask)
+    if n == 0:
+        return 0, 0, rgb.shape[1], rgb.shape[0]
+    biggest = 1 + int(np.argmax(ndimage.sum(mask, labels, index=range(1, n + 1))))
+    ys, xs = np.nonzero(labels == biggest)
+    h, w = rgb.shape[:2]
+    return int(xs.min() * step), int(ys.min() * step), min(int(xs.max() + 1) * step, w), min(int(ys.max() + 1) * step, h)
+
+
+def rgb_input(image: np.ndarray, size: int) -> tuple[np.ndarray, Crop]:
+    """An RGB photo (H, W, 3) uint8 -> model input (3, size, size) float32 in 0..1, and its crop."""
+    if image.ndim != 3 or image.shape[2] < 3:
+        raise ValueError(f"an RGB photo must be (H, W, 3), got shape {image.shape}")
+    rgb = to_unit(np.ascontiguousarray(image[..., :3]))
+    crop = _square_around(find_object_rgb(rgb), CROP_MARGIN)
+    x = np.clip(_cut(rgb, crop, size), 0.0, 1.0)
+    return np.transpose(x, (2, 0, 1)).astype(np.float32), crop
+
+
+def load_image(path) -> np.ndarray:
+    """Read an image file as a numpy array (grey CT stays 2-D, 16-bit stays 16-bit)."""
+    with Image.open(path) as im:
+        if im.mode in ("I;16", "I;16B", "I;16L"):
+            return np.asarray(im, np.uint16)
+        if im.mode == "I":
+            return np.clip(np.asarray(im), 0, 65535).astype(np.uint16)
+        if im.mode in ("L", "RGB"):
+            return np.asarray(im)
+        return np.asarray(im.convert("RGB"))
+
+
+def polygon_mask_in_input(points, crop: Crop, size: int) -> np.ndarray:
+    """Boolean (size, size) mask of a label polygon in model-input coordinates."""
+    from PIL import ImageDraw
+
+    canvas = Image.new("L", (size, size), 0)
+    xy = [tuple(p) for p in crop.to_input(points, size)]
+    if len(xy) >= 3:
+        ImageDraw.Draw(canvas).polygon(xy, fill=1)
+    return np.asarray(canvas, bool)

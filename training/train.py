@@ -1,0 +1,344 @@
+"""python -m training.train ct|rgb --data DIR --config NAME --out RUN
+
+Trains the CT late-fusion classifier or the RGB autoencoder on a data set in the AI Hub
+layout, split by battery, and writes RUN/checkpoint.pt with everything export needs
+(architecture, classes, input size, normalisation, metadata spec, temperature, or the
+calibrated anomaly threshold and score definition), RUN/history.json, RUN/config.yaml,
+RUN/split/ and TensorBoard logs in RUN/tb/.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import yaml
+from torch.utils.tensorboard import SummaryWriter
+from tqdm import tqdm
+
+from training.augment import augment
+from training.checkpoint import save_checkpoint
+from training.config import load_config
+from training.data.aihub import Dataset, scan
+from training.data.labels import BATTERY_TYPES, CT_CLASSES, SLICE_AXES
+from training.data.split import read_split, split_dataset, write_split
+from training.datasets import load_ct, load_rgb
+from training.losses import FocalLoss, ReconstructionLoss
+from training.metrics import f1_optimal_threshold, fit_temperature, macro_f1, roc_optimal_threshold
+from training.models import create_model
+from training.models.autoencoder import AnomalyScorer
+from training.preprocess import CT_MEAN, CT_STD
+
+
+def seed_everything(seed: int) -> torch.Generator:
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    return torch.Generator().manual_seed(seed)
+
+
+def _threads(cfg: dict) -> None:
+    torch.set_num_threads(int(cfg.get("threads") or os.cpu_count() or 1))
+
+
+def _scheduler(opt, cfg: dict, steps_per_epoch: int):
+    """Linear warm-up, then cosine annealing with warm restarts (stepped every batch)."""
+    s = cfg["scheduler"]
+    warm = s.get("warmup_epochs", 0) * steps_per_epoch
+    t0, t_mult, floor = s["T_0"] * steps_per_epoch, s["T_mult"], s["eta_min"]
+    base = [g["lr"] for g in opt.param_groups]
+
+    def factor(step: int) -> list[float]:
+        if step < warm:
+            return [(step + 1) / warm] * len(base)
+        t, period = step - warm, t0
+        while t >= period:
+            t, period = t - period, period * t_mult
+        cos = 0.5 * (1 + math.cos(math.pi * t / period))
+        return [(floor + (b - floor) * cos) / b for b in base]
+
+    return torch.optim.lr_scheduler.LambdaLR(opt, lambda step: factor(step)[0])
+
+
+def resolve_split(ds: Dataset, run: Path, splits: Path | None, seed: int) -> dict[str, str]:
+    assignment = read_split(splits) if splits else split_dataset(ds, seed=seed)
+    write_split(assignment, run / "split", seed=seed)
+    return assignment
+
+
+def _batches(n: int, batch_size: int, rng: np.random.Generator, weights: np.ndarray | None = None, drop_last: bool = True):
+    idx = rng.choice(n, size=n, replace=True, p=weights / weights.sum()) if weights is not None else rng.permutation(n)
+    stop = n - (n % batch_size) if drop_last and n >= batch_size else n
+    for i in range(0, stop, batch_size):
+        yield idx[i : i + batch_size]
+
+
+@torch.no_grad()
+def ct_logits(model: torch.nn.Module, images: np.ndarray, meta: np.ndarray, batch_size: int = 64) -> np.ndarray:
+    model.eval()
+    out = []
+    for i in range(0, len(images), batch_size):
+        x = torch.from_numpy(images[i : i + batch_size].astype(np.float32))
+        out.append(model(x, torch.from_numpy(meta[i : i + batch_size])).numpy())
+    return np.concatenate(out) if out else np.zeros((0, len(CT_CLASSES)), np.float32)
+
+
+@torch.no_grad()
+def rgb_scores(scorer: AnomalyScorer, images: np.ndarray, batch_size: int = 32) -> tuple[np.ndarray, np.ndarray]:
+    """(anomaly scores (N,), error maps (N, S, S))."""
+    scorer.eval()
+    scores, maps = [], []
+    for i in range(0, len(images), batch_size):
+        s, m = scorer(torch.from_numpy(images[i : i + batch_size].astype(np.float32)))
+        scores.append(s.numpy())
+        maps.append(m.numpy())
+    if not scores:
+        return np.zeros(0, np.float32), np.zeros((0,) + images.shape[2:], np.float32)
+    return np.concatenate(scores), np.concatenate(maps)
+
+
+def _class_weights(labels: np.ndarray, spec) -> torch.Tensor | None:
+    if spec in (None, "none"):
+        return None
+    if spec == "balanced":
+        counts = np.bincount(labels, minlength=len(CT_CLASSES)).astype(float)
+        w = np.where(counts > 0, len(labels) / (len(CT_CLASSES) * np.maximum(counts, 1)), 0.0)
+        return torch.tensor(w, dtype=torch.float32)
+    w = np.asarray(spec, float)
+    if w.shape != (len(CT_CLASSES),):
+        raise ValueError(f"class_weights must be 'balanced', none, or {len(CT_CLASSES)} numbers")
+    return torch.tensor(w, dtype=torch.float32)
+
+
+def train_ct(data: Path, cfg: dict, run: Path, splits: Path | None = None, progress: bool = True) -> dict:
+    c = cfg["ct"]
+    gen = seed_everything(c["seed"])
+    _threads(c)
+    ds = scan(data, progress=progress)
+    assignment = resolve_split(ds, run, splits, c["split_seed"])
+    parts = {name: [r for r in ds.ct if assignment.get(r.battery_key) == name] for name in ("train", "val")}
+    if not parts["train"] or not parts["val"]:
+        raise SystemExit(f"error: need CT slices in both train and val splits, got {len(parts['train'])} and {len(parts['val'])}")
+    size = int(c["input_size"])
+    train = load_ct(parts["train"], size, workers=c["workers"], progress=progress)
+    val = load_ct(parts["val"], size, workers=c["workers"], progress=progress)
+    arch_args = {k: v for k, v in c["model"].items() if k != "name"}
+    model = create_model(c["model"]["name"], **arch_args)
+    opt = torch.optim.AdamW(model.parameters(), lr=c["optimizer"]["lr"], weight_decay=c["optimizer"]["weight_decay"])
+    bs = int(c["batch_size"])
+    steps = max(1, len(train.labels) // bs)
+    sched = _scheduler(opt, c, steps)
+    loss_fn = FocalLoss(c["loss"]["focal_gamma"], c["loss"]["label_smoothing"], _class_weights(train.labels, c["loss"]["class_weights"]))
+    sample_w = None
+    if c["weighted_sampling"]:
+        counts = np.bincount(train.labels, minlength=len(CT_CLASSES))
+        sample_w = 1.0 / counts[train.labels]
+    rng = np.random.default_rng(c["seed"])
+    tb = SummaryWriter(run / "tb")
+    history, best, best_state, bad_epochs = [], -1.0, None, 0
+    fill = -CT_MEAN / CT_STD  # black after normalisation
+    start = time.perf_counter()
+    for epoch in range(int(c["epochs"])):
+        model.train()
+        losses = []
+        bar = tqdm(list(_batches(len(train.labels), bs, rng, sample_w)), desc=f"ct epoch {epoch + 1}/{c['epochs']}", unit="batch",
+                   disable=not progress, leave=False)
+        for idx in bar:
+            x = augment(torch.from_numpy(train.images[idx].astype(np.float32)), c["augment"], gen, fill=fill)
+            loss = loss_fn(model(x, torch.from_numpy(train.meta[idx])), torch.from_numpy(train.labels[idx]))
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            sched.step()
+            losses.append(loss.item())
+            bar.set_postfix(loss=f"{np.mean(losses):.3f}")
+        logits = ct_logits(model, val.images, val.meta)
+        val_loss = float(loss_fn(torch.from_numpy(logits), torch.from_numpy(val.labels)))
+        f1 = macro_f1(val.labels, logits.argmax(1), len(CT_CLASSES))
+        acc = float((logits.argmax(1) == val.labels).mean())
+        row = {"epoch": epoch + 1, "train_loss": float(np.mean(losses)) if losses else None, "val_loss": val_loss,
+               "val_macro_f1": f1, "val_accuracy": acc, "lr": opt.param_groups[0]["lr"], "seconds": time.perf_counter() - start}
+        history.append(row)
+        for k in ("train_loss", "val_loss", "val_macro_f1", "val_accuracy", "lr"):
+            if row[k] is not None:
+                tb.add_scalar(f"ct/{k}", row[k], epoch + 1)
+        improved = f1 > best
+        if progress:
+            print(f"ct epoch {epoch + 1:>3}: train loss {row['train_loss']:.4f}  val loss {val_loss:.4f}  "
+                  f"val macro-F1 {f1:.4f}  acc {acc:.4f}{'  *' if improved else ''}", flush=True)
+        if improved:
+            best, bad_epochs = f1, 0
+            best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        else:
+            bad_epochs += 1
+            if bad_epochs >= c["early_stopping"]["patience"]:
+                if progress:
+                    print(f"early stop: no better val macro-F1 for {bad_epochs} epochs")
+                break
+    tb.close()
+    model.load_state_dict(best_state)
+    logits = ct_logits(model, val.images, val.meta)
+    temperature = fit_temperature(logits, val.labels)
+    info = {
+        "kind": "ct_classifier",
+        "arch": c["model"]["name"],
+        "arch_args": arch_args,
+        "class_names": list(CT_CLASSES),
+        "input_size": size,
+        "in_chans": 1,
+        "normalization": {"mean": CT_MEAN, "std": CT_STD, "scale": "image / dtype max (8 or 16 bit)"},
+        "preprocess": "training.preprocess.ct_input",
+        "meta_spec": {"names": ["battery_type", "slice_axis"], "battery_type": list(BATTERY_TYPES), "slice_axis": list(SLICE_AXES)},
+        "temperature": temperature,
+        "val_macro_f1": best,
+        "epochs_trained": len(history),
+        "train_seconds": time.perf_counter() - start,
+        "data": str(data),
+        "config": c,
+    }
+    save_checkpoint(run, model, info)
+    (run / "history.json").write_text(json.dumps(history, indent=1) + "\n")
+    return info
+
+
+def train_rgb(data: Path, cfg: dict, run: Path, splits: Path | None = None, progress: bool = True) -> dict:
+    c = cfg["rgb"]
+    gen = seed_everything(c["seed"])
+    _threads(c)
+    ds = scan(data, progress=progress)
+    assignment = resolve_split(ds, run, splits, c["split_seed"])
+    train_recs = [r for r in ds.rgb if assignment.get(r.battery_key) == "train" and r.is_normal]  # normal only
+    val_recs = [r for r in ds.rgb if assignment.get(r.battery_key) == "val"]
+    if not train_recs or not any(r.is_normal for r in val_recs):
+        raise SystemExit(f"error: need normal RGB photos in train and val, got {len(train_recs)} and {sum(r.is_normal for r in val_recs)}")
+    size = int(c["input_size"])
+    arch_args = {k: v for k, v in c["model"].items() if k != "name"}
+    model = create_model(c["model"]["name"], **arch_args)
+    if size % model.multiple:
+        raise SystemExit(f"error: rgb input_size {size} must be a multiple of {model.multiple} for this autoencoder")
+    train = load_rgb(train_recs, size, workers=c["workers"], progress=progress)
+    val = load_rgb(val_recs, size, workers=c["workers"], progress=progress)
+    val_normal = val.images[~val.anomalous]
+    opt = torch.optim.AdamW(model.parameters(), lr=c["optimizer"]["lr"], weight_decay=c["optimizer"]["weight_decay"])
+    bs = int(c["batch_size"])
+    sched = _scheduler(opt, c, max(1, len(train.images) // bs))
+    loss_fn = ReconstructionLoss(c["loss"]["ssim_weight"])
+    rng = np.random.default_rng(c["seed"])
+    tb = SummaryWriter(run / "tb")
+    history, best, best_state, bad_epochs = [], math.inf, None, 0
+    start = time.perf_counter()
+    for epoch in range(int(c["epochs"])):
+        model.train()
+        losses = []
+        bar = tqdm(list(_batches(len(train.images), bs, rng)), desc=f"rgb epoch {epoch + 1}/{c['epochs']}", unit="batch",
+                   disable=not progress, leave=False)
+        for idx in bar:
+            x = augment(torch.from_numpy(train.images[idx].astype(np.float32)), c["augment"], gen)
+            loss = loss_fn(model(x), x)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            sched.step()
+            losses.append(loss.item())
+            bar.set_postfix(loss=f"{np.mean(losses):.4f}")
+        model.eval()
+        with torch.no_grad():
+            val_loss = float(np.mean([float(loss_fn(model(x), x)) for x in torch.from_numpy(val_normal.astype(np.float32)).split(32)]))
+        row = {"epoch": epoch + 1, "train_loss": float(np.mean(losses)) if losses else None, "val_loss": val_loss,
+               "lr": opt.param_groups[0]["lr"], "seconds": time.perf_counter() - start}
+        history.append(row)
+        for k in ("train_loss", "val_loss", "lr"):
+            if row[k] is not None:
+                tb.add_scalar(f"rgb/{k}", row[k], epoch + 1)
+        improved = val_loss < best
+        if progress:
+            print(f"rgb epoch {epoch + 1:>3}: train loss {row['train_loss']:.5f}  val loss {val_loss:.5f}{'  *' if improved else ''}", flush=True)
+        if improved:
+            best, bad_epochs = val_loss, 0
+            best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        else:
+            bad_epochs += 1
+            if bad_epochs >= c["early_stopping"]["patience"]:
+                if progress:
+                    print(f"early stop: no better val loss for {bad_epochs} epochs")
+                break
+    tb.close()
+    model.load_state_dict(best_state)
+    model.eval()
+    score_cfg = dict(c["score"])
+    scorer = AnomalyScorer(model, score_cfg["smooth_sigma"], score_cfg["top_fraction"])
+    scores, _ = rgb_scores(scorer, val.images)
+    thresholds = {}
+    if val.anomalous.any():
+        thresholds["f1"], f1 = f1_optimal_threshold(val.anomalous, scores)
+        thresholds["roc"], youden = roc_optimal_threshold(val.anomalous, scores)
+        method = c["threshold"]
+        calibration = {"f1_at_f1_threshold": f1, "youden_j_at_roc_threshold": youden}
+    else:  # no defective photo to calibrate on: 99th percentile of normal scores
+        thresholds["normal_p99"] = float(np.percentile(scores, 99))
+        method, calibration = "normal_p99", {"warning": "validation split had no defective photos"}
+        print("warning: no defective RGB photos in the validation split; threshold = 99th percentile of normal scores", file=sys.stderr)
+    info = {
+        "kind": "rgb_autoencoder",
+        "arch": c["model"]["name"],
+        "arch_args": arch_args,
+        "input_size": size,
+        "in_chans": 3,
+        "normalization": {"mean": 0.0, "std": 1.0, "scale": "image / 255, values 0..1"},
+        "preprocess": "training.preprocess.rgb_input",
+        "score": score_cfg,
+        "threshold": thresholds[method],
+        "threshold_method": method,
+        "thresholds": thresholds,
+        "calibration": calibration,
+        "val_loss": best,
+        "epochs_trained": len(history),
+        "train_seconds": time.perf_counter() - start,
+        "data": str(data),
+        "config": c,
+    }
+    save_checkpoint(run, model, info)
+    (run / "history.json").write_text(json.dumps(history, indent=1) + "\n")
+    return info
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m training.train", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("model", choices=["ct", "rgb"], help="ct: the late-fusion CT classifier; rgb: the RGB autoencoder")
+    p.add_argument("--data", type=Path, required=True, help="data set folder (AI Hub layout)")
+    p.add_argument("--config", default="quick", help="preset name (quick, standard, full) or a YAML path (default quick)")
+    p.add_argument("--out", type=Path, required=True, help="run folder to write")
+    p.add_argument("--splits", type=Path, help="folder with train/val/test.txt (default: split the data by battery, seeded)")
+    p.add_argument("--epochs", type=int, help="override the config's epoch count")
+    p.add_argument("--quiet", action="store_true")
+    args = p.parse_args(argv)
+    if not args.data.is_dir():
+        print(f"error: {args.data} is not a folder", file=sys.stderr)
+        return 2
+    try:
+        cfg = load_config(args.config)
+    except (FileNotFoundError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    if args.epochs:
+        cfg[args.model]["epochs"] = args.epochs
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "config.yaml").write_text(yaml.safe_dump({args.model: cfg[args.model]}, sort_keys=False))
+    trainer = train_ct if args.model == "ct" else train_rgb
+    info = trainer(args.data, cfg, args.out, args.splits, progress=not args.quiet)
+    if args.model == "ct":
+        print(f"wrote {args.out / 'checkpoint.pt'}: val macro-F1 {info['val_macro_f1']:.4f}, temperature {info['temperature']:.3f}, "
+              f"{info['epochs_trained']} epochs in {info['train_seconds']:.0f} s")
+    else:
+        print(f"wrote {args.out / 'checkpoint.pt'}: threshold {info['threshold']:.6f} ({info['threshold_method']}), "
+              f"{info['epochs_trained']} epochs in {info['train_seconds']:.0f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
