@@ -4,7 +4,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: setup test synth preview bench-synth clean
+.PHONY: setup test synth preview bench-synth train-quick train-standard clean
 
 setup: $(STAMP)
 
@@ -24,6 +24,13 @@ synth: setup
 
 preview: synth
 	$(PY) -m training.synth preview data/synth --out results/synth_preview.png
+
+# Presets: generate data, train both models, evaluate on a fresh test set, print a table.
+train-quick: setup
+	$(PY) -m training.preset quick
+
+train-standard: setup
+	$(PY) -m training.preset standard
 
 bench-synth: setup
 	$(PY) -m benchmarks.synth_speed

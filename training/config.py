@@ -15,7 +15,7 @@ from training.models.autoencoder import DEFAULT_SCORE
 _SCHED = {"T_0": 5, "T_mult": 2, "eta_min": 1e-5, "warmup_epochs": 1}
 
 DEFAULTS = {
-    "data": {"batteries": 60, "seed": 0, "ct_size": 256, "rgb_size": [640, 360], "slices_per_axis": 2, "photos": 2,
+    "data": {"batteries": 60, "test_batteries": None, "seed": 0, "ct_size": 256, "rgb_size": [640, 360], "slices_per_axis": 2, "photos": 2,
              "rgb_defect_rate": 0.4},
     "ct": {
         "model": {"name": "resnet18_late_fusion", "hidden": 256, "dropout": 0.3},
@@ -32,6 +32,7 @@ DEFAULTS = {
         "split_seed": 0,
         "threads": None,
         "workers": None,
+        "device": "auto",
     },
     "rgb": {
         "model": {"name": "conv_autoencoder", "base": 32, "latent": 32, "depth": 4},
@@ -49,6 +50,7 @@ DEFAULTS = {
         "split_seed": 0,
         "threads": None,
         "workers": None,
+        "device": "auto",
     },
 }
 

@@ -6,8 +6,8 @@ a model always sees at serving time exactly what it saw in training.
 - CT: find the battery in the slice (the reconstruction around it is near black), take a
   square crop around it with a margin (padding with black), resize to `size`, normalise.
 - RGB: find the cell on the bench (where a pixel differs from its row's background
-  colour), take a square crop around it, resize to `size`; values stay in 0..1, which is
-  what the autoencoder reconstructs.
+  colour), crop its box with a margin and stretch it to `size` x `size`; values stay in
+  0..1, which is what the autoencoder reconstructs.
 
 Each function also returns the `Crop` it used, to map label polygons into model input
 coordinates and heatmaps back onto the original image.
@@ -27,19 +27,29 @@ CROP_MARGIN = 0.06
 
 @dataclass(frozen=True)
 class Crop:
-    """A square window of the source image: x0, y0 (may be negative: padded) and side."""
+    """A window of the source image (x0, y0 may be negative: padded), resampled to the input.
+
+    CT crops are square (the slice keeps its geometry); RGB crops hug the battery and are
+    stretched to the square input, so the autoencoder spends its pixels on the battery
+    rather than on the bench.
+    """
 
     x0: float
     y0: float
-    side: float
+    width: float
+    height: float
+
+    @property
+    def side(self) -> float:
+        return max(self.width, self.height)
 
     def to_input(self, points, size: int) -> np.ndarray:
         """Map (N, 2) source pixel coordinates into a size x size model input."""
         pts = np.asarray(points, np.float64).reshape(-1, 2)
-        return (pts - [self.x0, self.y0]) * (size / self.side)
+        return (pts - [self.x0, self.y0]) * [size / self.width, size / self.height]
 
     def as_list(self) -> list[float]:
-        return [float(self.x0), float(self.y0), float(self.side)]
+        return [float(self.x0), float(self.y0), float(self.width), float(self.height)]
 
 
 def to_unit(image: np.ndarray) -> np.ndarray:
@@ -55,18 +65,26 @@ def to_unit(image: np.ndarray) -> np.ndarray:
 
 def _square_around(box: tuple[int, int, int, int], margin: float) -> Crop:
     x0, y0, x1, y1 = box
-    side = max(x1 - x0, y1 - y0) * (1 + 2 * margin)
+    side = max(max(x1 - x0, y1 - y0) * (1 + 2 * margin), 8.0)
     cx, cy = (x0 + x1) / 2, (y0 + y1) / 2
-    return Crop(cx - side / 2, cy - side / 2, max(side, 8.0))
+    return Crop(cx - side / 2, cy - side / 2, side, side)
+
+
+def _rect_around(box: tuple[int, int, int, int], margin: float) -> Crop:
+    x0, y0, x1, y1 = box
+    w, h = max((x1 - x0) * (1 + 2 * margin), 8.0), max((y1 - y0) * (1 + 2 * margin), 8.0)
+    cx, cy = (x0 + x1) / 2, (y0 + y1) / 2
+    return Crop(cx - w / 2, cy - h / 2, w, h)
 
 
 def _cut(image: np.ndarray, crop: Crop, size: int) -> np.ndarray:
     """Resample the crop window to size x size (anti-aliased), padding with zeros."""
     h, w = image.shape[:2]
-    x0, y0, side = int(np.floor(crop.x0)), int(np.floor(crop.y0)), int(np.ceil(crop.side))
+    x0, y0 = int(np.floor(crop.x0)), int(np.floor(crop.y0))
+    cw, ch = int(np.ceil(crop.width)), int(np.ceil(crop.height))
     channels = image.shape[2:] if image.ndim == 3 else ()
-    window = np.zeros((side, side, *channels), np.float32)
-    sx0, sy0, sx1, sy1 = max(x0, 0), max(y0, 0), min(x0 + side, w), min(y0 + side, h)
+    window = np.zeros((ch, cw, *channels), np.float32)
+    sx0, sy0, sx1, sy1 = max(x0, 0), max(y0, 0), min(x0 + cw, w), min(y0 + ch, h)
     if sx1 > sx0 and sy1 > sy0:
         window[sy0 - y0 : sy1 - y0, sx0 - x0 : sx1 - x0] = image[sy0:sy1, sx0:sx1]
     if window.ndim == 2:
@@ -135,7 +153,7 @@ def rgb_input(image: np.ndarray, size: int) -> tuple[np.ndarray, Crop]:
     if image.ndim != 3 or image.shape[2] < 3:
         raise ValueError(f"an RGB photo must be (H, W, 3), got shape {image.shape}")
     rgb = to_unit(np.ascontiguousarray(image[..., :3]))
-    crop = _square_around(find_object_rgb(rgb), CROP_MARGIN)
+    crop = _rect_around(find_object_rgb(rgb), CROP_MARGIN)
     x = np.clip(_cut(rgb, crop, size), 0.0, 1.0)
     return np.transpose(x, (2, 0, 1)).astype(np.float32), crop
 

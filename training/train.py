@@ -46,6 +46,14 @@ def _threads(cfg: dict) -> None:
     torch.set_num_threads(int(cfg.get("threads") or os.cpu_count() or 1))
 
 
+def _device(cfg: dict) -> torch.device:
+    """'auto' takes a GPU when there is one (the full preset is meant for GPUs)."""
+    name = cfg.get("device") or "auto"
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    return torch.device(name)
+
+
 def _scheduler(opt, cfg: dict, steps_per_epoch: int):
     """Linear warm-up, then cosine annealing with warm restarts (stepped every batch)."""
     s = cfg["scheduler"]
@@ -81,10 +89,11 @@ def _batches(n: int, batch_size: int, rng: np.random.Generator, weights: np.ndar
 @torch.no_grad()
 def ct_logits(model: torch.nn.Module, images: np.ndarray, meta: np.ndarray, batch_size: int = 64) -> np.ndarray:
     model.eval()
+    device = next(model.parameters()).device
     out = []
     for i in range(0, len(images), batch_size):
-        x = torch.from_numpy(images[i : i + batch_size].astype(np.float32))
-        out.append(model(x, torch.from_numpy(meta[i : i + batch_size])).numpy())
+        x = torch.from_numpy(images[i : i + batch_size].astype(np.float32)).to(device)
+        out.append(model(x, torch.from_numpy(meta[i : i + batch_size]).to(device)).cpu().numpy())
     return np.concatenate(out) if out else np.zeros((0, len(CT_CLASSES)), np.float32)
 
 
@@ -92,11 +101,12 @@ def ct_logits(model: torch.nn.Module, images: np.ndarray, meta: np.ndarray, batc
 def rgb_scores(scorer: AnomalyScorer, images: np.ndarray, batch_size: int = 32) -> tuple[np.ndarray, np.ndarray]:
     """(anomaly scores (N,), error maps (N, S, S))."""
     scorer.eval()
+    device = next(scorer.parameters()).device
     scores, maps = [], []
     for i in range(0, len(images), batch_size):
-        s, m = scorer(torch.from_numpy(images[i : i + batch_size].astype(np.float32)))
-        scores.append(s.numpy())
-        maps.append(m.numpy())
+        s, m = scorer(torch.from_numpy(images[i : i + batch_size].astype(np.float32)).to(device))
+        scores.append(s.cpu().numpy())
+        maps.append(m.cpu().numpy())
     if not scores:
         return np.zeros(0, np.float32), np.zeros((0,) + images.shape[2:], np.float32)
     return np.concatenate(scores), np.concatenate(maps)
@@ -128,12 +138,13 @@ def train_ct(data: Path, cfg: dict, run: Path, splits: Path | None = None, progr
     train = load_ct(parts["train"], size, workers=c["workers"], progress=progress)
     val = load_ct(parts["val"], size, workers=c["workers"], progress=progress)
     arch_args = {k: v for k, v in c["model"].items() if k != "name"}
-    model = create_model(c["model"]["name"], **arch_args)
+    device = _device(c)
+    model = create_model(c["model"]["name"], **arch_args).to(device)
     opt = torch.optim.AdamW(model.parameters(), lr=c["optimizer"]["lr"], weight_decay=c["optimizer"]["weight_decay"])
     bs = int(c["batch_size"])
     steps = max(1, len(train.labels) // bs)
     sched = _scheduler(opt, c, steps)
-    loss_fn = FocalLoss(c["loss"]["focal_gamma"], c["loss"]["label_smoothing"], _class_weights(train.labels, c["loss"]["class_weights"]))
+    loss_fn = FocalLoss(c["loss"]["focal_gamma"], c["loss"]["label_smoothing"], _class_weights(train.labels, c["loss"]["class_weights"])).to(device)
     sample_w = None
     if c["weighted_sampling"]:
         counts = np.bincount(train.labels, minlength=len(CT_CLASSES))
@@ -149,8 +160,8 @@ def train_ct(data: Path, cfg: dict, run: Path, splits: Path | None = None, progr
         bar = tqdm(list(_batches(len(train.labels), bs, rng, sample_w)), desc=f"ct epoch {epoch + 1}/{c['epochs']}", unit="batch",
                    disable=not progress, leave=False)
         for idx in bar:
-            x = augment(torch.from_numpy(train.images[idx].astype(np.float32)), c["augment"], gen, fill=fill)
-            loss = loss_fn(model(x, torch.from_numpy(train.meta[idx])), torch.from_numpy(train.labels[idx]))
+            x = augment(torch.from_numpy(train.images[idx].astype(np.float32)), c["augment"], gen, fill=fill).to(device)
+            loss = loss_fn(model(x, torch.from_numpy(train.meta[idx]).to(device)), torch.from_numpy(train.labels[idx]).to(device))
             opt.zero_grad()
             loss.backward()
             opt.step()
@@ -158,7 +169,7 @@ def train_ct(data: Path, cfg: dict, run: Path, splits: Path | None = None, progr
             losses.append(loss.item())
             bar.set_postfix(loss=f"{np.mean(losses):.3f}")
         logits = ct_logits(model, val.images, val.meta)
-        val_loss = float(loss_fn(torch.from_numpy(logits), torch.from_numpy(val.labels)))
+        val_loss = float(loss_fn(torch.from_numpy(logits).to(device), torch.from_numpy(val.labels).to(device)))
         f1 = macro_f1(val.labels, logits.argmax(1), len(CT_CLASSES))
         acc = float((logits.argmax(1) == val.labels).mean())
         row = {"epoch": epoch + 1, "train_loss": float(np.mean(losses)) if losses else None, "val_loss": val_loss,
@@ -182,6 +193,7 @@ def train_ct(data: Path, cfg: dict, run: Path, splits: Path | None = None, progr
                 break
     tb.close()
     model.load_state_dict(best_state)
+    model.cpu()
     logits = ct_logits(model, val.images, val.meta)
     temperature = fit_temperature(logits, val.labels)
     info = {
@@ -218,7 +230,8 @@ def train_rgb(data: Path, cfg: dict, run: Path, splits: Path | None = None, prog
         raise SystemExit(f"error: need normal RGB photos in train and val, got {len(train_recs)} and {sum(r.is_normal for r in val_recs)}")
     size = int(c["input_size"])
     arch_args = {k: v for k, v in c["model"].items() if k != "name"}
-    model = create_model(c["model"]["name"], **arch_args)
+    device = _device(c)
+    model = create_model(c["model"]["name"], **arch_args).to(device)
     if size % model.multiple:
         raise SystemExit(f"error: rgb input_size {size} must be a multiple of {model.multiple} for this autoencoder")
     train = load_rgb(train_recs, size, workers=c["workers"], progress=progress)
@@ -238,7 +251,7 @@ def train_rgb(data: Path, cfg: dict, run: Path, splits: Path | None = None, prog
         bar = tqdm(list(_batches(len(train.images), bs, rng)), desc=f"rgb epoch {epoch + 1}/{c['epochs']}", unit="batch",
                    disable=not progress, leave=False)
         for idx in bar:
-            x = augment(torch.from_numpy(train.images[idx].astype(np.float32)), c["augment"], gen)
+            x = augment(torch.from_numpy(train.images[idx].astype(np.float32)), c["augment"], gen).to(device)
             loss = loss_fn(model(x), x)
             opt.zero_grad()
             loss.backward()
@@ -248,7 +261,7 @@ def train_rgb(data: Path, cfg: dict, run: Path, splits: Path | None = None, prog
             bar.set_postfix(loss=f"{np.mean(losses):.4f}")
         model.eval()
         with torch.no_grad():
-            val_loss = float(np.mean([float(loss_fn(model(x), x)) for x in torch.from_numpy(val_normal.astype(np.float32)).split(32)]))
+            val_loss = float(np.mean([float(loss_fn(model(x), x)) for x in torch.from_numpy(val_normal.astype(np.float32)).to(device).split(32)]))
         row = {"epoch": epoch + 1, "train_loss": float(np.mean(losses)) if losses else None, "val_loss": val_loss,
                "lr": opt.param_groups[0]["lr"], "seconds": time.perf_counter() - start}
         history.append(row)
@@ -269,7 +282,7 @@ def train_rgb(data: Path, cfg: dict, run: Path, splits: Path | None = None, prog
                 break
     tb.close()
     model.load_state_dict(best_state)
-    model.eval()
+    model.cpu().eval()
     score_cfg = dict(c["score"])
     scorer = AnomalyScorer(model, score_cfg["smooth_sigma"], score_cfg["top_fraction"])
     scores, _ = rgb_scores(scorer, val.images)

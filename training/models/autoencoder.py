@@ -23,8 +23,12 @@ def _up(cin: int, cout: int) -> nn.Sequential:
 
 
 class ConvAutoencoder(nn.Module):
-    def __init__(self, in_chans: int = 3, base: int = 32, latent: int = 64, depth: int = 4):
+    def __init__(self, in_chans: int = 3, base: int = 32, latent: int = 64, depth: int = 4, center: bool = True):
         super().__init__()
+        # With `center`, the image's mean colour is taken out before encoding and added
+        # back after decoding: bench and wrap colours vary from photo to photo, and an
+        # autoencoder otherwise spends its small code on them and greys everything out.
+        self.center = center
         widths = [base * 2**i for i in range(depth)]
         enc, cin = [], in_chans
         for w in widths:
@@ -36,17 +40,20 @@ class ConvAutoencoder(nn.Module):
         for w in reversed(widths[:-1]):
             dec.append(_up(cin, w))
             cin = w
-        dec += [_up(cin, base), nn.Conv2d(base, in_chans, 3, padding=1), nn.Sigmoid()]
+        dec += [_up(cin, base), nn.Conv2d(base, in_chans, 3, padding=1)]
         self.decoder = nn.Sequential(*dec)
         self.multiple = 2**depth  # input sides must be a multiple of this
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.decoder(self.encoder(x))
+        if not self.center:
+            return torch.sigmoid(self.decoder(self.encoder(x)))
+        mean = x.mean(dim=(2, 3), keepdim=True)
+        return torch.clamp(self.decoder(self.encoder(x - mean)) + mean, 0.0, 1.0)
 
 
 @register("conv_autoencoder")
-def conv_autoencoder(in_chans: int = 3, base: int = 32, latent: int = 64, depth: int = 4):
-    return ConvAutoencoder(in_chans, base, latent, depth)
+def conv_autoencoder(in_chans: int = 3, base: int = 32, latent: int = 64, depth: int = 4, center: bool = True):
+    return ConvAutoencoder(in_chans, base, latent, depth, center)
 
 
 # How an error map and an anomaly score are computed from a reconstruction. Stored in the

@@ -1,0 +1,212 @@
+"""Models, losses, metrics, preprocessing and checkpoints of training/."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from skimage.metrics import structural_similarity
+
+from training.checkpoint import load_checkpoint, save_checkpoint
+from training.config import load_config
+from training.data.labels import CT_CLASSES
+from training.losses import FocalLoss, ReconstructionLoss, ssim
+from training.metrics import (
+    confusion_matrix,
+    expected_calibration_error,
+    f1_optimal_threshold,
+    fit_temperature,
+    macro_f1,
+    per_class_prf,
+    roc_optimal_threshold,
+    softmax,
+)
+from training.models import create_model, list_models
+from training.models.autoencoder import AnomalyScorer
+from training.preprocess import ct_input, find_battery_ct, rgb_input
+
+CT_MODELS = ["resnet18_late_fusion", "resnet18", "resnet18_early_fusion", "cbam_resnet18", "convnext_tiny", "efficientnet_b0"]
+
+
+def test_every_required_model_is_registered():
+    assert set(CT_MODELS + ["conv_autoencoder"]) <= set(list_models())
+    with pytest.raises(KeyError, match="unknown model 'resnet50'.*resnet18_late_fusion"):
+        create_model("resnet50")
+
+
+@pytest.mark.parametrize("name", CT_MODELS)
+@pytest.mark.parametrize("size", [64, 96])
+def test_ct_model_forward_gives_five_logits_at_any_size(name, size):
+    torch.manual_seed(0)
+    model = create_model(name).eval()
+    meta = torch.tensor([[0.0, 2.0], [1.0, 0.0], [1.0, 1.0]])
+    with torch.no_grad():
+        out = model(torch.randn(3, 1, size, size), meta)
+    assert out.shape == (3, len(CT_CLASSES)) and torch.isfinite(out).all()
+
+
+def test_late_fusion_really_uses_the_metadata():
+    torch.manual_seed(0)
+    model = create_model("resnet18_late_fusion").eval()
+    image = torch.randn(1, 1, 64, 64).repeat(2, 1, 1, 1)
+    with torch.no_grad():
+        out = model(image, torch.tensor([[0.0, 0.0], [1.0, 2.0]]))
+    assert not torch.allclose(out[0], out[1])
+    image_only = create_model("resnet18").eval()
+    with torch.no_grad():
+        same = image_only(image, torch.tensor([[0.0, 0.0], [1.0, 2.0]]))
+    assert torch.allclose(same[0], same[1])
+
+
+def test_autoencoder_output_matches_its_input_shape_and_range():
+    model = create_model("conv_autoencoder", base=8, latent=8, depth=3).eval()
+    x = torch.rand(2, 3, 64, 64)
+    with torch.no_grad():
+        y = model(x)
+    assert y.shape == x.shape and float(y.min()) >= 0 and float(y.max()) <= 1
+    score, emap = AnomalyScorer(model, 1.5, 0.01)(x)
+    assert score.shape == (2,) and emap.shape == (2, 64, 64)
+
+
+def test_a_few_steps_drive_the_classifier_loss_down():
+    torch.manual_seed(0)
+    model = create_model("resnet18_late_fusion", hidden=64)
+    x = torch.randn(10, 1, 48, 48)
+    meta = torch.tensor([[i % 2, i % 3] for i in range(10)], dtype=torch.float32)
+    y = torch.arange(10) % 5
+    loss_fn = FocalLoss(gamma=2.0, label_smoothing=0.05)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    losses = []
+    for _ in range(25):
+        loss = loss_fn(model(x, meta), y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.5 * losses[0]
+
+
+def test_a_few_steps_drive_the_reconstruction_loss_down():
+    torch.manual_seed(0)
+    model = create_model("conv_autoencoder", base=8, latent=16, depth=2)
+    x = torch.rand(4, 3, 32, 32) * 0.2 + torch.linspace(0, 0.8, 32)[None, None, None, :]
+    loss_fn = ReconstructionLoss(0.5)
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    first = None
+    for _ in range(60):
+        loss = loss_fn(model(x), x)
+        first = first or loss.item()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert loss.item() < 0.5 * first
+
+
+def test_focal_loss_reduces_to_cross_entropy_and_down_weights_easy_examples():
+    logits = torch.tensor([[2.0, 0.5, -1.0, 0.0, 0.1], [0.1, 0.2, 3.0, 0.0, -2.0]])
+    target = torch.tensor([0, 2])
+    ce = torch.nn.functional.cross_entropy(logits, target)
+    assert torch.isclose(FocalLoss(gamma=0.0)(logits, target), ce)
+    assert FocalLoss(gamma=2.0)(logits, target) < ce
+    ls = torch.nn.functional.cross_entropy(logits, target, label_smoothing=0.1)
+    assert torch.isclose(FocalLoss(gamma=0.0, label_smoothing=0.1)(logits, target), ls)
+    weighted = FocalLoss(gamma=0.0, weight=torch.tensor([1.0, 1, 3, 1, 1]))(logits, target)
+    assert torch.isclose(weighted, torch.nn.functional.cross_entropy(logits, target, weight=torch.tensor([1.0, 1, 3, 1, 1])))
+
+
+def test_ssim_agrees_with_scikit_image():
+    rng = np.random.default_rng(0)
+    a = rng.random((48, 48)).astype(np.float64)
+    b = np.clip(a + rng.normal(0, 0.1, a.shape), 0, 1)
+    ours = float(ssim(torch.from_numpy(a)[None, None], torch.from_numpy(b)[None, None]))
+    ref = structural_similarity(a, b, data_range=1.0, gaussian_weights=True, sigma=1.5, use_sample_covariance=False)
+    assert ours == pytest.approx(ref, abs=2e-3)
+    assert float(ssim(torch.from_numpy(a)[None, None], torch.from_numpy(a)[None, None])) == pytest.approx(1.0)
+
+
+def test_confusion_precision_recall_f1_by_hand():
+    y_true = [0, 0, 1, 1, 1, 2]
+    y_pred = [0, 1, 1, 1, 0, 2]
+    cm = confusion_matrix(y_true, y_pred, 3)
+    assert cm.tolist() == [[1, 1, 0], [1, 2, 0], [0, 0, 1]]
+    prf = per_class_prf(cm)
+    assert prf["precision"].tolist() == pytest.approx([0.5, 2 / 3, 1.0])
+    assert prf["recall"].tolist() == pytest.approx([0.5, 2 / 3, 1.0])
+    assert macro_f1(y_true, y_pred, 3) == pytest.approx((0.5 + 2 / 3 + 1.0) / 3)
+    # classes absent from the truth do not drag the macro average down
+    assert macro_f1([0, 1], [0, 1], 5) == 1.0
+
+
+def test_expected_calibration_error_by_hand():
+    probs = np.array([[0.9, 0.1], [0.9, 0.1], [0.6, 0.4], [0.6, 0.4]])
+    y = np.array([0, 1, 0, 0])
+    # bin (0.8, 0.87]: conf 0.9, acc 0.5 -> |0.5-0.9| * 0.5 ; bin 0.6: conf 0.6, acc 1.0 -> 0.4 * 0.5
+    assert expected_calibration_error(probs, y, bins=15) == pytest.approx(0.2 + 0.2)
+
+
+def test_temperature_scaling_cools_an_overconfident_model():
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, 5, 2000)
+    logits = rng.normal(0, 1, (2000, 5))
+    logits[np.arange(2000), y] += 1.5  # informative...
+    logits *= 4.0  # ...but far too confident
+    t = fit_temperature(logits, y)
+    assert 2.5 < t < 6.0
+    assert expected_calibration_error(softmax(logits, t), y) < 0.5 * expected_calibration_error(softmax(logits), y)
+
+
+def test_thresholds_by_hand():
+    labels = np.array([0, 0, 0, 1, 1, 0, 1])
+    scores = np.array([0.1, 0.2, 0.3, 0.8, 0.9, 0.25, 0.35])
+    t, f1 = f1_optimal_threshold(labels, scores)
+    assert t == pytest.approx(0.325) and f1 == pytest.approx(1.0)
+    t, f1 = f1_optimal_threshold(labels, np.array([0.1, 0.2, 0.3, 0.8, 0.9, 0.4, 0.35]))
+    assert t == pytest.approx(0.325) and f1 == pytest.approx(6 / 7)  # one false positive beats a miss
+    t, j = roc_optimal_threshold(labels, scores)
+    assert j == pytest.approx(1.0) and ((scores > t) == labels.astype(bool)).all()
+
+
+def test_ct_preprocessing_crops_to_the_battery_and_normalises():
+    img = np.zeros((400, 400), np.uint8)
+    img[100:300, 150:250] = 180  # the battery
+    x, crop = ct_input(img, 64)
+    assert x.shape == (1, 64, 64) and x.dtype == np.float32
+    assert np.allclose(find_battery_ct(img.astype(np.float32) / 255), (150, 100, 250, 300), atol=1)
+    assert 200 < crop.side < 240  # the taller side plus a margin
+    corners = crop.to_input([[150, 100], [250, 300]], 64)
+    assert corners[0][1] == pytest.approx(64 * 0.06 / 1.12, abs=1.0)
+    img16 = (img.astype(np.uint16) * 257)
+    x16, _ = ct_input(img16, 64)
+    assert np.allclose(x, x16, atol=1e-3)  # 8- and 16-bit of the same slice agree
+
+
+def test_rgb_preprocessing_finds_the_object_on_the_bench():
+    img = np.full((270, 480, 3), 90, np.uint8)
+    img[:60] = 40  # wall
+    img[100:220, 300:340] = (30, 140, 80)  # a green cell
+    x, crop = rgb_input(img, 64)
+    assert x.shape == (3, 64, 64) and 0 <= x.min() and x.max() <= 1
+    centre = crop.to_input([[320, 160]], 64)[0]
+    assert centre == pytest.approx([32, 32], abs=2)
+
+
+def test_checkpoint_round_trip_gives_the_same_outputs(tmp_path):
+    torch.manual_seed(0)
+    model = create_model("resnet18_late_fusion", hidden=32).eval()
+    info = {"kind": "ct_classifier", "arch": "resnet18_late_fusion", "arch_args": {"hidden": 32}, "input_size": 64,
+            "normalization": {"mean": 0.2, "std": 0.25}, "class_names": list(CT_CLASSES), "temperature": 1.7}
+    save_checkpoint(tmp_path, model, info)
+    loaded, back = load_checkpoint(tmp_path)
+    x, meta = torch.randn(2, 1, 64, 64), torch.tensor([[0.0, 1.0], [1.0, 2.0]])
+    with torch.no_grad():
+        assert torch.equal(model(x, meta), loaded(x, meta))
+    assert back["temperature"] == 1.7 and back["class_names"] == list(CT_CLASSES)
+
+
+def test_config_rejects_unknown_keys(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("ct:\n  epochs: 3\n  learning_rate: 0.1\n")
+    with pytest.raises(ValueError, match="unknown config key 'ct.learning_rate'"):
+        load_config(bad)
+    assert load_config("quick")["ct"]["epochs"] > 0
+    with pytest.raises(FileNotFoundError, match="presets: .*quick"):
+        load_config("nonexistent")

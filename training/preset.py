@@ -1,0 +1,91 @@
+"""python -m training.preset quick|standard|full [--out runs/NAME]
+
+One command for a whole preset: generate its synthetic training set (unless --data is
+given or it already exists), train the CT classifier and the RGB autoencoder, generate a
+fresh test set with another seed, evaluate both models on it, and print a table of the
+numbers with the time each step took. `make serve` runs the quick preset when no trained
+runs exist.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+from training.config import load_config
+from training.evaluate import evaluate, summary
+from training.synth.plan import SynthConfig
+from training.synth.writer import CONFIG_FILE, generate
+from training.train import train_ct, train_rgb
+
+TEST_SEED_OFFSET = 1000
+
+
+def _synth_config(d: dict, seed: int, batteries: int | None = None) -> SynthConfig:
+    return SynthConfig(batteries=batteries or d["batteries"], seed=seed, ct_size=d["ct_size"], rgb_width=d["rgb_size"][0],
+                       rgb_height=d["rgb_size"][1], slices_per_axis=d["slices_per_axis"], photos_per_battery=d["photos"],
+                       rgb_defect_rate=d["rgb_defect_rate"])
+
+
+def _ensure_data(path: Path, cfg: SynthConfig, what: str) -> None:
+    if (path / CONFIG_FILE).exists():
+        print(f"{what}: reusing {path}")
+        return
+    if path.exists() and any(path.iterdir()):
+        raise SystemExit(f"error: {path} exists, is not empty and was not written by the generator; pass --data")
+    print(f"{what}: generating {cfg.batteries} batteries into {path} (seed {cfg.seed})")
+    generate(path, cfg)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m training.preset", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("preset", help="quick, standard, full, or a YAML path")
+    p.add_argument("--out", type=Path, help="run folder (default runs/PRESET); models go to OUT/ct and OUT/rgb")
+    p.add_argument("--data", type=Path, help="training data (default data/PRESET, generated from the preset if missing)")
+    p.add_argument("--test-data", type=Path, help="fresh test data (default data/PRESET_test, generated with another seed)")
+    p.add_argument("--only", choices=["ct", "rgb"], help="train one model only")
+    p.add_argument("--skip-eval", action="store_true", help="train only")
+    args = p.parse_args(argv)
+    cfg = load_config(args.preset)
+    name = Path(args.preset).stem
+    out = args.out or Path("runs") / name
+    data = args.data or Path("data") / name
+    test_data = args.test_data or Path("data") / f"{name}_test"
+    d = cfg["data"]
+    timings: dict[str, float] = {}
+    t = time.perf_counter()
+    if not args.data:
+        _ensure_data(data, _synth_config(d, d["seed"]), "training data")
+    timings["generate_training_data_s"] = time.perf_counter() - t
+    models = [args.only] if args.only else ["ct", "rgb"]
+    for model in models:
+        t = time.perf_counter()
+        (train_ct if model == "ct" else train_rgb)(data, cfg, out / model, None, progress=True)
+        timings[f"train_{model}_s"] = time.perf_counter() - t
+    results = {}
+    if not args.skip_eval:
+        t = time.perf_counter()
+        if not args.test_data:
+            test_batteries = d.get("test_batteries") or max(20, d["batteries"] // 2)
+            _ensure_data(test_data, _synth_config(d, d["seed"] + TEST_SEED_OFFSET, test_batteries), "test data")
+        timings["generate_test_data_s"] = time.perf_counter() - t
+        for model in models:
+            t = time.perf_counter()
+            results[model] = evaluate(out / model, test_data, split="all", progress=True)
+            timings[f"evaluate_{model}_s"] = time.perf_counter() - t
+    report = {"preset": name, "data": str(data), "test_data": str(test_data), "timings": timings, "results": results}
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "summary.json").write_text(json.dumps(report, indent=1) + "\n")
+    print()
+    for model in models:
+        if model in results:
+            print(summary(results[model]))
+    print("time: " + ", ".join(f"{k[:-2]} {v:.0f} s" for k, v in timings.items()) + f"; total {sum(timings.values()) / 60:.1f} min")
+    print(f"wrote {out}/summary.json")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
