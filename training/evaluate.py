@@ -188,7 +188,6 @@ def _recon_preview(images, recon, maps, masks, labels, scores, out_png: Path, pe
 
 def evaluate(run: Path, data: Path, split: str = "test", splits: Path | None = None, progress: bool = True) -> dict:
     model, info = load_checkpoint(run)
-    torch.set_num_threads(max(1, torch.get_num_threads()))
     ds = scan(data, progress=progress)
     wanted = _select(ds, run, info, data, split, splits)
     if info["kind"] == "ct_classifier":

@@ -402,7 +402,9 @@ def _add_porosity(scene: Scene, rng: np.random.Generator, n: int) -> list[Defect
         return []
     defects: list[Defect] = []
     n_groups = int(rng.choice([1, 1, 1, 2, 2, 3]))
-    for _ in range(n_groups):
+    group = 0
+    while group < n_groups or (not defects and group < 12):  # a slice said to show porosity shows at least one void
+        group += 1
         i = int(rng.integers(len(xs)))
         center = np.array([xs[i], ys[i]], float)
         clustered = rng.random() < 0.4
@@ -418,12 +420,20 @@ def _add_porosity(scene: Scene, rng: np.random.Generator, n: int) -> list[Defect
             aspect = rng.uniform(1.0, 2.8)
             angle = (scene.layer_angle if scene.layer_angle is not None else rng.uniform(0, np.pi))
             angle += rng.normal(0, 0.2)
-            poly = raster.blob_polygon(rng, tuple(c), radius, aspect=aspect, angle=angle, roughness=rng.uniform(0.05, 0.4))
-            poly = raster.to_int_polygon(poly, (n, n))
+            roughness = rng.uniform(0.05, 0.4)
+            depth = rng.uniform(0.55, 1.0)  # partially filled or thin voids look fainter
+            for _attempt in range(4):  # a void stays inside the electrode stack: shrink until it fits
+                poly = raster.to_int_polygon(raster.blob_polygon(rng, tuple(c), radius, aspect=aspect, angle=angle, roughness=roughness), (n, n))
+                box, cov = raster.polygon_coverage(poly, (n, n))
+                inside = float((cov * scene.stack[box]).sum() / max(cov.sum(), 1e-6))
+                if inside >= 0.9:
+                    break
+                radius *= 0.7
+            else:
+                continue
             if raster.polygon_area(poly) < 4 * s * s:
                 continue
-            depth = rng.uniform(0.55, 1.0)  # partially filled or thin voids look fainter
-            box, cov = raster.polygon_coverage(poly, (n, n))
+            cov = cov * scene.stack[box]
             local = scene.mu[box]
             scene.mu[box] = local * (1 - cov) + cov * (local * (1 - depth) + GAS * depth)
             defects.append(Defect("Porosity", poly))
