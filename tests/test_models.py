@@ -210,3 +210,17 @@ def test_config_rejects_unknown_keys(tmp_path):
     assert load_config("quick")["ct"]["epochs"] > 0
     with pytest.raises(FileNotFoundError, match="presets: .*quick"):
         load_config("nonexistent")
+
+
+def test_early_stopping_keeps_the_best_weights_and_stops_after_patience():
+    from training.train import EarlyStopping
+
+    model = torch.nn.Linear(2, 1)
+    stopper = EarlyStopping(patience=2, higher_is_better=False)
+    assert stopper.improved(0.5, model)
+    best_weight = model.weight.detach().clone()
+    with torch.no_grad():
+        model.weight.add_(1.0)
+    assert not stopper.improved(0.6, model) and not stopper.should_stop
+    assert not stopper.improved(0.5, model) and stopper.should_stop  # equal is not better
+    assert torch.equal(stopper.best_state["weight"], best_weight) and stopper.best_value == 0.5

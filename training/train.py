@@ -73,6 +73,30 @@ def _scheduler(opt, cfg: dict, steps_per_epoch: int):
     return torch.optim.lr_scheduler.LambdaLR(opt, lambda step: factor(step)[0])
 
 
+class EarlyStopping:
+    """Keeps the best weights by a validation metric and says when patience has run out."""
+
+    def __init__(self, patience: int, higher_is_better: bool):
+        self.patience, self.sign = patience, 1.0 if higher_is_better else -1.0
+        self.best, self.best_state, self.bad_epochs = -math.inf, None, 0
+
+    @property
+    def best_value(self) -> float:
+        return self.sign * self.best
+
+    def improved(self, value: float, model: torch.nn.Module) -> bool:
+        if self.sign * value > self.best:
+            self.best, self.bad_epochs = self.sign * value, 0
+            self.best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+            return True
+        self.bad_epochs += 1
+        return False
+
+    @property
+    def should_stop(self) -> bool:
+        return self.bad_epochs >= self.patience
+
+
 def resolve_split(ds: Dataset, run: Path, splits: Path | None, seed: int) -> dict[str, str]:
     assignment = read_split(splits) if splits else split_dataset(ds, seed=seed)
     write_split(assignment, run / "split", seed=seed)
@@ -151,7 +175,7 @@ def train_ct(data: Path, cfg: dict, run: Path, splits: Path | None = None, progr
         sample_w = 1.0 / counts[train.labels]
     rng = np.random.default_rng(c["seed"])
     tb = SummaryWriter(run / "tb")
-    history, best, best_state, bad_epochs = [], -1.0, None, 0
+    history, stopper = [], EarlyStopping(c["early_stopping"]["patience"], higher_is_better=True)
     fill = -CT_MEAN / CT_STD  # black after normalisation
     start = time.perf_counter()
     for epoch in range(int(c["epochs"])):
@@ -178,21 +202,17 @@ def train_ct(data: Path, cfg: dict, run: Path, splits: Path | None = None, progr
         for k in ("train_loss", "val_loss", "val_macro_f1", "val_accuracy", "lr"):
             if row[k] is not None:
                 tb.add_scalar(f"ct/{k}", row[k], epoch + 1)
-        improved = f1 > best
+        improved = stopper.improved(f1, model)
         if progress:
             print(f"ct epoch {epoch + 1:>3}: train loss {row['train_loss']:.4f}  val loss {val_loss:.4f}  "
                   f"val macro-F1 {f1:.4f}  acc {acc:.4f}{'  *' if improved else ''}", flush=True)
-        if improved:
-            best, bad_epochs = f1, 0
-            best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-        else:
-            bad_epochs += 1
-            if bad_epochs >= c["early_stopping"]["patience"]:
-                if progress:
-                    print(f"early stop: no better val macro-F1 for {bad_epochs} epochs")
-                break
+        if stopper.should_stop:
+            if progress:
+                print(f"early stop: no better val macro-F1 for {stopper.bad_epochs} epochs")
+            break
     tb.close()
-    model.load_state_dict(best_state)
+    model.load_state_dict(stopper.best_state)
+    best = stopper.best_value
     model.cpu()
     logits = ct_logits(model, val.images, val.meta)
     temperature = fit_temperature(logits, val.labels)
@@ -243,7 +263,7 @@ def train_rgb(data: Path, cfg: dict, run: Path, splits: Path | None = None, prog
     loss_fn = ReconstructionLoss(c["loss"]["ssim_weight"])
     rng = np.random.default_rng(c["seed"])
     tb = SummaryWriter(run / "tb")
-    history, best, best_state, bad_epochs = [], math.inf, None, 0
+    history, stopper = [], EarlyStopping(c["early_stopping"]["patience"], higher_is_better=False)
     start = time.perf_counter()
     for epoch in range(int(c["epochs"])):
         model.train()
@@ -268,20 +288,16 @@ def train_rgb(data: Path, cfg: dict, run: Path, splits: Path | None = None, prog
         for k in ("train_loss", "val_loss", "lr"):
             if row[k] is not None:
                 tb.add_scalar(f"rgb/{k}", row[k], epoch + 1)
-        improved = val_loss < best
+        improved = stopper.improved(val_loss, model)
         if progress:
             print(f"rgb epoch {epoch + 1:>3}: train loss {row['train_loss']:.5f}  val loss {val_loss:.5f}{'  *' if improved else ''}", flush=True)
-        if improved:
-            best, bad_epochs = val_loss, 0
-            best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-        else:
-            bad_epochs += 1
-            if bad_epochs >= c["early_stopping"]["patience"]:
-                if progress:
-                    print(f"early stop: no better val loss for {bad_epochs} epochs")
-                break
+        if stopper.should_stop:
+            if progress:
+                print(f"early stop: no better val loss for {stopper.bad_epochs} epochs")
+            break
     tb.close()
-    model.load_state_dict(best_state)
+    model.load_state_dict(stopper.best_state)
+    best = stopper.best_value
     model.cpu().eval()
     score_cfg = dict(c["score"])
     scorer = AnomalyScorer(model, score_cfg["smooth_sigma"], score_cfg["top_fraction"])
