@@ -97,6 +97,30 @@ class EarlyStopping:
         return self.bad_epochs >= self.patience
 
 
+def _train_epoch(model, opt, sched, batches: list, batch_loss, desc: str, progress: bool, digits: int) -> float | None:
+    """One pass over `batches`; `batch_loss(idx)` augments, runs the model and returns the loss."""
+    model.train()
+    losses = []
+    bar = tqdm(batches, desc=desc, unit="batch", disable=not progress, leave=False)
+    for idx in bar:
+        loss = batch_loss(idx)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        sched.step()
+        losses.append(loss.item())
+        bar.set_postfix(loss=f"{np.mean(losses):.{digits}f}")
+    return float(np.mean(losses)) if losses else None
+
+
+def _save_run(run: Path, model: torch.nn.Module, info: dict, history: list, start: float, data: Path, cfg: dict) -> dict:
+    """Write the checkpoint (with what every run records) and the per-epoch history."""
+    info = info | {"epochs_trained": len(history), "train_seconds": time.perf_counter() - start, "data": str(data), "config": cfg}
+    save_checkpoint(run, model, info)
+    (run / "history.json").write_text(json.dumps(history, indent=1) + "\n")
+    return info
+
+
 def resolve_split(ds: Dataset, run: Path, splits: Path | None, seed: int) -> dict[str, str]:
     assignment = read_split(splits) if splits else split_dataset(ds, seed=seed)
     write_split(assignment, run / "split", seed=seed)
@@ -178,25 +202,18 @@ def train_ct(data: Path, cfg: dict, run: Path, splits: Path | None = None, progr
     history, stopper = [], EarlyStopping(c["early_stopping"]["patience"], higher_is_better=True)
     fill = -CT_MEAN / CT_STD  # black after normalisation
     start = time.perf_counter()
+    def batch_loss(idx):
+        x = augment(torch.from_numpy(train.images[idx].astype(np.float32)), c["augment"], gen, fill=fill).to(device)
+        return loss_fn(model(x, torch.from_numpy(train.meta[idx]).to(device)), torch.from_numpy(train.labels[idx]).to(device))
+
     for epoch in range(int(c["epochs"])):
-        model.train()
-        losses = []
-        bar = tqdm(list(_batches(len(train.labels), bs, rng, sample_w)), desc=f"ct epoch {epoch + 1}/{c['epochs']}", unit="batch",
-                   disable=not progress, leave=False)
-        for idx in bar:
-            x = augment(torch.from_numpy(train.images[idx].astype(np.float32)), c["augment"], gen, fill=fill).to(device)
-            loss = loss_fn(model(x, torch.from_numpy(train.meta[idx]).to(device)), torch.from_numpy(train.labels[idx]).to(device))
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            sched.step()
-            losses.append(loss.item())
-            bar.set_postfix(loss=f"{np.mean(losses):.3f}")
+        train_loss = _train_epoch(model, opt, sched, list(_batches(len(train.labels), bs, rng, sample_w)), batch_loss,
+                                  f"ct epoch {epoch + 1}/{c['epochs']}", progress, 3)
         logits = ct_logits(model, val.images, val.meta)
         val_loss = float(loss_fn(torch.from_numpy(logits).to(device), torch.from_numpy(val.labels).to(device)))
         f1 = macro_f1(val.labels, logits.argmax(1), len(CT_CLASSES))
         acc = float((logits.argmax(1) == val.labels).mean())
-        row = {"epoch": epoch + 1, "train_loss": float(np.mean(losses)) if losses else None, "val_loss": val_loss,
+        row = {"epoch": epoch + 1, "train_loss": train_loss, "val_loss": val_loss,
                "val_macro_f1": f1, "val_accuracy": acc, "lr": opt.param_groups[0]["lr"], "seconds": time.perf_counter() - start}
         history.append(row)
         for k in ("train_loss", "val_loss", "val_macro_f1", "val_accuracy", "lr"):
@@ -228,14 +245,8 @@ def train_ct(data: Path, cfg: dict, run: Path, splits: Path | None = None, progr
         "meta_spec": {"names": ["battery_type", "slice_axis"], "battery_type": list(BATTERY_TYPES), "slice_axis": list(SLICE_AXES)},
         "temperature": temperature,
         "val_macro_f1": best,
-        "epochs_trained": len(history),
-        "train_seconds": time.perf_counter() - start,
-        "data": str(data),
-        "config": c,
     }
-    save_checkpoint(run, model, info)
-    (run / "history.json").write_text(json.dumps(history, indent=1) + "\n")
-    return info
+    return _save_run(run, model, info, history, start, data, c)
 
 
 def train_rgb(data: Path, cfg: dict, run: Path, splits: Path | None = None, progress: bool = True) -> dict:
@@ -265,24 +276,17 @@ def train_rgb(data: Path, cfg: dict, run: Path, splits: Path | None = None, prog
     tb = SummaryWriter(run / "tb")
     history, stopper = [], EarlyStopping(c["early_stopping"]["patience"], higher_is_better=False)
     start = time.perf_counter()
+    def batch_loss(idx):
+        x = augment(torch.from_numpy(train.images[idx].astype(np.float32)), c["augment"], gen).to(device)
+        return loss_fn(model(x), x)
+
     for epoch in range(int(c["epochs"])):
-        model.train()
-        losses = []
-        bar = tqdm(list(_batches(len(train.images), bs, rng)), desc=f"rgb epoch {epoch + 1}/{c['epochs']}", unit="batch",
-                   disable=not progress, leave=False)
-        for idx in bar:
-            x = augment(torch.from_numpy(train.images[idx].astype(np.float32)), c["augment"], gen).to(device)
-            loss = loss_fn(model(x), x)
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            sched.step()
-            losses.append(loss.item())
-            bar.set_postfix(loss=f"{np.mean(losses):.4f}")
+        train_loss = _train_epoch(model, opt, sched, list(_batches(len(train.images), bs, rng)), batch_loss,
+                                  f"rgb epoch {epoch + 1}/{c['epochs']}", progress, 4)
         model.eval()
         with torch.no_grad():
             val_loss = float(np.mean([float(loss_fn(model(x), x)) for x in torch.from_numpy(val_normal.astype(np.float32)).to(device).split(32)]))
-        row = {"epoch": epoch + 1, "train_loss": float(np.mean(losses)) if losses else None, "val_loss": val_loss,
+        row = {"epoch": epoch + 1, "train_loss": train_loss, "val_loss": val_loss,
                "lr": opt.param_groups[0]["lr"], "seconds": time.perf_counter() - start}
         history.append(row)
         for k in ("train_loss", "val_loss", "lr"):
@@ -326,14 +330,8 @@ def train_rgb(data: Path, cfg: dict, run: Path, splits: Path | None = None, prog
         "thresholds": thresholds,
         "calibration": calibration,
         "val_loss": best,
-        "epochs_trained": len(history),
-        "train_seconds": time.perf_counter() - start,
-        "data": str(data),
-        "config": c,
     }
-    save_checkpoint(run, model, info)
-    (run / "history.json").write_text(json.dumps(history, indent=1) + "\n")
-    return info
+    return _save_run(run, model, info, history, start, data, c)
 
 
 def main(argv=None) -> int:

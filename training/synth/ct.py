@@ -288,14 +288,13 @@ def _pouch_module(p: _Painter, axis: str, offset) -> tuple[np.ndarray, float | N
         zone = raster.rect_coverage(p.mu.shape, x0 + housing, iy0, x1 - housing, cy0 - 3 * s)
         zone = np.maximum(zone, raster.rect_coverage(p.mu.shape, x0 + housing, cy1 + 3 * s, x1 - housing, iy1))
     if axis == "x":
-        face = p.rect(ix0, cy0, ix1, cy1, FILM)
+        p.rect(ix0, cy0, ix1, cy1, FILM)
         inner = raster.rect_coverage(p.mu.shape, ix0 + 3 * s, cy0 + 3 * s, ix1 - 3 * s, cy1 - 3 * s)
         p.fill(inner, 0.5 * (CATHODE + ANODE) + p.mottle(0.04, 2.0) + p.mottle(0.03, 12.0))
         for fx in (0.25, 0.75):
             tx = ix0 + fx * (ix1 - ix0)
             p.rect(tx - 0.05 * w, cy0 - 0.6 * (cy0 - iy0), tx + 0.05 * w, cy0 + 2 * s, TAB)
         p.stack |= inner > 0.5
-        del face
         layer_angle = None
     else:
         pitch_x = (ix1 - ix0) / k
