@@ -22,7 +22,11 @@ from training.metrics import (
 )
 from training.models import create_model, list_models
 from training.models.autoencoder import AnomalyScorer
-from training.preprocess import ct_input, find_battery_ct, rgb_input
+from training.augment import synthetic_anomalies
+from training.data.aihub import scan
+from training.preprocess import ct_input, find_battery_ct, find_object_rgb, load_image, rgb_input
+from training.synth.plan import SynthConfig
+from training.synth.writer import generate
 
 CT_MODELS = ["resnet18_late_fusion", "resnet18", "resnet18_early_fusion", "cbam_resnet18", "convnext_tiny", "efficientnet_b0"]
 
@@ -34,10 +38,10 @@ def test_every_required_model_is_registered():
 
 
 @pytest.mark.parametrize("name", CT_MODELS)
-@pytest.mark.parametrize("size", [64, 96])
-def test_ct_model_forward_gives_five_logits_at_any_size(name, size):
+@pytest.mark.parametrize("size,pool", [(64, "avg"), (96, "max")])
+def test_ct_model_forward_gives_five_logits_at_any_size(name, size, pool):
     torch.manual_seed(0)
-    model = create_model(name).eval()
+    model = create_model(name, pool=pool).eval()
     meta = torch.tensor([[0.0, 2.0], [1.0, 0.0], [1.0, 1.0]])
     with torch.no_grad():
         out = model(torch.randn(3, 1, size, size), meta)
@@ -187,6 +191,35 @@ def test_rgb_preprocessing_finds_the_object_on_the_bench():
     assert x.shape == (3, 64, 64) and 0 <= x.min() and x.max() <= 1
     centre = crop.to_input([[320, 160]], 64)[0]
     assert centre == pytest.approx([32, 32], abs=2)
+
+
+def test_rgb_crop_holds_the_battery_in_rendered_photos_of_every_form(tmp_path):
+    # Grey modules on grey benches, shadows, light pools and vignetting: the crop must
+    # still frame the labelled battery outline, not the bench or a corner.
+    generate(tmp_path, SynthConfig(batteries=8, seed=4, ct_size=64, rgb_width=480, rgb_height=270, slices_per_axis=1,
+                                   photos_per_battery=3), workers=1, progress=False)
+    photos = scan(tmp_path, progress=False).rgb
+    assert {(r.battery_type, r.form) for r in photos} == {("cell", "pouch"), ("cell", "cylindrical"), ("module", "pouch"), ("module", "cylindrical")}
+    for r in photos:
+        x0, y0, x1, y1 = find_object_rgb(load_image(r.path).astype(np.float32) / 255)
+        o = np.array(r.outline).reshape(-1, 2)
+        (ox0, oy0), (ox1, oy1) = o.min(0), o.max(0)
+        inter = max(0, min(x1, ox1) - max(x0, ox0)) * max(0, min(y1, oy1) - max(y0, oy0))
+        assert inter >= 0.9 * (ox1 - ox0) * (oy1 - oy0), (r.path.name, (x0, y0, x1, y1), (ox0, oy0, ox1, oy1))
+        assert (x1 - x0) * (y1 - y0) <= 3.0 * (ox1 - ox0) * (oy1 - oy0), (r.path.name, (x0, y0, x1, y1), (ox0, oy0, ox1, oy1))
+
+
+def test_synthetic_anomalies_blemish_some_images_and_leave_the_rest():
+    torch.manual_seed(0)
+    x = torch.rand(16, 3, 48, 48) * 0.2 + 0.4
+    assert torch.equal(synthetic_anomalies(x, {"probability": 0.0}, torch.Generator().manual_seed(0)), x)
+    y = synthetic_anomalies(x, {"probability": 0.5, "max_blobs": 2}, torch.Generator().manual_seed(1))
+    y2 = synthetic_anomalies(x, {"probability": 0.5, "max_blobs": 2}, torch.Generator().manual_seed(1))
+    assert torch.equal(y, y2) and 0 <= y.min() and y.max() <= 1  # seeded, still an image
+    changed = (y - x).abs().amax(dim=(1, 2, 3)) > 0.05
+    assert 0 < changed.sum() < 16  # some images blemished, some left clean
+    area = ((y - x).abs().amax(dim=1) > 1e-6).float().mean(dim=(1, 2))
+    assert (area[changed] < 0.5).all()  # local marks, not a repaint
 
 
 def test_checkpoint_round_trip_gives_the_same_outputs(tmp_path):

@@ -32,3 +32,48 @@ def augment(x: torch.Tensor, cfg: dict, gen: torch.Generator, fill: float = 0.0)
         grid = F.affine_grid(theta.to(x.dtype), list(x.shape), align_corners=False)
         x = F.grid_sample(x - fill, grid, mode="bilinear", padding_mode="zeros", align_corners=False) + fill
     return x
+
+
+def _blob_masks(b: int, h: int, w: int, gen: torch.Generator, radius: tuple[float, float],
+                minor: tuple[float, float] | None = None) -> torch.Tensor:
+    """(B, 1, H, W) soft ellipses at random places, sizes (fraction of the side) and angles."""
+    yy = torch.linspace(0, 1, h)[:, None].expand(h, w)
+    xx = torch.linspace(0, 1, w)[None, :].expand(h, w)
+    c = 0.15 + 0.7 * torch.rand(b, 2, generator=gen)
+    r = radius[0] + (radius[1] - radius[0]) * torch.rand(b, 2, generator=gen)
+    if minor is not None:
+        r[:, 1] = minor[0] + (minor[1] - minor[0]) * torch.rand(b, generator=gen)
+    a = torch.rand(b, generator=gen) * math.pi
+    dx, dy = xx[None] - c[:, 0, None, None], yy[None] - c[:, 1, None, None]
+    cos, sin = torch.cos(a)[:, None, None], torch.sin(a)[:, None, None]
+    u, v = (dx * cos + dy * sin) / r[:, 0, None, None], (-dx * sin + dy * cos) / r[:, 1, None, None]
+    d = torch.sqrt(u * u + v * v)
+    return torch.clamp((1.0 - d) * 4.0, 0.0, 1.0)[:, None]
+
+
+def synthetic_anomalies(x: torch.Tensor, cfg: dict, gen: torch.Generator) -> torch.Tensor:
+    """Paint random blemishes on a (B, 3, H, W) batch in 0..1, for a denoising autoencoder.
+
+    Trained to map the blemished image back to the clean one, the autoencoder learns to
+    replace what does not belong on a normal cell by what should be there, so real
+    defects leave a large reconstruction error instead of being copied through. The
+    blemishes are generic (flat colour, a patch of another photo, a brightness change,
+    a thin line), never the defect kinds of the data set; training still sees normal
+    photos only.
+    """
+    if not cfg or not cfg.get("probability"):
+        return x
+    b, _, h, w = x.shape
+    out = x.clone()
+    for _ in range(int(cfg.get("max_blobs", 2))):
+        hit = (torch.rand(b, generator=gen) < cfg["probability"]).float()[:, None, None, None]
+        mask = _blob_masks(b, h, w, gen, tuple(cfg.get("radius", (0.03, 0.12)))) * hit
+        kind = torch.randint(0, 4, (b,), generator=gen)[:, None, None, None]
+        colour = torch.rand(b, 3, 1, 1, generator=gen).expand_as(out)
+        other = out[torch.roll(torch.arange(b), 1)]  # another photo's pixels at the same place
+        gain = (0.4 + 1.2 * torch.rand(b, 1, 1, 1, generator=gen)) * out
+        line_mask = _blob_masks(b, h, w, gen, (0.1, 0.3), minor=(1.0 / h, 2.5 / h)) * hit  # a scratch-like streak
+        fill = torch.where(kind == 0, colour, torch.where(kind == 1, other, torch.where(kind == 2, gain.clamp(0, 1), colour)))
+        m = torch.where(kind == 3, line_mask, mask) * (0.5 + 0.5 * torch.rand(b, 1, 1, 1, generator=gen))
+        out = out * (1 - m) + fill * m
+    return out

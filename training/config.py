@@ -16,7 +16,7 @@ _SCHED = {"T_0": 5, "T_mult": 2, "eta_min": 1e-5, "warmup_epochs": 1}
 
 DEFAULTS = {
     "data": {"batteries": 60, "test_batteries": None, "seed": 0, "ct_size": 256, "rgb_size": [640, 360], "slices_per_axis": 2, "photos": 2,
-             "rgb_defect_rate": 0.4},
+             "rgb_defect_rate": 0.4, "visibility": None},
     "ct": {
         "model": {"name": "resnet18_late_fusion", "hidden": 256, "dropout": 0.3},
         "input_size": 128,
@@ -27,6 +27,8 @@ DEFAULTS = {
         "loss": {"focal_gamma": 2.0, "label_smoothing": 0.05, "class_weights": "balanced"},
         "augment": {"hflip": True, "vflip": True, "rot90": False, "affine": {"degrees": 8.0, "scale": [0.92, 1.08], "translate": 0.04}},
         "weighted_sampling": False,
+        # Weight of the training-only defect-map loss (0: train on slice labels alone).
+        "defect_map_weight": 1.0,
         "early_stopping": {"patience": 6},
         "seed": 0,
         "split_seed": 0,
@@ -43,6 +45,8 @@ DEFAULTS = {
         "scheduler": dict(_SCHED),
         "loss": {"ssim_weight": 0.5},
         "augment": {"hflip": True},
+        # Random blemishes painted on the input, clean image as the target (0: plain autoencoder).
+        "anomalies": {"probability": 0.5, "max_blobs": 2, "radius": [0.03, 0.12]},
         "early_stopping": {"patience": 8},
         "score": dict(DEFAULT_SCORE),
         "threshold": "f1",  # which validation-calibrated threshold is stored: f1 | roc
@@ -55,7 +59,7 @@ DEFAULTS = {
 }
 
 # Sub-dictionaries whose keys are free (passed through as keyword arguments).
-_FREE = {("ct", "model"), ("rgb", "model"), ("ct", "augment", "affine")}
+_FREE = {("ct", "model"), ("rgb", "model"), ("ct", "augment", "affine"), ("data", "visibility")}
 
 
 def _merge(base: dict, override: dict, path: tuple = ()) -> dict:

@@ -9,7 +9,7 @@ import numpy as np
 from tqdm import tqdm
 
 from training.data.aihub import CTRecord, RGBRecord
-from training.preprocess import CT_MEAN, CT_STD, Crop, ct_input, load_image, rgb_input
+from training.preprocess import CT_MEAN, CT_STD, Crop, ct_input, load_image, polygon_mask_in_input, rgb_input
 
 
 @dataclass
@@ -18,6 +18,7 @@ class CTArrays:
     meta: np.ndarray  # (N, 2) float32
     labels: np.ndarray  # (N,) int64
     crops: list[Crop]
+    masks: np.ndarray | None = None  # (N, S, S) uint8: 1 inside a labelled defect polygon
 
 
 @dataclass
@@ -47,12 +48,23 @@ def _map(fn, jobs, desc: str, workers: int | None, progress: bool):
         return list(tqdm(pool.imap(fn, jobs, chunksize=4), total=len(jobs), desc=desc, unit="img", disable=not progress))
 
 
+def defect_masks(records, crops: list[Crop], size: int) -> np.ndarray:
+    """(N, size, size) uint8 masks of each record's defect polygons in model-input coordinates."""
+    masks = np.zeros((len(records), size, size), np.uint8)
+    for i, (r, crop) in enumerate(zip(records, crops)):
+        for d in r.defects:
+            masks[i] |= polygon_mask_in_input(d.xy(), crop, size)
+    return masks
+
+
 def load_ct(records: list[CTRecord], size: int, mean: float = CT_MEAN, std: float = CT_STD,
-            workers: int | None = None, progress: bool = True) -> CTArrays:
+            workers: int | None = None, progress: bool = True, with_masks: bool = False) -> CTArrays:
     out = _map(_ct_one, [(r.path, size, mean, std) for r in records], f"preprocess CT {size}px", workers, progress)
     images = np.stack([x for x, _ in out]) if out else np.zeros((0, 1, size, size), np.float16)
+    crops = [c for _, c in out]
     return CTArrays(images=images, meta=np.array([r.meta for r in records], np.float32).reshape(-1, 2),
-                    labels=np.array([r.label_index for r in records], np.int64), crops=[c for _, c in out])
+                    labels=np.array([r.label_index for r in records], np.int64), crops=crops,
+                    masks=defect_masks(records, crops, size) if with_masks else None)
 
 
 def load_rgb(records: list[RGBRecord], size: int, workers: int | None = None, progress: bool = True) -> RGBArrays:

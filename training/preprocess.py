@@ -127,23 +127,32 @@ def ct_input(image: np.ndarray, size: int, mean: float = CT_MEAN, std: float = C
     return x[None].astype(np.float32), crop
 
 
+EDGE_THRESHOLD = 0.3  # Sobel magnitude of log-brightness that counts as an outline
+
+
 def find_object_rgb(rgb: np.ndarray) -> tuple[int, int, int, int]:
     """Box of the battery in a bench photo given as float 0..1 (H, W, 3).
 
-    The bench and wall change slowly down the image and the object covers well under
-    half of any row, so each row's median colour is its background; the object is where
-    pixels differ from it.
+    Bench and wall share one colour under smoothly varying light (fall-off, vignetting,
+    soft shadows change brightness, not hue), so the object is what differs in hue from
+    the scene's median, or, grey on grey, what is outlined by sharp brightness edges.
+    A straight edge across the whole frame is the horizon between wall and bench.
     """
     step = max(1, max(rgb.shape[:2]) // 320)
-    small = rgb[::step, ::step]
-    background = np.median(small, axis=1, keepdims=True)
-    diff = np.abs(small - background).sum(axis=2)
-    mask = ndimage.binary_opening(diff > 0.25, iterations=2)
-    labels, n = ndimage.label(mask)
+    small = ndimage.uniform_filter(rgb[::step, ::step], (3, 3, 1)) + 0.02
+    lum = small.mean(axis=2)
+    chroma = small / lum[..., None]
+    hue_off = np.abs(chroma - np.median(chroma.reshape(-1, 3), axis=0)).sum(axis=2) > 0.25
+    log_lum = np.log(lum)
+    edges = np.hypot(ndimage.sobel(log_lum, 0), ndimage.sobel(log_lum, 1)) > EDGE_THRESHOLD
+    edges[edges.mean(axis=1) > 0.5] = False  # the horizon
+    outlined = ndimage.binary_fill_holes(ndimage.binary_closing(edges, iterations=3))
+    mask = ndimage.binary_opening(hue_off | outlined, iterations=2)
+    labels, n = ndimage.label(ndimage.binary_dilation(mask, iterations=4))  # pieces of one object join
     if n == 0:
         return 0, 0, rgb.shape[1], rgb.shape[0]
     biggest = 1 + int(np.argmax(ndimage.sum(mask, labels, index=range(1, n + 1))))
-    ys, xs = np.nonzero(labels == biggest)
+    ys, xs = np.nonzero((labels == biggest) & mask)
     h, w = rgb.shape[:2]
     return int(xs.min() * step), int(ys.min() * step), min(int(xs.max() + 1) * step, w), min(int(ys.max() + 1) * step, h)
 

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from training.config import load_config
 from training.evaluate import evaluate, summary
-from training.synth.plan import SynthConfig
+from training.synth.plan import DEFECT_VISIBILITY, SynthConfig
 from training.synth.writer import CONFIG_FILE, generate
 from training.train import train_ct, train_rgb
 
@@ -26,7 +26,7 @@ TEST_SEED_OFFSET = 1000
 def _synth_config(d: dict, seed: int, batteries: int | None = None) -> SynthConfig:
     return SynthConfig(batteries=batteries or d["batteries"], seed=seed, ct_size=d["ct_size"], rgb_width=d["rgb_size"][0],
                        rgb_height=d["rgb_size"][1], slices_per_axis=d["slices_per_axis"], photos_per_battery=d["photos"],
-                       rgb_defect_rate=d["rgb_defect_rate"])
+                       rgb_defect_rate=d["rgb_defect_rate"], visibility=dict(DEFECT_VISIBILITY) | dict(d.get("visibility") or {}))
 
 
 def _ensure_data(path: Path, cfg: SynthConfig, what: str) -> None:

@@ -19,10 +19,11 @@ from pathlib import Path
 import numpy as np
 import torch
 import yaml
+from torch import nn
 from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
-from training.augment import augment
+from training.augment import augment, synthetic_anomalies
 from training.checkpoint import save_checkpoint
 from training.config import load_config
 from training.data.aihub import Dataset, scan
@@ -160,6 +161,53 @@ def rgb_scores(scorer: AnomalyScorer, images: np.ndarray, batch_size: int = 32) 
     return np.concatenate(scores), np.concatenate(maps)
 
 
+def trunk_in_chans(model: nn.Module) -> int:
+    first = next(m for m in model.modules() if isinstance(m, nn.Conv2d))
+    return first.in_channels
+
+
+class DefectMapHead(nn.Module):
+    """Training-only deep supervision: where are the defects, from the last feature map?
+
+    A 1x1 convolution reads the classifier's last convolutional stage (caught with a
+    forward hook, so it works for every backbone) and is trained, with binary
+    cross-entropy, to say which cells of that map hold a labelled defect polygon. Small
+    voids are a few pixels of a slice; this tells the backbone where to look, which the
+    slice label alone does only after many more examples. It is not part of the saved
+    model: the checkpoint and the exported graph are the plain classifier.
+    """
+
+    def __init__(self, model: nn.Module, weight: float):
+        super().__init__()
+        self.weight = weight
+        self.features, self.hook = None, None
+        if weight <= 0:
+            self.conv = nn.Identity()
+            return
+        trunk = model.features if hasattr(model, "features") else model.body  # late / early fusion
+        self.hook = trunk.register_forward_hook(self._keep)
+        was_training = model.training
+        param = next(model.parameters())
+        with torch.no_grad():  # one dry run tells the channel count of the last stage
+            model.eval()(torch.zeros(1, trunk_in_chans(model), 64, 64, device=param.device), torch.zeros(1, 2, device=param.device))
+        model.train(was_training)
+        self.conv = nn.Conv2d(self.features.shape[1], 1, 1)
+
+    def _keep(self, module, inputs, output):
+        self.features = output
+
+    def loss(self, mask: torch.Tensor) -> torch.Tensor:
+        """mask: (B, 1, H, W) in 0..1 at input resolution."""
+        logits = self.conv(self.features)
+        target = (nn.functional.adaptive_max_pool2d(mask, logits.shape[-2:]) > 0.5).float()
+        return self.weight * nn.functional.binary_cross_entropy_with_logits(logits, target)
+
+    def remove(self) -> None:
+        if self.hook is not None:
+            self.hook.remove()
+            self.hook = None
+
+
 def _class_weights(labels: np.ndarray, spec) -> torch.Tensor | None:
     if spec in (None, "none"):
         return None
@@ -183,12 +231,15 @@ def train_ct(data: Path, cfg: dict, run: Path, splits: Path | None = None, progr
     if not parts["train"] or not parts["val"]:
         raise SystemExit(f"error: need CT slices in both train and val splits, got {len(parts['train'])} and {len(parts['val'])}")
     size = int(c["input_size"])
-    train = load_ct(parts["train"], size, workers=c["workers"], progress=progress)
+    aux_weight = float(c["defect_map_weight"])
+    train = load_ct(parts["train"], size, workers=c["workers"], progress=progress, with_masks=aux_weight > 0)
     val = load_ct(parts["val"], size, workers=c["workers"], progress=progress)
     arch_args = {k: v for k, v in c["model"].items() if k != "name"}
     device = _device(c)
     model = create_model(c["model"]["name"], **arch_args).to(device)
-    opt = torch.optim.AdamW(model.parameters(), lr=c["optimizer"]["lr"], weight_decay=c["optimizer"]["weight_decay"])
+    defect_map = DefectMapHead(model, aux_weight).to(device)
+    opt = torch.optim.AdamW(list(model.parameters()) + list(defect_map.parameters()), lr=c["optimizer"]["lr"],
+                            weight_decay=c["optimizer"]["weight_decay"])
     bs = int(c["batch_size"])
     steps = max(1, len(train.labels) // bs)
     sched = _scheduler(opt, c, steps)
@@ -203,8 +254,16 @@ def train_ct(data: Path, cfg: dict, run: Path, splits: Path | None = None, progr
     fill = -CT_MEAN / CT_STD  # black after normalisation
     start = time.perf_counter()
     def batch_loss(idx):
-        x = augment(torch.from_numpy(train.images[idx].astype(np.float32)), c["augment"], gen, fill=fill).to(device)
-        return loss_fn(model(x, torch.from_numpy(train.meta[idx]).to(device)), torch.from_numpy(train.labels[idx]).to(device))
+        x = torch.from_numpy(train.images[idx].astype(np.float32))
+        if train.masks is None:
+            x = augment(x, c["augment"], gen, fill=fill).to(device)
+            return loss_fn(model(x, torch.from_numpy(train.meta[idx]).to(device)), torch.from_numpy(train.labels[idx]).to(device))
+        # image and defect mask go through the same random flips and warps
+        both = augment(torch.cat([x, torch.from_numpy(train.masks[idx]).float()[:, None]], 1), c["augment"], gen,
+                       fill=torch.tensor([fill, 0.0]).view(1, 2, 1, 1))
+        x, mask = both[:, :1].to(device), both[:, 1:].to(device)
+        loss = loss_fn(model(x, torch.from_numpy(train.meta[idx]).to(device)), torch.from_numpy(train.labels[idx]).to(device))
+        return loss + defect_map.loss(mask)
 
     for epoch in range(int(c["epochs"])):
         train_loss = _train_epoch(model, opt, sched, list(_batches(len(train.labels), bs, rng, sample_w)), batch_loss,
@@ -228,6 +287,7 @@ def train_ct(data: Path, cfg: dict, run: Path, splits: Path | None = None, progr
                 print(f"early stop: no better val macro-F1 for {stopper.bad_epochs} epochs")
             break
     tb.close()
+    defect_map.remove()
     model.load_state_dict(stopper.best_state)
     best = stopper.best_value
     model.cpu()
@@ -277,8 +337,9 @@ def train_rgb(data: Path, cfg: dict, run: Path, splits: Path | None = None, prog
     history, stopper = [], EarlyStopping(c["early_stopping"]["patience"], higher_is_better=False)
     start = time.perf_counter()
     def batch_loss(idx):
-        x = augment(torch.from_numpy(train.images[idx].astype(np.float32)), c["augment"], gen).to(device)
-        return loss_fn(model(x), x)
+        x = augment(torch.from_numpy(train.images[idx].astype(np.float32)), c["augment"], gen)
+        blemished = synthetic_anomalies(x, c["anomalies"], gen)  # denoising: clean target
+        return loss_fn(model(blemished.to(device)), x.to(device))
 
     for epoch in range(int(c["epochs"])):
         train_loss = _train_epoch(model, opt, sched, list(_batches(len(train.images), bs, rng)), batch_loss,

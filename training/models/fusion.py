@@ -32,14 +32,29 @@ def fusion_head(in_features: int, hidden: int, dropout: float, num_classes: int)
     )
 
 
+POOLS = {"avg": nn.AdaptiveAvgPool2d, "max": nn.AdaptiveMaxPool2d}
+
+
+def _pool(kind: str) -> nn.Module:
+    if kind not in POOLS:
+        raise ValueError(f"pool must be one of {sorted(POOLS)}, got {kind!r}")
+    return POOLS[kind](1)
+
+
 class LateFusionClassifier(nn.Module):
-    """features(image) -> global average pool -> concat(meta) -> head."""
+    """features(image) -> global pool -> concat(meta) -> head.
+
+    `pool="max"` suits small local defects (one void lights up one cell of the last
+    feature map, which averaging would dilute). Either way the Grad-CAM channel weights
+    are the same closed form: the spatial mean of d logit / d feature map is
+    d logit / d pooled feature divided by the map's area.
+    """
 
     def __init__(self, features: nn.Module, num_features: int, hidden: int = 256, dropout: float = 0.3,
-                 num_classes: int = len(CT_CLASSES), use_meta: bool = True):
+                 num_classes: int = len(CT_CLASSES), use_meta: bool = True, pool: str = "avg"):
         super().__init__()
         self.features = features  # image -> (B, C, h, w), the last convolutional stage
-        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.pool = _pool(pool)
         self.use_meta = use_meta
         self.head = fusion_head(num_features + (META_DIM if use_meta else 0), hidden, dropout, num_classes)
 
@@ -53,14 +68,14 @@ class LateFusionClassifier(nn.Module):
 class EarlyFusionClassifier(nn.Module):
     """The metadata, through an MLP, scales and shifts the stem's feature maps (FiLM)."""
 
-    def __init__(self, in_chans: int = 1, hidden: int = 256, dropout: float = 0.3, num_classes: int = len(CT_CLASSES)):
+    def __init__(self, in_chans: int = 1, hidden: int = 256, dropout: float = 0.3, num_classes: int = len(CT_CLASSES), pool: str = "avg"):
         super().__init__()
         trunk = _resnet18_trunk(in_chans)
         self.stem, self.body = trunk[:4], trunk[4:]
         self.film = nn.Sequential(nn.Linear(META_DIM, 64), nn.ReLU(inplace=True), nn.Linear(64, 2 * 64))
         nn.init.zeros_(self.film[-1].weight)
         nn.init.zeros_(self.film[-1].bias)
-        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.pool = _pool(pool)
         self.head = fusion_head(512, hidden, dropout, num_classes)
 
     def forward(self, image: torch.Tensor, meta: torch.Tensor) -> torch.Tensor:
@@ -86,29 +101,29 @@ class CBAM(nn.Module):
 
 
 @register("resnet18_late_fusion")
-def resnet18_late_fusion(in_chans: int = 1, hidden: int = 256, dropout: float = 0.3, num_classes: int = len(CT_CLASSES)):
-    return LateFusionClassifier(_resnet18_trunk(in_chans), 512, hidden, dropout, num_classes)
+def resnet18_late_fusion(in_chans: int = 1, hidden: int = 256, dropout: float = 0.3, num_classes: int = len(CT_CLASSES), pool: str = "avg"):
+    return LateFusionClassifier(_resnet18_trunk(in_chans), 512, hidden, dropout, num_classes, pool=pool)
 
 
 @register("resnet18")
-def resnet18(in_chans: int = 1, hidden: int = 256, dropout: float = 0.3, num_classes: int = len(CT_CLASSES)):
+def resnet18(in_chans: int = 1, hidden: int = 256, dropout: float = 0.3, num_classes: int = len(CT_CLASSES), pool: str = "avg"):
     """Image only: the metadata input is accepted and ignored (same call signature)."""
-    return LateFusionClassifier(_resnet18_trunk(in_chans), 512, hidden, dropout, num_classes, use_meta=False)
+    return LateFusionClassifier(_resnet18_trunk(in_chans), 512, hidden, dropout, num_classes, use_meta=False, pool=pool)
 
 
 @register("resnet18_early_fusion")
-def resnet18_early_fusion(in_chans: int = 1, hidden: int = 256, dropout: float = 0.3, num_classes: int = len(CT_CLASSES)):
-    return EarlyFusionClassifier(in_chans, hidden, dropout, num_classes)
+def resnet18_early_fusion(in_chans: int = 1, hidden: int = 256, dropout: float = 0.3, num_classes: int = len(CT_CLASSES), pool: str = "avg"):
+    return EarlyFusionClassifier(in_chans, hidden, dropout, num_classes, pool)
 
 
 @register("cbam_resnet18")
-def cbam_resnet18(in_chans: int = 1, hidden: int = 256, dropout: float = 0.3, num_classes: int = len(CT_CLASSES)):
+def cbam_resnet18(in_chans: int = 1, hidden: int = 256, dropout: float = 0.3, num_classes: int = len(CT_CLASSES), pool: str = "avg"):
     """ResNet18 with CBAM on the residual branch of every basic block, late fusion."""
     trunk = _resnet18_trunk(in_chans)
     for stage in trunk[4:]:
         for block in stage:
             block.bn2 = nn.Sequential(block.bn2, CBAM(block.bn2.num_features))
-    return LateFusionClassifier(trunk, 512, hidden, dropout, num_classes)
+    return LateFusionClassifier(trunk, 512, hidden, dropout, num_classes, pool=pool)
 
 
 class _TimmFeatures(nn.Module):
@@ -122,9 +137,9 @@ class _TimmFeatures(nn.Module):
 
 
 def _timm_late_fusion(name: str):
-    def build(in_chans: int = 1, hidden: int = 256, dropout: float = 0.3, num_classes: int = len(CT_CLASSES)):
+    def build(in_chans: int = 1, hidden: int = 256, dropout: float = 0.3, num_classes: int = len(CT_CLASSES), pool: str = "avg"):
         features = _TimmFeatures(name, in_chans)
-        return LateFusionClassifier(features, features.num_features, hidden, dropout, num_classes)
+        return LateFusionClassifier(features, features.num_features, hidden, dropout, num_classes, pool=pool)
 
     build.__doc__ = f"timm {name} backbone (random init; no weights are downloaded), late fusion."
     return build

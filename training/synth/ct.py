@@ -31,6 +31,9 @@ FILM = 0.22  # pouch laminate, separators, insulators
 ANODE = 0.34  # graphite on copper foil
 CATHODE = 0.78  # metal oxide on aluminium foil
 RESIN = 0.42  # potting resin
+# Radius range of the largest void of a group, in pixels of a 512-px slice: the smallest
+# still spans about 2 pixels at the 160-px input of the standard preset.
+VOID_RADIUS = (3.5, 24.0)
 HOUSING = 1.05  # aluminium housing
 WALL = 1.2  # cooling plates between cells
 TAB = 1.45  # copper/aluminium tabs and busbars
@@ -408,8 +411,8 @@ def _add_porosity(scene: Scene, rng: np.random.Generator, n: int) -> list[Defect
         center = np.array([xs[i], ys[i]], float)
         clustered = rng.random() < 0.4
         count = int(rng.integers(3, 9)) if clustered else 1
-        # log-uniform size: many small pores, a few big ones
-        big = np.exp(rng.uniform(np.log(2.0), np.log(22.0))) * s
+        # log-uniform size: many small pores, a few big ones (radius 3.5..24 px at 512)
+        big = np.exp(rng.uniform(np.log(VOID_RADIUS[0]), np.log(VOID_RADIUS[1]))) * s
         for j in range(count):
             radius = big if j == 0 else big * rng.uniform(0.25, 0.7)
             radius = max(radius, 1.6 * s)
@@ -420,7 +423,7 @@ def _add_porosity(scene: Scene, rng: np.random.Generator, n: int) -> list[Defect
             angle = (scene.layer_angle if scene.layer_angle is not None else rng.uniform(0, np.pi))
             angle += rng.normal(0, 0.2)
             roughness = rng.uniform(0.05, 0.4)
-            depth = rng.uniform(0.55, 1.0)  # partially filled or thin voids look fainter
+            depth = rng.uniform(0.65, 1.0)  # partially filled or thin voids look fainter
             for _attempt in range(4):  # a void stays inside the electrode stack: shrink until it fits
                 poly = raster.to_int_polygon(raster.blob_polygon(rng, tuple(c), radius, aspect=aspect, angle=angle, roughness=roughness), (n, n))
                 box, cov = raster.polygon_coverage(poly, (n, n))
