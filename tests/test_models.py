@@ -71,6 +71,15 @@ def test_autoencoder_output_matches_its_input_shape_and_range():
     assert score.shape == (2,) and emap.shape == (2, 64, 64)
 
 
+def test_anomaly_score_ignores_the_frame_border_but_not_the_middle():
+    scorer = AnomalyScorer(torch.nn.Identity(), smooth_sigma=1.0, top_fraction=0.01, border=0.1)
+    emap = torch.zeros(3, 50, 50)
+    emap[1, :3, :] = 1.0  # errors along the top edge only
+    emap[2, 24:27, 24:27] = 1.0  # a small defect in the middle
+    score = scorer.score(emap)
+    assert score[1] == 0 and score[2] > 0.5
+
+
 def test_a_few_steps_drive_the_classifier_loss_down():
     torch.manual_seed(0)
     model = create_model("resnet18_late_fusion", hidden=64)

@@ -16,7 +16,7 @@ from training.data.aihub import battery_key
 from training.data.split import read_split, write_split
 from training.datasets import load_rgb
 from training.evaluate import evaluate
-from training.models.autoencoder import AnomalyScorer
+from training.models.autoencoder import scorer_from
 from training.preprocess import polygon_mask_in_input, rgb_input
 from training.synth.plan import SynthConfig
 from training.synth.rgb import RGBPhotoSpec, render_rgb_photo
@@ -76,7 +76,7 @@ def test_autoencoder_really_reconstructs_held_out_normal_photos(rgb_set, rgb_run
 def test_error_map_is_higher_inside_defect_polygons_than_on_the_same_pixels_without_the_defect(rgb_set, rgb_run):
     root, cfg, _ = rgb_set
     model, info = load_checkpoint(rgb_run)
-    scorer = AnomalyScorer(model, info["score"]["smooth_sigma"], info["score"]["top_fraction"]).eval()
+    scorer = scorer_from(model, info["score"]).eval()
     defective = [r for r in scan(root, progress=False).rgb if not r.is_normal]
     higher, total, with_defect, without = 0, 0, [], []
     for r in defective[:12]:
@@ -105,7 +105,7 @@ def test_rgb_checkpoint_carries_threshold_and_score_definition(rgb_run):
     _, info = load_checkpoint(rgb_run)
     assert info["kind"] == "rgb_autoencoder" and info["input_size"] == 64
     assert info["threshold_method"] == "f1" and info["threshold"] == info["thresholds"]["f1"] and "roc" in info["thresholds"]
-    assert set(info["score"]) == {"error", "smooth_sigma", "top_fraction"}
+    assert set(info["score"]) == {"error", "smooth_sigma", "top_fraction", "border"}
     assert info["normalization"]["std"] == 1.0 and info["arch"] == "conv_autoencoder"
 
 

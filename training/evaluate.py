@@ -44,7 +44,7 @@ from training.metrics import (  # noqa: E402
     per_class_prf,
     softmax,
 )
-from training.models.autoencoder import AnomalyScorer  # noqa: E402
+from training.models.autoencoder import scorer_from  # noqa: E402
 from training.preprocess import polygon_mask_in_input  # noqa: E402
 from training.train import ct_logits, rgb_scores  # noqa: E402
 
@@ -135,7 +135,7 @@ def evaluate_ct(model, info: dict, records, out_png: Path, progress: bool = True
 def evaluate_rgb(model, info: dict, records, out_png: Path, progress: bool = True) -> dict:
     size = info["input_size"]
     arrays = load_rgb(records, size, progress=progress)
-    scorer = AnomalyScorer(model, info["score"]["smooth_sigma"], info["score"]["top_fraction"]).eval()
+    scorer = scorer_from(model, info["score"]).eval()
     scores, maps = rgb_scores(scorer, arrays.images)
     labels = arrays.anomalous
     masks = np.zeros(maps.shape, bool)

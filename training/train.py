@@ -33,7 +33,7 @@ from training.datasets import load_ct, load_rgb
 from training.losses import FocalLoss, ReconstructionLoss
 from training.metrics import f1_optimal_threshold, fit_temperature, macro_f1, roc_optimal_threshold
 from training.models import create_model
-from training.models.autoencoder import AnomalyScorer
+from training.models.autoencoder import AnomalyScorer, scorer_from
 from training.preprocess import CT_MEAN, CT_STD
 
 
@@ -365,7 +365,7 @@ def train_rgb(data: Path, cfg: dict, run: Path, splits: Path | None = None, prog
     best = stopper.best_value
     model.cpu().eval()
     score_cfg = dict(c["score"])
-    scorer = AnomalyScorer(model, score_cfg["smooth_sigma"], score_cfg["top_fraction"])
+    scorer = scorer_from(model, score_cfg)
     scores, _ = rgb_scores(scorer, val.images)
     thresholds = {}
     if val.anomalous.any():

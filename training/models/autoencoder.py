@@ -58,16 +58,24 @@ def conv_autoencoder(in_chans: int = 3, base: int = 32, latent: int = 64, depth:
 
 # How an error map and an anomaly score are computed from a reconstruction. Stored in the
 # checkpoint with the threshold; the exported graph computes exactly this.
-DEFAULT_SCORE = {"error": "squared_error_channel_mean", "smooth_sigma": 1.5, "top_fraction": 0.01}
+# The score ignores a band along the frame (`border`, a fraction of the side): the crop
+# margin is bench, and convolutions reconstruct the frame's edge worst of all.
+DEFAULT_SCORE = {"error": "squared_error_channel_mean", "smooth_sigma": 1.5, "top_fraction": 0.01, "border": 0.06}
+
+
+def scorer_from(model: nn.Module, score: dict) -> "AnomalyScorer":
+    """The scorer a checkpoint's score definition describes (older ones have no border)."""
+    return AnomalyScorer(model, score["smooth_sigma"], score["top_fraction"], score.get("border", 0.0))
 
 
 class AnomalyScorer(nn.Module):
     """image -> (anomaly score (B,), error map (B, H, W)), all in one traceable graph."""
 
-    def __init__(self, autoencoder: nn.Module, smooth_sigma: float = 1.5, top_fraction: float = 0.01):
+    def __init__(self, autoencoder: nn.Module, smooth_sigma: float = 1.5, top_fraction: float = 0.01, border: float = 0.0):
         super().__init__()
         self.autoencoder = autoencoder
         self.top_fraction = top_fraction
+        self.border = border
         radius = max(1, int(round(3 * smooth_sigma)))
         coords = torch.arange(-radius, radius + 1, dtype=torch.float32)
         g = torch.exp(-(coords**2) / (2 * smooth_sigma**2))
@@ -81,6 +89,10 @@ class AnomalyScorer(nn.Module):
         return err[:, 0]
 
     def score(self, error_map: torch.Tensor) -> torch.Tensor:
+        h, w = error_map.shape[-2:]
+        by, bx = int(round(h * self.border)), int(round(w * self.border))
+        if by or bx:
+            error_map = error_map[:, by : h - by, bx : w - bx]
         flat = error_map.flatten(1)
         k = max(1, int(round(flat.shape[1] * self.top_fraction)))
         return flat.topk(k, dim=1).values.mean(dim=1)
