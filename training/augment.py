@@ -7,8 +7,12 @@ import torch
 import torch.nn.functional as F
 
 
-def augment(x: torch.Tensor, cfg: dict, gen: torch.Generator, fill: float = 0.0) -> torch.Tensor:
-    """Apply the configured augmentations independently to each sample of a (B, C, H, W) batch."""
+def augment(x: torch.Tensor, cfg: dict, gen: torch.Generator, fill: float | torch.Tensor = 0.0) -> torch.Tensor:
+    """Apply the configured augmentations independently to each sample of a (B, C, H, W) batch.
+
+    `fill` is what warps bring in from outside the frame: one value, or one per channel
+    as a (1, C, 1, 1) tensor.
+    """
     b = x.shape[0]
     if cfg.get("hflip"):
         flip = torch.rand(b, generator=gen) < 0.5

@@ -33,7 +33,7 @@ from training.checkpoint import load_checkpoint  # noqa: E402
 from training.data.aihub import scan  # noqa: E402
 from training.data.labels import CT_CLASSES, CT_DEFECT_CLASSES  # noqa: E402
 from training.data.split import read_split, split_dataset  # noqa: E402
-from training.datasets import load_ct, load_rgb  # noqa: E402
+from training.datasets import defect_masks, load_ct, load_rgb  # noqa: E402
 from training.metrics import (  # noqa: E402
     binary_ap,
     binary_auc,
@@ -45,7 +45,6 @@ from training.metrics import (  # noqa: E402
     softmax,
 )
 from training.models.autoencoder import scorer_from  # noqa: E402
-from training.preprocess import polygon_mask_in_input  # noqa: E402
 from training.train import ct_logits, rgb_scores  # noqa: E402
 
 DEFECT_IDX = [CT_CLASSES.index(c) for c in CT_DEFECT_CLASSES]
@@ -138,10 +137,7 @@ def evaluate_rgb(model, info: dict, records, out_png: Path, progress: bool = Tru
     scorer = scorer_from(model, info["score"]).eval()
     scores, maps = rgb_scores(scorer, arrays.images)
     labels = arrays.anomalous
-    masks = np.zeros(maps.shape, bool)
-    for i, r in enumerate(records):
-        for d in r.defects:
-            masks[i] |= polygon_mask_in_input(d.xy(), arrays.crops[i], size)
+    masks = defect_masks(records, arrays.crops, size).astype(bool)
     images = arrays.images.astype(np.float32)
     with torch.no_grad():
         recon = np.concatenate([model(torch.from_numpy(images[i : i + 32])).numpy() for i in range(0, len(images), 32)])

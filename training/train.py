@@ -255,15 +255,11 @@ def train_ct(data: Path, cfg: dict, run: Path, splits: Path | None = None, progr
     start = time.perf_counter()
     def batch_loss(idx):
         x = torch.from_numpy(train.images[idx].astype(np.float32))
-        if train.masks is None:
-            x = augment(x, c["augment"], gen, fill=fill).to(device)
-            return loss_fn(model(x, torch.from_numpy(train.meta[idx]).to(device)), torch.from_numpy(train.labels[idx]).to(device))
-        # image and defect mask go through the same random flips and warps
-        both = augment(torch.cat([x, torch.from_numpy(train.masks[idx]).float()[:, None]], 1), c["augment"], gen,
-                       fill=torch.tensor([fill, 0.0]).view(1, 2, 1, 1))
-        x, mask = both[:, :1].to(device), both[:, 1:].to(device)
-        loss = loss_fn(model(x, torch.from_numpy(train.meta[idx]).to(device)), torch.from_numpy(train.labels[idx]).to(device))
-        return loss + defect_map.loss(mask)
+        if train.masks is not None:  # image and defect mask go through the same random flips and warps
+            x = torch.cat([x, torch.from_numpy(train.masks[idx]).float()[:, None]], 1)
+        x = augment(x, c["augment"], gen, fill=torch.tensor([fill, 0.0][: x.shape[1]]).view(1, -1, 1, 1)).to(device)
+        loss = loss_fn(model(x[:, :1], torch.from_numpy(train.meta[idx]).to(device)), torch.from_numpy(train.labels[idx]).to(device))
+        return loss if train.masks is None else loss + defect_map.loss(x[:, 1:])
 
     for epoch in range(int(c["epochs"])):
         train_loss = _train_epoch(model, opt, sched, list(_batches(len(train.labels), bs, rng, sample_w)), batch_loss,
