@@ -62,8 +62,8 @@ def synthetic_anomalies(x: torch.Tensor, cfg: dict, gen: torch.Generator) -> tor
     replace what does not belong on a normal cell by what should be there, so real
     defects leave a large reconstruction error instead of being copied through. The
     blemishes are generic (flat colour, a patch of another photo, a brightness change,
-    a thin line), never the defect kinds of the data set; training still sees normal
-    photos only.
+    a thin line, scattered specks), never the defect kinds of the data set; training
+    still sees normal photos only.
     """
     if not cfg or not cfg.get("probability"):
         return x
@@ -72,12 +72,13 @@ def synthetic_anomalies(x: torch.Tensor, cfg: dict, gen: torch.Generator) -> tor
     for _ in range(int(cfg.get("max_blobs", 2))):
         hit = (torch.rand(b, generator=gen) < cfg["probability"]).float()[:, None, None, None]
         mask = _blob_masks(b, h, w, gen, tuple(cfg.get("radius", (0.03, 0.12)))) * hit
-        kind = torch.randint(0, 4, (b,), generator=gen)[:, None, None, None]
+        kind = torch.randint(0, 5, (b,), generator=gen)[:, None, None, None]
         colour = torch.rand(b, 3, 1, 1, generator=gen).expand_as(out)
         other = out[torch.roll(torch.arange(b), 1)]  # another photo's pixels at the same place
         gain = (0.4 + 1.2 * torch.rand(b, 1, 1, 1, generator=gen)) * out
         line_mask = _blob_masks(b, h, w, gen, (0.1, 0.3), minor=(1.0 / h, 2.5 / h)) * hit  # a scratch-like streak
         fill = torch.where(kind == 0, colour, torch.where(kind == 1, other, torch.where(kind == 2, gain.clamp(0, 1), colour)))
-        m = torch.where(kind == 3, line_mask, mask) * (0.5 + 0.5 * torch.rand(b, 1, 1, 1, generator=gen))
+        specks = (torch.rand(b, 1, h, w, generator=gen) < 0.2 + 0.4 * torch.rand(b, 1, 1, 1, generator=gen)).float()
+        m = torch.where(kind == 3, line_mask, torch.where(kind == 4, mask * specks, mask)) * (0.5 + 0.5 * torch.rand(b, 1, 1, 1, generator=gen))
         out = out * (1 - m) + fill * m
     return out

@@ -5,9 +5,9 @@ a model always sees at serving time exactly what it saw in training.
 
 - CT: find the battery in the slice (the reconstruction around it is near black), take a
   square crop around it with a margin (padding with black), resize to `size`, normalise.
-- RGB: find the cell on the bench (where a pixel differs from its row's background
-  colour), crop its box with a margin and stretch it to `size` x `size`; values stay in
-  0..1, which is what the autoencoder reconstructs.
+- RGB: find the cell on the bench (where the hue differs from the scene's, or sharp
+  brightness edges outline it), crop its box with a margin and stretch it to `size` x
+  `size`; values stay in 0..1, which is what the autoencoder reconstructs.
 
 Each function also returns the `Crop` it used, to map label polygons into model input
 coordinates and heatmaps back onto the original image.
@@ -128,6 +128,9 @@ def ct_input(image: np.ndarray, size: int, mean: float = CT_MEAN, std: float = C
 
 
 EDGE_THRESHOLD = 0.3  # Sobel magnitude of log-brightness that counts as an outline
+DARK_OFFSET = 0.06  # added before log and ratios: sensor noise in dark corners is neither hue nor edge
+HORIZON_FRACTION = 0.5  # a row with more edge pixels than this is the wall/bench horizon
+PIECE_FRACTION = 0.2  # pieces with at least this share of the largest piece's pixels belong to the object
 
 
 def find_object_rgb(rgb: np.ndarray) -> tuple[int, int, int, int]:
@@ -135,24 +138,28 @@ def find_object_rgb(rgb: np.ndarray) -> tuple[int, int, int, int]:
 
     Bench and wall share one colour under smoothly varying light (fall-off, vignetting,
     soft shadows change brightness, not hue), so the object is what differs in hue from
-    the scene's median, or, grey on grey, what is outlined by sharp brightness edges.
-    A straight edge across the whole frame is the horizon between wall and bench.
+    the scene's median, or, grey on grey, what is outlined by sharp brightness edges. A
+    grey box on a grey bench breaks up into pieces (an outline with gaps, a label, bolts,
+    terminals): every piece of a comparable size is kept, so a high-contrast label does
+    not win over the faint outline around it. Rows that are mostly edge are the horizon
+    between wall and bench.
     """
     step = max(1, max(rgb.shape[:2]) // 320)
-    small = ndimage.uniform_filter(rgb[::step, ::step], (3, 3, 1)) + 0.02
+    small = ndimage.uniform_filter(rgb[::step, ::step], (3, 3, 1)) + DARK_OFFSET
     lum = small.mean(axis=2)
     chroma = small / lum[..., None]
     hue_off = np.abs(chroma - np.median(chroma.reshape(-1, 3), axis=0)).sum(axis=2) > 0.25
+    hue_off = ndimage.binary_opening(hue_off, iterations=2)
     log_lum = np.log(lum)
     edges = np.hypot(ndimage.sobel(log_lum, 0), ndimage.sobel(log_lum, 1)) > EDGE_THRESHOLD
-    edges[edges.mean(axis=1) > 0.5] = False  # the horizon
-    outlined = ndimage.binary_fill_holes(ndimage.binary_closing(edges, iterations=3))
-    mask = ndimage.binary_opening(hue_off | outlined, iterations=2)
-    labels, n = ndimage.label(ndimage.binary_dilation(mask, iterations=4))  # pieces of one object join
+    edges[ndimage.binary_dilation(edges.mean(axis=1) > HORIZON_FRACTION)] = False  # the horizon and its rim
+    mask = hue_off | edges
+    labels, n = ndimage.label(ndimage.binary_dilation(mask, iterations=4))  # nearby pieces join
     if n == 0:
         return 0, 0, rgb.shape[1], rgb.shape[0]
-    biggest = 1 + int(np.argmax(ndimage.sum(mask, labels, index=range(1, n + 1))))
-    ys, xs = np.nonzero((labels == biggest) & mask)
+    sizes = np.asarray(ndimage.sum(mask, labels, index=range(1, n + 1)))
+    keep = 1 + np.nonzero(sizes >= PIECE_FRACTION * sizes.max())[0]
+    ys, xs = np.nonzero(np.isin(labels, keep) & mask)
     h, w = rgb.shape[:2]
     return int(xs.min() * step), int(ys.min() * step), min(int(xs.max() + 1) * step, w), min(int(ys.max() + 1) * step, h)
 

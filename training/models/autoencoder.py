@@ -23,12 +23,25 @@ def _up(cin: int, cout: int) -> nn.Sequential:
 
 
 class ConvAutoencoder(nn.Module):
-    def __init__(self, in_chans: int = 3, base: int = 32, latent: int = 64, depth: int = 4, center: bool = True):
+    """Strided-conv encoder, 1x1 bottleneck, upsampling decoder.
+
+    `skips` (0 .. depth-1) passes that many encoder stages, deepest first, to the decoder
+    stage of the same resolution (U-Net style; never the full-resolution input). Without
+    skips the bottleneck has to carry everything and fine normal detail (print, labels,
+    bolts) comes back blurred, so normal photos score high; with skips the detail comes
+    through and the model must be trained as a denoiser (`rgb.anomalies`) so that it
+    learns to replace anomalous patches rather than copy them.
+    """
+
+    def __init__(self, in_chans: int = 3, base: int = 32, latent: int = 64, depth: int = 4, center: bool = True, skips: int = 0):
         super().__init__()
+        if not 0 <= skips < depth:
+            raise ValueError(f"skips must be between 0 and depth - 1 = {depth - 1}, got {skips}")
         # With `center`, the image's mean colour is taken out before encoding and added
         # back after decoding: bench and wrap colours vary from photo to photo, and an
         # autoencoder otherwise spends its small code on them and greys everything out.
         self.center = center
+        self.skips = skips
         widths = [base * 2**i for i in range(depth)]
         enc, cin = [], in_chans
         for w in widths:
@@ -36,24 +49,41 @@ class ConvAutoencoder(nn.Module):
             cin = w
         enc.append(nn.Conv2d(cin, latent, 1))
         self.encoder = nn.Sequential(*enc)
+        # up-block j doubles the resolution; its input has the resolution of encoder stage
+        # depth-1-j, whose output it also takes when 1 <= j <= skips
         dec, cin = [nn.Conv2d(latent, widths[-1], 1), nn.LeakyReLU(0.2, inplace=True)], widths[-1]
-        for w in reversed(widths[:-1]):
-            dec.append(_up(cin, w))
-            cin = w
-        dec += [_up(cin, base), nn.Conv2d(base, in_chans, 3, padding=1)]
+        for j in range(depth):
+            cout = widths[depth - 2 - j] if j < depth - 1 else base
+            dec.append(_up(cin + (widths[depth - 1 - j] if 1 <= j <= skips else 0), cout))
+            cin = cout
+        dec.append(nn.Conv2d(base, in_chans, 3, padding=1))
         self.decoder = nn.Sequential(*dec)
         self.multiple = 2**depth  # input sides must be a multiple of this
 
+    def _decode(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.skips:
+            return self.decoder(self.encoder(x))
+        stages = []
+        for block in self.encoder[:-1]:
+            x = block(x)
+            stages.append(x)
+        y = self.decoder[1](self.decoder[0](self.encoder[-1](x)))
+        for j, up in enumerate(self.decoder[2:-1]):
+            if 1 <= j <= self.skips:
+                y = torch.cat([y, stages[len(stages) - 1 - j]], dim=1)
+            y = up(y)
+        return self.decoder[-1](y)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.center:
-            return torch.sigmoid(self.decoder(self.encoder(x)))
+            return torch.sigmoid(self._decode(x))
         mean = x.mean(dim=(2, 3), keepdim=True)
-        return torch.clamp(self.decoder(self.encoder(x - mean)) + mean, 0.0, 1.0)
+        return torch.clamp(self._decode(x - mean) + mean, 0.0, 1.0)
 
 
 @register("conv_autoencoder")
-def conv_autoencoder(in_chans: int = 3, base: int = 32, latent: int = 64, depth: int = 4, center: bool = True):
-    return ConvAutoencoder(in_chans, base, latent, depth, center)
+def conv_autoencoder(in_chans: int = 3, base: int = 32, latent: int = 64, depth: int = 4, center: bool = True, skips: int = 0):
+    return ConvAutoencoder(in_chans, base, latent, depth, center, skips)
 
 
 # How an error map and an anomaly score are computed from a reconstruction. Stored in the
