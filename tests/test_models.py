@@ -71,6 +71,22 @@ def test_autoencoder_output_matches_its_input_shape_and_range():
     assert score.shape == (2,) and emap.shape == (2, 64, 64)
 
 
+@pytest.mark.parametrize("skips", [0, 1, 2])
+def test_autoencoder_skips_carry_detail_around_the_bottleneck(skips):
+    torch.manual_seed(0)
+    model = create_model("conv_autoencoder", base=8, latent=8, depth=3, skips=skips).eval()
+    x = torch.rand(2, 3, 64, 64)
+    x = x - x.mean(dim=(2, 3), keepdim=True) + 0.5  # same mean colour: only detail differs
+    model.encoder[-1].register_forward_hook(lambda m, i, o: o * 0)  # cut the bottleneck
+    with torch.no_grad():
+        y = model(x)
+    assert y.shape == x.shape
+    # without skips nothing but the mean colour gets past a cut bottleneck; with them, detail does
+    assert torch.allclose(y[0], y[1]) == (skips == 0)
+    with pytest.raises(ValueError, match="skips"):
+        create_model("conv_autoencoder", depth=3, skips=3)
+
+
 def test_anomaly_score_ignores_the_frame_border_but_not_the_middle():
     scorer = AnomalyScorer(torch.nn.Identity(), smooth_sigma=1.0, top_fraction=0.01, border=0.1)
     emap = torch.zeros(3, 50, 50)
