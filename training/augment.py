@@ -44,7 +44,8 @@ def _blob_masks(b: int, h: int, w: int, gen: torch.Generator, radius: tuple[floa
     yy = torch.linspace(0, 1, h)[:, None].expand(h, w)
     xx = torch.linspace(0, 1, w)[None, :].expand(h, w)
     c = 0.15 + 0.7 * torch.rand(b, 2, generator=gen)
-    r = radius[0] + (radius[1] - radius[0]) * torch.rand(b, 2, generator=gen)
+    # log-uniform: as many small marks as large ones
+    r = torch.exp(math.log(radius[0]) + (math.log(radius[1]) - math.log(radius[0])) * torch.rand(b, 2, generator=gen))
     if minor is not None:
         r[:, 1] = minor[0] + (minor[1] - minor[0]) * torch.rand(b, generator=gen)
     a = torch.rand(b, generator=gen) * math.pi

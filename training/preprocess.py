@@ -77,16 +77,26 @@ def _rect_around(box: tuple[int, int, int, int], margin: float) -> Crop:
     return Crop(cx - w / 2, cy - h / 2, w, h)
 
 
-def _cut(image: np.ndarray, crop: Crop, size: int) -> np.ndarray:
-    """Resample the crop window to size x size (anti-aliased), padding with zeros."""
+def _cut(image: np.ndarray, crop: Crop, size: int, pad: str = "zero") -> np.ndarray:
+    """Resample the crop window to size x size (anti-aliased).
+
+    Outside the image the window is padded with zeros (`pad="zero"`: CT, where it is air)
+    or with the nearest edge pixel (`pad="edge"`: photos, where black bars would be a
+    feature of the crop rather than of the battery).
+    """
     h, w = image.shape[:2]
     x0, y0 = int(np.floor(crop.x0)), int(np.floor(crop.y0))
     cw, ch = int(np.ceil(crop.width)), int(np.ceil(crop.height))
     channels = image.shape[2:] if image.ndim == 3 else ()
-    window = np.zeros((ch, cw, *channels), np.float32)
-    sx0, sy0, sx1, sy1 = max(x0, 0), max(y0, 0), min(x0 + cw, w), min(y0 + ch, h)
-    if sx1 > sx0 and sy1 > sy0:
-        window[sy0 - y0 : sy1 - y0, sx0 - x0 : sx1 - x0] = image[sy0:sy1, sx0:sx1]
+    if pad == "edge":
+        rows = np.clip(np.arange(y0, y0 + ch), 0, h - 1)
+        cols = np.clip(np.arange(x0, x0 + cw), 0, w - 1)
+        window = image[rows[:, None], cols[None, :]].astype(np.float32)
+    else:
+        window = np.zeros((ch, cw, *channels), np.float32)
+        sx0, sy0, sx1, sy1 = max(x0, 0), max(y0, 0), min(x0 + cw, w), min(y0 + ch, h)
+        if sx1 > sx0 and sy1 > sy0:
+            window[sy0 - y0 : sy1 - y0, sx0 - x0 : sx1 - x0] = image[sy0:sy1, sx0:sx1]
     if window.ndim == 2:
         return np.asarray(Image.fromarray(window, mode="F").resize((size, size), Image.BILINEAR), np.float32)
     return np.stack([np.asarray(Image.fromarray(np.ascontiguousarray(window[..., c]), mode="F").resize((size, size), Image.BILINEAR), np.float32)
@@ -170,7 +180,7 @@ def rgb_input(image: np.ndarray, size: int) -> tuple[np.ndarray, Crop]:
         raise ValueError(f"an RGB photo must be (H, W, 3), got shape {image.shape}")
     rgb = to_unit(np.ascontiguousarray(image[..., :3]))
     crop = _rect_around(find_object_rgb(rgb), CROP_MARGIN)
-    x = np.clip(_cut(rgb, crop, size), 0.0, 1.0)
+    x = np.clip(_cut(rgb, crop, size, pad="edge"), 0.0, 1.0)
     return np.transpose(x, (2, 0, 1)).astype(np.float32), crop
 
 
