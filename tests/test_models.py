@@ -8,6 +8,7 @@ from skimage.metrics import structural_similarity
 
 from training.checkpoint import load_checkpoint, save_checkpoint
 from training.config import load_config
+from training.preset import merge_summary
 from training.data.labels import CT_CLASSES
 from training.losses import FocalLoss, ReconstructionLoss, ssim
 from training.metrics import (
@@ -286,3 +287,13 @@ def test_early_stopping_keeps_the_best_weights_and_stops_after_patience():
     assert not stopper.improved(0.6, model) and not stopper.should_stop
     assert not stopper.improved(0.5, model) and stopper.should_stop  # equal is not better
     assert torch.equal(stopper.best_state["weight"], best_weight) and stopper.best_value == 0.5
+
+
+def test_preset_runs_of_one_model_keep_the_other_models_numbers():
+    earlier = {"timings": {"generate_training_data_s": 160.0, "train_ct_s": 900.0, "evaluate_ct_s": 30.0, "train_rgb_s": 500.0},
+               "results": {"ct": {"macro_f1": 0.9}, "rgb": {"image_roc_auc": 0.5}}}
+    timings, results = merge_summary(earlier, "rgb", {"generate_training_data_s": 0.1, "train_rgb_s": 700.0, "evaluate_rgb_s": 20.0},
+                                     {"rgb": {"image_roc_auc": 0.96}})
+    assert results == {"ct": {"macro_f1": 0.9}, "rgb": {"image_roc_auc": 0.96}}
+    assert timings == {"generate_training_data_s": 160.0, "train_ct_s": 900.0, "evaluate_ct_s": 30.0, "train_rgb_s": 700.0,
+                       "evaluate_rgb_s": 20.0}
