@@ -14,10 +14,10 @@ from training.config import load_config
 from training.data.aihub import scan
 from training.data.aihub import battery_key
 from training.data.split import read_split, write_split
-from training.datasets import load_rgb
+from training.datasets import defect_masks, load_rgb
 from training.evaluate import evaluate
 from training.models.autoencoder import scorer_from
-from training.preprocess import polygon_mask_in_input, rgb_input
+from training.preprocess import rgb_input
 from training.synth.plan import SynthConfig
 from training.synth.rgb import RGBPhotoSpec, render_rgb_photo
 from training.synth.writer import generate
@@ -86,9 +86,7 @@ def test_error_map_is_higher_inside_defect_polygons_than_on_the_same_pixels_with
         x, crop = rgb_input(photo.image, 64)
         x_clean, _ = rgb_input(clean.image, 64)
         _, maps = rgb_scores(scorer, np.stack([x, x_clean]))
-        mask = np.zeros((64, 64), bool)
-        for d in r.defects:
-            mask |= polygon_mask_in_input(d.xy(), crop, 64)
+        mask = defect_masks([r], [crop], 64)[0].astype(bool)
         if mask.sum() < 2:
             continue
         total += 1

@@ -61,8 +61,6 @@ class ConvAutoencoder(nn.Module):
         self.multiple = 2**depth  # input sides must be a multiple of this
 
     def _decode(self, x: torch.Tensor) -> torch.Tensor:
-        if not self.skips:
-            return self.decoder(self.encoder(x))
         stages = []
         for block in self.encoder[:-1]:
             x = block(x)
