@@ -10,7 +10,7 @@ from training.checkpoint import load_checkpoint, save_checkpoint
 from training.config import load_config
 from training.preset import merge_summary
 from training.data.labels import CT_CLASSES
-from training.losses import FocalLoss, ReconstructionLoss, ssim
+from training.losses import FocalLoss, ReconstructionLoss, binary_focal_loss, ssim
 from training.metrics import (
     confusion_matrix,
     expected_calibration_error,
@@ -22,7 +22,7 @@ from training.metrics import (
     softmax,
 )
 from training.models import create_model, list_models
-from training.models.autoencoder import AnomalyScorer
+from training.models.autoencoder import AnomalyScorer, scorer_from
 from training.augment import synthetic_anomalies
 from training.data.aihub import scan
 from training.preprocess import ct_input, find_battery_ct, find_object_rgb, load_image, rgb_input
@@ -86,6 +86,54 @@ def test_autoencoder_skips_carry_detail_around_the_bottleneck(skips):
     assert torch.allclose(y[0], y[1]) == (skips == 0)
     with pytest.raises(ValueError, match="skips"):
         create_model("conv_autoencoder", depth=3, skips=3)
+
+
+def test_segmentation_head_maps_anomaly_probabilities_at_full_resolution():
+    torch.manual_seed(0)
+    model = create_model("conv_autoencoder", base=8, latent=8, depth=3, skips=1, segment=8, segment_depth=3).eval()
+    x = torch.rand(2, 3, 64, 64)
+    with torch.no_grad():
+        assert model.segment_logits(x, model(x)).shape == (2, 1, 64, 64)
+        score, emap = scorer_from(model, {"error": "segmentation_probability", "smooth_sigma": 1.0, "top_fraction": 0.01})(x)
+    assert score.shape == (2,) and emap.shape == (2, 64, 64) and 0 <= float(emap.min()) and float(emap.max()) <= 1
+    plain = create_model("conv_autoencoder", base=8, latent=8, depth=3)
+    with pytest.raises(ValueError, match="segmentation head"):
+        scorer_from(plain, {"error": "segmentation_probability", "smooth_sigma": 1.0, "top_fraction": 0.01})
+    with pytest.raises(ValueError, match="unknown error map 'abs'"):
+        scorer_from(model, {"error": "abs", "smooth_sigma": 1.0, "top_fraction": 0.01})
+    assert create_model("conv_autoencoder", depth=2, segment=8, segment_depth=4).multiple == 16
+
+
+def test_segmentation_head_learns_where_blemishes_were_painted():
+    """Trained on painted blemishes only, the head finds a fresh kind of mark on unseen images."""
+    torch.manual_seed(0)
+    gen = torch.Generator().manual_seed(0)
+    model = create_model("conv_autoencoder", base=8, latent=8, depth=2, skips=1, segment=8, segment_depth=2)
+    yy, xx = torch.meshgrid(torch.linspace(0, 1, 32), torch.linspace(0, 1, 32), indexing="ij")
+
+    def normal(n):  # smooth shaded surfaces of random colour
+        c = torch.rand(n, 3, 1, 1, generator=gen) * 0.6 + 0.2
+        return (c * (0.8 + 0.2 * (xx * torch.rand(n, 1, 1, 1, generator=gen) + yy))).clamp(0, 1)
+
+    anomalies = {"probability": 1.0, "max_blobs": 2, "radius": [0.08, 0.2]}
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    for _ in range(80):
+        clean = normal(16)
+        blemished, mask = synthetic_anomalies(clean, anomalies, gen, with_mask=True)
+        recon = model(blemished)
+        loss = ReconstructionLoss(0.0)(recon, clean) + binary_focal_loss(model.segment_logits(blemished, recon.detach()), mask)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    model.eval()
+    test = normal(8)
+    square = torch.zeros(8, 1, 32, 32)
+    square[:, :, 10:18, 12:20] = 1  # a dark square: not a shape the training painted
+    test = test * (1 - square) + 0.05 * square
+    with torch.no_grad():
+        _, emap = scorer_from(model, {"error": "segmentation_probability", "smooth_sigma": 0.5, "top_fraction": 0.01})(test)
+    inside, outside = emap[square[:, 0] > 0], emap[square[:, 0] == 0]
+    assert float(inside.mean()) > 0.5 > float(outside.mean()) + 0.3
 
 
 def test_anomaly_score_ignores_the_frame_border_but_not_the_middle():
@@ -250,6 +298,12 @@ def test_synthetic_anomalies_blemish_some_images_and_leave_the_rest():
     assert 0 < changed.sum() < 16  # some images blemished, some left clean
     area = ((y - x).abs().amax(dim=1) > 1e-6).float().mean(dim=(1, 2))
     assert (area[changed] < 0.5).all()  # local marks, not a repaint
+    y3, mask = synthetic_anomalies(x, {"probability": 0.5, "max_blobs": 2}, torch.Generator().manual_seed(1), with_mask=True)
+    assert torch.equal(y3, y) and mask.shape == (16, 1, 48, 48)  # the same painting, and where it shows
+    assert torch.equal(mask[:, 0] > 0, (y - x).abs().amax(dim=1) > 0.04)
+    assert (mask.amax(dim=(1, 2, 3)) > 0).equal(changed)
+    _, none = synthetic_anomalies(x, {"probability": 0.0}, torch.Generator(), with_mask=True)
+    assert not none.any()
 
 
 def test_checkpoint_round_trip_gives_the_same_outputs(tmp_path):

@@ -56,7 +56,12 @@ def _blob_masks(b: int, h: int, w: int, gen: torch.Generator, radius: tuple[floa
     return torch.clamp((1.0 - d) * 4.0, 0.0, 1.0)[:, None]
 
 
-def synthetic_anomalies(x: torch.Tensor, cfg: dict, gen: torch.Generator) -> torch.Tensor:
+# A painted pixel counts as anomalous (segmentation target) where it changed by more than
+# this (0..1 scale, any channel): about 10 grey levels, well above sensor noise.
+VISIBLE_CHANGE = 0.04
+
+
+def synthetic_anomalies(x: torch.Tensor, cfg: dict, gen: torch.Generator, with_mask: bool = False):
     """Paint random blemishes on a (B, 3, H, W) batch in 0..1, for a denoising autoencoder.
 
     Trained to map the blemished image back to the clean one, the autoencoder learns to
@@ -65,9 +70,12 @@ def synthetic_anomalies(x: torch.Tensor, cfg: dict, gen: torch.Generator) -> tor
     blemishes are generic (flat colour, a patch of another photo, a brightness change,
     a thin line, scattered specks), never the defect kinds of the data set; training
     still sees normal photos only.
+
+    With `with_mask`, also returns the (B, 1, H, W) 0/1 mask of where the painting
+    visibly changed the image: the target of the segmentation head.
     """
     if not cfg or not cfg.get("probability"):
-        return x
+        return (x, torch.zeros_like(x[:, :1])) if with_mask else x
     b, _, h, w = x.shape
     out = x.clone()
     for _ in range(int(cfg.get("max_blobs", 2))):
@@ -82,4 +90,6 @@ def synthetic_anomalies(x: torch.Tensor, cfg: dict, gen: torch.Generator) -> tor
         specks = (torch.rand(b, 1, h, w, generator=gen) < 0.2 + 0.4 * torch.rand(b, 1, 1, 1, generator=gen)).float()
         m = torch.where(kind == 3, line_mask, torch.where(kind == 4, mask * specks, mask)) * (0.5 + 0.5 * torch.rand(b, 1, 1, 1, generator=gen))
         out = out * (1 - m) + fill * m
+    if with_mask:
+        return out, ((out - x).abs().amax(dim=1, keepdim=True) > VISIBLE_CHANGE).to(x.dtype)
     return out

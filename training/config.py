@@ -43,7 +43,8 @@ DEFAULTS = {
         "batch_size": 16,
         "optimizer": {"lr": 2e-3, "weight_decay": 1e-5},
         "scheduler": dict(_SCHED),
-        "loss": {"ssim_weight": 0.5},
+        # segment_weight: the segmentation head's focal loss (only with model.segment > 0)
+        "loss": {"ssim_weight": 0.5, "segment_weight": 1.0},
         "augment": {"hflip": True},
         # Random blemishes painted on the input, clean image as the target (0: plain autoencoder).
         "anomalies": {"probability": 0.5, "max_blobs": 2, "radius": [0.03, 0.12]},

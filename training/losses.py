@@ -1,4 +1,5 @@
-"""Training losses: focal loss for the CT classifier, MSE + SSIM for the autoencoder."""
+"""Training losses: focal loss for the CT classifier, MSE + SSIM for the autoencoder, per-pixel
+focal loss for its segmentation head."""
 from __future__ import annotations
 
 import torch
@@ -66,3 +67,11 @@ class ReconstructionLoss(nn.Module):
         if not self.ssim_weight:
             return mse
         return (1 - self.ssim_weight) * mse + self.ssim_weight * (1 - ssim(recon, target))
+
+
+def binary_focal_loss(logits: torch.Tensor, target: torch.Tensor, gamma: float = 2.0) -> torch.Tensor:
+    """Per-pixel focal loss for the segmentation head: anomalous pixels are rare, and most
+    normal ones are easy, so their well-classified mass must not drown the rest."""
+    bce = F.binary_cross_entropy_with_logits(logits, target, reduction="none")
+    p_true = torch.exp(-bce)
+    return ((1 - p_true).pow(gamma) * bce).mean()

@@ -30,7 +30,7 @@ from training.data.aihub import Dataset, scan
 from training.data.labels import BATTERY_TYPES, CT_CLASSES, SLICE_AXES
 from training.data.split import read_split, split_dataset, write_split
 from training.datasets import load_ct, load_rgb
-from training.losses import FocalLoss, ReconstructionLoss
+from training.losses import FocalLoss, ReconstructionLoss, binary_focal_loss
 from training.metrics import f1_optimal_threshold, fit_temperature, macro_f1, roc_optimal_threshold
 from training.models import create_model
 from training.models.autoencoder import AnomalyScorer, scorer_from
@@ -328,21 +328,43 @@ def train_rgb(data: Path, cfg: dict, run: Path, splits: Path | None = None, prog
     bs = int(c["batch_size"])
     sched = _scheduler(opt, c, max(1, len(train.images) // bs))
     loss_fn = ReconstructionLoss(c["loss"]["ssim_weight"])
+    segmenting = getattr(model, "segmenter", None) is not None
+    seg_weight = float(c["loss"]["segment_weight"]) if segmenting else 0.0
+    if c["score"]["error"] == "segmentation_probability" and not segmenting:
+        raise SystemExit("error: rgb.score.error segmentation_probability needs rgb.model.segment > 0 (a segmentation head)")
+    if segmenting and not (c["anomalies"] or {}).get("probability"):
+        raise SystemExit("error: the segmentation head learns from painted blemishes: set rgb.anomalies.probability > 0")
     rng = np.random.default_rng(c["seed"])
     tb = SummaryWriter(run / "tb")
     history, stopper = [], EarlyStopping(c["early_stopping"]["patience"], higher_is_better=False)
     start = time.perf_counter()
+
+    def rgb_loss(clean: torch.Tensor, blemished: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        recon = model(blemished)
+        loss = loss_fn(recon, clean)
+        if segmenting:  # the head sees the reconstruction as it is, but does not train the autoencoder
+            loss = loss + seg_weight * binary_focal_loss(model.segment_logits(blemished, recon.detach()), mask)
+        return loss
+
     def batch_loss(idx):
         x = augment(torch.from_numpy(train.images[idx].astype(np.float32)), c["augment"], gen)
-        blemished = synthetic_anomalies(x, c["anomalies"], gen)  # denoising: clean target
-        return loss_fn(model(blemished.to(device)), x.to(device))
+        blemished, mask = synthetic_anomalies(x, c["anomalies"], gen, with_mask=True)  # denoising: clean target
+        return rgb_loss(x.to(device), blemished.to(device), mask.to(device))
 
+    # validation: the normal photos as they are (reconstruction) and, with a segmentation
+    # head, the same blemishes painted on them every epoch (a fixed generator)
+    val_clean = torch.from_numpy(val_normal.astype(np.float32))
+    if segmenting:
+        val_blemished, val_mask = synthetic_anomalies(val_clean, c["anomalies"], torch.Generator().manual_seed(c["seed"] + 1), with_mask=True)
     for epoch in range(int(c["epochs"])):
         train_loss = _train_epoch(model, opt, sched, list(_batches(len(train.images), bs, rng)), batch_loss,
                                   f"rgb epoch {epoch + 1}/{c['epochs']}", progress, 4)
         model.eval()
         with torch.no_grad():
-            val_loss = float(np.mean([float(loss_fn(model(x), x)) for x in torch.from_numpy(val_normal.astype(np.float32)).to(device).split(32)]))
+            val_loss = float(np.mean([float(loss_fn(model(x), x)) for x in val_clean.to(device).split(32)]))
+            if segmenting:
+                val_loss += seg_weight * float(np.mean([float(binary_focal_loss(model.segment_logits(b, model(b)), m)) for b, m in
+                                                        zip(val_blemished.to(device).split(32), val_mask.to(device).split(32))]))
         row = {"epoch": epoch + 1, "train_loss": train_loss, "val_loss": val_loss,
                "lr": opt.param_groups[0]["lr"], "seconds": time.perf_counter() - start}
         history.append(row)
