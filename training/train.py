@@ -330,8 +330,11 @@ def train_rgb(data: Path, cfg: dict, run: Path, splits: Path | None = None, prog
     loss_fn = ReconstructionLoss(c["loss"]["ssim_weight"])
     segmenting = getattr(model, "segmenter", None) is not None
     seg_weight = float(c["loss"]["segment_weight"]) if segmenting else 0.0
-    if c["score"]["error"] == "segmentation_probability" and not segmenting:
-        raise SystemExit("error: rgb.score.error segmentation_probability needs rgb.model.segment > 0 (a segmentation head)")
+    score_cfg = dict(c["score"])
+    try:  # built before training so that a score the model cannot compute stops the run now
+        scorer = scorer_from(model, score_cfg)
+    except ValueError as e:
+        raise SystemExit(f"error: rgb.score: {e}") from None
     if segmenting and not (c["anomalies"] or {}).get("probability"):
         raise SystemExit("error: the segmentation head learns from painted blemishes: set rgb.anomalies.probability > 0")
     rng = np.random.default_rng(c["seed"])
@@ -355,16 +358,18 @@ def train_rgb(data: Path, cfg: dict, run: Path, splits: Path | None = None, prog
     # head, the same blemishes painted on them every epoch (a fixed generator)
     val_clean = torch.from_numpy(val_normal.astype(np.float32))
     if segmenting:
-        val_blemished, val_mask = synthetic_anomalies(val_clean, c["anomalies"], torch.Generator().manual_seed(c["seed"] + 1), with_mask=True)
+        val_blemished, val_mask = (t.to(device) for t in synthetic_anomalies(
+            val_clean, c["anomalies"], torch.Generator().manual_seed(c["seed"] + 1), with_mask=True))
+    val_clean = val_clean.to(device)
     for epoch in range(int(c["epochs"])):
         train_loss = _train_epoch(model, opt, sched, list(_batches(len(train.images), bs, rng)), batch_loss,
                                   f"rgb epoch {epoch + 1}/{c['epochs']}", progress, 4)
         model.eval()
         with torch.no_grad():
-            val_loss = float(np.mean([float(loss_fn(model(x), x)) for x in val_clean.to(device).split(32)]))
+            val_loss = float(np.mean([float(loss_fn(model(x), x)) for x in val_clean.split(32)]))
             if segmenting:
                 val_loss += seg_weight * float(np.mean([float(binary_focal_loss(model.segment_logits(b, model(b)), m)) for b, m in
-                                                        zip(val_blemished.to(device).split(32), val_mask.to(device).split(32))]))
+                                                        zip(val_blemished.split(32), val_mask.split(32))]))
         row = {"epoch": epoch + 1, "train_loss": train_loss, "val_loss": val_loss,
                "lr": opt.param_groups[0]["lr"], "seconds": time.perf_counter() - start}
         history.append(row)
@@ -381,9 +386,7 @@ def train_rgb(data: Path, cfg: dict, run: Path, splits: Path | None = None, prog
     tb.close()
     model.load_state_dict(stopper.best_state)
     best = stopper.best_value
-    model.cpu().eval()
-    score_cfg = dict(c["score"])
-    scorer = scorer_from(model, score_cfg)
+    scorer.cpu().eval()  # wraps the model, now holding its best weights
     scores, _ = rgb_scores(scorer, val.images)
     thresholds = {}
     if val.anomalous.any():

@@ -120,7 +120,6 @@ class ConvAutoencoder(nn.Module):
         mean = x.mean(dim=(2, 3), keepdim=True)
         return torch.clamp(self._decode(x - mean) + mean, 0.0, 1.0)
 
-
     def segment_logits(self, image: torch.Tensor, recon: torch.Tensor) -> torch.Tensor:
         """Per-pixel anomaly logits (B, 1, H, W) from the segmentation head."""
         if self.segmenter is None:
