@@ -184,16 +184,21 @@ def rgb_input(image: np.ndarray, size: int) -> tuple[np.ndarray, Crop]:
     return np.transpose(x, (2, 0, 1)).astype(np.float32), crop
 
 
+def image_array(im: Image.Image) -> np.ndarray:
+    """An opened PIL image as a numpy array (grey stays 2-D, 16-bit stays 16-bit)."""
+    if im.mode in ("I;16", "I;16B", "I;16L"):
+        return np.asarray(im, np.uint16)
+    if im.mode == "I":
+        return np.clip(np.asarray(im), 0, 65535).astype(np.uint16)
+    if im.mode in ("L", "RGB"):
+        return np.asarray(im)
+    return np.asarray(im.convert("RGB"))
+
+
 def load_image(path) -> np.ndarray:
-    """Read an image file as a numpy array (grey CT stays 2-D, 16-bit stays 16-bit)."""
+    """Read an image file (a path or a binary file object) as a numpy array; see `image_array`."""
     with Image.open(path) as im:
-        if im.mode in ("I;16", "I;16B", "I;16L"):
-            return np.asarray(im, np.uint16)
-        if im.mode == "I":
-            return np.clip(np.asarray(im), 0, 65535).astype(np.uint16)
-        if im.mode in ("L", "RGB"):
-            return np.asarray(im)
-        return np.asarray(im.convert("RGB"))
+        return image_array(im)
 
 
 def polygon_mask_in_input(points, crop: Crop, size: int) -> np.ndarray:

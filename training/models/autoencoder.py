@@ -179,12 +179,12 @@ class AnomalyScorer(nn.Module):
         return err[:, 0]
 
     def score(self, error_map: torch.Tensor) -> torch.Tensor:
-        h, w = error_map.shape[-2:]
+        h, w = (int(d) for d in error_map.shape[-2:])  # fixed per model: constants in an exported graph
         by, bx = int(round(h * self.border)), int(round(w * self.border))
         if by or bx:
             error_map = error_map[:, by : h - by, bx : w - bx]
         flat = error_map.flatten(1)
-        k = max(1, int(round(flat.shape[1] * self.top_fraction)))
+        k = max(1, int(round(int(flat.shape[1]) * self.top_fraction)))
         return flat.topk(k, dim=1).values.mean(dim=1)
 
     def forward(self, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

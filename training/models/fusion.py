@@ -58,8 +58,12 @@ class LateFusionClassifier(nn.Module):
         self.use_meta = use_meta
         self.head = fusion_head(num_features + (META_DIM if use_meta else 0), hidden, dropout, num_classes)
 
+    def feature_maps(self, image: torch.Tensor, meta: torch.Tensor) -> torch.Tensor:
+        """The last convolutional stage (B, C, h, w): what Grad-CAM weighs."""
+        return self.features(image)
+
     def forward(self, image: torch.Tensor, meta: torch.Tensor) -> torch.Tensor:
-        pooled = self.pool(self.features(image)).flatten(1)
+        pooled = self.pool(self.feature_maps(image, meta)).flatten(1)
         if self.use_meta:
             pooled = torch.cat([pooled, meta.to(pooled.dtype)], dim=1)
         return self.head(pooled)
@@ -76,13 +80,17 @@ class EarlyFusionClassifier(nn.Module):
         nn.init.zeros_(self.film[-1].weight)
         nn.init.zeros_(self.film[-1].bias)
         self.pool = _pool(pool)
+        self.use_meta = False  # the head sees image features only: the metadata acted on the stem
         self.head = fusion_head(512, hidden, dropout, num_classes)
 
-    def forward(self, image: torch.Tensor, meta: torch.Tensor) -> torch.Tensor:
+    def feature_maps(self, image: torch.Tensor, meta: torch.Tensor) -> torch.Tensor:
         x = self.stem(image)
         gamma, beta = self.film(meta.to(x.dtype)).chunk(2, dim=1)
         x = x * (1 + gamma[..., None, None]) + beta[..., None, None]
-        return self.head(self.pool(self.body(x)).flatten(1))
+        return self.body(x)
+
+    def forward(self, image: torch.Tensor, meta: torch.Tensor) -> torch.Tensor:
+        return self.head(self.pool(self.feature_maps(image, meta)).flatten(1))
 
 
 class CBAM(nn.Module):

@@ -1,0 +1,164 @@
+"""The verdict rule: CT class probabilities + RGB anomaly score -> verdict and confidence.
+
+| code | verdict | (policy `or`) |
+|---|---|---|
+| 0 | normal | CT not defective and RGB not anomalous |
+| 1 | internal_defect | CT defective and RGB not anomalous |
+| 2 | external_defect | CT not defective and RGB anomalous |
+| 3 | combined_defect | CT defective and RGB anomalous |
+
+With policy `and`, only a cell both models find defective is flagged (code 3); a one-sided
+finding is reported as normal.
+
+Confidence, as in the original system:
+- `rgb_conf` grows linearly from 0.6 at the threshold to 1.0 at a score twice as far from
+  zero as the threshold (relative distance 1), on either side: above the threshold it is
+  the confidence that the photo is anomalous, below it that the photo is normal;
+- normal: (1 - ct_defect_prob + rgb_conf) / 2; internal: ct_defect_prob;
+  external: rgb_conf; combined: (ct_defect_prob + rgb_conf) / 2.
+
+Everything here is vectorised over a batch of cells (numpy), so the Triton `verdict`
+model decides a whole dynamic batch in one call.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+
+import numpy as np
+import yaml
+
+from ensemble.interface import VERDICT_NAMES
+
+RULE_FILE = Path(__file__).with_name("rule.yaml")
+POLICIES = ("or", "and")
+CT_DECISIONS = ("argmax", "probability")
+RGB_CONF_AT_THRESHOLD, RGB_CONF_MAX = 0.6, 1.0
+
+
+@dataclass(frozen=True)
+class VerdictRule:
+    """A resolved rule: every threshold is a number (the RGB one from the checkpoint)."""
+
+    class_names: tuple[str, ...]
+    ct_defect_classes: tuple[str, ...]
+    rgb_threshold: float
+    policy: str = "or"
+    ct_decision: str = "argmax"
+    ct_threshold: float = 0.5
+    defect_index: tuple[int, ...] = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self):
+        if self.policy not in POLICIES:
+            raise ValueError(f"verdict policy must be one of {POLICIES}, got {self.policy!r}")
+        if self.ct_decision not in CT_DECISIONS:
+            raise ValueError(f"ct_decision must be one of {CT_DECISIONS}, got {self.ct_decision!r}")
+        unknown = [c for c in self.ct_defect_classes if c not in self.class_names]
+        if unknown or not self.ct_defect_classes:
+            raise ValueError(f"ct_defect_classes {list(self.ct_defect_classes)} must be a non-empty subset of {list(self.class_names)}")
+        if not np.isfinite(self.rgb_threshold):
+            raise ValueError(f"rgb_threshold must be a finite number, got {self.rgb_threshold}")
+        if not 0.0 <= self.ct_threshold <= 1.0:
+            raise ValueError(f"ct_threshold must be within 0..1, got {self.ct_threshold}")
+        object.__setattr__(self, "class_names", tuple(self.class_names))
+        object.__setattr__(self, "ct_defect_classes", tuple(self.ct_defect_classes))
+        object.__setattr__(self, "defect_index", tuple(self.class_names.index(c) for c in self.ct_defect_classes))
+
+    def to_json(self) -> str:
+        d = asdict(self)
+        d.pop("defect_index")
+        return json.dumps(d, sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> "VerdictRule":
+        return cls(**json.loads(text))
+
+
+def load_rule(rgb_info: dict, class_names, path: str | Path | None = None, **overrides) -> VerdictRule:
+    """Resolve the rule file against a checkpoint: the RGB threshold comes from `rgb_info`
+    (the autoencoder checkpoint's info) unless the file or `overrides` set a number."""
+    cfg = yaml.safe_load(Path(path or RULE_FILE).read_text()) or {}
+    cfg.update({k: v for k, v in overrides.items() if v is not None})
+    known = {"policy", "ct_defect_classes", "ct_decision", "ct_threshold", "rgb_threshold", "rgb_threshold_method"}
+    if set(cfg) - known:
+        raise ValueError(f"unknown keys in the verdict rule: {sorted(set(cfg) - known)}; known: {sorted(known)}")
+    threshold = cfg.get("rgb_threshold")
+    if threshold is None:
+        method = cfg.get("rgb_threshold_method")
+        if method is None:
+            threshold = rgb_info["threshold"]
+        elif method in rgb_info.get("thresholds", {}):
+            threshold = rgb_info["thresholds"][method]
+        else:
+            raise ValueError(f"rgb_threshold_method {method!r} is not in the checkpoint; it has {sorted(rgb_info.get('thresholds', {}))}")
+    return VerdictRule(class_names=tuple(class_names), ct_defect_classes=tuple(cfg.get("ct_defect_classes") or ()),
+                       rgb_threshold=float(threshold), policy=cfg.get("policy", "or"), ct_decision=cfg.get("ct_decision", "argmax"),
+                       ct_threshold=float(cfg.get("ct_threshold", 0.5)))
+
+
+def with_threshold(rule: VerdictRule, rgb_threshold: float) -> VerdictRule:
+    return replace(rule, rgb_threshold=float(rgb_threshold))
+
+
+@dataclass(frozen=True)
+class Decision:
+    """Per-cell arrays for a batch of N cells."""
+
+    verdict: np.ndarray  # (N,) int32, 0..3
+    confidence: np.ndarray  # (N,) float32, 0..1
+    ct_defect_probability: np.ndarray  # (N,) float32
+    ct_defective: np.ndarray  # (N,) bool
+    rgb_anomalous: np.ndarray  # (N,) bool
+    rgb_confidence: np.ndarray  # (N,) float32, 0.6..1
+
+    @property
+    def names(self) -> list[str]:
+        return [VERDICT_NAMES[int(v)] for v in self.verdict]
+
+
+def rgb_confidence(score: np.ndarray, threshold: float) -> np.ndarray:
+    """0.6 at the threshold, rising to 1.0 with the relative distance from it (either side)."""
+    scale = max(abs(float(threshold)), 1e-12)
+    distance = np.abs(np.asarray(score, np.float64) - threshold) / scale
+    span = RGB_CONF_MAX - RGB_CONF_AT_THRESHOLD
+    return np.clip(RGB_CONF_AT_THRESHOLD + span * distance, RGB_CONF_AT_THRESHOLD, RGB_CONF_MAX).astype(np.float32)
+
+
+def ct_defect(rule: VerdictRule, ct_probs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(defect probability (N,), defective (N,) bool) from class probabilities (N, C)."""
+    probs = np.asarray(ct_probs, np.float64)
+    if probs.ndim != 2 or probs.shape[1] != len(rule.class_names):
+        raise ValueError(f"CT probabilities must be (N, {len(rule.class_names)}), got {probs.shape}")
+    defect_prob = probs[:, list(rule.defect_index)].sum(axis=1)
+    if rule.ct_decision == "argmax":
+        defective = np.isin(probs.argmax(axis=1), rule.defect_index)
+    else:
+        defective = defect_prob >= rule.ct_threshold
+    return defect_prob.astype(np.float32), defective
+
+
+def rgb_anomalous(rule: VerdictRule, rgb_score: np.ndarray) -> np.ndarray:
+    return np.asarray(rgb_score, np.float64).reshape(-1) > rule.rgb_threshold
+
+
+def decide(rule: VerdictRule, ct_probs: np.ndarray, rgb_score: np.ndarray) -> Decision:
+    """Verdicts for N cells from their CT probabilities (N, C) and RGB scores (N,)."""
+    defect_prob, ct_bad = ct_defect(rule, ct_probs)
+    score = np.asarray(rgb_score, np.float64).reshape(-1)
+    if len(score) != len(defect_prob):
+        raise ValueError(f"{len(defect_prob)} CT results but {len(score)} RGB scores")
+    rgb_bad = rgb_anomalous(rule, score)
+    if rule.policy == "and":
+        ct_flag = rgb_flag = ct_bad & rgb_bad
+    else:
+        ct_flag, rgb_flag = ct_bad, rgb_bad
+    verdict = (ct_flag.astype(np.int32) + 2 * rgb_flag.astype(np.int32)).astype(np.int32)
+    conf_rgb = rgb_confidence(score, rule.rgb_threshold)
+    confidence = np.select(
+        [verdict == 0, verdict == 1, verdict == 2],
+        [(1.0 - defect_prob + conf_rgb) / 2.0, defect_prob, conf_rgb],
+        (defect_prob + conf_rgb) / 2.0,
+    )
+    return Decision(verdict=verdict, confidence=np.clip(confidence, 0.0, 1.0).astype(np.float32), ct_defect_probability=defect_prob,
+                    ct_defective=ct_bad, rgb_anomalous=rgb_bad, rgb_confidence=conf_rgb)

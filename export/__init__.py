@@ -1,0 +1,1 @@
+"""Export trained checkpoints to ONNX and write the Triton model repository."""

@@ -1,0 +1,141 @@
+"""python -m export onnx|repository|serve
+
+  onnx RUN... --out DIR       export checkpoints to ONNX (opset 17, dynamic batch), parity-checked
+  repository --runs RUN...    write the Triton model repository for a runtime
+  serve                       train (quick preset) if no runs exist, build the repository if stale,
+                              start tritonserver in the foreground (what `make serve` runs)
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+DEFAULT_PRESETS = (Path("runs/standard"), Path("runs/quick"))
+
+
+def _has_runs(folder: Path) -> bool:
+    return (folder / "ct" / "checkpoint.pt").exists() and (folder / "rgb" / "checkpoint.pt").exists()
+
+
+def cmd_onnx(args) -> int:
+    from export.onnx_export import export_run
+
+    for run in args.runs:
+        e = export_run(run, args.out, check=not args.no_check)
+        parity = "; ".join(f"batch {b}: max diff {max(d.values()):.1e}" for b, d in e.parity.items())
+        print(f"wrote {e.onnx_path} ({e.onnx_path.stat().st_size / 2**20:.1f} MiB) and {e.onnx_path.with_suffix('.json').name}"
+              + (f"; ONNX Runtime vs PyTorch {parity}" if parity else ""))
+    return 0
+
+
+def _tuning(args):
+    from export.repository import Tuning
+
+    return Tuning(max_batch_size=args.max_batch_size, max_queue_delay_us=args.queue_delay_us,
+                  preprocess_instances=args.preprocess_instances, network_instances=args.network_instances,
+                  intra_op_threads=args.threads)
+
+
+def cmd_repository(args) -> int:
+    from export.repository import build_repository
+
+    manifest = build_repository(args.runs, args.runtime, args.out, args.rule, _tuning(args))
+    print(f"wrote {args.out} ({args.runtime}): {', '.join(manifest['models'])}")
+    if "todo" in manifest:
+        print(f"note: {manifest['todo']}")
+    return 0
+
+
+def resolve_runs(runs: list[Path] | None, train_if_missing: bool = True) -> list[Path]:
+    if runs:
+        return runs
+    for preset in DEFAULT_PRESETS:
+        if _has_runs(preset):
+            return [preset]
+    if not train_if_missing:
+        raise SystemExit("error: no trained runs in runs/standard or runs/quick; pass --runs")
+    from training.preset import main as preset_main
+
+    print("no trained models in runs/standard or runs/quick: training the quick preset on synthetic data (about 5 minutes)")
+    preset_main(["quick"])
+    return [Path("runs/quick")]
+
+
+def cmd_serve(args) -> int:
+    from export.repository import build_repository, is_current
+    from export.server import Ports, TritonServer
+
+    runs = resolve_runs(args.runs)
+    tuning = _tuning(args)
+    if args.rebuild or not is_current(args.repository, runs, "python-ort", args.rule, tuning):
+        print(f"building {args.repository} from {', '.join(map(str, runs))}")
+        build_repository(runs, "python-ort", args.repository, args.rule, tuning)
+    else:
+        print(f"{args.repository} is up to date with {', '.join(map(str, runs))}")
+    ports = Ports(args.http_port, args.grpc_port, args.metrics_port)
+    server = TritonServer(args.repository, ports)
+    print("starting tritonserver ...", flush=True)
+    try:
+        server.start(timeout=args.start_timeout, foreground=True)
+        print(f"\nready: gRPC localhost:{ports.grpc}  HTTP localhost:{ports.http}  metrics http://localhost:{ports.metrics}/metrics\n"
+              f"try:   python -m client inspect --ct CT.png --meta cell,z --rgb PHOTO.png --url localhost:{ports.grpc}\n"
+              "stop:  Ctrl-C", flush=True)
+        return server.process.wait()
+    except KeyboardInterrupt:
+        print("\nstopping tritonserver ...", flush=True)
+        server.stop()
+        return 0
+    except (RuntimeError, TimeoutError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        server.stop()
+        return 1
+
+
+def _add_tuning(p) -> None:
+    g = p.add_argument_group("serving tuning")
+    g.add_argument("--max-batch-size", type=int, default=16, help="max_batch_size of every model (default 16)")
+    g.add_argument("--queue-delay-us", type=int, default=2000, help="dynamic batching max queue delay (default 2000)")
+    g.add_argument("--preprocess-instances", type=int, default=1, help="instances of each preprocessing model (default 1)")
+    g.add_argument("--network-instances", type=int, default=1, help="instances of each network (default 1)")
+    g.add_argument("--threads", type=int, default=0, help="ONNX Runtime intra-op threads per network instance (default: all cores)")
+    g.add_argument("--rule", type=Path, help="verdict rule YAML (default ensemble/rule.yaml)")
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m export", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="command", required=True)
+    o = sub.add_parser("onnx", help="export checkpoints to ONNX with a parity check")
+    o.add_argument("runs", nargs="+", type=Path, help="run folders (or checkpoint files) of the CT classifier and/or the autoencoder")
+    o.add_argument("--out", type=Path, required=True, help="folder for <model>.onnx and <model>.json")
+    o.add_argument("--no-check", action="store_true", help="skip the ONNX Runtime vs PyTorch parity check")
+    o.set_defaults(func=cmd_onnx)
+    r = sub.add_parser("repository", help="write the Triton model repository")
+    r.add_argument("--runs", nargs="+", type=Path, required=True, help="the CT and RGB run folders, or a preset folder with ct/ and rgb/")
+    r.add_argument("--runtime", choices=["python-ort", "onnxruntime", "tensorrt"], default="python-ort",
+                   help="python-ort: Python backend + ONNX Runtime (CPU, this machine); onnxruntime / tensorrt: native "
+                        "backends of the NGC container (default python-ort)")
+    r.add_argument("--out", type=Path, default=Path("model_repository"), help="repository folder (default model_repository)")
+    _add_tuning(r)
+    r.set_defaults(func=cmd_repository)
+    s = sub.add_parser("serve", help="build what is missing and run tritonserver in the foreground")
+    s.add_argument("--runs", nargs="+", type=Path, help="run folders (default runs/standard if trained, else runs/quick, "
+                   "trained on first start)")
+    s.add_argument("--repository", type=Path, default=Path("model_repository"), help="repository folder (default model_repository)")
+    s.add_argument("--rebuild", action="store_true", help="rebuild the repository even if it is up to date")
+    s.add_argument("--grpc-port", type=int, default=8001)
+    s.add_argument("--http-port", type=int, default=8000)
+    s.add_argument("--metrics-port", type=int, default=8002)
+    s.add_argument("--start-timeout", type=float, default=300.0, help="seconds to wait for all models to load (default 300)")
+    _add_tuning(s)
+    s.set_defaults(func=cmd_serve)
+    args = p.parse_args(argv)
+    try:
+        return args.func(args)
+    except (FileNotFoundError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,221 @@
+"""Write the Triton model repository for a CT run and an RGB run, for one runtime.
+
+    ct_preprocess ─┐                                   ┌─ inspect_ct  (CT_PROBS, CT_CAM)
+    ct_classifier ─┤                                   │
+    rgb_preprocess ┤ ── ensembles ── inspect (all) ────┤
+    rgb_autoencoder┤                                   │
+    verdict ───────┘                                   └─ inspect_rgb (RGB_SCORE, RGB_THRESHOLD, RGB_ERROR_MAP)
+
+Runtimes: `python-ort` (each ONNX model in a Python-backend model that runs ONNX Runtime;
+what runs here and in CI), `onnxruntime` and `tensorrt` (native backends of the NGC
+container, GPU instances). The preprocessing, verdict and ensemble models are the same in
+all three. Every size, class name and threshold comes from the checkpoints.
+"""
+from __future__ import annotations
+
+import datetime as _dt
+import hashlib
+import json
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from ensemble import interface as api
+from ensemble.rule import RULE_FILE, load_rule
+from export.decode import Limits
+from export.onnx_export import export_run
+from export.spec import Batching, EnsembleSpec, ModelSpec, Step, Tensor, to_pbtxt
+from training.checkpoint import CHECKPOINT
+from training.data.labels import CT_CLASSES
+
+RUNTIMES = ("python-ort", "onnxruntime", "tensorrt")
+MANIFEST = "manifest.json"
+SOURCES = Path(__file__).with_name("triton_models")
+
+
+@dataclass(frozen=True)
+class Tuning:
+    """Serving knobs that are not facts of the models."""
+
+    max_batch_size: int = 16
+    max_queue_delay_us: int = 2000
+    preprocess_instances: int = 1
+    network_instances: int = 1
+    intra_op_threads: int = 0  # 0: all cores (python-ort)
+    limits: Limits = Limits()
+
+
+def _checkpoint_digest(run: Path) -> str:
+    h = hashlib.sha256()
+    with open(run / CHECKPOINT, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _build_digest(rule_path, tuning: "Tuning") -> str:
+    """What else a repository is built from: the adapters, the rule file and the tuning."""
+    h = hashlib.sha256(repr(tuning).encode())
+    for path in sorted(SOURCES.glob("*.py")) + [Path(rule_path or RULE_FILE)]:
+        h.update(path.name.encode() + path.read_bytes())
+    return h.hexdigest()
+
+
+def classify_runs(runs) -> dict[str, Path]:
+    """{'ct_classifier': run, 'rgb_autoencoder': run} from run folders (or a preset folder holding ct/ and rgb/)."""
+    import torch
+
+    found: dict[str, Path] = {}
+    candidates = []
+    for run in map(Path, runs):
+        if (run / CHECKPOINT).exists():
+            candidates.append(run)
+        else:
+            candidates += [p.parent for p in sorted(run.glob(f"*/{CHECKPOINT}"))]
+    for run in candidates:
+        kind = torch.load(run / CHECKPOINT, map_location="cpu", weights_only=False).get("kind")
+        if kind in found:
+            raise ValueError(f"two {kind} runs given: {found[kind]} and {run}")
+        found[kind] = run
+    missing = {"ct_classifier", "rgb_autoencoder"} - set(found)
+    if missing:
+        raise ValueError(f"no {' or '.join(sorted(missing))} checkpoint among {[str(r) for r in runs]}; "
+                         "train one with 'python -m training.preset quick'")
+    return found
+
+
+def _network(name: str, runtime: str, inputs, outputs, tuning: Tuning) -> ModelSpec:
+    batching = Batching(tuning.max_batch_size, max_queue_delay_us=tuning.max_queue_delay_us)
+    if runtime == "python-ort":
+        return ModelSpec(name, inputs, outputs, backend="python", batching=batching, instances=tuning.network_instances,
+                         parameters={"onnx_file": "model.onnx", "intra_op_threads": str(tuning.intra_op_threads)})
+    filename = "model.onnx" if runtime == "onnxruntime" else "model.plan"
+    return ModelSpec(name, inputs, outputs, backend=runtime, batching=batching, instances=tuning.network_instances, kind="gpu",
+                     default_model_filename=filename)
+
+
+def model_specs(ct: dict, rgb: dict, rule_json: str, runtime: str, tuning: Tuning = Tuning()) -> list[ModelSpec | EnsembleSpec]:
+    """Every model of the repository, from the exported models' serving facts."""
+    if runtime not in RUNTIMES:
+        raise ValueError(f"runtime must be one of {RUNTIMES}, got {runtime!r}")
+    cs, rs = int(ct["input_size"]), int(rgb["input_size"])
+    n_classes = len(ct["class_names"])
+    limits = {"max_image_bytes": str(tuning.limits.max_bytes), "max_image_pixels": str(tuning.limits.max_pixels),
+              "min_image_side": str(tuning.limits.min_side)}
+    batching = Batching(tuning.max_batch_size, max_queue_delay_us=tuning.max_queue_delay_us)
+    t = {
+        api.CT_IMAGE: Tensor(api.CT_IMAGE, "BYTES", (1,)),
+        api.CT_META: Tensor(api.CT_META, "FP32", (2,)),
+        api.RGB_IMAGE: Tensor(api.RGB_IMAGE, "BYTES", (1,)),
+        api.CT_TENSOR: Tensor(api.CT_TENSOR, "FP32", (int(ct.get("in_chans", 1)), cs, cs)),
+        api.RGB_TENSOR: Tensor(api.RGB_TENSOR, "FP32", (int(rgb.get("in_chans", 3)), rs, rs)),
+        api.CT_PROBS: Tensor(api.CT_PROBS, "FP32", (n_classes,)),
+        api.CT_CAM: Tensor(api.CT_CAM, "FP32", (cs, cs)),
+        api.RGB_SCORE: Tensor(api.RGB_SCORE, "FP32", (1,)),
+        api.RGB_ERROR_MAP: Tensor(api.RGB_ERROR_MAP, "FP32", (rs, rs)),
+        api.VERDICT: Tensor(api.VERDICT, "INT32", (1,)),
+        api.CONFIDENCE: Tensor(api.CONFIDENCE, "FP32", (1,)),
+        api.RGB_THRESHOLD: Tensor(api.RGB_THRESHOLD, "FP32", (1,)),
+    }
+
+    def ts(*names):
+        return tuple(t[n] for n in names)
+
+    def identity(*names):
+        return {n: n for n in names}
+
+    ct_pre = Step(api.CT_PREPROCESS, identity(api.CT_IMAGE, api.CT_META), identity(api.CT_TENSOR))
+    ct_net = Step(api.CT_CLASSIFIER, identity(api.CT_TENSOR, api.CT_META), identity(api.CT_PROBS, api.CT_CAM))
+    rgb_pre = Step(api.RGB_PREPROCESS, identity(api.RGB_IMAGE), identity(api.RGB_TENSOR))
+    rgb_net = Step(api.RGB_AUTOENCODER, identity(api.RGB_TENSOR), identity(api.RGB_SCORE, api.RGB_ERROR_MAP))
+    mb = tuning.max_batch_size
+    return [
+        ModelSpec(api.CT_PREPROCESS, ts(api.CT_IMAGE, api.CT_META), ts(api.CT_TENSOR), batching=batching,
+                  instances=tuning.preprocess_instances, parameters={"serving_info": json.dumps(ct), **limits}),
+        _network(api.CT_CLASSIFIER, runtime, ts(api.CT_TENSOR, api.CT_META), ts(api.CT_PROBS, api.CT_CAM), tuning),
+        ModelSpec(api.RGB_PREPROCESS, ts(api.RGB_IMAGE), ts(api.RGB_TENSOR), batching=batching,
+                  instances=tuning.preprocess_instances, parameters={"serving_info": json.dumps(rgb), **limits}),
+        _network(api.RGB_AUTOENCODER, runtime, ts(api.RGB_TENSOR), ts(api.RGB_SCORE, api.RGB_ERROR_MAP), tuning),
+        ModelSpec(api.VERDICT_MODEL, (Tensor(api.CT_PROBS, "FP32", (n_classes,), optional=True), t[api.RGB_SCORE]),
+                  ts(api.VERDICT, api.CONFIDENCE, api.RGB_THRESHOLD), batching=batching, parameters={"rule": rule_json}),
+        EnsembleSpec(api.INSPECT, ts(api.CT_IMAGE, api.CT_META, api.RGB_IMAGE), ts(*api.INSPECT_OUTPUTS), (
+            ct_pre, ct_net, rgb_pre, rgb_net,
+            Step(api.VERDICT_MODEL, identity(api.CT_PROBS, api.RGB_SCORE), identity(api.VERDICT, api.CONFIDENCE, api.RGB_THRESHOLD)),
+        ), mb),
+        EnsembleSpec(api.INSPECT_CT, ts(api.CT_IMAGE, api.CT_META), ts(*api.INSPECT_CT_OUTPUTS), (ct_pre, ct_net), mb),
+        EnsembleSpec(api.INSPECT_RGB, ts(api.RGB_IMAGE), ts(*api.INSPECT_RGB_OUTPUTS), (
+            rgb_pre, rgb_net, Step(api.VERDICT_MODEL, identity(api.RGB_SCORE), identity(api.RGB_THRESHOLD)),
+        ), mb),
+    ]
+
+
+PYTHON_SOURCES = {api.CT_PREPROCESS: "ct_preprocess.py", api.RGB_PREPROCESS: "rgb_preprocess.py", api.VERDICT_MODEL: "verdict.py"}
+
+
+def build_repository(runs, runtime: str, out: str | Path, rule_path: str | Path | None = None, tuning: Tuning = Tuning(),
+                     progress=print) -> dict:
+    """Export the runs and write the whole repository to `out` (replaced only when all succeeded)."""
+    out = Path(out)
+    found = classify_runs(runs)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent if out.parent.exists() else None))
+    try:
+        exported = {}
+        for kind, run in found.items():
+            progress(f"exporting {run} to ONNX (parity-checked against PyTorch)")
+            e = export_run(run, staging / "_onnx")
+            worst = max((v for diffs in e.parity.values() for v in diffs.values()), default=0.0)
+            progress(f"  {e.name}: max |ONNX Runtime - PyTorch| {worst:.1e} on batches {sorted(e.parity)}")
+            exported[kind] = e
+        ct, rgb = exported["ct_classifier"].info, exported["rgb_autoencoder"].info
+        if tuple(ct["class_names"]) != CT_CLASSES:
+            raise ValueError(f"the CT checkpoint's classes {ct['class_names']} differ from the public order {list(CT_CLASSES)}")
+        rule = load_rule(rgb, ct["class_names"], rule_path)
+        specs = model_specs(ct, rgb, rule.to_json(), runtime, tuning)
+        for spec in specs:
+            folder = staging / spec.name
+            (folder / "1").mkdir(parents=True)
+            (folder / "config.pbtxt").write_text(to_pbtxt(spec))
+            if isinstance(spec, ModelSpec) and spec.backend == "python":
+                source = PYTHON_SOURCES.get(spec.name, "onnx_runner.py")
+                shutil.copy(SOURCES / source, folder / "1" / "model.py")
+        for kind, e in exported.items():
+            e.onnx_path.replace(staging / e.name / "1" / "model.onnx")
+        shutil.rmtree(staging / "_onnx")
+        manifest = {
+            "runtime": runtime,
+            "runs": {kind: {"path": str(run.resolve()), "checkpoint_sha256": _checkpoint_digest(run)} for kind, run in found.items()},
+            "rule": json.loads(rule.to_json()),
+            "models": [s.name for s in specs],
+            "build_sha256": _build_digest(rule_path, tuning),
+            "built": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        }
+        if runtime == "tensorrt":
+            manifest["todo"] = "TensorRT engines (model.plan) are not built yet: build them from each 1/model.onnx on the target GPU"
+        (staging / MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n")
+        if out.exists():
+            old = out.with_name(f".{out.name}.old")
+            shutil.rmtree(old, ignore_errors=True)
+            out.replace(old)
+            staging.replace(out)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            staging.replace(out)
+        return manifest
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def is_current(out: str | Path, runs, runtime: str, rule_path: str | Path | None = None, tuning: Tuning = Tuning()) -> bool:
+    """Whether `out` was built from exactly these checkpoints, adapters, rule and tuning for this runtime."""
+    path = Path(out) / MANIFEST
+    if not path.exists():
+        return False
+    try:
+        manifest = json.loads(path.read_text())
+        found = classify_runs(runs)
+    except (ValueError, OSError, json.JSONDecodeError):
+        return False
+    recorded = manifest.get("runs", {})
+    return manifest.get("runtime") == runtime and manifest.get("build_sha256") == _build_digest(rule_path, tuning) and set(recorded) == set(found) and all(
+        recorded[k]["path"] == str(run.resolve()) and recorded[k]["checkpoint_sha256"] == _checkpoint_digest(run) for k, run in found.items())

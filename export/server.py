@@ -1,0 +1,144 @@
+"""Start the real tritonserver (2.51, shipped in the nvidia-pytriton wheel) on a repository.
+
+The wheel carries the server, the Python backend and its stubs; this module lays out a
+backend folder under build/, starts the server with the project's packages importable
+from the Python-backend models, waits until every model is ready and stops it cleanly.
+Used by `make serve` and by the end-to-end tests.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+BUILD = ROOT / "build"
+
+
+@dataclass(frozen=True)
+class Ports:
+    http: int = 8000
+    grpc: int = 8001
+    metrics: int = 8002
+
+
+def _pytriton_dir() -> Path:
+    try:
+        import pytriton
+    except ImportError:
+        raise SystemExit("error: nvidia-pytriton is not installed (it carries tritonserver); run 'make setup'") from None
+    return Path(pytriton.__file__).resolve().parent
+
+
+def backend_dir(build: Path = BUILD) -> Path:
+    """build/triton_backends/python: the Python backend with the stub for this interpreter."""
+    sp = _pytriton_dir()
+    version = f"{sys.version_info.major}.{sys.version_info.minor}"
+    stub = sp / "tritonserver" / "python_backend_stubs" / version / "triton_python_backend_stub"
+    if not stub.exists():
+        raise SystemExit(f"error: nvidia-pytriton has no Python-backend stub for Python {version}")
+    target = build / "triton_backends" / "python"
+    target.mkdir(parents=True, exist_ok=True)
+    for src in [*(sp / "tritonserver" / "backends" / "python").iterdir(), stub]:
+        if src.is_file():
+            dst = target / src.name
+            if not dst.exists() or dst.stat().st_size != src.stat().st_size:
+                shutil.copy2(src, dst)
+    return target.parent
+
+
+def server_command(repository: Path, ports: Ports, extra: list[str] = ()) -> tuple[list[str], dict]:
+    sp = _pytriton_dir()
+    binary = sp / "tritonserver" / "bin" / "tritonserver"
+    env = dict(os.environ)
+    env["LD_LIBRARY_PATH"] = os.pathsep.join(filter(None, [str(sp.parent / "nvidia_pytriton.libs"), env.get("LD_LIBRARY_PATH")]))
+    # the Python-backend stubs import the project's packages and the venv's site-packages
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
+    venv_bin = str(Path(sys.executable).parent)
+    env["PATH"] = os.pathsep.join([venv_bin, env.get("PATH", "")])
+    env.setdefault("VIRTUAL_ENV", str(Path(sys.executable).parent.parent))
+    cmd = [str(binary), f"--model-repository={Path(repository).resolve()}", f"--backend-directory={backend_dir()}",
+           f"--http-port={ports.http}", f"--grpc-port={ports.grpc}", f"--metrics-port={ports.metrics}",
+           "--allow-metrics=true", "--strict-readiness=true", "--exit-timeout-secs=10", *extra]
+    return cmd, env
+
+
+class TritonServer:
+    """A tritonserver process: `with TritonServer(repo, ports) as server: ...`."""
+
+    def __init__(self, repository: str | Path, ports: Ports = Ports(), log_path: str | Path | None = None, extra: list[str] = ()):
+        self.repository = Path(repository)
+        self.ports = ports
+        self.log_path = Path(log_path) if log_path else None
+        self.extra = list(extra)
+        self.process: subprocess.Popen | None = None
+        self._log = None
+
+    @property
+    def grpc_url(self) -> str:
+        return f"localhost:{self.ports.grpc}"
+
+    def start(self, timeout: float = 180.0, foreground: bool = False) -> "TritonServer":
+        if not (self.repository / "inspect" / "config.pbtxt").exists():
+            raise FileNotFoundError(f"{self.repository} is not a built model repository; run 'python -m export repository'")
+        cmd, env = server_command(self.repository, self.ports, self.extra)
+        if foreground:
+            out = None
+        else:
+            self.log_path = self.log_path or BUILD / "tritonserver.log"
+            self.log_path.parent.mkdir(parents=True, exist_ok=True)
+            self._log = open(self.log_path, "wb")
+            out = self._log
+        self.process = subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT if out else None,
+                                        start_new_session=not foreground)
+        self.wait_ready(timeout)
+        return self
+
+    def ready(self) -> bool:
+        try:
+            with urllib.request.urlopen(f"http://localhost:{self.ports.http}/v2/health/ready", timeout=2) as r:
+                return r.status == 200
+        except (urllib.error.URLError, ConnectionError, TimeoutError, OSError):
+            return False
+
+    def wait_ready(self, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"tritonserver exited with code {self.process.returncode} while starting{self._log_hint()}")
+            if self.ready():
+                return
+            time.sleep(0.25)
+        self.stop()
+        raise TimeoutError(f"tritonserver was not ready after {timeout:.0f} s{self._log_hint()}")
+
+    def _log_hint(self) -> str:
+        if not self.log_path or not self.log_path.exists():
+            return ""
+        tail = self.log_path.read_text(errors="replace").splitlines()[-25:]
+        return f"; last lines of {self.log_path}:\n" + "\n".join(tail)
+
+    def stop(self, timeout: float = 30.0) -> None:
+        if self.process and self.process.poll() is None:
+            self.process.send_signal(signal.SIGINT)
+            try:
+                self.process.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        if self._log:
+            self._log.close()
+            self._log = None
+
+    def __enter__(self):
+        return self.start() if self.process is None else self
+
+    def __exit__(self, *exc):
+        self.stop()

@@ -1,0 +1,114 @@
+"""What the Triton Python models do, as plain functions tested without a server.
+
+The `model.py` files in the repository only move tensors between Triton and these.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+
+from export.decode import ImageError, Limits, decode_ct, decode_rgb
+from training.data.labels import BATTERY_TYPES, SLICE_AXES
+from training.preprocess import ct_input, rgb_input
+
+
+class RequestError(ValueError):
+    """A request that cannot be answered; the message is sent back to the client."""
+
+
+def check_meta(meta: np.ndarray) -> np.ndarray:
+    """CT_META of one request (n, 2) -> the same, validated: finite, integral, in range."""
+    meta = np.asarray(meta)
+    if meta.dtype != np.float32:
+        raise RequestError(f"CT_META must be FP32, got {meta.dtype}")
+    if meta.ndim != 2 or meta.shape[1] != 2:
+        raise RequestError(f"CT_META must hold 2 values per cell [battery_type, slice_axis], got shape {list(meta.shape[1:])}")
+    if not np.isfinite(meta).all():
+        raise RequestError(f"CT_META contains NaN or infinity: {meta.tolist()}")
+    for col, (name, values) in enumerate((("battery_type", BATTERY_TYPES), ("slice_axis", SLICE_AXES))):
+        v = meta[:, col]
+        if (v != np.round(v)).any() or (v < 0).any() or (v >= len(values)).any():
+            choices = ", ".join(f"{i} {n}" for i, n in enumerate(values))
+            raise RequestError(f"CT_META {name} must be one of {choices}; got {v.tolist()}")
+    return meta
+
+
+def _image_bytes(item) -> bytes:
+    if isinstance(item, np.ndarray):
+        item = item.item() if item.size == 1 else item.tobytes()
+    if isinstance(item, str):
+        raise RequestError("image must be sent as raw bytes (BYTES tensor), got a text string")
+    return bytes(item)
+
+
+def ct_tensors(images: np.ndarray, info: dict, limits: Limits = Limits()) -> np.ndarray:
+    """CT_IMAGE of one request (n, 1) of encoded bytes -> (n, 1, S, S) float32 model input."""
+    out = []
+    for i, item in enumerate(np.asarray(images, object).reshape(len(images), -1)[:, 0]):
+        try:
+            array = decode_ct(_image_bytes(item), limits)
+            out.append(ct_input(array, int(info["input_size"]), info["normalization"]["mean"], info["normalization"]["std"])[0])
+        except (ImageError, ValueError) as e:
+            raise RequestError(f"cell {i}: {e}" if len(images) > 1 else str(e)) from None
+    return np.stack(out).astype(np.float32)
+
+
+def rgb_tensors(images: np.ndarray, info: dict, limits: Limits = Limits()) -> np.ndarray:
+    """RGB_IMAGE of one request (n, 1) of encoded bytes -> (n, 3, S, S) float32 in 0..1."""
+    out = []
+    for i, item in enumerate(np.asarray(images, object).reshape(len(images), -1)[:, 0]):
+        try:
+            out.append(rgb_input(decode_rgb(_image_bytes(item), limits), int(info["input_size"]))[0])
+        except (ImageError, ValueError) as e:
+            raise RequestError(f"cell {i}: {e}" if len(images) > 1 else str(e)) from None
+    return np.stack(out).astype(np.float32)
+
+
+def limits_from(parameters: dict) -> Limits:
+    """Limits from a model config's parameters (`max_image_bytes`, `max_image_pixels`)."""
+    d = Limits()
+    return Limits(max_bytes=int(parameters.get("max_image_bytes", d.max_bytes)),
+                  max_pixels=int(parameters.get("max_image_pixels", d.max_pixels)),
+                  min_side=int(parameters.get("min_image_side", d.min_side)))
+
+
+class OrtRunner:
+    """One ONNX Runtime session; runs the requests of a dynamic batch as one batch.
+
+    If the joint run fails (a request whose tensors the graph rejects), each request is
+    run alone so that only the bad one gets an error.
+    """
+
+    def __init__(self, path: str | Path, threads: int = 0):
+        import onnxruntime as ort
+
+        opts = ort.SessionOptions()
+        opts.intra_op_num_threads = threads or max(1, (os.cpu_count() or 1))
+        opts.inter_op_num_threads = 1
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        self.session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+        self.inputs = [i.name for i in self.session.get_inputs()]
+        self.outputs = [o.name for o in self.session.get_outputs()]
+
+    def run_many(self, requests: list[dict[str, np.ndarray]]) -> list[dict[str, np.ndarray] | Exception]:
+        """Per request: its outputs by name, or the exception that request caused."""
+        if not requests:
+            return []
+        sizes = [len(r[self.inputs[0]]) for r in requests]
+        try:
+            joined = {n: np.concatenate([r[n] for r in requests]) for n in self.inputs}
+            outputs = self.session.run(self.outputs, joined)
+        except Exception:
+            if len(requests) == 1:
+                return [self._run_one(requests[0])]
+            return [self._run_one(r) for r in requests]
+        bounds = np.cumsum([0, *sizes])
+        return [{n: o[a:b] for n, o in zip(self.outputs, outputs)} for a, b in zip(bounds[:-1], bounds[1:])]
+
+    def _run_one(self, request: dict[str, np.ndarray]) -> dict[str, np.ndarray] | Exception:
+        try:
+            return dict(zip(self.outputs, self.session.run(self.outputs, {n: request[n] for n in self.inputs})))
+        except Exception as e:
+            return RequestError(f"inference failed: {e}")

@@ -1,0 +1,128 @@
+"""Typed specifications of Triton models, turned into `config.pbtxt` through Triton's own
+protobuf message (`model_config_pb2.ModelConfig`), so a wrong field fails here rather than
+at server start.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from google.protobuf import text_format
+from tritonclient.grpc import model_config_pb2 as mc
+
+DTYPES = {"FP32": mc.TYPE_FP32, "INT32": mc.TYPE_INT32, "BYTES": mc.TYPE_STRING, "FP16": mc.TYPE_FP16, "INT64": mc.TYPE_INT64}
+KINDS = {"cpu": mc.ModelInstanceGroup.KIND_CPU, "gpu": mc.ModelInstanceGroup.KIND_GPU}
+
+
+@dataclass(frozen=True)
+class Tensor:
+    name: str
+    dtype: str  # a key of DTYPES
+    dims: tuple[int, ...]  # per item, without the batch axis
+    optional: bool = False
+
+    def __post_init__(self):
+        if self.dtype not in DTYPES:
+            raise ValueError(f"tensor {self.name}: dtype must be one of {sorted(DTYPES)}, got {self.dtype!r}")
+        if not self.dims or any(d == 0 or d < -1 for d in self.dims):
+            raise ValueError(f"tensor {self.name}: dims must be positive or -1, got {self.dims}")
+
+
+@dataclass(frozen=True)
+class Batching:
+    max_batch_size: int = 16
+    preferred: tuple[int, ...] = ()
+    max_queue_delay_us: int = 2000
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """A model served by a backend: python, onnxruntime or tensorrt."""
+
+    name: str
+    inputs: tuple[Tensor, ...]
+    outputs: tuple[Tensor, ...]
+    backend: str = "python"
+    batching: Batching = Batching()
+    instances: int = 1
+    kind: str = "cpu"
+    default_model_filename: str = ""
+    parameters: dict[str, str] = field(default_factory=dict)
+    accelerator: dict[str, str] | None = None  # GPU execution accelerator (e.g. TensorRT for onnxruntime)
+
+    PLATFORMS = {"onnxruntime": "onnxruntime_onnx", "tensorrt": "tensorrt_plan"}
+
+
+@dataclass(frozen=True)
+class Step:
+    model: str
+    input_map: dict[str, str]  # model input -> ensemble tensor
+    output_map: dict[str, str]  # model output -> ensemble tensor
+
+
+@dataclass(frozen=True)
+class EnsembleSpec:
+    name: str
+    inputs: tuple[Tensor, ...]
+    outputs: tuple[Tensor, ...]
+    steps: tuple[Step, ...]
+    max_batch_size: int = 16
+
+
+def _tensors(message_list, tensors, output: bool = False) -> None:
+    for t in tensors:
+        m = message_list.add()
+        m.name, m.data_type = t.name, DTYPES[t.dtype]
+        m.dims.extend(t.dims)
+        if t.optional and not output:
+            m.optional = True
+
+
+def to_config(spec: ModelSpec | EnsembleSpec) -> mc.ModelConfig:
+    cfg = mc.ModelConfig(name=spec.name)
+    if isinstance(spec, EnsembleSpec):
+        cfg.platform = "ensemble"
+        cfg.max_batch_size = spec.max_batch_size
+        _tensors(cfg.input, spec.inputs)
+        _tensors(cfg.output, spec.outputs, output=True)
+        produced = {t.name for t in spec.inputs}
+        for step in spec.steps:
+            missing = set(step.input_map.values()) - produced
+            if missing:
+                raise ValueError(f"ensemble {spec.name}: step {step.model} reads {sorted(missing)} before any step produces it")
+            s = cfg.ensemble_scheduling.step.add(model_name=step.model, model_version=-1)
+            s.input_map.update(step.input_map)
+            s.output_map.update(step.output_map)
+            produced |= set(step.output_map.values())
+        unproduced = {t.name for t in spec.outputs} - produced
+        if unproduced:
+            raise ValueError(f"ensemble {spec.name}: outputs {sorted(unproduced)} are produced by no step")
+        return cfg
+    if spec.backend == "python":
+        cfg.backend = "python"
+    elif spec.backend in ModelSpec.PLATFORMS:
+        cfg.platform = ModelSpec.PLATFORMS[spec.backend]
+    else:
+        raise ValueError(f"model {spec.name}: backend must be python, onnxruntime or tensorrt, got {spec.backend!r}")
+    if spec.default_model_filename:
+        cfg.default_model_filename = spec.default_model_filename
+    cfg.max_batch_size = spec.batching.max_batch_size
+    _tensors(cfg.input, spec.inputs)
+    _tensors(cfg.output, spec.outputs, output=True)
+    if spec.batching.max_batch_size > 0:
+        cfg.dynamic_batching.max_queue_delay_microseconds = spec.batching.max_queue_delay_us
+        cfg.dynamic_batching.preferred_batch_size.extend(spec.batching.preferred)
+    cfg.instance_group.add(count=spec.instances, kind=KINDS[spec.kind])
+    for key, value in spec.parameters.items():
+        cfg.parameters[key].string_value = str(value)
+    if spec.accelerator:
+        acc = cfg.optimization.execution_accelerators.gpu_execution_accelerator.add(name=spec.accelerator["name"])
+        acc.parameters.update({k: v for k, v in spec.accelerator.items() if k != "name"})
+    return cfg
+
+
+def to_pbtxt(spec: ModelSpec | EnsembleSpec) -> str:
+    return text_format.MessageToString(to_config(spec))
+
+
+def parse_pbtxt(text: str) -> mc.ModelConfig:
+    return text_format.Parse(text, mc.ModelConfig())
