@@ -142,6 +142,16 @@ def rgb_anomalous(rule: VerdictRule, rgb_score: np.ndarray) -> np.ndarray:
     return np.asarray(rgb_score, np.float64).reshape(-1) > rule.rgb_threshold
 
 
+def verdict_code(ct_defective, rgb_anomalous, policy: str = "or") -> np.ndarray:
+    """Verdict codes (N,) int32 from the two findings: 1 for CT, 2 for RGB, 3 for both."""
+    ct_bad, rgb_bad = np.asarray(ct_defective, bool), np.asarray(rgb_anomalous, bool)
+    if policy == "and":
+        ct_bad = rgb_bad = ct_bad & rgb_bad
+    elif policy != "or":
+        raise ValueError(f"verdict policy must be one of {POLICIES}, got {policy!r}")
+    return (ct_bad.astype(np.int32) + 2 * rgb_bad.astype(np.int32)).astype(np.int32)
+
+
 def decide(rule: VerdictRule, ct_probs: np.ndarray, rgb_score: np.ndarray) -> Decision:
     """Verdicts for N cells from their CT probabilities (N, C) and RGB scores (N,)."""
     defect_prob, ct_bad = ct_defect(rule, ct_probs)
@@ -149,11 +159,7 @@ def decide(rule: VerdictRule, ct_probs: np.ndarray, rgb_score: np.ndarray) -> De
     if len(score) != len(defect_prob):
         raise ValueError(f"{len(defect_prob)} CT results but {len(score)} RGB scores")
     rgb_bad = rgb_anomalous(rule, score)
-    if rule.policy == "and":
-        ct_flag = rgb_flag = ct_bad & rgb_bad
-    else:
-        ct_flag, rgb_flag = ct_bad, rgb_bad
-    verdict = (ct_flag.astype(np.int32) + 2 * rgb_flag.astype(np.int32)).astype(np.int32)
+    verdict = verdict_code(ct_bad, rgb_bad, rule.policy)
     conf_rgb = rgb_confidence(score, rule.rgb_threshold)
     confidence = np.select(
         [verdict == 0, verdict == 1, verdict == 2],

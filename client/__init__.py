@@ -1,0 +1,1 @@
+"""Python client of the inspection service: gRPC (sync and asyncio), command line."""

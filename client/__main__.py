@@ -1,0 +1,146 @@
+"""python -m client inspect|inspect-dir
+
+  inspect --ct CT.png --meta cell,z --rgb PHOTO.png     one cell, a readable verdict (or --json)
+  inspect-dir DIR --out results.jsonl                   every cell of an AI-Hub-layout folder, with a
+                                                        progress bar, JSONL results and a summary
+
+The service is `make serve` (tritonserver on localhost:8001 by default).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+
+from client.inspection import CellError, InspectionFailed, parse_meta
+from ensemble.interface import VERDICT_NAMES
+
+
+def _client(args):
+    from client.service import InspectionClient
+
+    client = InspectionClient(args.url, timeout=args.timeout, heatmaps=getattr(args, "heatmaps", None) is not None)
+    if not client.ready():
+        raise SystemExit(f"error: no ready inspection service at {args.url} (start it with 'make serve')")
+    return client
+
+
+def cmd_inspect(args) -> int:
+    try:
+        meta = parse_meta(args.meta)
+        ct, rgb = args.ct.read_bytes(), args.rgb.read_bytes()
+    except (ValueError, OSError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    with _client(args) as client:
+        try:
+            result = client.inspect(ct, meta, rgb, cell_id=args.ct.stem)
+        except InspectionFailed as e:
+            print(f"error: the service rejected the cell: {e.error.message}", file=sys.stderr)
+            return 1
+    if args.heatmaps:
+        _save_heatmaps(result, args.heatmaps)
+    if args.json:
+        print(json.dumps(result.to_dict(), indent=1))
+    else:
+        print(f"cell        CT {args.ct} + RGB {args.rgb}")
+        print(result.describe())
+        if args.heatmaps:
+            print(f"heatmaps    {args.heatmaps}/{result.cell_id}_ct_cam.png, {result.cell_id}_rgb_error.png")
+    return 0
+
+
+def _save_heatmaps(result, folder: Path) -> None:
+    from PIL import Image
+
+    folder.mkdir(parents=True, exist_ok=True)
+    cam = np.clip(result.ct_cam, 0, 1)
+    Image.fromarray((cam * 255).astype(np.uint8)).save(folder / f"{result.cell_id}_ct_cam.png")
+    emap = result.rgb_error_map
+    scaled = emap / max(float(emap.max()), 1e-12)
+    Image.fromarray((scaled * 255).astype(np.uint8)).save(folder / f"{result.cell_id}_rgb_error.png")
+
+
+def cmd_inspect_dir(args) -> int:
+    from tqdm import tqdm
+
+    from client.dataset import load_cells, pair_cells
+
+    if not args.dir.is_dir():
+        print(f"error: {args.dir} is not a folder", file=sys.stderr)
+        return 2
+    cells, report = pair_cells(args.dir, progress=not args.quiet)
+    if args.limit:
+        cells = cells[: args.limit]
+    if not cells:
+        print(f"error: no cells in {args.dir}: {report['ct_slices']} CT slices, {report['photos']} photos "
+              "(a cell is a CT slice with a photo of the same battery)", file=sys.stderr)
+        return 2
+    with_labels = all(c.ct_label for c in cells)
+    verdicts, errors, confusion = Counter(), Counter(), np.zeros((4, 4), int)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    with _client(args) as client, open(args.out, "w") as out:
+        start = time.perf_counter()
+        bar = tqdm(total=len(cells), unit="cell", desc="inspect", disable=args.quiet)
+        for cell, result in zip(cells, client.iter_inspect(load_cells(cells), concurrency=args.concurrency)):
+            row = {"cell_id": cell.cell_id, "ct_path": str(cell.ct_path), "rgb_path": str(cell.rgb_path), "meta": list(cell.meta)}
+            row |= result.to_dict()
+            if with_labels:
+                row["label"] = {"ct_class": cell.ct_label, "rgb_anomalous": cell.rgb_anomalous,
+                                "expected_verdict": VERDICT_NAMES[cell.expected_verdict]}
+            out.write(json.dumps(row) + "\n")
+            if isinstance(result, CellError):
+                errors[result.kind] += 1
+            else:
+                verdicts[result.verdict] += 1
+                confusion[cell.expected_verdict, result.verdict_code] += 1
+            bar.update()
+        bar.close()
+        seconds = time.perf_counter() - start
+    answered = sum(verdicts.values())
+    print(f"\n{len(cells)} cells in {seconds:.1f} s: {len(cells) / seconds:.1f} cells/s (concurrency {args.concurrency})")
+    for name in VERDICT_NAMES:
+        print(f"  {name:<16} {verdicts[name]:>6}")
+    for kind, n in errors.items():
+        print(f"  error {kind:<10} {n:>6}")
+    if with_labels and answered:
+        agree = int(np.trace(confusion))
+        print(f"agreement with the labels: {agree}/{answered} = {agree / answered:.3f}  (rows: expected, columns: verdict)")
+        print("  " + " " * 16 + "".join(f"{n[:8]:>10}" for n in VERDICT_NAMES))
+        for i, name in enumerate(VERDICT_NAMES):
+            print(f"  {name:<16}" + "".join(f"{v:>10}" for v in confusion[i]))
+    print(f"wrote {args.out}")
+    return 0 if not errors else 1
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m client", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--url", default="localhost:8001", help="Triton gRPC address (default localhost:8001)")
+    common.add_argument("--timeout", type=float, default=60.0, help="seconds per request (default 60)")
+    sub = p.add_subparsers(dest="command", required=True)
+    i = sub.add_parser("inspect", parents=[common], help="inspect one cell")
+    i.add_argument("--ct", type=Path, required=True, help="CT slice: PNG, JPEG, TIFF (8/16-bit) or DICOM")
+    i.add_argument("--meta", required=True, help="battery_type,slice_axis: cell|module,x|y|z (or 0|1,0|1|2)")
+    i.add_argument("--rgb", type=Path, required=True, help="exterior photo: PNG or JPEG")
+    i.add_argument("--json", action="store_true", help="print the result as JSON")
+    i.add_argument("--heatmaps", type=Path, metavar="DIR", help="also save CT_CAM and RGB_ERROR_MAP as PNGs into DIR")
+    i.set_defaults(func=cmd_inspect)
+    d = sub.add_parser("inspect-dir", parents=[common], help="inspect every cell of a data set folder")
+    d.add_argument("dir", type=Path, help="AI-Hub-layout folder (Training/Validation trees or flat images + JSON labels)")
+    d.add_argument("--out", type=Path, default=Path("results/results.jsonl"), help="JSONL output (default results/results.jsonl)")
+    d.add_argument("--concurrency", type=int, default=8, help="requests in flight (default 8)")
+    d.add_argument("--limit", type=int, help="inspect only the first N cells")
+    d.add_argument("--quiet", action="store_true", help="no progress bars")
+    d.set_defaults(func=cmd_inspect_dir, heatmaps=None)
+    args = p.parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

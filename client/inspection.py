@@ -1,0 +1,126 @@
+"""What the client sends (`Cell`) and gets back (`Inspection`, or `CellError` for a cell that failed)."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from ensemble import interface as api
+from training.data.labels import BATTERY_TYPES, CT_CLASSES, CT_DEFECT_CLASSES, SLICE_AXES
+
+
+def parse_meta(text: str | tuple | list) -> tuple[float, float]:
+    """'cell,z' or '0,2' (or a pair) -> (battery_type, slice_axis) as numbers."""
+    parts = [p.strip() for p in text.split(",")] if isinstance(text, str) else list(text)
+    if len(parts) != 2:
+        raise ValueError(f"metadata must be 'battery_type,slice_axis' such as 'cell,z' or '0,2', got {text!r}")
+    out = []
+    for value, names, what in ((parts[0], BATTERY_TYPES, "battery_type"), (parts[1], SLICE_AXES, "slice_axis")):
+        if isinstance(value, str) and value in names:
+            out.append(float(names.index(value)))
+            continue
+        try:
+            number = float(value)
+        except (TypeError, ValueError):
+            number = -1.0
+        if number not in range(len(names)):
+            raise ValueError(f"{what} must be one of {', '.join(names)} (or 0..{len(names) - 1}), got {value!r}")
+        out.append(number)
+    return out[0], out[1]
+
+
+@dataclass(frozen=True)
+class Cell:
+    """One battery cell to inspect: its encoded CT slice, metadata and encoded photo."""
+
+    ct: bytes
+    meta: tuple[float, float]  # (battery_type, slice_axis)
+    rgb: bytes
+    cell_id: str = ""
+
+    @classmethod
+    def from_files(cls, ct_path, meta, rgb_path, cell_id: str | None = None) -> "Cell":
+        return cls(Path(ct_path).read_bytes(), parse_meta(meta), Path(rgb_path).read_bytes(), cell_id or Path(ct_path).stem)
+
+
+@dataclass
+class Inspection:
+    """The service's answer for one cell."""
+
+    cell_id: str
+    verdict: str
+    verdict_code: int
+    confidence: float
+    ct_probs: dict[str, float]
+    rgb_score: float
+    rgb_threshold: float
+    ct_cam: np.ndarray | None = field(default=None, repr=False)  # (h, w) 0..1 at the CT model input
+    rgb_error_map: np.ndarray | None = field(default=None, repr=False)  # (h, w) at the RGB model input
+
+    @property
+    def ct_class(self) -> str:
+        return max(self.ct_probs, key=self.ct_probs.get)
+
+    @property
+    def ct_defect_probability(self) -> float:
+        return float(sum(self.ct_probs[c] for c in CT_DEFECT_CLASSES))
+
+    @property
+    def rgb_anomalous(self) -> bool:
+        return self.rgb_score > self.rgb_threshold
+
+    @property
+    def flagged(self) -> bool:
+        return self.verdict_code != 0
+
+    @classmethod
+    def from_outputs(cls, outputs: dict[str, np.ndarray], row: int, cell_id: str = "") -> "Inspection":
+        code = int(outputs[api.VERDICT][row].reshape(-1)[0])
+        cam, emap = outputs.get(api.CT_CAM), outputs.get(api.RGB_ERROR_MAP)
+        return cls(
+            cell_id=cell_id, verdict=api.VERDICT_NAMES[code], verdict_code=code,
+            confidence=float(outputs[api.CONFIDENCE][row].reshape(-1)[0]),
+            ct_probs={c: float(p) for c, p in zip(CT_CLASSES, outputs[api.CT_PROBS][row])},
+            rgb_score=float(outputs[api.RGB_SCORE][row].reshape(-1)[0]),
+            rgb_threshold=float(outputs[api.RGB_THRESHOLD][row].reshape(-1)[0]),
+            ct_cam=None if cam is None else cam[row], rgb_error_map=None if emap is None else emap[row])
+
+    def to_dict(self) -> dict:
+        """JSON-ready, without the heatmaps."""
+        return {"cell_id": self.cell_id, "verdict": self.verdict, "verdict_code": self.verdict_code, "confidence": round(self.confidence, 6),
+                "ct_class": self.ct_class, "ct_defect_probability": round(self.ct_defect_probability, 6),
+                "ct_probs": {k: round(v, 6) for k, v in self.ct_probs.items()}, "rgb_score": self.rgb_score,
+                "rgb_threshold": self.rgb_threshold, "rgb_anomalous": self.rgb_anomalous}
+
+    def describe(self) -> str:
+        others = ", ".join(f"{c} {p:.3f}" for c, p in sorted(self.ct_probs.items(), key=lambda kv: -kv[1])[1:])
+        side = "above" if self.rgb_anomalous else "not above"
+        return "\n".join([
+            f"verdict     {self.verdict} (code {self.verdict_code}), confidence {self.confidence:.3f}",
+            f"CT          {self.ct_class} {self.ct_probs[self.ct_class]:.3f} (then {others}); defect probability {self.ct_defect_probability:.3f}",
+            f"RGB         anomaly score {self.rgb_score:.4f}, {side} the threshold {self.rgb_threshold:.4f} -> "
+            f"{'anomalous' if self.rgb_anomalous else 'normal'}",
+        ])
+
+
+@dataclass(frozen=True)
+class CellError:
+    """A cell the service could not answer, with the reason; `inspect_many` returns it in the cell's place."""
+
+    cell_id: str
+    kind: str  # invalid_argument, unavailable, deadline_exceeded, internal, ...
+    message: str
+
+    flagged = False
+
+    def to_dict(self) -> dict:
+        return {"cell_id": self.cell_id, "error": self.kind, "message": self.message}
+
+
+class InspectionFailed(RuntimeError):
+    """Raised by `inspect` / `inspect_batch` when the service answers with an error."""
+
+    def __init__(self, error: CellError):
+        super().__init__(f"{error.cell_id + ': ' if error.cell_id else ''}{error.kind}: {error.message}")
+        self.error = error

@@ -1,0 +1,171 @@
+"""gRPC clients of the inspection service: `InspectionClient` (sync) and `AsyncInspectionClient`.
+
+    with InspectionClient("localhost:8001") as client:
+        result = client.inspect(ct_bytes, "cell,z", rgb_bytes)
+        print(result.verdict, result.confidence)
+        results = client.inspect_many(cells, concurrency=8)   # one Inspection or CellError per cell, in order
+"""
+from __future__ import annotations
+
+import asyncio
+import collections
+from concurrent.futures import ThreadPoolExecutor
+from typing import Iterable, Iterator
+
+import numpy as np
+import tritonclient.grpc as grpcclient
+from tritonclient.utils import InferenceServerException
+
+from client.inspection import Cell, CellError, Inspection, InspectionFailed, parse_meta
+from ensemble import interface as api
+
+HEATMAPS = (api.CT_CAM, api.RGB_ERROR_MAP)
+
+
+def build_inputs(cells: list[Cell]) -> list[grpcclient.InferInput]:
+    """The `inspect` request for a batch of cells."""
+    n = len(cells)
+    ct = grpcclient.InferInput(api.CT_IMAGE, [n, 1], "BYTES")
+    ct.set_data_from_numpy(np.array([[c.ct] for c in cells], dtype=object))
+    meta = grpcclient.InferInput(api.CT_META, [n, 2], "FP32")
+    meta.set_data_from_numpy(np.array([c.meta for c in cells], dtype=np.float32).reshape(n, 2))
+    rgb = grpcclient.InferInput(api.RGB_IMAGE, [n, 1], "BYTES")
+    rgb.set_data_from_numpy(np.array([[c.rgb] for c in cells], dtype=object))
+    return [ct, meta, rgb]
+
+
+def requested_outputs(heatmaps: bool) -> list[grpcclient.InferRequestedOutput]:
+    return [grpcclient.InferRequestedOutput(n) for n in api.INSPECT_OUTPUTS if heatmaps or n not in HEATMAPS]
+
+
+def cell_error(exc: Exception, cell_id: str) -> CellError:
+    if isinstance(exc, InferenceServerException):
+        status = (exc.status() or "StatusCode.UNKNOWN").rsplit(".", 1)[-1].lower()
+        return CellError(cell_id, status, exc.message() or str(exc))
+    return CellError(cell_id, type(exc).__name__, str(exc))
+
+
+def _results(result, cells: list[Cell], heatmaps: bool) -> list[Inspection]:
+    names = [n for n in api.INSPECT_OUTPUTS if heatmaps or n not in HEATMAPS]
+    outputs = {n: result.as_numpy(n) for n in names}
+    return [Inspection.from_outputs(outputs, i, c.cell_id) for i, c in enumerate(cells)]
+
+
+def _cell(ct_bytes, meta, rgb_bytes, cell_id) -> Cell:
+    return Cell(bytes(ct_bytes), parse_meta(meta), bytes(rgb_bytes), cell_id)
+
+
+class InspectionClient:
+    """Synchronous client (thread-safe: `inspect_many` runs requests from a thread pool)."""
+
+    def __init__(self, url: str = "localhost:8001", model: str = api.INSPECT, timeout: float = 60.0, heatmaps: bool = True,
+                 ssl: bool = False, root_certificates: str | None = None):
+        self.url, self.model, self.timeout, self.heatmaps = url, model, timeout, heatmaps
+        self._client = grpcclient.InferenceServerClient(url, ssl=ssl, root_certificates=root_certificates)
+
+    def ready(self) -> bool:
+        """Whether the server is up and the inspect model is ready."""
+        try:
+            return self._client.is_server_ready() and self._client.is_model_ready(self.model)
+        except InferenceServerException:
+            return False
+
+    def inspect(self, ct_bytes: bytes, meta, rgb_bytes: bytes, cell_id: str = "") -> Inspection:
+        """One cell; raises `InspectionFailed` with the service's reason on error."""
+        return self.inspect_batch([_cell(ct_bytes, meta, rgb_bytes, cell_id)])[0]
+
+    def inspect_batch(self, cells: list[Cell]) -> list[Inspection]:
+        """Several cells in one request (one error fails them all: use inspect_many to isolate)."""
+        try:
+            result = self._client.infer(self.model, build_inputs(cells), outputs=requested_outputs(self.heatmaps),
+                                        client_timeout=self.timeout)
+        except InferenceServerException as e:
+            raise InspectionFailed(cell_error(e, cells[0].cell_id if len(cells) == 1 else "")) from None
+        return _results(result, cells, self.heatmaps)
+
+    def iter_inspect(self, cells: Iterable[Cell], concurrency: int = 8) -> Iterator[Inspection | CellError]:
+        """Pipelines the cells, at most `concurrency` requests in flight; yields one result per cell, in order.
+
+        Cells are read from the iterable only as the window moves, so a generator of cells
+        over a large folder never holds more than a window of images in memory.
+        """
+        def one(cell: Cell) -> Inspection | CellError:
+            try:
+                return self.inspect_batch([cell])[0]
+            except InspectionFailed as e:
+                return e.error
+            except Exception as e:  # a transport failure is this cell's error, not the end of the run
+                return cell_error(e, cell.cell_id)
+
+        window: collections.deque = collections.deque()
+        with ThreadPoolExecutor(max_workers=max(1, concurrency)) as pool:
+            for cell in cells:
+                window.append(pool.submit(one, cell))
+                if len(window) >= concurrency:
+                    yield window.popleft().result()
+            while window:
+                yield window.popleft().result()
+
+    def inspect_many(self, cells: Iterable[Cell], concurrency: int = 8) -> list[Inspection | CellError]:
+        return list(self.iter_inspect(cells, concurrency))
+
+    def close(self) -> None:
+        self._client.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+class AsyncInspectionClient:
+    """asyncio client over tritonclient.grpc.aio."""
+
+    def __init__(self, url: str = "localhost:8001", model: str = api.INSPECT, timeout: float = 60.0, heatmaps: bool = True,
+                 ssl: bool = False, root_certificates: str | None = None):
+        import tritonclient.grpc.aio as aio
+
+        self.url, self.model, self.timeout, self.heatmaps = url, model, timeout, heatmaps
+        self._client = aio.InferenceServerClient(url, ssl=ssl, root_certificates=root_certificates)
+
+    async def ready(self) -> bool:
+        try:
+            return await self._client.is_server_ready() and await self._client.is_model_ready(self.model)
+        except InferenceServerException:
+            return False
+
+    async def inspect(self, ct_bytes: bytes, meta, rgb_bytes: bytes, cell_id: str = "") -> Inspection:
+        return (await self.inspect_batch([_cell(ct_bytes, meta, rgb_bytes, cell_id)]))[0]
+
+    async def inspect_batch(self, cells: list[Cell]) -> list[Inspection]:
+        try:
+            result = await self._client.infer(self.model, build_inputs(cells), outputs=requested_outputs(self.heatmaps),
+                                              client_timeout=self.timeout)
+        except InferenceServerException as e:
+            raise InspectionFailed(cell_error(e, cells[0].cell_id if len(cells) == 1 else "")) from None
+        return _results(result, cells, self.heatmaps)
+
+    async def inspect_many(self, cells: Iterable[Cell], concurrency: int = 8) -> list[Inspection | CellError]:
+        """One result or one CellError per cell, in order, with at most `concurrency` requests in flight."""
+        limit = asyncio.Semaphore(max(1, concurrency))
+
+        async def one(cell: Cell) -> Inspection | CellError:
+            async with limit:
+                try:
+                    return (await self.inspect_batch([cell]))[0]
+                except InspectionFailed as e:
+                    return e.error
+                except Exception as e:
+                    return cell_error(e, cell.cell_id)
+
+        return list(await asyncio.gather(*(one(c) for c in cells)))
+
+    async def close(self) -> None:
+        await self._client.close()
+
+    async def __aenter__(self):
+        return self
+
+    async def __aexit__(self, *exc):
+        await self.close()
