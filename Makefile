@@ -4,7 +4,13 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: setup test synth preview bench-synth train-quick train-standard clean
+.PHONY: setup serve test synth preview bench-synth train-quick train-standard clean
+
+# serve: ports and runs are configurable, e.g. make serve GRPC_PORT=9001 RUNS="runs/standard"
+GRPC_PORT    ?= 8001
+HTTP_PORT    ?= 8000
+METRICS_PORT ?= 8002
+RUNS         ?=
 
 setup: $(STAMP)
 
@@ -14,6 +20,11 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -e '.[dev]'
 	@touch $(STAMP)
+
+# Train the quick models if no runs exist, build the repository if stale, run tritonserver
+# in the foreground (Ctrl-C stops it).
+serve: setup
+	$(PY) -m export serve --grpc-port $(GRPC_PORT) --http-port $(HTTP_PORT) --metrics-port $(METRICS_PORT) $(if $(RUNS),--runs $(RUNS))
 
 test: setup
 	$(PY) -m pytest -n 2 $(PYTEST_ARGS)
@@ -37,3 +48,4 @@ bench-synth: setup
 
 clean:
 	rm -rf $(VENV) build .pytest_cache
+	find model_repository -mindepth 1 -maxdepth 1 ! -name README.md -exec rm -rf {} +

@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 from pathlib import Path
 
@@ -62,6 +63,10 @@ def resolve_runs(runs: list[Path] | None, train_if_missing: bool = True) -> list
     return [Path("runs/quick")]
 
 
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt
+
+
 def cmd_serve(args) -> int:
     from export.repository import build_repository, is_current
     from export.server import Ports, TritonServer
@@ -75,6 +80,8 @@ def cmd_serve(args) -> int:
         print(f"{args.repository} is up to date with {', '.join(map(str, runs))}")
     ports = Ports(args.http_port, args.grpc_port, args.metrics_port)
     server = TritonServer(args.repository, ports)
+    signal.signal(signal.SIGTERM, _interrupt)  # a process manager's stop: the same clean shutdown as Ctrl-C
+    signal.signal(signal.SIGINT, _interrupt)
     print("starting tritonserver ...", flush=True)
     try:
         server.start(timeout=args.start_timeout, foreground=True)

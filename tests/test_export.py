@@ -1,0 +1,212 @@
+"""Export: ONNX parity, in-graph Grad-CAM against pytorch-grad-cam, typed configs, the repository generator."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+from pytorch_grad_cam import GradCAM
+from tiny_models import make_ct_run, make_rgb_run
+
+from ensemble import interface as api
+from export.graphs import CTInference
+from export.onnx_export import OPSET, check_parity, example_inputs, export_run, read_info
+from export.repository import RUNTIMES, build_repository, is_current, model_specs
+from export.spec import Batching, EnsembleSpec, ModelSpec, Step, Tensor, parse_pbtxt, to_config, to_pbtxt
+from training.checkpoint import load_checkpoint
+from training.data.labels import CT_CLASSES
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("runs")
+    return {"ct": make_ct_run(root / "ct", size=64), "rgb": make_rgb_run(root / "rgb", size=64, threshold=0.3),
+            "ct_avg": make_ct_run(root / "ct_avg", size=64, pool="avg", seed=1),
+            "ct_early": make_ct_run(root / "ct_early", size=64, arch="resnet18_early_fusion", seed=2),
+            "rgb_recon": make_rgb_run(root / "rgb_recon", size=64, segment=0, threshold=0.01)}
+
+
+@pytest.mark.parametrize("name", ["ct", "ct_avg", "ct_early", "rgb", "rgb_recon"])
+def test_onnx_matches_pytorch_on_batches_of_1_and_5_with_a_dynamic_batch_axis(runs, tmp_path, name):
+    exported = export_run(runs[name], tmp_path)
+    proto = onnx.load(str(exported.onnx_path))
+    assert proto.opset_import[0].version >= 17 == OPSET
+    for tensor in [*proto.graph.input, *proto.graph.output]:
+        assert tensor.type.tensor_type.shape.dim[0].dim_param == "batch", tensor.name
+    assert set(exported.parity) == {1, 5}
+    assert max(v for d in exported.parity.values() for v in d.values()) <= 1e-4
+    # the check itself: another batch size, compared independently of export_run
+    session = ort.InferenceSession(str(exported.onnx_path))
+    model, info = load_checkpoint(runs[name])
+    from export.graphs import inference_graph
+
+    graph = inference_graph(model, info)
+    inputs = example_inputs(info, 3, seed=7)
+    got = session.run(None, {i.name: t.numpy() for i, t in zip(session.get_inputs(), inputs)})
+    with torch.no_grad():
+        expected = graph(*inputs)
+    for g, e in zip(got, expected):
+        np.testing.assert_allclose(g, e.numpy(), atol=1e-4)
+
+
+def test_ct_graph_outputs_calibrated_probabilities_and_a_cam_per_image(runs, tmp_path):
+    exported = export_run(runs["ct"], tmp_path)
+    assert exported.info["class_names"] == list(CT_CLASSES)
+    model, info = load_checkpoint(runs["ct"])
+    image, meta = example_inputs(info, 4)
+    probs, cam = ort.InferenceSession(str(exported.onnx_path)).run(None, {api.CT_TENSOR: image.numpy(), api.CT_META: meta.numpy()})
+    with torch.no_grad():
+        logits = model(image, meta)
+    np.testing.assert_allclose(probs, torch.softmax(logits / info["temperature"], 1).numpy(), atol=1e-5)
+    assert cam.shape == (4, 64, 64)
+    assert cam.min() >= 0 and cam.max() <= 1 + 1e-6
+    peaks = cam.reshape(4, -1).max(1)  # each map scaled to 0..1; all zero when no region raises the top class
+    assert np.all((np.abs(peaks - 1) < 1e-3) | (peaks == 0)), peaks
+    assert read_info(exported.onnx_path)["temperature"] == info["temperature"]
+
+
+class _WithMeta(torch.nn.Module):
+    """pytorch-grad-cam calls model(image): the metadata rides along."""
+
+    def __init__(self, model, meta):
+        super().__init__()
+        self.model, self.meta = model, meta
+
+    def forward(self, image):
+        return self.model(image, self.meta)
+
+
+@pytest.mark.parametrize("name", ["ct", "ct_avg", "ct_early"])
+def test_in_graph_cam_matches_pytorch_grad_cam_per_image(runs, tmp_path, name):
+    model, info = load_checkpoint(runs[name])
+    image, meta = example_inputs(info, 6, seed=11)
+    exported = export_run(runs[name], tmp_path)
+    _, cam = ort.InferenceSession(str(exported.onnx_path)).run(None, {api.CT_TENSOR: image.numpy(), api.CT_META: meta.numpy()})
+    target = model.body[-1] if hasattr(model, "body") else model.features[-1]
+    reference = GradCAM(model=_WithMeta(model, meta), target_layers=[target])(input_tensor=image, targets=None)
+    compared = 0
+    for ours, theirs in zip(cam, reference):
+        if theirs.max() == 0:  # no positive evidence anywhere: both maps are empty
+            assert ours.max() < 1e-6
+            continue
+        r = np.corrcoef(ours.ravel(), theirs.ravel())[0, 1]
+        assert r >= 0.99, r
+        compared += 1
+    assert compared >= 3  # most images do have a map to compare
+
+
+def test_cam_needs_the_fusion_head_shape():
+    from torch import nn
+
+    from training.models import create_model
+
+    model = create_model("resnet18_late_fusion", hidden=16)
+    model.head = nn.Sequential(nn.Linear(514, 5))
+    with pytest.raises(ValueError, match="fusion head"):
+        CTInference(model)
+
+
+def test_parity_check_raises_when_the_onnx_file_differs(runs, tmp_path):
+    exported = export_run(runs["ct"], tmp_path)
+    model, info = load_checkpoint(runs["ct_avg"])  # another network against this file
+    with pytest.raises(AssertionError, match="differs from PyTorch"):
+        check_parity(CTInference(model, info["temperature"]), exported.onnx_path, info)
+
+
+def test_config_specs_round_trip_through_the_protobuf_message():
+    spec = ModelSpec("m", (Tensor("A", "BYTES", (1,)), Tensor("B", "FP32", (2,), optional=True)), (Tensor("C", "INT32", (1,)),),
+                     batching=Batching(8, max_queue_delay_us=500), instances=2, parameters={"k": "v"})
+    cfg = parse_pbtxt(to_pbtxt(spec))
+    assert cfg == to_config(spec)
+    assert cfg.max_batch_size == 8 and cfg.dynamic_batching.max_queue_delay_microseconds == 500
+    assert cfg.input[1].optional and cfg.instance_group[0].count == 2 and cfg.parameters["k"].string_value == "v"
+
+
+def test_config_mistakes_fail_when_the_config_is_built():
+    with pytest.raises(ValueError, match="dtype"):
+        Tensor("A", "FLOAT", (1,))
+    with pytest.raises(ValueError, match="dims"):
+        Tensor("A", "FP32", ())
+    a, b = Tensor("A", "FP32", (1,)), Tensor("B", "FP32", (1,))
+    with pytest.raises(ValueError, match="before any step produces it"):
+        to_config(EnsembleSpec("e", (a,), (b,), (Step("m", {"X": "Z"}, {"Y": "B"}),)))
+    with pytest.raises(ValueError, match="produced by no step"):
+        to_config(EnsembleSpec("e", (a,), (b,), (Step("m", {"X": "A"}, {"Y": "C"}),)))
+    with pytest.raises(ValueError, match="backend"):
+        to_config(ModelSpec("m", (a,), (b,), backend="torch"))
+
+
+@pytest.fixture(scope="module")
+def repository(runs, tmp_path_factory):
+    out = tmp_path_factory.mktemp("repo") / "model_repository"
+    manifest = build_repository([runs["ct"], runs["rgb"]], "python-ort", out, progress=lambda *_: None)
+    return out, manifest
+
+
+def test_repository_has_every_model_with_facts_from_the_checkpoints(repository, runs):
+    out, manifest = repository
+    names = {api.CT_PREPROCESS, api.CT_CLASSIFIER, api.RGB_PREPROCESS, api.RGB_AUTOENCODER, api.VERDICT_MODEL,
+             api.INSPECT, api.INSPECT_CT, api.INSPECT_RGB}
+    assert set(manifest["models"]) == names
+    configs = {n: parse_pbtxt((out / n / "config.pbtxt").read_text()) for n in names}
+    for name, cfg in configs.items():
+        assert cfg.name == name and cfg.max_batch_size >= 8
+        if cfg.platform != "ensemble":
+            assert cfg.HasField("dynamic_batching")
+    inspect = configs[api.INSPECT]
+    assert [i.name for i in inspect.input] == [api.CT_IMAGE, api.CT_META, api.RGB_IMAGE]
+    assert [o.name for o in inspect.output] == list(api.INSPECT_OUTPUTS)
+    assert [o.name for o in configs[api.INSPECT_CT].output] == list(api.INSPECT_CT_OUTPUTS)
+    assert [o.name for o in configs[api.INSPECT_RGB].output] == list(api.INSPECT_RGB_OUTPUTS)
+    cam = next(o for o in inspect.output if o.name == api.CT_CAM)
+    assert list(cam.dims) == [64, 64]  # the checkpoint's input size
+    rule = json.loads(configs[api.VERDICT_MODEL].parameters["rule"].string_value)
+    assert rule["rgb_threshold"] == pytest.approx(0.3)  # from the RGB checkpoint
+    info = json.loads(configs[api.CT_PREPROCESS].parameters["serving_info"].string_value)
+    assert info["input_size"] == 64 and info["normalization"] == load_checkpoint(runs["ct"])[1]["normalization"]
+    assert (out / api.CT_CLASSIFIER / "1" / "model.onnx").exists() and (out / api.CT_CLASSIFIER / "1" / "model.py").exists()
+    assert is_current(out, [runs["ct"], runs["rgb"]], "python-ort")
+    assert not is_current(out, [runs["ct_avg"], runs["rgb"]], "python-ort")
+    assert not is_current(out, [runs["ct"], runs["rgb"]], "onnxruntime")
+
+
+@pytest.mark.parametrize("runtime", ["onnxruntime", "tensorrt"])
+def test_native_runtimes_get_native_backend_configs_and_the_same_other_models(repository, runtime):
+    out, _ = repository
+    cfg_ct = parse_pbtxt((out / api.CT_CLASSIFIER / "config.pbtxt").read_text())
+    python_info = json.loads(parse_pbtxt((out / api.CT_PREPROCESS / "config.pbtxt").read_text()).parameters["serving_info"].string_value)
+    rgb_info = json.loads(parse_pbtxt((out / api.RGB_PREPROCESS / "config.pbtxt").read_text()).parameters["serving_info"].string_value)
+    specs = {s.name: to_config(s) for s in model_specs(python_info, rgb_info, "{}", runtime)}
+    native = specs[api.CT_CLASSIFIER]
+    assert native.platform == {"onnxruntime": "onnxruntime_onnx", "tensorrt": "tensorrt_plan"}[runtime]
+    assert native.default_model_filename == {"onnxruntime": "model.onnx", "tensorrt": "model.plan"}[runtime]
+    assert native.instance_group[0].kind == native.instance_group[0].KIND_GPU
+    assert [i.name for i in native.input] == [i.name for i in cfg_ct.input]
+    assert [list(o.dims) for o in native.output] == [list(o.dims) for o in cfg_ct.output]
+    assert parse_pbtxt(to_pbtxt(next(s for s in model_specs(python_info, rgb_info, "{}", runtime) if s.name == api.CT_CLASSIFIER))) == native
+    python_specs = {s.name: to_config(s) for s in model_specs(python_info, rgb_info, "{}", "python-ort")}
+    for name in (api.CT_PREPROCESS, api.RGB_PREPROCESS, api.VERDICT_MODEL, api.INSPECT, api.INSPECT_CT, api.INSPECT_RGB):
+        assert specs[name] == python_specs[name]
+    assert set(RUNTIMES) == {"python-ort", "onnxruntime", "tensorrt"}
+
+
+def test_repository_cli_writes_a_tensorrt_repository_and_says_what_is_missing(runs, tmp_path, capsys):
+    from export.__main__ import main
+
+    assert main(["repository", "--runs", str(runs["ct"]), str(runs["rgb"]), "--runtime", "tensorrt", "--out", str(tmp_path / "r")]) == 0
+    out = capsys.readouterr().out
+    assert "TensorRT engines" in out
+    cfg = parse_pbtxt((tmp_path / "r" / api.RGB_AUTOENCODER / "config.pbtxt").read_text())
+    assert cfg.platform == "tensorrt_plan"
+    assert not (tmp_path / "r" / api.RGB_AUTOENCODER / "1" / "model.py").exists()
+
+
+def test_repository_refuses_runs_without_both_models(runs, tmp_path, capsys):
+    from export.__main__ import main
+
+    assert main(["repository", "--runs", str(runs["ct"]), "--out", str(tmp_path / "r")]) == 2
+    assert "no rgb_autoencoder checkpoint" in capsys.readouterr().err
+    assert not (tmp_path / "r").exists()
