@@ -155,6 +155,10 @@ def test_all_four_verdicts_occur_and_heatmaps_have_the_documented_shapes_and_ran
         assert 0.0 <= r.confidence <= 1.0
         assert abs(sum(r.ct_probs.values()) - 1.0) < 1e-5
         assert r.rgb_anomalous == (r.verdict in ("external_defect", "combined_defect"))
+    # concurrent requests were batched: the networks ran batches of more than one cell
+    stats = grpcclient.InferenceServerClient(service["url"]).get_inference_statistics(api.CT_CLASSIFIER, as_json=True)
+    sizes = [int(b["batch_size"]) for b in stats["model_stats"][0]["batch_stats"]]
+    assert max(sizes) > 1, sizes
 
 
 def test_triton_gives_the_verdicts_of_the_in_process_pytorch_pipeline_over_200_cells(service, reference, client):
