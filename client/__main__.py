@@ -3,6 +3,7 @@
   inspect --ct CT.png --meta cell,z --rgb PHOTO.png     one cell, a readable verdict (or --json)
   inspect-dir DIR --out results.jsonl                   every cell of an AI-Hub-layout folder, with a
                                                         progress bar, JSONL results and a summary
+                                                        (exit status 1 if any cell was rejected)
 
 The service is `make serve` (tritonserver on localhost:8001 by default).
 """
