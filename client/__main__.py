@@ -85,7 +85,13 @@ def cmd_inspect_dir(args) -> int:
     with_labels = all(c.ct_label for c in cells)
     verdicts, errors, confusion = Counter(), Counter(), np.zeros((4, 4), int)
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    with _client(args) as client, open(args.out, "w") as out:
+    if args.local:
+        from export.local import LocalInspector
+
+        connect = LocalInspector(args.local)
+    else:
+        connect = _client(args)
+    with connect as client, open(args.out, "w") as out:
         start = time.perf_counter()
         bar = tqdm(total=len(cells), unit="cell", desc="inspect", disable=args.quiet)
         for cell, result in zip(cells, client.iter_inspect(load_cells(cells), concurrency=args.concurrency)):
@@ -104,7 +110,8 @@ def cmd_inspect_dir(args) -> int:
         bar.close()
         seconds = time.perf_counter() - start
     answered = sum(verdicts.values())
-    print(f"\n{len(cells)} cells in {seconds:.1f} s: {len(cells) / seconds:.1f} cells/s (concurrency {args.concurrency})")
+    how = "in-process PyTorch" if args.local else f"concurrency {args.concurrency}"
+    print(f"\n{len(cells)} cells in {seconds:.1f} s: {len(cells) / seconds:.1f} cells/s ({how})")
     for name in VERDICT_NAMES:
         print(f"  {name:<16} {verdicts[name]:>6}")
     for kind, n in errors.items():
@@ -138,6 +145,8 @@ def main(argv=None) -> int:
     d.add_argument("--concurrency", type=int, default=8, help="requests in flight (default 8)")
     d.add_argument("--limit", type=int, help="inspect only the first N cells")
     d.add_argument("--quiet", action="store_true", help="no progress bars")
+    d.add_argument("--local", nargs="+", type=Path, metavar="RUN",
+                   help="no server: run these checkpoints in-process with PyTorch (same decoding, preprocessing and rule)")
     d.set_defaults(func=cmd_inspect_dir, heatmaps=None)
     args = p.parse_args(argv)
     return args.func(args)

@@ -17,6 +17,7 @@ from ensemble.rule import VerdictRule, decide, load_rule
 from export.decode import decode_ct, decode_rgb
 from export.graphs import inference_graph
 from export.repository import classify_runs
+from export.serving import check_meta
 from training.checkpoint import load_checkpoint
 from training.preprocess import ct_input, rgb_input
 
@@ -40,11 +41,37 @@ class TorchPipeline:
     @torch.no_grad()
     def run(self, ct_images: list[bytes], meta, rgb_images: list[bytes]) -> dict[str, np.ndarray]:
         """The `inspect` outputs for a batch of encoded cells."""
+        meta = check_meta(np.asarray(meta, np.float32).reshape(-1, 2))
         ct = torch.from_numpy(np.stack([self.ct_tensor(b) for b in ct_images]))
         rgb = torch.from_numpy(np.stack([self.rgb_tensor(b) for b in rgb_images]))
-        probs, cam = (t.numpy() for t in self.ct_graph(ct, torch.as_tensor(np.asarray(meta, np.float32).reshape(-1, 2))))
+        probs, cam = (t.numpy() for t in self.ct_graph(ct, torch.from_numpy(meta)))
         score, emap = (t.numpy() for t in self.rgb_graph(rgb))
         d = decide(self.rule, probs, score[:, 0])
         return {api.VERDICT: d.verdict[:, None], api.CONFIDENCE: d.confidence[:, None], api.CT_PROBS: probs, api.RGB_SCORE: score,
                 api.RGB_THRESHOLD: np.full((len(score), 1), self.rule.rgb_threshold, np.float32), api.CT_CAM: cam,
                 api.RGB_ERROR_MAP: emap}
+
+
+class LocalInspector:
+    """`TorchPipeline` behind the client's `iter_inspect` interface, for offline runs of
+    `python -m client inspect-dir --local RUNS` (no server; one cell at a time)."""
+
+    def __init__(self, runs, rule_path: str | Path | None = None):
+        self.pipeline = TorchPipeline(runs, rule_path)
+
+    def iter_inspect(self, cells, concurrency: int = 1):
+        from client.inspection import CellError, Inspection
+
+        for cell in cells:
+            try:
+                out = self.pipeline.run([cell.ct], [cell.meta], [cell.rgb])
+            except ValueError as e:  # ImageError and bad metadata, as the server would refuse them
+                yield CellError(cell.cell_id, "invalid_argument", str(e))
+                continue
+            yield Inspection.from_outputs(out, 0, cell.cell_id)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return None

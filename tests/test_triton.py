@@ -263,6 +263,14 @@ def test_client_commands_print_a_verdict_and_a_summary_with_agreement(service, t
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     assert len(rows) == 30 and all(r["verdict"] in api.VERDICT_NAMES and "expected_verdict" in r["label"] for r in rows)
     assert "cells/s" in run.stdout and "agreement with the labels" in run.stdout
+    offline = tmp_path / "offline.jsonl"  # the same folder in-process, without the server
+    run = subprocess.run([sys.executable, "-m", "client", "inspect-dir", str(service["data"]), "--out", str(offline), "--local",
+                          *map(str, service["runs"]), "--limit", "30", "--quiet"], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr
+    assert "in-process PyTorch" in run.stdout
+    local_rows = [json.loads(line) for line in offline.read_text().splitlines()]
+    assert [r["verdict"] for r in local_rows] == [r["verdict"] for r in rows]
+    assert [r["cell_id"] for r in local_rows] == [r["cell_id"] for r in rows]
     down = subprocess.run([sys.executable, "-m", "client", "inspect-dir", str(service["data"]), "--url", "localhost:1"],
                           capture_output=True, text=True, timeout=120)
     assert down.returncode != 0 and "no ready inspection service at localhost:1" in down.stderr
