@@ -139,7 +139,9 @@ def ct_defect(rule: VerdictRule, ct_probs: np.ndarray) -> tuple[np.ndarray, np.n
 
 
 def rgb_anomalous(rule: VerdictRule, rgb_score: np.ndarray) -> np.ndarray:
-    return np.asarray(rgb_score, np.float64).reshape(-1) > rule.rgb_threshold
+    """Score above the threshold, compared in float32: the precision of RGB_SCORE and of the
+    RGB_THRESHOLD the service reports, so a client comparing the two agrees with the verdict."""
+    return np.asarray(rgb_score, np.float32).reshape(-1) > np.float32(rule.rgb_threshold)
 
 
 def verdict_code(ct_defective, rgb_anomalous, policy: str = "or") -> np.ndarray:

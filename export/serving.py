@@ -9,6 +9,8 @@ from pathlib import Path
 
 import numpy as np
 
+from ensemble import interface as api
+from ensemble.rule import VerdictRule, decide, rgb_anomalous, rgb_confidence
 from export.decode import ImageError, Limits, decode_ct, decode_rgb
 from training.data.labels import BATTERY_TYPES, SLICE_AXES
 from training.preprocess import ct_input, rgb_input
@@ -112,3 +114,28 @@ class OrtRunner:
             return dict(zip(self.outputs, self.session.run(self.outputs, {n: request[n] for n in self.inputs})))
         except Exception as e:
             return RequestError(f"inference failed: {e}")
+
+
+def verdict_outputs(rule: VerdictRule, probs: list[np.ndarray | None], scores: list[np.ndarray]) -> list[dict[str, np.ndarray]]:
+    """The `verdict` model's answer for each request of a dynamic batch, decided in one call.
+
+    A request without CT_PROBS (from `inspect_rgb`) gets the RGB half only: verdict 0 or 2,
+    the RGB confidence, the threshold; the batch may mix both kinds.
+    """
+    scores = [np.asarray(s, np.float32).reshape(-1) for s in scores]
+    sizes = [len(s) for s in scores]
+    score = np.concatenate(scores)
+    if all(p is not None for p in probs):
+        d = decide(rule, np.concatenate(probs), score)
+        verdict, confidence = d.verdict, d.confidence
+    else:
+        verdict = np.where(rgb_anomalous(rule, score), 2, 0).astype(np.int32)
+        confidence = rgb_confidence(score, rule.rgb_threshold)
+        bounds = np.cumsum([0, *sizes])
+        for p, s, a in zip(probs, scores, bounds):
+            if p is not None:
+                part = decide(rule, p, s)
+                verdict[a : a + len(s)], confidence[a : a + len(s)] = part.verdict, part.confidence
+    bounds = np.cumsum([0, *sizes])
+    return [{api.VERDICT: verdict[a:b, None], api.CONFIDENCE: confidence[a:b, None],
+             api.RGB_THRESHOLD: np.full((b - a, 1), rule.rgb_threshold, np.float32)} for a, b in zip(bounds[:-1], bounds[1:])]

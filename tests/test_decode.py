@@ -161,3 +161,28 @@ def test_ort_runner_runs_requests_as_one_batch_and_isolates_a_bad_request(tmp_pa
     mixed = runner.run_many([{"X": np.ones((1, 3), np.float32)}, {"X": np.ones((1, 4), np.float32)}])
     np.testing.assert_array_equal(mixed[0]["Y"], np.full((1, 3), 2))
     assert isinstance(mixed[1], RequestError) and "inference failed" in str(mixed[1])
+
+
+def test_verdict_outputs_decide_a_dynamic_batch_that_mixes_inspect_and_inspect_rgb_requests():
+    from ensemble import VerdictRule, decide
+    from ensemble import interface as api
+    from export.serving import verdict_outputs
+    from training.data.labels import CT_CLASSES, CT_DEFECT_CLASSES
+
+    rule = VerdictRule(CT_CLASSES, CT_DEFECT_CLASSES, rgb_threshold=0.2)
+    rng = np.random.default_rng(0)
+    probs = [rng.dirichlet(np.ones(5), 2).astype(np.float32), None, rng.dirichlet(np.ones(5), 1).astype(np.float32)]
+    scores = [np.array([[0.1], [0.3]], np.float32), np.array([[0.25], [0.05], [0.2]], np.float32), np.array([[0.5]], np.float32)]
+    out = verdict_outputs(rule, probs, scores)
+    assert [len(o[api.VERDICT]) for o in out] == [2, 3, 1]
+    for o, p, s in zip(out, probs, scores):
+        assert o[api.VERDICT].shape == (len(s), 1) and o[api.VERDICT].dtype == np.int32
+        np.testing.assert_array_equal(o[api.RGB_THRESHOLD], np.full((len(s), 1), 0.2, np.float32))
+        if p is not None:
+            d = decide(rule, p, s)
+            np.testing.assert_array_equal(o[api.VERDICT][:, 0], d.verdict)
+            np.testing.assert_allclose(o[api.CONFIDENCE][:, 0], d.confidence)
+    assert out[1][api.VERDICT][:, 0].tolist() == [2, 0, 0]  # RGB half only
+    both = verdict_outputs(rule, [probs[0], probs[2]], [scores[0], scores[2]])
+    np.testing.assert_array_equal(np.concatenate([o[api.VERDICT] for o in both])[:, 0],
+                                  decide(rule, np.concatenate([probs[0], probs[2]]), np.array([0.1, 0.3, 0.5])).verdict)
