@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -27,6 +28,19 @@ class Ports:
     http: int = 8000
     grpc: int = 8001
     metrics: int = 8002
+
+
+def busy_ports(ports: Ports) -> list[str]:
+    """'8001 (gRPC)' for each port something already listens on."""
+    busy = []
+    for name, port in (("HTTP", ports.http), ("gRPC", ports.grpc), ("metrics", ports.metrics)):
+        with socket.socket() as s:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                s.bind(("0.0.0.0", port))
+            except OSError:
+                busy.append(f"{port} ({name})")
+    return busy
 
 
 def _pytriton_dir() -> Path:
@@ -88,6 +102,9 @@ class TritonServer:
     def start(self, timeout: float = 180.0, foreground: bool = False) -> "TritonServer":
         if not (self.repository / "inspect" / "config.pbtxt").exists():
             raise FileNotFoundError(f"{self.repository} is not a built model repository; run 'python -m export repository'")
+        busy = busy_ports(self.ports)
+        if busy:
+            raise RuntimeError(f"port {', '.join(busy)} already in use: stop what listens there or choose other ports")
         cmd, env = server_command(self.repository, self.ports, self.extra)
         if foreground:
             out = None

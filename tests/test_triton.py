@@ -297,3 +297,17 @@ def test_serve_reuses_an_up_to_date_repository_and_stops_cleanly_on_ctrl_c(servi
         proc.send_signal(2)  # Ctrl-C
         rest, _ = proc.communicate(timeout=60)
     assert proc.returncode == 0, rest[-2000:]
+
+
+def test_a_port_in_use_is_named_before_the_server_starts(service):
+    from export.server import busy_ports
+
+    with socket.socket() as taken:
+        taken.bind(("0.0.0.0", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        http, metrics = free_ports(2)
+        ports = Ports(http, port, metrics)
+        assert busy_ports(ports) == [f"{port} (gRPC)"]
+        with pytest.raises(RuntimeError, match=f"port {port} \\(gRPC\\) already in use"):
+            TritonServer(service["repo"], ports).start(timeout=30)
