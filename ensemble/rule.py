@@ -23,7 +23,7 @@ model decides a whole dynamic batch in one call.
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -95,10 +95,6 @@ def load_rule(rgb_info: dict, class_names, path: str | Path | None = None, **ove
     return VerdictRule(class_names=tuple(class_names), ct_defect_classes=tuple(cfg.get("ct_defect_classes") or ()),
                        rgb_threshold=float(threshold), policy=cfg.get("policy", "or"), ct_decision=cfg.get("ct_decision", "argmax"),
                        ct_threshold=float(cfg.get("ct_threshold", 0.5)))
-
-
-def with_threshold(rule: VerdictRule, rgb_threshold: float) -> VerdictRule:
-    return replace(rule, rgb_threshold=float(rgb_threshold))
 
 
 @dataclass(frozen=True)

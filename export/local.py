@@ -13,37 +13,28 @@ import numpy as np
 import torch
 
 from ensemble import interface as api
-from ensemble.rule import VerdictRule, decide, load_rule
-from export.decode import decode_ct, decode_rgb
+from ensemble.rule import decide, load_rule
 from export.graphs import inference_graph
 from export.repository import classify_runs
-from export.serving import check_meta
+from export.serving import check_meta, ct_tensor, rgb_tensor
 from training.checkpoint import load_checkpoint
-from training.preprocess import ct_input, rgb_input
 
 
 class TorchPipeline:
-    def __init__(self, runs, rule_path: str | Path | None = None, rule: VerdictRule | None = None):
+    def __init__(self, runs, rule_path: str | Path | None = None):
         found = classify_runs(runs)
         ct_model, self.ct_info = load_checkpoint(found["ct_classifier"])
         rgb_model, self.rgb_info = load_checkpoint(found["rgb_autoencoder"])
         self.ct_graph = inference_graph(ct_model, self.ct_info)
         self.rgb_graph = inference_graph(rgb_model, self.rgb_info)
-        self.rule = rule or load_rule(self.rgb_info, self.ct_info["class_names"], rule_path)
-
-    def ct_tensor(self, data: bytes) -> np.ndarray:
-        norm = self.ct_info["normalization"]
-        return ct_input(decode_ct(data), int(self.ct_info["input_size"]), norm["mean"], norm["std"])[0]
-
-    def rgb_tensor(self, data: bytes) -> np.ndarray:
-        return rgb_input(decode_rgb(data), int(self.rgb_info["input_size"]))[0]
+        self.rule = load_rule(self.rgb_info, self.ct_info["class_names"], rule_path)
 
     @torch.no_grad()
     def run(self, ct_images: list[bytes], meta, rgb_images: list[bytes]) -> dict[str, np.ndarray]:
         """The `inspect` outputs for a batch of encoded cells."""
         meta = check_meta(np.asarray(meta, np.float32).reshape(-1, 2))
-        ct = torch.from_numpy(np.stack([self.ct_tensor(b) for b in ct_images]))
-        rgb = torch.from_numpy(np.stack([self.rgb_tensor(b) for b in rgb_images]))
+        ct = torch.from_numpy(np.stack([ct_tensor(b, self.ct_info) for b in ct_images]))
+        rgb = torch.from_numpy(np.stack([rgb_tensor(b, self.rgb_info) for b in rgb_images]))
         probs, cam = (t.numpy() for t in self.ct_graph(ct, torch.from_numpy(meta)))
         score, emap = (t.numpy() for t in self.rgb_graph(rgb))
         d = decide(self.rule, probs, score[:, 0])

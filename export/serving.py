@@ -45,27 +45,36 @@ def _image_bytes(item) -> bytes:
     return bytes(item)
 
 
-def ct_tensors(images: np.ndarray, info: dict, limits: Limits = Limits()) -> np.ndarray:
-    """CT_IMAGE of one request (n, 1) of encoded bytes -> (n, 1, S, S) float32 model input."""
+def ct_tensor(data: bytes, info: dict, limits: Limits = Limits()) -> np.ndarray:
+    """One encoded CT slice -> (1, S, S) float32 model input, as training prepared it."""
+    norm = info["normalization"]
+    return ct_input(decode_ct(data, limits), int(info["input_size"]), norm["mean"], norm["std"])[0]
+
+
+def rgb_tensor(data: bytes, info: dict, limits: Limits = Limits()) -> np.ndarray:
+    """One encoded photo -> (3, S, S) float32 in 0..1, as training prepared it."""
+    return rgb_input(decode_rgb(data, limits), int(info["input_size"]))[0]
+
+
+def _encoded_batch(images: np.ndarray, one_cell, info: dict, limits: Limits) -> np.ndarray:
+    """The (n, 1) encoded images of one request through `one_cell`; a bad cell is named."""
     out = []
     for i, item in enumerate(np.asarray(images, object).reshape(len(images), -1)[:, 0]):
         try:
-            array = decode_ct(_image_bytes(item), limits)
-            out.append(ct_input(array, int(info["input_size"]), info["normalization"]["mean"], info["normalization"]["std"])[0])
+            out.append(one_cell(_image_bytes(item), info, limits))
         except (ImageError, ValueError) as e:
             raise RequestError(f"cell {i}: {e}" if len(images) > 1 else str(e)) from None
     return np.stack(out).astype(np.float32)
+
+
+def ct_tensors(images: np.ndarray, info: dict, limits: Limits = Limits()) -> np.ndarray:
+    """CT_IMAGE of one request (n, 1) of encoded bytes -> (n, 1, S, S) float32 model input."""
+    return _encoded_batch(images, ct_tensor, info, limits)
 
 
 def rgb_tensors(images: np.ndarray, info: dict, limits: Limits = Limits()) -> np.ndarray:
     """RGB_IMAGE of one request (n, 1) of encoded bytes -> (n, 3, S, S) float32 in 0..1."""
-    out = []
-    for i, item in enumerate(np.asarray(images, object).reshape(len(images), -1)[:, 0]):
-        try:
-            out.append(rgb_input(decode_rgb(_image_bytes(item), limits), int(info["input_size"]))[0])
-        except (ImageError, ValueError) as e:
-            raise RequestError(f"cell {i}: {e}" if len(images) > 1 else str(e)) from None
-    return np.stack(out).astype(np.float32)
+    return _encoded_batch(images, rgb_tensor, info, limits)
 
 
 def limits_from(parameters: dict) -> Limits:
@@ -102,9 +111,9 @@ class OrtRunner:
         try:
             joined = {n: np.concatenate([r[n] for r in requests]) for n in self.inputs}
             outputs = self.session.run(self.outputs, joined)
-        except Exception:
-            if len(requests) == 1:
-                return [self._run_one(requests[0])]
+        except Exception as e:
+            if len(requests) == 1:  # nothing to isolate: its error is this one
+                return [RequestError(f"inference failed: {e}")]
             return [self._run_one(r) for r in requests]
         bounds = np.cumsum([0, *sizes])
         return [{n: o[a:b] for n, o in zip(self.outputs, outputs)} for a, b in zip(bounds[:-1], bounds[1:])]
@@ -123,7 +132,7 @@ def verdict_outputs(rule: VerdictRule, probs: list[np.ndarray | None], scores: l
     the RGB confidence, the threshold; the batch may mix both kinds.
     """
     scores = [np.asarray(s, np.float32).reshape(-1) for s in scores]
-    sizes = [len(s) for s in scores]
+    bounds = np.cumsum([0, *(len(s) for s in scores)])
     score = np.concatenate(scores)
     if all(p is not None for p in probs):
         d = decide(rule, np.concatenate(probs), score)
@@ -131,11 +140,9 @@ def verdict_outputs(rule: VerdictRule, probs: list[np.ndarray | None], scores: l
     else:
         verdict = np.where(rgb_anomalous(rule, score), 2, 0).astype(np.int32)
         confidence = rgb_confidence(score, rule.rgb_threshold)
-        bounds = np.cumsum([0, *sizes])
-        for p, s, a in zip(probs, scores, bounds):
+        for p, s, a, b in zip(probs, scores, bounds[:-1], bounds[1:]):
             if p is not None:
                 part = decide(rule, p, s)
-                verdict[a : a + len(s)], confidence[a : a + len(s)] = part.verdict, part.confidence
-    bounds = np.cumsum([0, *sizes])
+                verdict[a:b], confidence[a:b] = part.verdict, part.confidence
     return [{api.VERDICT: verdict[a:b, None], api.CONFIDENCE: confidence[a:b, None],
              api.RGB_THRESHOLD: np.full((b - a, 1), rule.rgb_threshold, np.float32)} for a, b in zip(bounds[:-1], bounds[1:])]

@@ -4,6 +4,8 @@ import json
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
+from export.serving import RequestError, limits_from
+
 
 def parameters(args) -> dict:
     config = json.loads(args["model_config"])
@@ -21,3 +23,28 @@ def response(outputs: dict):
 def input_array(request, name: str):
     tensor = pb_utils.get_input_tensor_by_name(request, name)
     return None if tensor is None else tensor.as_numpy()
+
+
+class PreprocessModel:
+    """A preprocessing model: each request on its own, a bad one answered with its error.
+
+    Subclasses say what a request becomes (`tensors`); the checkpoint's serving facts and
+    the image limits come from the config parameters.
+    """
+
+    def initialize(self, args):
+        params = parameters(args)
+        self.info = json.loads(params["serving_info"])
+        self.limits = limits_from(params)
+
+    def tensors(self, request) -> dict:
+        raise NotImplementedError
+
+    def execute(self, requests):
+        responses = []
+        for request in requests:
+            try:
+                responses.append(response(self.tensors(request)))
+            except RequestError as e:
+                responses.append(error(str(e)))
+        return responses
