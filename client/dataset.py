@@ -14,10 +14,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
-import yaml
-
 from client.inspection import Cell
-from ensemble.rule import RULE_FILE, verdict_code
+from ensemble.rule import read_rule_file, verdict_code
 from training.data.aihub import scan
 
 
@@ -38,7 +36,7 @@ class LabelledCell:
 def pair_cells(root: str | Path, progress: bool = True, rule_path: str | Path | None = None) -> tuple[list[LabelledCell], dict]:
     """(cells, report) for a data set folder; the report counts what could not be paired."""
     ds = scan(root, progress=progress)
-    rule = yaml.safe_load(Path(rule_path or RULE_FILE).read_text()) or {}
+    rule = read_rule_file(rule_path)
     defect_classes = set(rule.get("ct_defect_classes") or ())
     policy = rule.get("policy", "or")
     photos = defaultdict(list)

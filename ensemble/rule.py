@@ -75,14 +75,22 @@ class VerdictRule:
         return cls(**json.loads(text))
 
 
+RULE_KEYS = {"policy", "ct_defect_classes", "ct_decision", "ct_threshold", "rgb_threshold", "rgb_threshold_method"}
+
+
+def read_rule_file(path: str | Path | None = None, **overrides) -> dict:
+    """The rule file's settings (ensemble/rule.yaml by default), with `overrides` that are not None."""
+    cfg = yaml.safe_load(Path(path or RULE_FILE).read_text()) or {}
+    cfg.update({k: v for k, v in overrides.items() if v is not None})
+    if set(cfg) - RULE_KEYS:
+        raise ValueError(f"unknown keys in the verdict rule: {sorted(set(cfg) - RULE_KEYS)}; known: {sorted(RULE_KEYS)}")
+    return cfg
+
+
 def load_rule(rgb_info: dict, class_names, path: str | Path | None = None, **overrides) -> VerdictRule:
     """Resolve the rule file against a checkpoint: the RGB threshold comes from `rgb_info`
     (the autoencoder checkpoint's info) unless the file or `overrides` set a number."""
-    cfg = yaml.safe_load(Path(path or RULE_FILE).read_text()) or {}
-    cfg.update({k: v for k, v in overrides.items() if v is not None})
-    known = {"policy", "ct_defect_classes", "ct_decision", "ct_threshold", "rgb_threshold", "rgb_threshold_method"}
-    if set(cfg) - known:
-        raise ValueError(f"unknown keys in the verdict rule: {sorted(set(cfg) - known)}; known: {sorted(known)}")
+    cfg = read_rule_file(path, **overrides)
     threshold = cfg.get("rgb_threshold")
     if threshold is None:
         method = cfg.get("rgb_threshold_method")
