@@ -45,6 +45,15 @@ def cell_error(exc: Exception, cell_id: str) -> CellError:
     return CellError(cell_id, type(exc).__name__, str(exc))
 
 
+def _failed(exc: InferenceServerException, cells: list[Cell]) -> InspectionFailed:
+    return InspectionFailed(cell_error(exc, cells[0].cell_id if len(cells) == 1 else ""))
+
+
+def _as_error(exc: Exception, cell: Cell) -> CellError:
+    """What `inspect_many` puts in a failed cell's place: the service's reason, or the transport's."""
+    return exc.error if isinstance(exc, InspectionFailed) else cell_error(exc, cell.cell_id)
+
+
 def _results(result, cells: list[Cell], heatmaps: bool) -> list[Inspection]:
     names = [n for n in api.INSPECT_OUTPUTS if heatmaps or n not in HEATMAPS]
     outputs = {n: result.as_numpy(n) for n in names}
@@ -80,7 +89,7 @@ class InspectionClient:
             result = self._client.infer(self.model, build_inputs(cells), outputs=requested_outputs(self.heatmaps),
                                         client_timeout=self.timeout)
         except InferenceServerException as e:
-            raise InspectionFailed(cell_error(e, cells[0].cell_id if len(cells) == 1 else "")) from None
+            raise _failed(e, cells) from None
         return _results(result, cells, self.heatmaps)
 
     def iter_inspect(self, cells: Iterable[Cell], concurrency: int = 8) -> Iterator[Inspection | CellError]:
@@ -92,10 +101,8 @@ class InspectionClient:
         def one(cell: Cell) -> Inspection | CellError:
             try:
                 return self.inspect_batch([cell])[0]
-            except InspectionFailed as e:
-                return e.error
-            except Exception as e:  # a transport failure is this cell's error, not the end of the run
-                return cell_error(e, cell.cell_id)
+            except Exception as e:  # a transport failure too is this cell's error, not the end of the run
+                return _as_error(e, cell)
 
         window: collections.deque = collections.deque()
         with ThreadPoolExecutor(max_workers=max(1, concurrency)) as pool:
@@ -143,7 +150,7 @@ class AsyncInspectionClient:
             result = await self._client.infer(self.model, build_inputs(cells), outputs=requested_outputs(self.heatmaps),
                                               client_timeout=self.timeout)
         except InferenceServerException as e:
-            raise InspectionFailed(cell_error(e, cells[0].cell_id if len(cells) == 1 else "")) from None
+            raise _failed(e, cells) from None
         return _results(result, cells, self.heatmaps)
 
     async def inspect_many(self, cells: Iterable[Cell], concurrency: int = 8) -> list[Inspection | CellError]:
@@ -154,10 +161,8 @@ class AsyncInspectionClient:
             async with limit:
                 try:
                     return (await self.inspect_batch([cell]))[0]
-                except InspectionFailed as e:
-                    return e.error
                 except Exception as e:
-                    return cell_error(e, cell.cell_id)
+                    return _as_error(e, cell)
 
         return list(await asyncio.gather(*(one(c) for c in cells)))
 
