@@ -48,14 +48,13 @@ def cmd_repository(args) -> int:
     return 0
 
 
-def resolve_runs(runs: list[Path] | None, train_if_missing: bool = True) -> list[Path]:
+def resolve_runs(runs: list[Path] | None) -> list[Path]:
+    """The runs given, else the first trained preset, else the quick preset trained now."""
     if runs:
         return runs
     for preset in DEFAULT_PRESETS:
         if _has_runs(preset):
             return [preset]
-    if not train_if_missing:
-        raise SystemExit("error: no trained runs in runs/standard or runs/quick; pass --runs")
     from training.preset import main as preset_main
 
     print("no trained models in runs/standard or runs/quick: training the quick preset on synthetic data (about 5 minutes)")

@@ -74,7 +74,8 @@ def classify_runs(runs) -> dict[str, Path]:
         else:
             candidates += [p.parent for p in sorted(run.glob(f"*/{CHECKPOINT}"))]
     for run in candidates:
-        kind = torch.load(run / CHECKPOINT, map_location="cpu", weights_only=False).get("kind")
+        # memory-mapped: only the kind is read, not the weights (export loads them once, later)
+        kind = torch.load(run / CHECKPOINT, map_location="cpu", weights_only=False, mmap=True).get("kind")
         if kind in found:
             raise ValueError(f"two {kind} runs given: {found[kind]} and {run}")
         found[kind] = run
