@@ -4,6 +4,10 @@
   inspect-dir DIR --out results.jsonl                   every cell of an AI-Hub-layout folder, with a
                                                         progress bar, JSONL results and a summary
                                                         (exit status 1 if any cell was rejected)
+  ... --explain [DIR]                                   also a JSON + HTML report per flagged cell
+                                                        (Grad-CAM, error map; --vlm, --grounding add
+                                                        a VLM finding and GroundingDINO boxes) and an
+                                                        index page, written off the hot path
 
 The service is `make serve` (tritonserver on localhost:8001 by default).
 """
@@ -18,14 +22,18 @@ from pathlib import Path
 
 import numpy as np
 
+from client.explain.cli import add_arguments as add_explain_arguments
 from client.inspection import CellError, InspectionFailed, parse_meta
 from ensemble.interface import VERDICT_NAMES
+
+EXPLAIN_BESIDE_OUT = "<folder of --out>/explain"
 
 
 def _client(args):
     from client.service import InspectionClient
 
-    client = InspectionClient(args.url, timeout=args.timeout, heatmaps=getattr(args, "heatmaps", None) is not None)
+    heatmaps = getattr(args, "heatmaps", None) is not None or getattr(args, "explain", None) is not None
+    client = InspectionClient(args.url, timeout=args.timeout, heatmaps=heatmaps)
     if not client.ready():
         raise SystemExit(f"error: no ready inspection service at {args.url} (start it with 'make serve')")
     return client
@@ -44,6 +52,7 @@ def cmd_inspect(args) -> int:
         except InspectionFailed as e:
             print(f"error: the service rejected the cell: {e.error.message}", file=sys.stderr)
             return 1
+        explained = _explain_one(args, client, result, ct, meta, rgb) if args.explain and result.flagged else None
     if args.heatmaps:
         _save_heatmaps(result, args.heatmaps)
     if args.json:
@@ -53,7 +62,22 @@ def cmd_inspect(args) -> int:
         print(result.describe())
         if args.heatmaps:
             print(f"heatmaps    {args.heatmaps}/{result.cell_id}_ct_cam.png, {result.cell_id}_rgb_error.png")
+    if args.explain and not result.flagged:
+        print("explanation not written: the cell is normal", file=sys.stderr)
+    elif explained:
+        print(f"report      {args.explain / explained['report']}", file=sys.stderr if args.json else sys.stdout)
     return 0
+
+
+def _explain_one(args, client, result, ct: bytes, meta, rgb: bytes) -> dict:
+    from client.explain import Case
+    from client.explain.cli import build_pipeline
+
+    info = client.serving_info()
+    pipeline = build_pipeline(args, title=result.cell_id)
+    future = pipeline.submit(Case(result, ct, meta, rgb, info["ct"], info["rgb"], {"ct_path": str(args.ct), "rgb_path": str(args.rgb)}))
+    pipeline.close()
+    return future.result()
 
 
 def _save_heatmaps(result, folder: Path) -> None:
@@ -91,6 +115,15 @@ def cmd_inspect_dir(args) -> int:
         connect = LocalInspector(args.local)
     else:
         connect = _client(args)
+    explain = None
+    if args.explain == Path(EXPLAIN_BESIDE_OUT):
+        args.explain = args.out.parent / "explain"
+    if args.explain:
+        from client.explain import Case
+        from client.explain.cli import build_pipeline
+
+        explain = build_pipeline(args, title=str(args.dir))
+        info = connect.serving_info()
     with connect as client, open(args.out, "w") as out:
         start = time.perf_counter()
         bar = tqdm(total=len(cells), unit="cell", desc="inspect", disable=args.quiet)
@@ -106,6 +139,12 @@ def cmd_inspect_dir(args) -> int:
             else:
                 verdicts[result.verdict] += 1
                 confusion[cell.expected_verdict, result.verdict_code] += 1
+                if explain is not None and result.flagged:
+                    extra = {"ct_path": str(cell.ct_path), "rgb_path": str(cell.rgb_path)}
+                    if with_labels:
+                        extra["expected_verdict"] = row["label"]["expected_verdict"]
+                    explain.submit(Case(result, cell.ct_path.read_bytes(), cell.meta, cell.rgb_path.read_bytes(),
+                                        info["ct"], info["rgb"], extra))
             bar.update()
         bar.close()
         seconds = time.perf_counter() - start
@@ -123,7 +162,17 @@ def cmd_inspect_dir(args) -> int:
         for i, name in enumerate(VERDICT_NAMES):
             print(f"  {name:<16}" + "".join(f"{v:>10}" for v in confusion[i]))
     print(f"wrote {args.out}")
+    if explain is not None:
+        entries = explain.close(progress=not args.quiet)
+        _print_explained(entries, args.explain)
     return 0 if not errors else 1
+
+
+def _print_explained(entries: list[dict], folder: Path) -> None:
+    missing = Counter((name, reason) for e in entries for name, reason in e.get("reasons", {}).items())
+    print(f"explained {len(entries)} flagged cells: {folder / 'index.html'}")
+    for (name, reason), n in missing.most_common():
+        print(f"  {name} unavailable for {n} cells: {reason}")
 
 
 def main(argv=None) -> int:
@@ -138,7 +187,8 @@ def main(argv=None) -> int:
     i.add_argument("--rgb", type=Path, required=True, help="exterior photo: PNG or JPEG")
     i.add_argument("--json", action="store_true", help="print the result as JSON")
     i.add_argument("--heatmaps", type=Path, metavar="DIR", help="also save CT_CAM and RGB_ERROR_MAP as PNGs into DIR")
-    i.set_defaults(func=cmd_inspect)
+    add_explain_arguments(i, "explain")
+    i.set_defaults(func=cmd_inspect, local=None)
     d = sub.add_parser("inspect-dir", parents=[common], help="inspect every cell of a data set folder")
     d.add_argument("dir", type=Path, help="AI-Hub-layout folder (Training/Validation trees or flat images + JSON labels)")
     d.add_argument("--out", type=Path, default=Path("results/results.jsonl"), help="JSONL output (default results/results.jsonl)")
@@ -147,6 +197,7 @@ def main(argv=None) -> int:
     d.add_argument("--quiet", action="store_true", help="no progress bars")
     d.add_argument("--local", nargs="+", type=Path, metavar="RUN",
                    help="no server: run these checkpoints in-process with PyTorch (same decoding, preprocessing and rule)")
+    add_explain_arguments(d, EXPLAIN_BESIDE_OUT)
     d.set_defaults(func=cmd_inspect_dir, heatmaps=None)
     args = p.parse_args(argv)
     return args.func(args)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import json
 from concurrent.futures import ThreadPoolExecutor
 from typing import Iterable, Iterator
 
@@ -78,6 +79,16 @@ class InspectionClient:
             return self._client.is_server_ready() and self._client.is_model_ready(self.model)
         except InferenceServerException:
             return False
+
+    def serving_info(self) -> dict[str, dict]:
+        """The models' serving facts (input size, normalisation, classes, score definition) as
+        the repository's preprocessing models hold them: {"ct": {...}, "rgb": {...}}. Explanations
+        use them to draw the heatmaps on the same view of the image the models saw."""
+        out = {}
+        for side, model in (("ct", api.CT_PREPROCESS), ("rgb", api.RGB_PREPROCESS)):
+            config = self._client.get_model_config(model, as_json=True)["config"]
+            out[side] = json.loads(config["parameters"]["serving_info"]["string_value"])
+        return out
 
     def inspect(self, ct_bytes: bytes, meta, rgb_bytes: bytes, cell_id: str = "") -> Inspection:
         """One cell; raises `InspectionFailed` with the service's reason on error."""

@@ -50,6 +50,9 @@ class LocalInspector:
     def __init__(self, runs, rule_path: str | Path | None = None):
         self.pipeline = TorchPipeline(runs, rule_path)
 
+    def serving_info(self) -> dict[str, dict]:
+        return {"ct": self.pipeline.ct_info, "rgb": self.pipeline.rgb_info}
+
     def iter_inspect(self, cells, concurrency: int = 1):
         from client.inspection import CellError, Inspection
 

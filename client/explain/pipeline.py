@@ -1,0 +1,142 @@
+"""Explain flagged cells off the hot path: a bounded pool of workers, one report per cell.
+
+    pipeline = ExplanationPipeline(explainers, "results/explain", workers=2)
+    for result in client.iter_inspect(cells):           # verdicts flow on
+        if result.flagged:
+            pipeline.submit(Case(result, ...))           # returns at once
+    entries = pipeline.close()                           # waits, writes index.html
+
+`submit` never blocks the caller: when `max_backlog` cells are already waiting, the cell
+gets a report that says its explanations were skipped and why. An explainer that raises
+marks its own part unavailable with the reason; the other parts and the report are still
+written. `submit` returns a `concurrent.futures.Future` (await it with
+`asyncio.wrap_future`) that resolves to the cell's index entry.
+"""
+from __future__ import annotations
+
+import re
+import threading
+import time
+import traceback
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from client.explain.case import Case
+from client.explain.report import write_cell_report, write_index
+
+
+@dataclass
+class Part:
+    """One explainer's result for one cell."""
+
+    name: str
+    status: str  # ok | unavailable | skipped
+    data: dict = field(default_factory=dict)
+    files: dict = field(default_factory=dict)  # role -> file name in the cell's folder
+    reason: str = ""
+    seconds: float = 0.0
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def cell_folder_name(cell_id: str, taken: set[str]) -> str:
+    """A file-system-safe, unique folder name for a cell id (ids may hold '/')."""
+    base = re.sub(r"[^A-Za-z0-9._-]+", "_", cell_id).strip("._") or "cell"
+    name, i = base, 1
+    while name in taken:
+        i += 1
+        name = f"{base}_{i}"
+    taken.add(name)
+    return name
+
+
+class ExplanationPipeline:
+    def __init__(self, explainers, out_dir: str | Path, workers: int = 2, max_backlog: int = 256, title: str = ""):
+        if workers < 1 or max_backlog < 1:
+            raise ValueError("workers and max_backlog must be at least 1")
+        self.explainers = list(explainers)
+        self.out_dir = Path(out_dir)
+        self.title = title
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        self._pool = ThreadPoolExecutor(workers, thread_name_prefix="explain")
+        self._slots = threading.BoundedSemaphore(max_backlog)
+        self._lock = threading.Lock()
+        self._names: set[str] = set()
+        self._futures: list[Future] = []
+        self._pending = 0
+        self.entries: list[dict] = []
+
+    @property
+    def backlog(self) -> int:
+        """Cells submitted and not yet explained."""
+        return self._pending
+
+    def submit(self, case: Case) -> Future:
+        with self._lock:
+            folder = self.out_dir / "cells" / cell_folder_name(case.cell_id, self._names)
+        if not self._slots.acquire(blocking=False):
+            reason = "explanation backlog full: the explainers are slower than the line; cell skipped"
+            parts = [Part(e.name, "skipped", reason=reason) for e in self.explainers]
+            future: Future = Future()
+            future.set_result(self._finish(case, parts, folder))
+            return future
+        with self._lock:
+            self._pending += 1
+        future = self._pool.submit(self._explain, case, folder)
+        future.add_done_callback(self._release)
+        with self._lock:
+            self._futures.append(future)
+        return future
+
+    def _release(self, _future) -> None:
+        with self._lock:
+            self._pending -= 1
+        self._slots.release()
+
+    def _explain(self, case: Case, folder: Path) -> dict:
+        parts = []
+        for explainer in self.explainers:
+            start = time.perf_counter()
+            try:
+                data, files = explainer.explain(case, folder)
+                part = Part(explainer.name, "ok", data, files)
+            except Exception as e:  # one explainer's failure is its own part's
+                reason = str(e) or type(e).__name__
+                part = Part(explainer.name, "unavailable", reason=reason, data={"error_type": type(e).__name__})
+                if not isinstance(e, RuntimeError):  # an unexpected error: keep where it came from
+                    part.data["trace"] = traceback.format_exception_only(type(e), e)[-1].strip()
+            part.seconds = round(time.perf_counter() - start, 3)
+            parts.append(part)
+        return self._finish(case, parts, folder)
+
+    def _finish(self, case: Case, parts: list[Part], folder: Path) -> dict:
+        entry = write_cell_report(case, parts, folder, self.out_dir)
+        with self._lock:
+            self.entries.append(entry)
+        return entry
+
+    def close(self, progress: bool = False) -> list[dict]:
+        """Wait for every submitted cell, write index.html and index.json; the index entries."""
+        with self._lock:
+            futures = list(self._futures)
+        if progress and futures:
+            from tqdm import tqdm
+
+            with tqdm(total=len(futures), unit="cell", desc="explain") as bar:
+                for f in futures:
+                    f.exception()
+                    bar.update()
+        self._pool.shutdown(wait=True)
+        for f in futures:
+            if f.exception() is not None:  # a failure writing a report: say so, keep the others
+                self.entries.append({"cell_id": "?", "error": f"report not written: {f.exception()}"})
+        write_index(self.out_dir, self.entries, self.explainers, self.title)
+        return self.entries
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
