@@ -62,8 +62,9 @@ def _build_digest(rule_path, tuning: "Tuning") -> str:
     return h.hexdigest()
 
 
-def classify_runs(runs) -> dict[str, Path]:
-    """{'ct_classifier': run, 'rgb_autoencoder': run} from run folders (or a preset folder holding ct/ and rgb/)."""
+def classify_runs(runs, required=("ct_classifier", "rgb_autoencoder")) -> dict[str, Path]:
+    """{'ct_classifier': run, 'rgb_autoencoder': run} from run folders (or a preset folder holding ct/ and rgb/);
+    raises when a `required` kind is missing."""
     import torch
 
     found: dict[str, Path] = {}
@@ -79,7 +80,7 @@ def classify_runs(runs) -> dict[str, Path]:
         if kind in found:
             raise ValueError(f"two {kind} runs given: {found[kind]} and {run}")
         found[kind] = run
-    missing = {"ct_classifier", "rgb_autoencoder"} - set(found)
+    missing = set(required) - set(found)
     if missing:
         raise ValueError(f"no {' or '.join(sorted(missing))} checkpoint among {[str(r) for r in runs]}; "
                          "train one with 'python -m training.preset quick'")

@@ -82,3 +82,73 @@ def gap_threshold(values: np.ndarray, low: float = 0.3, high: float = 0.7) -> tu
     gaps = np.diff(v[a:b])
     i = int(gaps.argmax())
     return float((v[a + i] + v[a + i + 1]) / 2), float(gaps[i] / 2)
+
+
+# --- explanation backends: tiny randomly initialised transformers models, saved like downloaded weights ---
+
+VLM_SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>", "<|image_pad|>",
+                      "<|video_pad|>")
+# Qwen's chat template, reduced to what a user turn with images and text needs
+VLM_CHAT_TEMPLATE = (
+    "{% for m in messages %}<|im_start|>{{ m.role }}\n{% if m.content is string %}{{ m.content }}{% else %}"
+    "{% for c in m.content %}{% if c.type == 'image' %}<|vision_start|><|image_pad|><|vision_end|>"
+    "{% elif c.type == 'text' %}{{ c.text }}{% endif %}{% endfor %}{% endif %}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
+
+def make_qwen_vl(folder: Path, seed: int = 0) -> Path:
+    """A two-layer Qwen3-VL with a byte-level BPE tokenizer trained on a few prompt words;
+    saved with its processor so `AutoProcessor` / `AutoModelForImageTextToText` load it."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import (PreTrainedTokenizerFast, Qwen2VLImageProcessor, Qwen3VLConfig, Qwen3VLForConditionalGeneration,
+                              Qwen3VLProcessor, Qwen3VLVideoProcessor)
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    corpus = ['battery cell porosity void resin overflow scratch dent {"class": "cell_porosity", "verdict": "defect"} 배터리 결함']
+    tok.train_from_iterator(corpus, trainers.BpeTrainer(vocab_size=400, special_tokens=list(VLM_SPECIAL_TOKENS),
+                                                        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>")
+    ids = {t: fast.convert_tokens_to_ids(t) for t in VLM_SPECIAL_TOKENS}
+    images = Qwen2VLImageProcessor(patch_size=16, merge_size=2, temporal_patch_size=2, min_pixels=32 * 32, max_pixels=64 * 64)
+    processor = Qwen3VLProcessor(image_processor=images, tokenizer=fast, video_processor=Qwen3VLVideoProcessor(),
+                                 chat_template=VLM_CHAT_TEMPLATE)
+    config = Qwen3VLConfig(
+        text_config=dict(vocab_size=len(fast), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                         num_key_value_heads=1, head_dim=16,
+                         rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3],
+                                          "mrope_interleaved": True}),
+        vision_config=dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2, patch_size=16, spatial_merge_size=2,
+                           temporal_patch_size=2, out_hidden_size=32, num_position_embeddings=64, deepstack_visual_indexes=[0]),
+        image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"], vision_start_token_id=ids["<|vision_start|>"],
+        vision_end_token_id=ids["<|vision_end|>"], tie_word_embeddings=False)
+    torch.manual_seed(seed)
+    Qwen3VLForConditionalGeneration(config).eval().save_pretrained(folder)
+    processor.save_pretrained(folder)
+    return folder
+
+
+GROUNDING_WORDS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", ".", "porosity", "void", "pore", "resin", "overflow", "scratch",
+                   "dent", "stain", "contamination")
+
+
+def make_grounding_dino(folder: Path, seed: int = 0) -> Path:
+    """A one-stage Swin + one-layer BERT GroundingDINO with a word-level vocabulary of the prompt words."""
+    from transformers import (BertConfig, BertTokenizerFast, GroundingDinoConfig, GroundingDinoForObjectDetection,
+                              GroundingDinoImageProcessor, GroundingDinoProcessor, SwinConfig)
+
+    tokenizer = BertTokenizerFast(vocab={w: i for i, w in enumerate(GROUNDING_WORDS)})
+    processor = GroundingDinoProcessor(image_processor=GroundingDinoImageProcessor(size={"shortest_edge": 128, "longest_edge": 160}),
+                                       tokenizer=tokenizer)
+    config = GroundingDinoConfig(
+        backbone_config=SwinConfig(image_size=64, embed_dim=16, depths=[1, 1, 1, 1], num_heads=[1, 1, 2, 2], window_size=4,
+                                   out_indices=[2, 3, 4]),
+        text_config=BertConfig(vocab_size=len(GROUNDING_WORDS), hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                               intermediate_size=64, max_position_embeddings=64),
+        d_model=32, encoder_layers=1, decoder_layers=2, encoder_ffn_dim=64, decoder_ffn_dim=64, encoder_attention_heads=2,
+        decoder_attention_heads=2, num_queries=20, num_feature_levels=4, encoder_n_points=2, decoder_n_points=2, max_text_len=32)
+    torch.manual_seed(seed)
+    GroundingDinoForObjectDetection(config).eval().save_pretrained(folder)
+    processor.save_pretrained(folder)
+    return folder

@@ -50,11 +50,11 @@ class TorchCAM:
             raise ValueError(f"unknown Grad-CAM method {method!r}; choose one of {', '.join(METHODS)}")
         path = Path(checkpoint)
         if path.is_dir():
-            path = classify_runs([path]).get("ct_classifier")
-            if path is None:
-                raise ValueError(f"{checkpoint} holds no CT classifier checkpoint")
+            path = classify_runs([path], required=("ct_classifier",))["ct_classifier"]
         self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         self.model, self.info = load_checkpoint(path)
+        if self.info.get("kind") != "ct_classifier":
+            raise ValueError(f"{checkpoint} is a {self.info.get('kind')} checkpoint, not the CT classifier")
         self.model = self.model.eval().to(self.device)
         self.method = method
         self._lock = Lock()  # the CAM objects hook the model: one computation at a time

@@ -67,7 +67,7 @@ class TransformersGrounding:
             outputs = self.model(**inputs)
         r = self.processor.post_process_grounded_object_detection(outputs, inputs["input_ids"], threshold=box_threshold,
                                                                   text_threshold=text_threshold, target_sizes=[image.size[::-1]])[0]
-        labels = r.get("text_labels", r["labels"])
+        labels = r["text_labels"] if "text_labels" in r else r["labels"]
         return [(str(l), float(s), [float(v) for v in b]) for l, s, b in zip(labels, r["scores"].tolist(), r["boxes"].tolist())]
 
 

@@ -55,7 +55,9 @@ class GeminiBackend:
                                        http_status_codes=list(RETRY_STATUS))
         options = types.HttpOptions(base_url=base_url, timeout=int(timeout * 1000), retry_options=retry)
         self._client = genai.Client(api_key=key, vertexai=False, http_options=options)
-        self._config = types.GenerateContentConfig(response_mime_type="application/json", temperature=temperature)
+        self._config = types.GenerateContentConfig(
+            response_mime_type="application/json", temperature=temperature,
+            automatic_function_calling=types.AutomaticFunctionCallingConfig(disable=True))
 
     @property
     def description(self) -> str:
