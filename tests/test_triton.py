@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import io
 import json
+import os
 import socket
 import subprocess
 import sys
@@ -24,6 +25,7 @@ from tiny_models import gap_threshold, make_ct_run, make_rgb_run
 from tritonclient.utils import InferenceServerException
 
 from client.dataset import pair_cells
+from client.explain.overlays import hot_regions
 from client.inspection import Cell, CellError, Inspection, InspectionFailed
 from client.service import AsyncInspectionClient, InspectionClient
 from ensemble import interface as api
@@ -274,6 +276,37 @@ def test_client_commands_print_a_verdict_and_a_summary_with_agreement(service, t
     down = subprocess.run([sys.executable, "-m", "client", "inspect-dir", str(service["data"]), "--url", "localhost:1"],
                           capture_output=True, text=True, timeout=120)
     assert down.returncode != 0 and "no ready inspection service at localhost:1" in down.stderr
+
+
+def test_flagged_cells_from_the_service_get_reports_drawn_on_the_served_heatmaps(service, client, tmp_path):
+    info = client.serving_info()  # read from the repository's preprocessing models
+    assert info["ct"]["input_size"] == SIZE and info["rgb"]["input_size"] == SIZE and "normalization" in info["ct"]
+    out = tmp_path / "results.jsonl"
+    env = {k: v for k, v in os.environ.items() if k not in ("GEMINI_API_KEY", "GOOGLE_API_KEY")}
+    run = subprocess.run([sys.executable, "-m", "client", "inspect-dir", str(service["data"]), "--out", str(out), "--url",
+                          service["url"], "--limit", "24", "--quiet", "--explain", "--vlm", "gemini"],
+                         capture_output=True, text=True, timeout=300, env=env)
+    assert run.returncode == 0, run.stderr
+    assert "vlm unavailable: no Gemini API key" in run.stderr  # said once at the start, and in every report
+    flagged = [json.loads(line) for line in out.read_text().splitlines()]
+    flagged = [r for r in flagged if r["verdict"] != "normal"]
+    index = json.loads((tmp_path / "explain" / "index.json").read_text())
+    assert flagged and index["cells"] == len(flagged)
+    assert sorted(e["cell_id"] for e in index["entries"]) == sorted(r["cell_id"] for r in flagged)
+    entry = index["entries"][0]
+    assert entry["parts"] == {"ct_heatmap": "ok", "rgb_error_map": "ok", "vlm": "unavailable"}
+    assert "GEMINI_API_KEY" in entry["reasons"]["vlm"] and "explained" in run.stdout
+    report = json.loads((tmp_path / "explain" / entry["json"]).read_text())
+    cell = next(c for c in service["cells"] if c.cell_id == entry["cell_id"])
+    served = client.inspect(cell.ct_path.read_bytes(), cell.meta, cell.rgb_path.read_bytes())
+    regions = report["explanations"]["ct_heatmap"]["data"]["regions"]
+    assert [r["box"] for r in regions] == [[b.x0, b.y0, b.x1, b.y1] for b in hot_regions(served.ct_cam, 0.5)]
+    one = subprocess.run([sys.executable, "-m", "client", "inspect", "--ct", str(cell.ct_path), "--meta", ",".join(map(str, cell.meta)),
+                          "--rgb", str(cell.rgb_path), "--url", service["url"], "--explain", str(tmp_path / "one")],
+                         capture_output=True, text=True, timeout=120, env=env)
+    assert one.returncode == 0, one.stderr
+    single = json.loads(next((tmp_path / "one" / "cells").glob("*/report.json")).read_text())
+    assert single["verdict"] == served.verdict and "report " in one.stdout
 
 
 def test_serve_reuses_an_up_to_date_repository_and_stops_cleanly_on_ctrl_c(service):
