@@ -10,6 +10,7 @@ INSPECT_CT = "inspect_ct"
 INSPECT_RGB = "inspect_rgb"
 
 # models inside the ensembles
+PREPROCESS = "preprocess"  # both images of a cell, the first step of `inspect`
 CT_PREPROCESS = "ct_preprocess"
 CT_CLASSIFIER = "ct_classifier"
 RGB_PREPROCESS = "rgb_preprocess"

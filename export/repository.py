@@ -1,10 +1,16 @@
 """Write the Triton model repository for a CT run and an RGB run, for one runtime.
 
-    ct_preprocess ─┐                                   ┌─ inspect_ct  (CT_PROBS, CT_CAM)
-    ct_classifier ─┤                                   │
-    rgb_preprocess ┤ ── ensembles ── inspect (all) ────┤
-    rgb_autoencoder┤                                   │
-    verdict ───────┘                                   └─ inspect_rgb (RGB_SCORE, RGB_THRESHOLD, RGB_ERROR_MAP)
+    preprocess ────┐                                   ┌─ inspect     (all; preprocess, both networks, verdict)
+    ct_preprocess ─┤                                   │
+    ct_classifier ─┤ ── ensembles ─────────────────────┼─ inspect_ct  (CT_PROBS, CT_CAM)
+    rgb_preprocess ┤                                   │
+    rgb_autoencoder┤                                   └─ inspect_rgb (RGB_SCORE, RGB_THRESHOLD, RGB_ERROR_MAP)
+    verdict ───────┘
+
+`inspect` prepares both images in one first step (`preprocess`) so that a bad cell is
+refused before anything else runs: an ensemble that fails in one branch while another
+branch is still in flight makes tritonserver 2.51 intermittently reject concurrent good
+requests (see export/triton_models/preprocess.py).
 
 Runtimes: `python-ort` (each ONNX model in a Python-backend model that runs ONNX Runtime;
 what runs here and in CI), `onnxruntime` and `tensorrt` (native backends of the NGC
@@ -130,9 +136,13 @@ def model_specs(ct: dict, rgb: dict, rule_json: str, runtime: str, tuning: Tunin
     ct_pre = Step(api.CT_PREPROCESS, identity(api.CT_IMAGE, api.CT_META), identity(api.CT_TENSOR))
     ct_net = Step(api.CT_CLASSIFIER, identity(api.CT_TENSOR, api.CT_META), identity(api.CT_PROBS, api.CT_CAM))
     rgb_pre = Step(api.RGB_PREPROCESS, identity(api.RGB_IMAGE), identity(api.RGB_TENSOR))
+    both_pre = Step(api.PREPROCESS, identity(api.CT_IMAGE, api.CT_META, api.RGB_IMAGE), identity(api.CT_TENSOR, api.RGB_TENSOR))
     rgb_net = Step(api.RGB_AUTOENCODER, identity(api.RGB_TENSOR), identity(api.RGB_SCORE, api.RGB_ERROR_MAP))
     mb = tuning.max_batch_size
     return [
+        ModelSpec(api.PREPROCESS, ts(api.CT_IMAGE, api.CT_META, api.RGB_IMAGE), ts(api.CT_TENSOR, api.RGB_TENSOR), batching=batching,
+                  instances=tuning.preprocess_instances,
+                  parameters={"ct_serving_info": json.dumps(ct), "rgb_serving_info": json.dumps(rgb), **limits}),
         ModelSpec(api.CT_PREPROCESS, ts(api.CT_IMAGE, api.CT_META), ts(api.CT_TENSOR), batching=batching,
                   instances=tuning.preprocess_instances, parameters={"serving_info": json.dumps(ct), **limits}),
         _network(api.CT_CLASSIFIER, runtime, ts(api.CT_TENSOR, api.CT_META), ts(api.CT_PROBS, api.CT_CAM), tuning),
@@ -142,7 +152,7 @@ def model_specs(ct: dict, rgb: dict, rule_json: str, runtime: str, tuning: Tunin
         ModelSpec(api.VERDICT_MODEL, (Tensor(api.CT_PROBS, "FP32", (n_classes,), optional=True), t[api.RGB_SCORE]),
                   ts(api.VERDICT, api.CONFIDENCE, api.RGB_THRESHOLD), batching=batching, parameters={"rule": rule_json}),
         EnsembleSpec(api.INSPECT, ts(api.CT_IMAGE, api.CT_META, api.RGB_IMAGE), ts(*api.INSPECT_OUTPUTS), (
-            ct_pre, ct_net, rgb_pre, rgb_net,
+            both_pre, ct_net, rgb_net,
             Step(api.VERDICT_MODEL, identity(api.CT_PROBS, api.RGB_SCORE), identity(api.VERDICT, api.CONFIDENCE, api.RGB_THRESHOLD)),
         ), mb),
         EnsembleSpec(api.INSPECT_CT, ts(api.CT_IMAGE, api.CT_META), ts(*api.INSPECT_CT_OUTPUTS), (ct_pre, ct_net), mb),
@@ -152,7 +162,7 @@ def model_specs(ct: dict, rgb: dict, rule_json: str, runtime: str, tuning: Tunin
     ]
 
 
-PYTHON_SOURCES = {api.CT_PREPROCESS: "ct_preprocess.py", api.RGB_PREPROCESS: "rgb_preprocess.py", api.VERDICT_MODEL: "verdict.py"}
+PYTHON_SOURCES = {api.PREPROCESS: "preprocess.py", api.CT_PREPROCESS: "ct_preprocess.py", api.RGB_PREPROCESS: "rgb_preprocess.py", api.VERDICT_MODEL: "verdict.py"}
 
 
 def build_repository(runs, runtime: str, out: str | Path, rule_path: str | Path | None = None, tuning: Tuning = Tuning(),

@@ -146,7 +146,7 @@ def repository(runs, tmp_path_factory):
 
 def test_repository_has_every_model_with_facts_from_the_checkpoints(repository, runs):
     out, manifest = repository
-    names = {api.CT_PREPROCESS, api.CT_CLASSIFIER, api.RGB_PREPROCESS, api.RGB_AUTOENCODER, api.VERDICT_MODEL,
+    names = {api.PREPROCESS, api.CT_PREPROCESS, api.CT_CLASSIFIER, api.RGB_PREPROCESS, api.RGB_AUTOENCODER, api.VERDICT_MODEL,
              api.INSPECT, api.INSPECT_CT, api.INSPECT_RGB}
     assert set(manifest["models"]) == names
     configs = {n: parse_pbtxt((out / n / "config.pbtxt").read_text()) for n in names}
@@ -186,7 +186,7 @@ def test_native_runtimes_get_native_backend_configs_and_the_same_other_models(re
         assert list(native.input) == list(python.input) and list(native.output) == list(python.output)
         assert not (native_out / name / "1" / "model.py").exists()
         assert (native_out / name / "1" / "model.onnx").exists()  # what the engine is built from, for tensorrt
-    for name in (api.CT_PREPROCESS, api.RGB_PREPROCESS, api.VERDICT_MODEL, api.INSPECT, api.INSPECT_CT, api.INSPECT_RGB):
+    for name in (api.PREPROCESS, api.CT_PREPROCESS, api.RGB_PREPROCESS, api.VERDICT_MODEL, api.INSPECT, api.INSPECT_CT, api.INSPECT_RGB):
         assert (native_out / name / "config.pbtxt").read_text() == (out / name / "config.pbtxt").read_text(), name
 
 

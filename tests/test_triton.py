@@ -240,6 +240,36 @@ def test_a_bad_request_gets_a_clear_error_and_the_next_good_one_is_answered(serv
     assert answer.as_numpy(api.VERDICT)[0, 0] == expected[api.VERDICT][1, 0]
 
 
+def test_refused_cells_sent_alongside_good_ones_never_disturb_them(service, reference):
+    """Four clients at once, each alternating a refused request (NaN metadata, then an
+    undecodable photo) with a good one: every good one gets its answer. (Refusing a cell in
+    one branch of `inspect` while the other branch ran made tritonserver reject about one
+    good request in four here, before `inspect` got its single preprocessing step.)"""
+    from concurrent.futures import ThreadPoolExecutor
+
+    cell = service["cells"][1]
+    good = {api.CT_IMAGE: _bytes([cell.ct_path]), api.CT_META: np.array([cell.meta], np.float32), api.RGB_IMAGE: _bytes([cell.rgb_path])}
+    bad = [good | {api.CT_META: np.array([[np.nan, 2]], np.float32)}, good | {api.RGB_IMAGE: np.array([[b"GIF89a..."]], object)}]
+    _, expected = reference
+
+    def rounds(worker: int) -> list[str]:
+        problems = []
+        for i in range(12):
+            with pytest.raises(InferenceServerException, match="NaN|not a PNG or JPEG"):
+                _infer(service["url"], api.INSPECT, bad[(worker + i) % 2])
+            try:
+                answer = _infer(service["url"], api.INSPECT, good)
+                if answer.as_numpy(api.VERDICT)[0, 0] != expected[api.VERDICT][1, 0]:
+                    problems.append(f"round {i}: a different verdict")
+            except InferenceServerException as e:
+                problems.append(f"round {i}: {e.message()}")
+        return problems
+
+    with ThreadPoolExecutor(4) as pool:
+        problems = [p for found in pool.map(rounds, range(4)) for p in found]
+    assert problems == []
+
+
 def test_inspect_many_returns_one_result_or_one_error_per_cell_in_order(service, client):
     good = [c.load() for c in service["cells"][:6]]
     bad = Cell(b"truncated", (0.0, 2.0), good[0].rgb, "bad-cell")

@@ -34,7 +34,8 @@ class PreprocessModel:
 
     def initialize(self, args):
         params = parameters(args)
-        self.info = json.loads(params["serving_info"])
+        self.info = json.loads(params.get("serving_info", "null"))
+        self.infos = {k[: -len("_serving_info")]: json.loads(v) for k, v in params.items() if k.endswith("_serving_info")}
         self.limits = limits_from(params)
 
     def tensors(self, request) -> dict:
