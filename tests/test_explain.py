@@ -322,6 +322,24 @@ def test_submit_never_waits_for_explainers_and_a_full_backlog_skips_with_the_rea
     assert first.result()["parts"] == {"slow": "ok"} and len(entries) == 3 and pipeline.backlog == 0
 
 
+def test_asyncio_code_awaits_explanations_while_it_goes_on(flagged, tmp_path):
+    import asyncio
+
+    slow = _Blocked()
+    pipeline = ExplanationPipeline([slow, CTHeatmap()], tmp_path, workers=2)
+
+    async def line():
+        pending = [asyncio.ensure_future(pipeline.explain(c)) for c in flagged["cases"][:2]]
+        await asyncio.sleep(0.05)
+        answered_meanwhile = not any(p.done() for p in pending)  # the loop was free while explainers waited
+        slow.release.set()
+        return answered_meanwhile, await asyncio.gather(*pending)
+
+    meanwhile, entries = asyncio.run(line())
+    pipeline.close()
+    assert meanwhile and [e["parts"] for e in entries] == [{"slow": "ok", "ct_heatmap": "ok"}] * 2
+
+
 def test_a_failing_explainer_loses_only_its_part(flagged, tmp_path):
     setup_failed = Unavailable("vlm", "no Gemini API key: set GEMINI_API_KEY or GOOGLE_API_KEY in the environment")
     with ExplanationPipeline([_Broken(), CTHeatmap(), RGBErrorMap(), setup_failed], tmp_path) as pipeline:

@@ -10,10 +10,11 @@
 gets a report that says its explanations were skipped and why. An explainer that raises
 marks its own part unavailable with the reason; the other parts and the report are still
 written. `submit` returns a `concurrent.futures.Future` (await it with
-`asyncio.wrap_future`) that resolves to the cell's index entry.
+`asyncio.wrap_future`, or use `explain`) that resolves to the cell's index entry.
 """
 from __future__ import annotations
 
+import asyncio
 import re
 import threading
 import time
@@ -89,6 +90,10 @@ class ExplanationPipeline:
         with self._lock:
             self._futures.append(future)
         return future
+
+    async def explain(self, case: Case) -> dict:
+        """`submit` for asyncio code: the cell's index entry once its report is written."""
+        return await asyncio.wrap_future(self.submit(case))
 
     def _release(self, _future) -> None:
         with self._lock:
