@@ -38,7 +38,9 @@ def add_arguments(p: argparse.ArgumentParser, folder_default: str) -> None:
     g.add_argument("--grounding-config", type=Path, metavar="FILE", help="GroundingDINO config .py for --grounding groundingdino")
     g.add_argument("--box-threshold", type=float, default=0.35, help="GroundingDINO box score threshold (default 0.35)")
     g.add_argument("--text-threshold", type=float, default=0.25, help="GroundingDINO phrase threshold (default 0.25)")
-    g.add_argument("--explain-workers", type=int, default=2, help="explanation workers (default 2)")
+    g.add_argument("--explain-workers", type=int,
+                   help="explanation workers (default 1, which leaves the CPU to the inspections; 4 with --vlm gemini, "
+                        "whose workers mostly wait on the network)")
     g.add_argument("--explain-backlog", type=int, default=256, help="cells waiting for explanation before new ones are skipped (default 256)")
 
 
@@ -75,5 +77,6 @@ def build_explainers(args) -> list:
 
 
 def build_pipeline(args, title: str = "") -> ExplanationPipeline:
-    return ExplanationPipeline(build_explainers(args), args.explain, workers=args.explain_workers,
+    workers = args.explain_workers or (4 if args.vlm == "gemini" else 1)
+    return ExplanationPipeline(build_explainers(args), args.explain, workers=workers,
                                max_backlog=args.explain_backlog, title=title)

@@ -11,10 +11,14 @@ gets a report that says its explanations were skipped and why. An explainer that
 marks its own part unavailable with the reason; the other parts and the report are still
 written. `submit` returns a `concurrent.futures.Future` (await it with
 `asyncio.wrap_future`, or use `explain`) that resolves to the cell's index entry.
+
+The workers run at a lower CPU priority (`nice`, Linux threads are scheduled one by one),
+so on a small machine shared with the server they take the CPU the inspections leave.
 """
 from __future__ import annotations
 
 import asyncio
+import os
 import re
 import threading
 import time
@@ -53,15 +57,23 @@ def cell_folder_name(cell_id: str, taken: set[str]) -> str:
     return name
 
 
+def _lower_priority(niceness: int) -> None:
+    try:
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), niceness)  # this thread only, on Linux
+    except (AttributeError, OSError):
+        pass
+
+
 class ExplanationPipeline:
-    def __init__(self, explainers, out_dir: str | Path, workers: int = 2, max_backlog: int = 256, title: str = ""):
+    def __init__(self, explainers, out_dir: str | Path, workers: int = 2, max_backlog: int = 256, title: str = "",
+                 nice: int = 10):
         if workers < 1 or max_backlog < 1:
             raise ValueError("workers and max_backlog must be at least 1")
         self.explainers = list(explainers)
         self.out_dir = Path(out_dir)
         self.title = title
         self.out_dir.mkdir(parents=True, exist_ok=True)
-        self._pool = ThreadPoolExecutor(workers, thread_name_prefix="explain")
+        self._pool = ThreadPoolExecutor(workers, thread_name_prefix="explain", initializer=_lower_priority, initargs=(nice,))
         self._slots = threading.BoundedSemaphore(max_backlog)
         self._lock = threading.Lock()
         self._names: set[str] = set()
