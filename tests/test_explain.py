@@ -241,9 +241,10 @@ def test_gemini_without_a_key_says_which_variables_to_set(monkeypatch):
 
 # --- Qwen-VL and GroundingDINO through transformers, tiny random weights ----------------------
 
-def test_qwen_vl_from_a_local_folder_answers_through_the_chat_template(flagged, tmp_path):
-    backend = QwenVLBackend(make_qwen_vl(tmp_path / "qwen"), max_new_tokens=8)
-    assert backend.device == "cpu" and "Qwen3VLForConditionalGeneration" in backend.description
+@pytest.mark.parametrize("generation", [3, 2])
+def test_qwen_vl_from_a_local_folder_answers_through_the_chat_template(flagged, tmp_path, generation):
+    backend = QwenVLBackend(make_qwen_vl(tmp_path / "qwen", generation), max_new_tokens=8)
+    assert backend.device == "cpu" and f"Qwen{generation}VLForConditionalGeneration" in backend.description
     case = next(c for c in flagged["cases"] if c.inspection.verdict_code == 3)
     data, _ = VLMFinding(backend, lang="ko").explain(case, tmp_path / "out")
     assert data["lang"] == "ko" and "확률" in data["ct"]["prompt"] and "임계값" in data["rgb"]["prompt"]

@@ -96,12 +96,11 @@ VLM_CHAT_TEMPLATE = (
     "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
 
 
-def make_qwen_vl(folder: Path, seed: int = 0) -> Path:
-    """A two-layer Qwen3-VL with a byte-level BPE tokenizer trained on a few prompt words;
-    saved with its processor so `AutoProcessor` / `AutoModelForImageTextToText` load it."""
+def make_qwen_vl(folder: Path, generation: int = 3, seed: int = 0) -> Path:
+    """A two-layer Qwen3-VL (or Qwen2-VL) with a byte-level BPE tokenizer trained on a few prompt
+    words; saved with its processor so `AutoProcessor` / `AutoModelForImageTextToText` load it."""
+    import transformers as tf
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import (PreTrainedTokenizerFast, Qwen2VLImageProcessor, Qwen3VLConfig, Qwen3VLForConditionalGeneration,
-                              Qwen3VLProcessor, Qwen3VLVideoProcessor)
 
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -109,22 +108,35 @@ def make_qwen_vl(folder: Path, seed: int = 0) -> Path:
     corpus = ['battery cell porosity void resin overflow scratch dent {"class": "cell_porosity", "verdict": "defect"} 배터리 결함']
     tok.train_from_iterator(corpus, trainers.BpeTrainer(vocab_size=400, special_tokens=list(VLM_SPECIAL_TOKENS),
                                                         initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>")
+    fast = tf.PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>")
     ids = {t: fast.convert_tokens_to_ids(t) for t in VLM_SPECIAL_TOKENS}
-    images = Qwen2VLImageProcessor(patch_size=16, merge_size=2, temporal_patch_size=2, min_pixels=32 * 32, max_pixels=64 * 64)
-    processor = Qwen3VLProcessor(image_processor=images, tokenizer=fast, video_processor=Qwen3VLVideoProcessor(),
-                                 chat_template=VLM_CHAT_TEMPLATE)
-    config = Qwen3VLConfig(
-        text_config=dict(vocab_size=len(fast), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
-                         num_key_value_heads=1, head_dim=16,
-                         rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3],
-                                          "mrope_interleaved": True}),
-        vision_config=dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2, patch_size=16, spatial_merge_size=2,
-                           temporal_patch_size=2, out_hidden_size=32, num_position_embeddings=64, deepstack_visual_indexes=[0]),
-        image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"], vision_start_token_id=ids["<|vision_start|>"],
-        vision_end_token_id=ids["<|vision_end|>"], tie_word_embeddings=False)
+    tokens = dict(image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"], vision_start_token_id=ids["<|vision_start|>"],
+                  vision_end_token_id=ids["<|vision_end|>"])
+    text = dict(vocab_size=len(fast), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,
+                eos_token_id=ids["<|im_end|>"], pad_token_id=ids["<|endoftext|>"])
+    if generation == 3:
+        patch, cls = 16, tf.Qwen3VLForConditionalGeneration
+        config = tf.Qwen3VLConfig(
+            text_config=text | dict(head_dim=16, rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3],
+                                                                  "mrope_interleaved": True}),
+            vision_config=dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2, patch_size=patch, spatial_merge_size=2,
+                               temporal_patch_size=2, out_hidden_size=32, num_position_embeddings=64, deepstack_visual_indexes=[0]),
+            tie_word_embeddings=False, **tokens)
+        processor_cls, video = tf.Qwen3VLProcessor, tf.Qwen3VLVideoProcessor()
+    elif generation == 2:
+        patch, cls = 14, tf.Qwen2VLForConditionalGeneration
+        config = tf.Qwen2VLConfig(
+            text_config=text | dict(rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3]}),
+            vision_config=dict(depth=2, embed_dim=32, hidden_size=32, num_heads=2, mlp_ratio=2, patch_size=patch, spatial_merge_size=2,
+                               temporal_patch_size=2), **tokens)
+        processor_cls, video = tf.Qwen2VLProcessor, tf.Qwen2VLVideoProcessor()
+    else:
+        raise ValueError(f"no Qwen-VL generation {generation}")
+    images = tf.Qwen2VLImageProcessor(patch_size=patch, merge_size=2, temporal_patch_size=2, min_pixels=(2 * patch) ** 2,
+                                      max_pixels=(4 * patch) ** 2)
+    processor = processor_cls(image_processor=images, tokenizer=fast, video_processor=video, chat_template=VLM_CHAT_TEMPLATE)
     torch.manual_seed(seed)
-    Qwen3VLForConditionalGeneration(config).eval().save_pretrained(folder)
+    cls(config).eval().save_pretrained(folder)
     processor.save_pretrained(folder)
     return folder
 

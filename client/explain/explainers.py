@@ -161,8 +161,9 @@ class Grounding:
                        "text_threshold": self.text_threshold}, {}
         for side, view in (("ct", case.ct_view), ("rgb", case.rgb_view)):
             phrases = self.phrases[side]
-            found = self.backend.detect(overlays.image_png(view.image), list(phrases), self.box_threshold, self.text_threshold)
-            scale = view.size / overlays.image_png(view.image).width
+            shown = overlays.image_png(view.image)
+            found = self.backend.detect(shown, list(phrases), self.box_threshold, self.text_threshold)
+            scale = view.size / shown.width  # boxes back to view pixels
             boxes, detections = [], []
             for label, score, (x0, y0, x1, y1) in sorted(found, key=lambda d: -d[1]):
                 phrase, cls = phrase_class(label, phrases, int(case.meta[0]))
