@@ -4,7 +4,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: setup serve test synth preview bench-synth train-quick train-standard clean
+.PHONY: setup serve test synth preview bench bench-synth train-quick train-standard clean
 
 # serve: ports and runs are configurable, e.g. make serve GRPC_PORT=9001 RUNS="runs/standard"
 GRPC_PORT    ?= 8001
@@ -42,6 +42,11 @@ train-quick: setup
 
 train-standard: setup
 	$(PY) -m training.preset standard
+
+# Serving throughput: Triton (load generator + perf_analyzer) against in-process baselines;
+# results in benchmarks/results/latest/. BENCH_ARGS passes options, e.g. BENCH_ARGS="--seconds 20".
+bench: setup
+	$(PY) -m benchmarks serving $(BENCH_ARGS)
 
 bench-synth: setup
 	$(PY) -m benchmarks.synth_speed

@@ -1,0 +1,30 @@
+"""python -m benchmarks serving|synth ...
+
+  serving   Triton end to end (load generator + perf_analyzer) against in-process ONNX Runtime,
+            PyTorch and the original-style path, with SGEMM and FLOPs (`make bench`)
+  synth     how long the synthetic data generator takes (`make bench-synth`)
+"""
+import sys
+
+
+def main() -> int:
+    if len(sys.argv) < 2 or sys.argv[1] in ("-h", "--help"):
+        print(__doc__)
+        return 0 if len(sys.argv) >= 2 else 2
+    command, rest = sys.argv[1], sys.argv[2:]
+    if command == "serving":
+        from benchmarks.serving import main as serving
+
+        return serving(rest)
+    if command == "synth":
+        from benchmarks.synth_speed import main as synth
+
+        sys.argv = [f"{sys.argv[0]} synth", *rest]
+        synth()
+        return 0
+    print(f"unknown benchmark {command!r}\n{__doc__}", file=sys.stderr)
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

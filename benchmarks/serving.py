@@ -1,0 +1,165 @@
+"""Serving throughput, side by side in one run on one machine:
+
+  Triton end to end (the project's asyncio gRPC load generator, and NVIDIA perf_analyzer on
+  inspect / inspect_ct / inspect_rgb) against the same models in-process (ONNX Runtime and
+  PyTorch eager on preprocessed tensors) and against the original system's path (PyTorch,
+  one cell at a time, Grad-CAM by a backward pass), with the machine's SGEMM GFLOP/s and
+  each model's FLOPs per image.
+
+  python -m benchmarks serving [--runs RUN...] [--data DIR] [--concurrency 1,2,4,8,16]
+
+Results: benchmarks/results/<time>/ (results.json, results.csv, throughput.png,
+latency.png, summary.md) and benchmarks/results/latest -> it.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import socket
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+
+def _ints(text: str) -> list[int]:
+    try:
+        values = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+    if not values or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"expected positive integers, got {text!r}")
+    return values
+
+
+def _free_ports(n: int) -> list[int]:
+    socks = [socket.socket() for _ in range(n)]
+    for s in socks:
+        s.bind(("127.0.0.1", 0))
+    ports = [s.getsockname()[1] for s in socks]
+    for s in socks:
+        s.close()
+    return ports
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m benchmarks serving", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--runs", nargs="+", type=Path, help="trained runs (default runs/standard, else runs/quick, else the quick preset is trained)")
+    p.add_argument("--data", type=Path, help="AI-Hub-layout folder to take cells from (default data/standard_test or data/quick_test, "
+                                             "else a small synthetic set is generated)")
+    p.add_argument("--cells", type=int, default=32, help="distinct cells sent, cycled (default 32)")
+    p.add_argument("--concurrency", type=_ints, default=[1, 2, 4, 8, 16], help="requests in flight to sweep (default 1,2,4,8,16)")
+    p.add_argument("--seconds", type=float, default=10.0, help="load-generator seconds per concurrency (default 10)")
+    p.add_argument("--perf-interval", type=int, default=4000, help="perf_analyzer measurement window, ms (default 4000)")
+    p.add_argument("--baseline-seconds", type=float, default=6.0, help="seconds per in-process measurement (default 6)")
+    p.add_argument("--batches", type=_ints, default=[1, 8], help="in-process batch sizes (default 1,8)")
+    p.add_argument("--heatmaps", action="store_true", help="the load generator also asks for CT_CAM and RGB_ERROR_MAP")
+    p.add_argument("--skip", nargs="*", default=[], choices=("perf_analyzer", "original", "torch"), help="parts to leave out")
+    p.add_argument("--repository", type=Path, default=Path("build/bench_repository"), help="repository to build and serve "
+                                                                                          "(default build/bench_repository)")
+    p.add_argument("--out", type=Path, default=Path("benchmarks/results"), help="results folder (default benchmarks/results)")
+    return p
+
+
+def _cells(args):
+    from client.dataset import pair_cells
+
+    data = args.data or next((d for d in (Path("data/standard_test"), Path("data/quick_test")) if d.is_dir()), None)
+    if data is None:
+        from training.synth.plan import SynthConfig
+        from training.synth.writer import generate
+
+        data = Path("build/bench_data")
+        if not data.is_dir():
+            print(f"no test set found: generating a small synthetic one into {data}")
+            generate(data, SynthConfig(batteries=8, seed=11), progress=False)
+    cells, _ = pair_cells(data, progress=False)
+    if not cells:
+        raise SystemExit(f"error: no cells in {data}")
+    step = max(1, len(cells) // args.cells)  # spread over batteries and axes
+    return data, [c.load() for c in cells[::step][: args.cells]]
+
+
+def run(args) -> Path:
+    import torch
+
+    from benchmarks import loadgen, measure, perf
+    from benchmarks.report import write_results
+    from export.__main__ import resolve_runs
+    from export.local import TorchPipeline
+    from export.onnx_export import example_inputs
+    from export.repository import build_repository, is_current
+    from export.server import Ports, TritonServer
+    from export.serving import ct_tensor, rgb_tensor
+
+    runs = resolve_runs(args.runs)
+    data, cells = _cells(args)
+    if not is_current(args.repository, runs, "python-ort"):
+        print(f"building {args.repository} from {', '.join(map(str, runs))}")
+        build_repository(runs, "python-ort", args.repository)
+    pipeline = TorchPipeline(runs)
+    results = {"started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "runs": [str(r) for r in runs], "data": str(data), "cells": len(cells),
+               "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k != "func"}}
+
+    print("machine: SGEMM and model FLOPs")
+    results["machine"] = measure.machine() | {"sgemm_gflops": measure.sgemm_gflops(seconds=min(2.0, args.baseline_seconds))}
+    ct_flops = measure.flops_per_image(pipeline.ct_graph, example_inputs(pipeline.ct_info, 1))
+    rgb_flops = measure.flops_per_image(pipeline.rgb_graph, example_inputs(pipeline.rgb_info, 1))
+    results["models"] = {"ct_input": int(pipeline.ct_info["input_size"]), "rgb_input": int(pipeline.rgb_info["input_size"]),
+                         "ct_gflop_per_image": ct_flops / 1e9, "rgb_gflop_per_image": rgb_flops / 1e9,
+                         "gflop_per_cell": (ct_flops + rgb_flops) / 1e9}
+    print(f"  SGEMM {results['machine']['sgemm_gflops']:.1f} GFLOP/s; CT {ct_flops / 1e9:.2f} + RGB {rgb_flops / 1e9:.2f} GFLOP per cell")
+
+    ct_x = np.stack([ct_tensor(c.ct, pipeline.ct_info) for c in cells])
+    meta = np.array([c.meta for c in cells], np.float32)
+    rgb_x = np.stack([rgb_tensor(c.rgb, pipeline.rgb_info) for c in cells])
+    base = {"onnxruntime": [], "torch": []}
+    print("in-process baselines")
+    for b in args.batches:
+        row = measure.ort_cells_per_s(args.repository / "ct_classifier/1/model.onnx", args.repository / "rgb_autoencoder/1/model.onnx",
+                                      ct_x, meta, rgb_x, b, args.baseline_seconds)
+        base["onnxruntime"].append(row)
+        print(f"  onnxruntime batch {b:>2}: {row['cells_per_s']:7.1f} cells/s")
+        if "torch" not in args.skip:
+            row = measure.torch_cells_per_s(pipeline, ct_x, meta, rgb_x, b, args.baseline_seconds)
+            base["torch"].append(row)
+            print(f"  pytorch     batch {b:>2}: {row['cells_per_s']:7.1f} cells/s")
+    if "original" not in args.skip:
+        base["original"] = [measure.original_cells_per_s(pipeline, cells, args.baseline_seconds)]
+        print(f"  original-style (batch 1, pytorch-grad-cam per cell): {base['original'][0]['cells_per_s']:.2f} cells/s")
+    results["in_process"] = base
+    del pipeline
+
+    http, grpc, metrics = _free_ports(3)
+    server = TritonServer(args.repository, Ports(http, grpc, metrics), log_path=args.out / "tritonserver.log")
+    args.out.mkdir(parents=True, exist_ok=True)
+    print(f"tritonserver on localhost:{grpc}")
+    server.start(timeout=300)
+    try:
+        results["loadgen"] = loadgen.sweep(server.grpc_url, cells, args.concurrency, args.seconds, heatmaps=args.heatmaps)
+        missing = "left out (--skip)" if "perf_analyzer" in args.skip else perf.available()
+        if missing:
+            print(f"  perf_analyzer not run: {missing}")
+            results["perf_analyzer"] = {"skipped": missing}
+        else:
+            from ensemble import interface as api
+
+            results["perf_analyzer"] = {m: perf.run(server.grpc_url, f"http://localhost:{metrics}/metrics", m, cells, args.concurrency,
+                                                    args.perf_interval, args.out / "perf_analyzer")
+                                        for m in (api.INSPECT, api.INSPECT_CT, api.INSPECT_RGB)}
+    finally:
+        server.stop()
+    return write_results(results, args.out)
+
+
+def main(argv=None) -> int:
+    args = parser().parse_args(argv)
+    folder = run(args)
+    print((folder / "summary.md").read_text())
+    print(f"results in {folder}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,61 @@
+"""The serving benchmark runs end to end on tiny settings and writes well-formed results.
+(Speed is measured by `make bench`, never asserted here.)"""
+from __future__ import annotations
+
+import csv
+import json
+
+import pytest
+from tiny_models import make_ct_run, make_rgb_run
+
+from benchmarks import perf
+from benchmarks.serving import main
+from ensemble import interface as api
+from training.synth.plan import SynthConfig
+from training.synth.writer import generate
+
+
+@pytest.fixture(scope="module")
+def results(tmp_path_factory):
+    root = tmp_path_factory.mktemp("bench")
+    data = root / "cells"
+    generate(data, SynthConfig(batteries=2, seed=4, ct_size=96, rgb_width=160, rgb_height=90, slices_per_axis=1, photos_per_battery=1),
+             workers=1, progress=False)
+    runs = [make_ct_run(root / "ct", size=64), make_rgb_run(root / "rgb", size=64)]
+    out = root / "results"
+    assert main(["--runs", *map(str, runs), "--data", str(data), "--cells", "4", "--concurrency", "1,2", "--seconds", "1",
+                 "--perf-interval", "500", "--baseline-seconds", "0.3", "--repository", str(root / "repo"), "--out", str(out)]) == 0
+    return out / "latest"
+
+
+def test_results_hold_every_path_and_the_headline_ratios(results):
+    r = json.loads((results / "results.json").read_text())
+    assert r["machine"]["sgemm_gflops"] > 0 and r["models"]["gflop_per_cell"] > 0
+    assert [e["batch"] for e in r["in_process"]["onnxruntime"]] == [1, 8] and len(r["in_process"]["torch"]) == 2
+    assert r["in_process"]["original"][0]["cells_per_s"] > 0
+    assert [e["concurrency"] for e in r["loadgen"]] == [1, 2]
+    assert all(e["errors"] == 0 and e["cells"] > 0 and e["p50_ms"] <= e["p90_ms"] <= e["p99_ms"] for e in r["loadgen"])
+    h = r["headline"]
+    assert h["triton_vs_onnxruntime"] == pytest.approx(h["triton_cells_per_s"] / h["onnxruntime_cells_per_s"])
+    assert h["triton_vs_original"] == pytest.approx(h["triton_cells_per_s"] / h["original_cells_per_s"])
+    summary = (results / "summary.md").read_text()
+    assert "Triton end to end / in-process ONNX Runtime" in summary and f"{h['triton_vs_onnxruntime']:.2f}" in summary
+    for plot in ("throughput.png", "latency.png"):
+        assert (results / plot).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    rows = list(csv.DictReader(open(results / "results.csv")))
+    assert {row["path"] for row in rows} >= {"in-process onnxruntime", "in-process torch", "in-process original", "triton loadgen"}
+    assert all(float(row["cells_per_s"]) > 0 for row in rows)
+
+
+@pytest.mark.skipif(perf.available() is not None, reason=f"perf_analyzer cannot run here: {perf.available()}")
+def test_perf_analyzer_drove_each_ensemble_with_real_images(results):
+    r = json.loads((results / "results.json").read_text())
+    assert set(r["perf_analyzer"]) == {api.INSPECT, api.INSPECT_CT, api.INSPECT_RGB}
+    for rows in r["perf_analyzer"].values():
+        assert [e["concurrency"] for e in rows] == [1, 2] and all(e["cells_per_s"] > 0 and e["server_compute_ms"] > 0 for e in rows)
+
+
+def test_bad_options_are_refused_with_a_clear_message(capsys):
+    with pytest.raises(SystemExit):
+        main(["--concurrency", "0,x"])
+    assert "expected comma-separated integers" in capsys.readouterr().err
