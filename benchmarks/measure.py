@@ -110,3 +110,23 @@ def original_cells_per_s(pipeline, cells, seconds: float) -> dict:
 
     per_cell, calls = timed(one, seconds)
     return {"batch": 1, "cells_per_s": 1 / per_cell, "cells": calls}
+
+
+def preprocess_cells_per_s(cells, ct_info: dict, rgb_info: dict, seconds: float) -> dict:
+    """Decoding and preprocessing alone (what the server does before the networks), per image kind."""
+    from export.serving import ct_tensor, rgb_tensor
+
+    i, j = [0], [0]
+
+    def ct():
+        ct_tensor(cells[i[0] % len(cells)].ct, ct_info)
+        i[0] += 1
+
+    def rgb():
+        rgb_tensor(cells[j[0] % len(cells)].rgb, rgb_info)
+        j[0] += 1
+
+    t_ct, _ = timed(ct, seconds / 2)
+    t_rgb, _ = timed(rgb, seconds / 2)
+    return {"batch": 1, "cells_per_s": 1 / (t_ct + t_rgb), "ct_images_per_s": 1 / t_ct, "rgb_images_per_s": 1 / t_rgb,
+            "ct_bytes": sum(len(c.ct) for c in cells) // len(cells), "rgb_bytes": sum(len(c.rgb) for c in cells) // len(cells)}

@@ -89,6 +89,7 @@ def summary(r: dict, h: dict) -> str:
              f"Machine: {m['cpu']}, {m['cores']} cores (AVX2 {m['avx2']}, AVX-512 {m['avx512f']}, VNNI {m['vnni']}); "
              f"runs {', '.join(r['runs'])}; {r['cells']} cells of {r['data']}; CT {mod['ct_input']} px, RGB {mod['rgb_input']} px, "
              f"{mod['gflop_per_cell']:.2f} GFLOP per cell.", "",
+             "Serving tuning: " + ", ".join(f"{k} {v}" for k, v in r.get("tuning", {}).items()) + ".", "",
              "| ratio | value | target |", "|---|---|---|",
              f"| Triton end to end / in-process ONNX Runtime | **{h['triton_vs_onnxruntime']:.2f}** "
              f"({h['triton_cells_per_s']:.1f} / {h['onnxruntime_cells_per_s']:.1f} cells/s) | >= {TARGETS['triton_vs_onnxruntime']} "

@@ -59,6 +59,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--repository", type=Path, default=Path("build/bench_repository"), help="repository to build and serve "
                                                                                           "(default build/bench_repository)")
     p.add_argument("--out", type=Path, default=Path("benchmarks/results"), help="results folder (default benchmarks/results)")
+    from export.__main__ import add_tuning_arguments
+
+    add_tuning_arguments(p)  # the repository's serving knobs, as for `python -m export serve`
     return p
 
 
@@ -86,7 +89,7 @@ def run(args) -> Path:
 
     from benchmarks import loadgen, measure, perf
     from benchmarks.report import write_results
-    from export.__main__ import resolve_runs
+    from export.__main__ import resolve_runs, tuning_from
     from export.local import TorchPipeline
     from export.onnx_export import example_inputs
     from export.repository import build_repository, is_current
@@ -95,12 +98,14 @@ def run(args) -> Path:
 
     runs = resolve_runs(args.runs)
     data, cells = _cells(args)
-    if not is_current(args.repository, runs, "python-ort"):
-        print(f"building {args.repository} from {', '.join(map(str, runs))}")
-        build_repository(runs, "python-ort", args.repository)
+    tuning = tuning_from(args)
+    if not is_current(args.repository, runs, "python-ort", args.rule, tuning):
+        print(f"building {args.repository} from {', '.join(map(str, runs))} with {tuning}")
+        build_repository(runs, "python-ort", args.repository, args.rule, tuning)
     pipeline = TorchPipeline(runs)
     results = {"started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "runs": [str(r) for r in runs], "data": str(data), "cells": len(cells),
-               "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k != "func"}}
+               "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k != "func"},
+               "tuning": {k: v for k, v in vars(tuning).items() if k != "limits"}}
 
     print("machine: SGEMM and model FLOPs")
     results["machine"] = measure.machine() | {"sgemm_gflops": measure.sgemm_gflops(seconds=min(2.0, args.baseline_seconds))}
@@ -116,6 +121,10 @@ def run(args) -> Path:
     rgb_x = np.stack([rgb_tensor(c.rgb, pipeline.rgb_info) for c in cells])
     base = {"onnxruntime": [], "torch": []}
     print("in-process baselines")
+    pre = measure.preprocess_cells_per_s(cells, pipeline.ct_info, pipeline.rgb_info, args.baseline_seconds)
+    base["preprocess"] = [pre]
+    print(f"  decode + preprocess (one core): {pre['cells_per_s']:7.1f} cells/s (CT {pre['ct_images_per_s']:.1f}/s, "
+          f"RGB {pre['rgb_images_per_s']:.1f}/s)")
     for b in args.batches:
         row = measure.ort_cells_per_s(args.repository / "ct_classifier/1/model.onnx", args.repository / "rgb_autoencoder/1/model.onnx",
                                       ct_x, meta, rgb_x, b, args.baseline_seconds)

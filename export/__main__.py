@@ -30,7 +30,7 @@ def cmd_onnx(args) -> int:
     return 0
 
 
-def _tuning(args):
+def tuning_from(args):
     from export.repository import Tuning
 
     return Tuning(max_batch_size=args.max_batch_size, max_queue_delay_us=args.queue_delay_us,
@@ -41,7 +41,7 @@ def _tuning(args):
 def cmd_repository(args) -> int:
     from export.repository import build_repository
 
-    manifest = build_repository(args.runs, args.runtime, args.out, args.rule, _tuning(args))
+    manifest = build_repository(args.runs, args.runtime, args.out, args.rule, tuning_from(args))
     print(f"wrote {args.out} ({args.runtime}): {', '.join(manifest['models'])}")
     if "todo" in manifest:
         print(f"note: {manifest['todo']}")
@@ -71,7 +71,7 @@ def cmd_serve(args) -> int:
     from export.server import Ports, TritonServer
 
     runs = resolve_runs(args.runs)
-    tuning = _tuning(args)
+    tuning = tuning_from(args)
     if args.rebuild or not is_current(args.repository, runs, "python-ort", args.rule, tuning):
         print(f"building {args.repository} from {', '.join(map(str, runs))}")
         build_repository(runs, "python-ort", args.repository, args.rule, tuning)
@@ -98,7 +98,7 @@ def cmd_serve(args) -> int:
         return 1
 
 
-def _add_tuning(p) -> None:
+def add_tuning_arguments(p) -> None:
     g = p.add_argument_group("serving tuning")
     g.add_argument("--max-batch-size", type=int, default=16, help="max_batch_size of every model (default 16)")
     g.add_argument("--queue-delay-us", type=int, default=2000, help="dynamic batching max queue delay (default 2000)")
@@ -122,7 +122,7 @@ def main(argv=None) -> int:
                    help="python-ort: Python backend + ONNX Runtime (CPU, this machine); onnxruntime / tensorrt: native "
                         "backends of the NGC container (default python-ort)")
     r.add_argument("--out", type=Path, default=Path("model_repository"), help="repository folder (default model_repository)")
-    _add_tuning(r)
+    add_tuning_arguments(r)
     r.set_defaults(func=cmd_repository)
     s = sub.add_parser("serve", help="build what is missing and run tritonserver in the foreground")
     s.add_argument("--runs", nargs="+", type=Path, help="run folders (default runs/standard if trained, else runs/quick, "
@@ -133,7 +133,7 @@ def main(argv=None) -> int:
     s.add_argument("--http-port", type=int, default=8000, help="HTTP port (default 8000)")
     s.add_argument("--metrics-port", type=int, default=8002, help="Prometheus metrics port (default 8002)")
     s.add_argument("--start-timeout", type=float, default=300.0, help="seconds to wait for all models to load (default 300)")
-    _add_tuning(s)
+    add_tuning_arguments(s)
     s.set_defaults(func=cmd_serve)
     args = p.parse_args(argv)
     try:
