@@ -33,9 +33,10 @@ def cmd_onnx(args) -> int:
 def tuning_from(args):
     from export.repository import Tuning
 
-    return Tuning(max_batch_size=args.max_batch_size, max_queue_delay_us=args.queue_delay_us,
-                  preprocess_instances=args.preprocess_instances, network_instances=args.network_instances,
-                  intra_op_threads=args.threads)
+    given = {"max_batch_size": args.max_batch_size, "max_queue_delay_us": args.queue_delay_us,
+             "preprocess_instances": args.preprocess_instances, "network_instances": args.network_instances,
+             "intra_op_threads": args.threads}
+    return Tuning(**{k: v for k, v in given.items() if v is not None})
 
 
 def cmd_repository(args) -> int:
@@ -102,9 +103,9 @@ def add_tuning_arguments(p) -> None:
     g = p.add_argument_group("serving tuning")
     g.add_argument("--max-batch-size", type=int, default=16, help="max_batch_size of every model (default 16)")
     g.add_argument("--queue-delay-us", type=int, default=2000, help="dynamic batching max queue delay (default 2000)")
-    g.add_argument("--preprocess-instances", type=int, default=1, help="instances of each preprocessing model (default 1)")
-    g.add_argument("--network-instances", type=int, default=1, help="instances of each network (default 1)")
-    g.add_argument("--threads", type=int, default=0, help="ONNX Runtime intra-op threads per network instance (default: all cores)")
+    g.add_argument("--preprocess-instances", type=int, help="instances of each preprocessing model (default: one per core, at most 4)")
+    g.add_argument("--network-instances", type=int, help="instances of each network (default 1)")
+    g.add_argument("--threads", type=int, help="ONNX Runtime intra-op threads per network instance (default: half the cores; 0: all)")
     g.add_argument("--rule", type=Path, help="verdict rule YAML (default ensemble/rule.yaml)")
 
 
