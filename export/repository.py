@@ -170,6 +170,9 @@ def model_specs(ct: dict, rgb: dict, rule_json: str, runtime: str, tuning: Tunin
 PYTHON_SOURCES = {api.PREPROCESS: "preprocess.py", api.CT_PREPROCESS: "ct_preprocess.py", api.RGB_PREPROCESS: "rgb_preprocess.py", api.VERDICT_MODEL: "verdict.py"}
 
 
+KEPT_FILES = ("README.md",)
+
+
 def build_repository(runs, runtime: str, out: str | Path, rule_path: str | Path | None = None, tuning: Tuning = Tuning(),
                      progress=print) -> dict:
     """Export the runs and write the whole repository to `out` (replaced only when all succeeded)."""
@@ -211,6 +214,9 @@ def build_repository(runs, runtime: str, out: str | Path, rule_path: str | Path 
             manifest["todo"] = "TensorRT engines (model.plan) are not built yet: build them from each 1/model.onnx on the target GPU"
         (staging / MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n")
         if out.exists():
+            for keep in KEPT_FILES:  # the folder's own documentation survives a rebuild
+                if (out / keep).is_file():
+                    shutil.copy2(out / keep, staging / keep)
             old = out.with_name(f".{out.name}.old")
             shutil.rmtree(old, ignore_errors=True)
             out.replace(old)

@@ -201,6 +201,16 @@ def test_repository_cli_writes_a_tensorrt_repository_and_says_what_is_missing(ru
     assert not (tmp_path / "r" / api.RGB_AUTOENCODER / "1" / "model.py").exists()
 
 
+def test_a_rebuild_replaces_the_models_and_keeps_the_folders_readme(runs, tmp_path):
+    out = tmp_path / "model_repository"
+    out.mkdir()
+    (out / "README.md").write_text("what this folder is")
+    (out / "stale_model").mkdir()
+    build_repository([runs["ct"], runs["rgb"]], "python-ort", out, progress=lambda *_: None)
+    assert (out / "README.md").read_text() == "what this folder is"
+    assert not (out / "stale_model").exists() and (out / api.INSPECT / "config.pbtxt").exists()
+
+
 def test_repository_refuses_runs_without_both_models(runs, tmp_path, capsys):
     from export.__main__ import main
 
