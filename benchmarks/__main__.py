@@ -2,6 +2,7 @@
 
   serving   Triton end to end (load generator + perf_analyzer) against in-process ONNX Runtime,
             PyTorch and the original-style path, with SGEMM and FLOPs (`make bench`)
+  int8      INT8 against FP32 for the CT classifier: throughput and macro-F1 on a test split
   synth     how long the synthetic data generator takes (`make bench-synth`)
 """
 import sys
@@ -16,6 +17,10 @@ def main() -> int:
         from benchmarks.serving import main as serving
 
         return serving(rest)
+    if command == "int8":
+        from benchmarks.quantized import main as int8
+
+        return int8(rest)
     if command == "synth":
         from benchmarks.synth_speed import main as synth
 

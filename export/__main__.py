@@ -35,7 +35,8 @@ def tuning_from(args):
 
     given = {"max_batch_size": args.max_batch_size, "max_queue_delay_us": args.queue_delay_us,
              "preprocess_instances": args.preprocess_instances, "network_instances": args.network_instances,
-             "intra_op_threads": args.threads}
+             "intra_op_threads": args.threads, "precision": args.precision,
+             "calibration": str(args.calibration) if args.calibration else None}
     return Tuning(**{k: v for k, v in given.items() if v is not None})
 
 
@@ -106,6 +107,10 @@ def add_tuning_arguments(p) -> None:
     g.add_argument("--preprocess-instances", type=int, help="instances of each preprocessing model (default: one per core, at most 4)")
     g.add_argument("--network-instances", type=int, help="instances of each network (default 1)")
     g.add_argument("--threads", type=int, help="ONNX Runtime intra-op threads per network instance (default: half the cores; 0: all)")
+    g.add_argument("--precision", choices=("fp32", "int8"), help="network precision (default fp32; int8: static QDQ "
+                                                                 "quantisation of the convolutions, calibrated on images)")
+    g.add_argument("--calibration", type=Path, metavar="DIR", help="INT8 calibration images, an AI-Hub-layout folder "
+                                                                   "(default: the data the CT run was trained on)")
     g.add_argument("--rule", type=Path, help="verdict rule YAML (default ensemble/rule.yaml)")
 
 

@@ -28,6 +28,8 @@ import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
+
 from ensemble import interface as api
 from ensemble.rule import RULE_FILE, load_rule
 from export.decode import Limits
@@ -39,6 +41,9 @@ from training.data.labels import CT_CLASSES
 RUNTIMES = ("python-ort", "onnxruntime", "tensorrt")
 MANIFEST = "manifest.json"
 SOURCES = Path(__file__).with_name("triton_models")
+
+
+PRECISIONS = ("fp32", "int8")
 
 
 @dataclass(frozen=True)
@@ -55,6 +60,12 @@ class Tuning:
     network_instances: int = 1
     intra_op_threads: int = field(default_factory=lambda: max(1, (os.cpu_count() or 2) // 2))  # per network instance (python-ort)
     limits: Limits = Limits()
+    precision: str = "fp32"  # fp32 | int8 (static QDQ quantisation of the convolutions, export/quantize.py)
+    calibration: str | None = None  # INT8 calibration images (AI-Hub folder); default: the CT run's training data
+
+    def __post_init__(self):
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
 
 
 def _checkpoint_digest(run: Path) -> str:
@@ -173,6 +184,32 @@ PYTHON_SOURCES = {api.PREPROCESS: "preprocess.py", api.CT_PREPROCESS: "ct_prepro
 KEPT_FILES = ("README.md",)
 
 
+def _quantize(exported: dict, found: dict, tuning: Tuning, progress) -> None:
+    """Replace each exported network by its INT8 variant, calibrated on the runs' data."""
+    import onnxruntime as ort
+    import torch
+
+    from export.quantize import calibration_tensors, quantize_int8
+
+    source = tuning.calibration or torch.load(found["ct_classifier"] / CHECKPOINT, map_location="cpu", weights_only=False,
+                                              mmap=True).get("data")
+    if not source:
+        raise ValueError("INT8 needs calibration images: give --calibration DIR")
+    progress(f"quantising the networks to INT8, calibrated on {source}")
+    feeds = calibration_tensors(source, exported["ct_classifier"].info, exported["rgb_autoencoder"].info)
+    for kind, e in exported.items():
+        names = (api.CT_TENSOR, api.CT_META) if kind == "ct_classifier" else (api.RGB_TENSOR,)
+        inputs = {n: feeds[n] for n in names}
+        quantized = quantize_int8(e.onnx_path, e.onnx_path.with_suffix(".int8.onnx"), inputs)
+        before, after = (ort.InferenceSession(str(f), providers=["CPUExecutionProvider"]).run(None, inputs)[0]
+                         for f in (e.onnx_path, quantized))
+        change = f"max |INT8 - FP32| of the first output {np.abs(after - before).max():.2e}"
+        if kind == "ct_classifier":
+            change += f", same top class on {np.mean(after.argmax(1) == before.argmax(1)):.1%} of {len(before)} calibration slices"
+        progress(f"  {e.name}: {change}")
+        quantized.replace(e.onnx_path)
+
+
 def build_repository(runs, runtime: str, out: str | Path, rule_path: str | Path | None = None, tuning: Tuning = Tuning(),
                      progress=print) -> dict:
     """Export the runs and write the whole repository to `out` (replaced only when all succeeded)."""
@@ -188,6 +225,8 @@ def build_repository(runs, runtime: str, out: str | Path, rule_path: str | Path 
             progress(f"  {e.name}: max |ONNX Runtime - PyTorch| {worst:.1e} on batches {sorted(e.parity)}")
             exported[kind] = e
         ct, rgb = exported["ct_classifier"].info, exported["rgb_autoencoder"].info
+        if tuning.precision == "int8":
+            _quantize(exported, found, tuning, progress)
         if tuple(ct["class_names"]) != CT_CLASSES:
             raise ValueError(f"the CT checkpoint's classes {ct['class_names']} differ from the public order {list(CT_CLASSES)}")
         rule = load_rule(rgb, ct["class_names"], rule_path)
@@ -208,6 +247,7 @@ def build_repository(runs, runtime: str, out: str | Path, rule_path: str | Path 
             "rule": json.loads(rule.to_json()),
             "models": [s.name for s in specs],
             "build_sha256": _build_digest(rule_path, tuning),
+            "precision": tuning.precision,
             "built": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         }
         if runtime == "tensorrt":

@@ -211,6 +211,39 @@ def test_a_rebuild_replaces_the_models_and_keeps_the_folders_readme(runs, tmp_pa
     assert not (out / "stale_model").exists() and (out / api.INSPECT / "config.pbtxt").exists()
 
 
+def test_an_int8_repository_quantises_the_convolutions_and_keeps_the_decisions(runs, tmp_path):
+    import onnx
+
+    from export.repository import Tuning, is_current
+    from training.synth.plan import SynthConfig
+    from training.synth.writer import generate
+
+    data = tmp_path / "calibration"
+    generate(data, SynthConfig(batteries=3, seed=8, ct_size=96, rgb_width=160, rgb_height=90, slices_per_axis=2, photos_per_battery=2),
+             workers=1, progress=False)
+    fp32, int8 = tmp_path / "fp32", tmp_path / "int8"
+    tuning = Tuning(precision="int8", calibration=str(data))
+    build_repository([runs["ct"], runs["rgb"]], "python-ort", fp32, progress=lambda *_: None)
+    said = []
+    manifest = build_repository([runs["ct"], runs["rgb"]], "python-ort", int8, tuning=tuning, progress=said.append)
+    assert manifest["precision"] == "int8" and any("INT8" in line for line in said)
+    assert is_current(int8, [runs["ct"], runs["rgb"]], "python-ort", tuning=tuning)
+    assert not is_current(int8, [runs["ct"], runs["rgb"]], "python-ort")  # an FP32 build is another build
+    for name in (api.CT_CLASSIFIER, api.RGB_AUTOENCODER):
+        ops = {n.op_type for n in onnx.load(str(int8 / name / "1" / "model.onnx")).graph.node}
+        assert {"QuantizeLinear", "DequantizeLinear", "Conv"} <= ops
+        assert "QuantizeLinear" not in {n.op_type for n in onnx.load(str(fp32 / name / "1" / "model.onnx")).graph.node}
+    from export.quantize import calibration_tensors
+
+    feeds = calibration_tensors(data, load_checkpoint(runs["ct"])[1], None)  # real slices, as the server prepares them
+    p32, cam32 = ort.InferenceSession(str(fp32 / api.CT_CLASSIFIER / "1" / "model.onnx")).run(None, feeds)
+    p8, cam8 = ort.InferenceSession(str(int8 / api.CT_CLASSIFIER / "1" / "model.onnx")).run(None, feeds)
+    assert np.abs(p8 - p32).max() < 0.05 and np.mean(p8.argmax(1) == p32.argmax(1)) >= 0.9
+    assert cam8.shape == cam32.shape
+    with pytest.raises(ValueError, match="precision must be one of fp32, int8"):
+        Tuning(precision="fp16")
+
+
 def test_repository_refuses_runs_without_both_models(runs, tmp_path, capsys):
     from export.__main__ import main
 
