@@ -107,10 +107,12 @@ def add_tuning_arguments(p) -> None:
     g.add_argument("--preprocess-instances", type=int, help="instances of each preprocessing model (default: one per core, at most 4)")
     g.add_argument("--network-instances", type=int, help="instances of each network (default 1)")
     g.add_argument("--threads", type=int, help="ONNX Runtime intra-op threads per network instance (default: half the cores; 0: all)")
-    g.add_argument("--precision", choices=("fp32", "int8"), help="network precision (default fp32; int8: static QDQ "
-                                                                 "quantisation of the convolutions, calibrated on images)")
-    g.add_argument("--calibration", type=Path, metavar="DIR", help="INT8 calibration images, an AI-Hub-layout folder "
-                                                                   "(default: the data the CT run was trained on)")
+    g.add_argument("--precision", choices=("fp32", "fp16", "int8"), help="network precision (default fp32; fp16: for GPU "
+                                                                         "deployments; int8: static QDQ quantisation of the "
+                                                                         "convolutions, calibrated on images)")
+    g.add_argument("--calibration", type=Path, metavar="DIR", help="images to calibrate INT8 on and to check FP16/INT8 "
+                                                                   "against FP32, an AI-Hub-layout folder (default: the "
+                                                                   "data the CT run was trained on)")
     g.add_argument("--rule", type=Path, help="verdict rule YAML (default ensemble/rule.yaml)")
 
 

@@ -1,4 +1,10 @@
-"""INT8 variants of the exported networks: static QDQ quantisation of the convolutions.
+"""Lower-precision variants of the exported networks.
+
+FP16 (for GPU deployments: the onnxruntime CUDA/TensorRT providers or TensorRT engines):
+every float tensor and weight in half precision, the inputs and outputs kept float32 so
+the interface is unchanged. It runs on the CPU too (parity is checked there), but slowly.
+
+INT8: static QDQ quantisation of the convolutions.
 
 Weights per output channel (int8), activations per tensor (uint8), calibrated on images of
 the data the run was trained on (its Validation tree where it has one), preprocessed
@@ -69,4 +75,13 @@ def quantize_int8(src: str | Path, dst: str | Path, feeds: dict[str, np.ndarray]
         quant_pre_process(str(src), str(prepared), skip_symbolic_shape=True)  # ONNX shape inference suffices for CNNs
         quantize_static(str(prepared), str(dst), reader, quant_format=QuantFormat.QDQ, activation_type=QuantType.QUInt8,
                         weight_type=QuantType.QInt8, per_channel=True, op_types_to_quantize=["Conv"])
+    return Path(dst)
+
+
+def to_fp16(src: str | Path, dst: str | Path) -> Path:
+    """Write the half-precision model of `src` to `dst` (float32 inputs and outputs)."""
+    import onnx
+    from onnxruntime.transformers.float16 import convert_float_to_float16
+
+    onnx.save(convert_float_to_float16(onnx.load(str(src)), keep_io_types=True), str(dst))
     return Path(dst)

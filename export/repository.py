@@ -43,7 +43,7 @@ MANIFEST = "manifest.json"
 SOURCES = Path(__file__).with_name("triton_models")
 
 
-PRECISIONS = ("fp32", "int8")
+PRECISIONS = ("fp32", "fp16", "int8")
 
 
 @dataclass(frozen=True)
@@ -60,7 +60,7 @@ class Tuning:
     network_instances: int = 1
     intra_op_threads: int = field(default_factory=lambda: max(1, (os.cpu_count() or 2) // 2))  # per network instance (python-ort)
     limits: Limits = Limits()
-    precision: str = "fp32"  # fp32 | int8 (static QDQ quantisation of the convolutions, export/quantize.py)
+    precision: str = "fp32"  # fp32 | fp16 (GPU) | int8 (static QDQ quantisation of the convolutions), export/quantize.py
     calibration: str | None = None  # INT8 calibration images (AI-Hub folder); default: the CT run's training data
 
     def __post_init__(self):
@@ -184,30 +184,35 @@ PYTHON_SOURCES = {api.PREPROCESS: "preprocess.py", api.CT_PREPROCESS: "ct_prepro
 KEPT_FILES = ("README.md",)
 
 
-def _quantize(exported: dict, found: dict, tuning: Tuning, progress) -> None:
-    """Replace each exported network by its INT8 variant, calibrated on the runs' data."""
+def _lower_precision(exported: dict, found: dict, tuning: Tuning, progress) -> None:
+    """Replace each exported network by its FP16 or INT8 variant (INT8 calibrated on the runs' data),
+    saying how far its answers moved on real inputs."""
     import onnxruntime as ort
     import torch
 
-    from export.quantize import calibration_tensors, quantize_int8
+    from export.quantize import calibration_tensors, quantize_int8, to_fp16
 
     source = tuning.calibration or torch.load(found["ct_classifier"] / CHECKPOINT, map_location="cpu", weights_only=False,
                                               mmap=True).get("data")
     if not source:
-        raise ValueError("INT8 needs calibration images: give --calibration DIR")
-    progress(f"quantising the networks to INT8, calibrated on {source}")
+        raise ValueError(f"{tuning.precision} needs images to calibrate or check on: give --calibration DIR")
+    progress(f"converting the networks to {tuning.precision.upper()}" + (f", calibrated on {source}" if tuning.precision == "int8" else ""))
     feeds = calibration_tensors(source, exported["ct_classifier"].info, exported["rgb_autoencoder"].info)
     for kind, e in exported.items():
         names = (api.CT_TENSOR, api.CT_META) if kind == "ct_classifier" else (api.RGB_TENSOR,)
         inputs = {n: feeds[n] for n in names}
-        quantized = quantize_int8(e.onnx_path, e.onnx_path.with_suffix(".int8.onnx"), inputs)
+        lowered = e.onnx_path.with_suffix(f".{tuning.precision}.onnx")
+        if tuning.precision == "int8":
+            quantize_int8(e.onnx_path, lowered, inputs)
+        else:
+            to_fp16(e.onnx_path, lowered)
         before, after = (ort.InferenceSession(str(f), providers=["CPUExecutionProvider"]).run(None, inputs)[0]
-                         for f in (e.onnx_path, quantized))
-        change = f"max |INT8 - FP32| of the first output {np.abs(after - before).max():.2e}"
+                         for f in (e.onnx_path, lowered))
+        change = f"max |{tuning.precision.upper()} - FP32| of the first output {np.abs(after - before).max():.2e}"
         if kind == "ct_classifier":
-            change += f", same top class on {np.mean(after.argmax(1) == before.argmax(1)):.1%} of {len(before)} calibration slices"
+            change += f", same top class on {np.mean(after.argmax(1) == before.argmax(1)):.1%} of {len(before)} slices"
         progress(f"  {e.name}: {change}")
-        quantized.replace(e.onnx_path)
+        lowered.replace(e.onnx_path)
 
 
 def build_repository(runs, runtime: str, out: str | Path, rule_path: str | Path | None = None, tuning: Tuning = Tuning(),
@@ -225,8 +230,8 @@ def build_repository(runs, runtime: str, out: str | Path, rule_path: str | Path 
             progress(f"  {e.name}: max |ONNX Runtime - PyTorch| {worst:.1e} on batches {sorted(e.parity)}")
             exported[kind] = e
         ct, rgb = exported["ct_classifier"].info, exported["rgb_autoencoder"].info
-        if tuning.precision == "int8":
-            _quantize(exported, found, tuning, progress)
+        if tuning.precision != "fp32":
+            _lower_precision(exported, found, tuning, progress)
         if tuple(ct["class_names"]) != CT_CLASSES:
             raise ValueError(f"the CT checkpoint's classes {ct['class_names']} differ from the public order {list(CT_CLASSES)}")
         rule = load_rule(rgb, ct["class_names"], rule_path)

@@ -211,7 +211,7 @@ def test_a_rebuild_replaces_the_models_and_keeps_the_folders_readme(runs, tmp_pa
     assert not (out / "stale_model").exists() and (out / api.INSPECT / "config.pbtxt").exists()
 
 
-def test_an_int8_repository_quantises_the_convolutions_and_keeps_the_decisions(runs, tmp_path):
+def test_int8_and_fp16_repositories_keep_the_interface_and_the_decisions(runs, tmp_path):
     import onnx
 
     from export.repository import Tuning, is_current
@@ -240,8 +240,16 @@ def test_an_int8_repository_quantises_the_convolutions_and_keeps_the_decisions(r
     p8, cam8 = ort.InferenceSession(str(int8 / api.CT_CLASSIFIER / "1" / "model.onnx")).run(None, feeds)
     assert np.abs(p8 - p32).max() < 0.05 and np.mean(p8.argmax(1) == p32.argmax(1)) >= 0.9
     assert cam8.shape == cam32.shape
-    with pytest.raises(ValueError, match="precision must be one of fp32, int8"):
-        Tuning(precision="fp16")
+    with pytest.raises(ValueError, match="precision must be one of fp32, fp16, int8"):
+        Tuning(precision="bf16")
+    half = tmp_path / "fp16"
+    build_repository([runs["ct"], runs["rgb"]], "python-ort", half, tuning=Tuning(precision="fp16", calibration=str(data)),
+                     progress=lambda *_: None)
+    model = onnx.load(str(half / api.CT_CLASSIFIER / "1" / "model.onnx"))
+    assert any(t.data_type == onnx.TensorProto.FLOAT16 for t in model.graph.initializer)
+    assert [i.type.tensor_type.elem_type for i in model.graph.input] == [onnx.TensorProto.FLOAT] * 2  # the interface stays float32
+    p16, _ = ort.InferenceSession(str(half / api.CT_CLASSIFIER / "1" / "model.onnx")).run(None, feeds)
+    assert np.abs(p16 - p32).max() < 5e-3
 
 
 def test_repository_refuses_runs_without_both_models(runs, tmp_path, capsys):
