@@ -79,6 +79,26 @@ def _plots(r: dict, h: dict, folder: Path) -> None:
     plt.close(fig)
 
 
+def diagnosis(r: dict, h: dict) -> str:
+    """Where the end-to-end time goes when Triton is short of the in-process networks."""
+    if h["triton_vs_onnxruntime"] >= TARGETS["triton_vs_onnxruntime"] or not r["in_process"].get("preprocess"):
+        return ""
+    pre = r["in_process"]["preprocess"][0]
+    instances = r.get("tuning", {}).get("preprocess_instances", 1)
+    cores = r["machine"]["cores"]
+    ceiling = 1 / (1 / pre["cells_per_s"] + cores / h["onnxruntime_cells_per_s"]) * cores  # both on all cores, CPU-seconds per cell
+    text = (f"decoding and preprocessing, which the in-process ONNX Runtime figure leaves out, run at {pre['cells_per_s']:.1f} cells/s "
+            f"per core (CT {pre['ct_images_per_s']:.0f}/s, RGB {pre['rgb_images_per_s']:.0f}/s) against {h['onnxruntime_cells_per_s']:.0f} "
+            f"cells/s for the networks on all {cores} cores; with {instances} preprocessing instance(s), a cell costs "
+            f"{1000 / pre['cells_per_s']:.1f} ms of one core before its networks, so this machine can give at most about "
+            f"{ceiling:.0f} cells/s end to end (Triton reached {h['triton_cells_per_s']:.1f}, "
+            f"{h['triton_cells_per_s'] / ceiling:.0%} of that).")
+    if "triton_vs_original" in h and h["triton_vs_original"] < TARGETS["triton_vs_original"]:
+        text += (" The original-style path pays the same decoding and preprocessing per cell, so with networks this small the "
+                 "batching and the in-graph Grad-CAM save only the smaller share of its time.")
+    return text
+
+
 def _verdict(value: float, target: float) -> str:
     return "met" if value >= target else f"missed by {(1 - value / target) * 100:.0f}%"
 
@@ -107,6 +127,9 @@ def summary(r: dict, h: dict) -> str:
         p50, p99 = row.get("p50_ms", ""), row.get("p99_ms", "")
         lines.append(f"| {row['path']} {row['model'] if row['model'] != 'cell' else ''} | {b} | {row['cells_per_s']:.1f} | "
                      f"{p50 if p50 == '' else f'{p50:.1f}'} | {p99 if p99 == '' else f'{p99:.1f}'} |")
+    why = diagnosis(r, h)
+    if why:
+        lines += ["", "Why: " + why]
     if isinstance(r["perf_analyzer"], dict) and "skipped" in r["perf_analyzer"]:
         lines += ["", f"perf_analyzer was not run: {r['perf_analyzer']['skipped']}"]
     return "\n".join(lines) + "\n"
