@@ -94,8 +94,8 @@ def diagnosis(r: dict, h: dict) -> str:
             f"{ceiling:.0f} cells/s end to end (Triton reached {h['triton_cells_per_s']:.1f}, "
             f"{h['triton_cells_per_s'] / ceiling:.0%} of that).")
     if "triton_vs_original" in h and h["triton_vs_original"] < TARGETS["triton_vs_original"]:
-        text += (" The original-style path pays the same decoding and preprocessing per cell, so with networks this small the "
-                 "batching and the in-graph Grad-CAM save only the smaller share of its time.")
+        text += (" The original-style path pays the same decoding and preprocessing per cell; the served path saves on the "
+                 "networks (batching, the in-graph Grad-CAM, lower precision) but not on that share.")
     return text
 
 
@@ -107,7 +107,8 @@ def summary(r: dict, h: dict) -> str:
     m, mod = r["machine"], r["models"]
     lines = [f"# Serving benchmark, {r['started']}", "",
              f"Machine: {m['cpu']}, {m['cores']} cores (AVX2 {m['avx2']}, AVX-512 {m['avx512f']}, VNNI {m['vnni']}); "
-             f"runs {', '.join(r['runs'])}; {r['cells']} cells of {r['data']}; CT {mod['ct_input']} px, RGB {mod['rgb_input']} px, "
+             f"runs {', '.join(r['runs'])}" + (f" (the {r['untrained']} preset's networks with random weights: speed only)"
+                                                 if r.get("untrained") else "") + f"; {r['cells']} cells of {r['data']}; CT {mod['ct_input']} px, RGB {mod['rgb_input']} px, "
              f"{mod['gflop_per_cell']:.2f} GFLOP per cell.", "",
              "Serving tuning: " + ", ".join(f"{k} {v}" for k, v in r.get("tuning", {}).items()) + ".", "",
              "| ratio | value | target |", "|---|---|---|",

@@ -46,6 +46,8 @@ def _free_ports(n: int) -> list[int]:
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m benchmarks serving", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--runs", nargs="+", type=Path, help="trained runs (default runs/standard, else runs/quick, else the quick preset is trained)")
+    p.add_argument("--untrained", metavar="PRESET", help="instead of trained runs: a preset's networks (quick, standard, full) with "
+                                                         "random weights, for speed alone (written to build/untrained/PRESET)")
     p.add_argument("--data", type=Path, help="AI-Hub-layout folder to take cells from (default data/standard_test or data/quick_test, "
                                              "else a small synthetic set is generated)")
     p.add_argument("--cells", type=int, default=32, help="distinct cells sent, cycled (default 32)")
@@ -96,14 +98,19 @@ def run(args) -> Path:
     from export.server import Ports, TritonServer
     from export.serving import ct_tensor, rgb_tensor
 
-    runs = resolve_runs(args.runs)
+    if args.untrained:
+        from benchmarks.untrained import untrained_runs
+
+        runs = untrained_runs(args.untrained, Path("build/untrained") / args.untrained)
+    else:
+        runs = resolve_runs(args.runs)
     data, cells = _cells(args)
     tuning = tuning_from(args)
     if not is_current(args.repository, runs, "python-ort", args.rule, tuning):
         print(f"building {args.repository} from {', '.join(map(str, runs))} with {tuning}")
         build_repository(runs, "python-ort", args.repository, args.rule, tuning)
     pipeline = TorchPipeline(runs)
-    results = {"started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "runs": [str(r) for r in runs], "data": str(data), "cells": len(cells),
+    results = {"started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "runs": [str(r) for r in runs], "untrained": args.untrained, "data": str(data), "cells": len(cells),
                "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k != "func"},
                "tuning": {k: v for k, v in vars(tuning).items() if k != "limits"}}
 

@@ -59,3 +59,20 @@ def test_bad_options_are_refused_with_a_clear_message(capsys):
     with pytest.raises(SystemExit):
         main(["--concurrency", "0,x"])
     assert "expected comma-separated integers" in capsys.readouterr().err
+
+
+def test_untrained_runs_have_the_presets_architectures_and_sizes(tmp_path):
+    from benchmarks.untrained import untrained_runs
+    from export.repository import classify_runs
+    from training.checkpoint import load_checkpoint
+    from training.config import load_config
+
+    runs = untrained_runs("quick", tmp_path)
+    cfg = load_config("quick")
+    found = classify_runs(runs)
+    for kind, section in (("ct_classifier", "ct"), ("rgb_autoencoder", "rgb")):
+        model, info = load_checkpoint(found[kind])
+        assert info["input_size"] == cfg[section]["input_size"] and info["arch"] == cfg[section]["model"]["name"]
+        assert info["untrained"] is True
+    mtime = (tmp_path / "ct" / "checkpoint.pt").stat().st_mtime_ns
+    assert untrained_runs("quick", tmp_path) == runs and (tmp_path / "ct" / "checkpoint.pt").stat().st_mtime_ns == mtime  # reused
