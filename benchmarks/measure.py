@@ -30,9 +30,9 @@ def timed(fn, min_seconds: float, min_calls: int = 2) -> tuple[float, int]:
 
 
 def machine() -> dict:
-    model = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")), platform.processor()) \
-        if os.path.exists("/proc/cpuinfo") else platform.processor()
-    flags = next((line for line in open("/proc/cpuinfo") if line.startswith("flags")), "") if os.path.exists("/proc/cpuinfo") else ""
+    lines = open("/proc/cpuinfo").read().splitlines() if os.path.exists("/proc/cpuinfo") else []
+    model = next((line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")), platform.processor())
+    flags = next((line for line in lines if line.startswith("flags")), "")
     return {"cpu": model, "cores": os.cpu_count(), "avx2": " avx2" in flags, "avx512f": " avx512f" in flags,
             "vnni": "avx512_vnni" in flags or "avx_vnni" in flags, "python": platform.python_version(),
             "torch": torch.__version__, "torch_threads": torch.get_num_threads()}

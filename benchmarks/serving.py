@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import socket
 import sys
 import time
 from pathlib import Path
@@ -31,16 +30,6 @@ def _ints(text: str) -> list[int]:
     if not values or min(values) < 1:
         raise argparse.ArgumentTypeError(f"expected positive integers, got {text!r}")
     return values
-
-
-def _free_ports(n: int) -> list[int]:
-    socks = [socket.socket() for _ in range(n)]
-    for s in socks:
-        s.bind(("127.0.0.1", 0))
-    ports = [s.getsockname()[1] for s in socks]
-    for s in socks:
-        s.close()
-    return ports
 
 
 def parser() -> argparse.ArgumentParser:
@@ -95,7 +84,7 @@ def run(args) -> Path:
     from export.local import TorchPipeline
     from export.onnx_export import example_inputs
     from export.repository import build_repository, is_current
-    from export.server import Ports, TritonServer
+    from export.server import Ports, TritonServer, free_ports
     from export.serving import ct_tensor, rgb_tensor
 
     if args.untrained:
@@ -147,7 +136,7 @@ def run(args) -> Path:
     results["in_process"] = base
     del pipeline
 
-    http, grpc, metrics = _free_ports(3)
+    http, grpc, metrics = free_ports(3)
     server = TritonServer(args.repository, Ports(http, grpc, metrics), log_path=args.out / "tritonserver.log")
     args.out.mkdir(parents=True, exist_ok=True)
     print(f"tritonserver on localhost:{grpc}")

@@ -53,23 +53,22 @@ def calibration_tensors(data_root: str | Path, ct_info: dict | None, rgb_info: d
     return out
 
 
-class _Reader:
-    """onnxruntime's CalibrationDataReader protocol over in-memory batches."""
-
-    def __init__(self, feeds: dict[str, np.ndarray], batch: int = 8):
-        n = len(next(iter(feeds.values())))
-        self._batches = iter([{k: v[i:i + batch] for k, v in feeds.items()} for i in range(0, n, batch)])
-
-    def get_next(self):
-        return next(self._batches, None)
-
-
 def quantize_int8(src: str | Path, dst: str | Path, feeds: dict[str, np.ndarray]) -> Path:
     """Write the INT8 (QDQ) model of `src` to `dst`, calibrated on `feeds` (the model's inputs)."""
     from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
-    reader = type("Reader", (_Reader, CalibrationDataReader), {})(feeds)
+    class Reader(CalibrationDataReader):
+        """The calibration inputs in batches of 8."""
+
+        def __init__(self):
+            n = len(next(iter(feeds.values())))
+            self.batches = iter([{k: v[i:i + 8] for k, v in feeds.items()} for i in range(0, n, 8)])
+
+        def get_next(self):
+            return next(self.batches, None)
+
+    reader = Reader()
     with tempfile.TemporaryDirectory() as tmp:
         prepared = Path(tmp) / "prepared.onnx"
         quant_pre_process(str(src), str(prepared), skip_symbolic_shape=True)  # ONNX shape inference suffices for CNNs

@@ -30,6 +30,17 @@ class Ports:
     metrics: int = 8002
 
 
+def free_ports(n: int) -> list[int]:
+    """n ports nothing listens on now (the kernel's choice), e.g. for a server of a test or a benchmark."""
+    sockets = [socket.socket() for _ in range(n)]
+    for s in sockets:
+        s.bind(("127.0.0.1", 0))
+    ports = [s.getsockname()[1] for s in sockets]
+    for s in sockets:
+        s.close()
+    return ports
+
+
 def busy_ports(ports: Ports) -> list[str]:
     """'8001 (gRPC)' for each port something already listens on."""
     busy = []

@@ -11,6 +11,7 @@ import torch
 from pytorch_grad_cam import GradCAM
 from tiny_models import make_ct_run, make_rgb_run
 
+from client.explain.gradcam import WithMeta, target_layer
 from ensemble import interface as api
 from export.graphs import CTInference, inference_graph
 from export.onnx_export import OPSET, check_parity, example_inputs, export_run, read_info
@@ -66,25 +67,13 @@ def test_ct_graph_outputs_calibrated_probabilities_and_a_cam_per_image(runs, tmp
     assert read_info(exported.onnx_path)["temperature"] == info["temperature"]
 
 
-class _WithMeta(torch.nn.Module):
-    """pytorch-grad-cam calls model(image): the metadata rides along."""
-
-    def __init__(self, model, meta):
-        super().__init__()
-        self.model, self.meta = model, meta
-
-    def forward(self, image):
-        return self.model(image, self.meta)
-
-
 @pytest.mark.parametrize("name", ["ct", "ct_avg", "ct_early"])
 def test_in_graph_cam_matches_pytorch_grad_cam_per_image(runs, tmp_path, name):
     model, info = load_checkpoint(runs[name])
     image, meta = example_inputs(info, 6, seed=11)
     exported = export_run(runs[name], tmp_path)
     _, cam = ort.InferenceSession(str(exported.onnx_path)).run(None, {api.CT_TENSOR: image.numpy(), api.CT_META: meta.numpy()})
-    target = model.body[-1] if hasattr(model, "body") else model.features[-1]
-    reference = GradCAM(model=_WithMeta(model, meta), target_layers=[target])(input_tensor=image, targets=None)
+    reference = GradCAM(model=WithMeta(model, meta), target_layers=[target_layer(model)])(input_tensor=image, targets=None)
     compared = 0
     for ours, theirs in zip(cam, reference):
         if theirs.max() == 0:  # no positive evidence anywhere: both maps are empty

@@ -31,7 +31,7 @@ from client.service import AsyncInspectionClient, InspectionClient
 from ensemble import interface as api
 from export.local import TorchPipeline
 from export.repository import build_repository
-from export.server import Ports, TritonServer
+from export.server import Ports, TritonServer, free_ports
 from training.checkpoint import load_checkpoint, save_checkpoint
 from training.preprocess import ct_input, load_image, rgb_input
 from training.synth.plan import SynthConfig
@@ -39,16 +39,6 @@ from training.synth.writer import generate
 
 SIZE = 64
 NOISE = 1e-4  # answers this close to a decision boundary may flip between float implementations
-
-
-def free_ports(n: int) -> list[int]:
-    sockets = [socket.socket() for _ in range(n)]
-    for s in sockets:
-        s.bind(("127.0.0.1", 0))
-    ports = [s.getsockname()[1] for s in sockets]
-    for s in sockets:
-        s.close()
-    return ports
 
 
 def _craft_runs(root, cells):

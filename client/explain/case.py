@@ -75,16 +75,20 @@ class Case:
         return self.inspection.cell_id
 
     @cached_property
-    def ct_view(self) -> View:
+    def _ct_input(self):
         norm = self.ct_info["normalization"]
-        x, crop = ct_input(decode_ct(self.ct), int(self.ct_info["input_size"]), norm["mean"], norm["std"])
-        return View(np.clip(x[0] * norm["std"] + norm["mean"], 0.0, 1.0), crop)
+        return ct_input(decode_ct(self.ct), int(self.ct_info["input_size"]), norm["mean"], norm["std"])
 
-    @cached_property
+    @property
     def ct_tensor(self) -> np.ndarray:
         """The CT model input (1, S, S), normalised, as the service computes it."""
+        return self._ct_input[0]
+
+    @cached_property
+    def ct_view(self) -> View:
         norm = self.ct_info["normalization"]
-        return ct_input(decode_ct(self.ct), int(self.ct_info["input_size"]), norm["mean"], norm["std"])[0]
+        x, crop = self._ct_input
+        return View(np.clip(x[0] * norm["std"] + norm["mean"], 0.0, 1.0), crop)
 
     @cached_property
     def rgb_view(self) -> View:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 from PIL import Image
 
 from client.explain import overlays
@@ -77,8 +78,6 @@ class CTHeatmap:
         data = {"source": self.description, "threshold": self.threshold, "class": case.inspection.ct_class,
                 "regions": [b.to_dict(case.ct_view) for b in boxes]}
         if self.torch_cam is not None and case.inspection.ct_cam is not None:
-            import numpy as np
-
             served = case.inspection.ct_cam
             if served.std() > 0 and cam.std() > 0:
                 data["pearson_with_service_cam"] = round(float(np.corrcoef(served.ravel(), cam.ravel())[0, 1]), 4)
