@@ -128,6 +128,14 @@ def summary(r: dict, h: dict) -> str:
         p50, p99 = row.get("p50_ms", ""), row.get("p99_ms", "")
         lines.append(f"| {row['path']} {row['model'] if row['model'] != 'cell' else ''} | {b} | {row['cells_per_s']:.1f} | "
                      f"{p50 if p50 == '' else f'{p50:.1f}'} | {p99 if p99 == '' else f'{p99:.1f}'} |")
+    steps = [s for s in r.get("server_steps", []) if s["executions"]]
+    if steps:
+        lines += ["", "Server time per cell by model over the load generator's run (Triton's statistics; compute amortised over "
+                  "each dynamic batch; input and output are the tensors' copies into and out of the backend):", "",
+                  "| model | requests | mean batch | queue ms | input ms | compute ms | output ms | copies share |",
+                  "|---|---|---|---|---|---|---|---|"]
+        lines += [f"| {s['model']} | {s['requests']} | {s['mean_batch']:.2f} | {s['queue_ms']:.2f} | {s['compute_input_ms']:.3f} | "
+                  f"{s['compute_infer_ms']:.2f} | {s['compute_output_ms']:.3f} | {s['copy_share']:.1%} |" for s in steps]
     why = diagnosis(r, h)
     if why:
         lines += ["", "Why: " + why]

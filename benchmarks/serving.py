@@ -78,7 +78,7 @@ def _cells(args):
 def run(args) -> Path:
     import torch
 
-    from benchmarks import loadgen, measure, perf
+    from benchmarks import loadgen, measure, perf, stats
     from benchmarks.report import write_results
     from export.__main__ import resolve_runs, tuning_from
     from export.local import TorchPipeline
@@ -142,7 +142,9 @@ def run(args) -> Path:
     print(f"tritonserver on localhost:{grpc}")
     server.start(timeout=300)
     try:
+        before = stats.snapshot(server.grpc_url)
         results["loadgen"] = loadgen.sweep(server.grpc_url, cells, args.concurrency, args.seconds, heatmaps=args.heatmaps)
+        results["server_steps"] = stats.per_cell(before, stats.snapshot(server.grpc_url))
         missing = "left out (--skip)" if "perf_analyzer" in args.skip else perf.available()
         if missing:
             print(f"  perf_analyzer not run: {missing}")

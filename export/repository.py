@@ -220,7 +220,8 @@ def build_repository(runs, runtime: str, out: str | Path, rule_path: str | Path 
     """Export the runs and write the whole repository to `out` (replaced only when all succeeded)."""
     out = Path(out)
     found = classify_runs(runs)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent if out.parent.exists() else None))
+    out.parent.mkdir(parents=True, exist_ok=True)  # staged beside it: the final rename stays on one file system
+    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
         exported = {}
         for kind, run in found.items():

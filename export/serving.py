@@ -64,7 +64,7 @@ def _encoded_batch(images: np.ndarray, one_cell, info: dict, limits: Limits) -> 
             out.append(one_cell(_image_bytes(item), info, limits))
         except (ImageError, ValueError) as e:
             raise RequestError(f"cell {i}: {e}" if len(images) > 1 else str(e)) from None
-    return np.stack(out).astype(np.float32)
+    return np.stack(out).astype(np.float32, copy=False)
 
 
 def ct_tensors(images: np.ndarray, info: dict, limits: Limits = Limits()) -> np.ndarray:
@@ -109,7 +109,7 @@ class OrtRunner:
             return []
         sizes = [len(r[self.inputs[0]]) for r in requests]
         try:
-            joined = {n: np.concatenate([r[n] for r in requests]) for n in self.inputs}
+            joined = requests[0] if len(requests) == 1 else {n: np.concatenate([r[n] for r in requests]) for n in self.inputs}
             outputs = self.session.run(self.outputs, joined)
         except Exception as e:
             if len(requests) == 1:  # nothing to isolate: its error is this one

@@ -47,6 +47,18 @@ def test_results_hold_every_path_and_the_headline_ratios(results):
     assert all(float(row["cells_per_s"]) > 0 for row in rows)
 
 
+def test_server_steps_account_for_every_cell_the_load_generator_sent(results):
+    r = json.loads((results / "results.json").read_text())
+    steps = {s["model"]: s for s in r["server_steps"]}
+    sent = sum(e["cells"] + e["errors"] for e in r["loadgen"])  # measured cells; warm-up requests come on top
+    assert steps[api.INSPECT]["requests"] >= sent and steps[api.INSPECT]["failures"] == 0
+    for name in (api.PREPROCESS, api.CT_CLASSIFIER, api.RGB_AUTOENCODER, api.VERDICT_MODEL):
+        s = steps[name]
+        assert s["requests"] == steps[api.INSPECT]["requests"]  # each cell went through every step once
+        assert 1 <= s["mean_batch"] <= r["tuning"]["max_batch_size"] and s["compute_infer_ms"] > 0 and 0 <= s["copy_share"] < 1
+    assert "Server time per cell by model" in (results / "summary.md").read_text()
+
+
 @pytest.mark.skipif(perf.available() is not None, reason=f"perf_analyzer cannot run here: {perf.available()}")
 def test_perf_analyzer_drove_each_ensemble_with_real_images(results):
     r = json.loads((results / "results.json").read_text())

@@ -163,7 +163,7 @@ def test_repository_has_every_model_with_facts_from_the_checkpoints(repository, 
 @pytest.mark.parametrize("runtime", ["onnxruntime", "tensorrt"])
 def test_native_runtimes_get_native_backend_configs_and_the_same_other_models(repository, runs, tmp_path, runtime):
     out, _ = repository
-    native_out = tmp_path / runtime
+    native_out = tmp_path / "build" / runtime  # its parent does not exist yet, as in a fresh clone
     build_repository([runs["ct"], runs["rgb"]], runtime, native_out, progress=lambda *_: None)
     for name in (api.CT_CLASSIFIER, api.RGB_AUTOENCODER):
         native = parse_pbtxt((native_out / name / "config.pbtxt").read_text())

@@ -287,6 +287,22 @@ def test_rgb_crop_holds_the_battery_in_rendered_photos_of_every_form(tmp_path):
     assert (held >= 0.9).mean() >= 0.95 and held.min() >= 0.8, np.round(held, 2)
 
 
+def test_shift_morphology_gives_scipys_pixels():
+    # find_object_rgb's fast opening and dilation must mark exactly what scipy's would,
+    # edges included (outside the image counts as empty), or crops would move.
+    from scipy import ndimage
+
+    from training.preprocess import _grow, _shrink
+
+    rng = np.random.default_rng(0)
+    for shape in [(1, 1), (2, 7), (37, 53), (90, 160)]:
+        for density in (0.3, 0.6, 0.9):
+            m = rng.random(shape) < density
+            assert np.array_equal(_grow(m, 4), ndimage.binary_dilation(m, iterations=4))
+            assert np.array_equal(_shrink(m, 2), ndimage.binary_erosion(m, iterations=2))
+            assert np.array_equal(_grow(_shrink(m, 2), 2), ndimage.binary_opening(m, iterations=2))
+
+
 def test_synthetic_anomalies_blemish_some_images_and_leave_the_rest():
     torch.manual_seed(0)
     x = torch.rand(16, 3, 48, 48) * 0.2 + 0.4

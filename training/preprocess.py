@@ -78,7 +78,7 @@ def _rect_around(box: tuple[int, int, int, int], margin: float) -> Crop:
 
 
 def _cut(image: np.ndarray, crop: Crop, size: int, pad: str = "zero") -> np.ndarray:
-    """Resample the crop window to size x size (anti-aliased).
+    """Resample the crop window to (size, size), or (channels, size, size) for a colour image (anti-aliased).
 
     Outside the image the window is padded with zeros (`pad="zero"`: CT, where it is air)
     or with the nearest edge pixel (`pad="edge"`: photos, where black bars would be a
@@ -91,7 +91,7 @@ def _cut(image: np.ndarray, crop: Crop, size: int, pad: str = "zero") -> np.ndar
     if pad == "edge":
         rows = np.clip(np.arange(y0, y0 + ch), 0, h - 1)
         cols = np.clip(np.arange(x0, x0 + cw), 0, w - 1)
-        window = image[rows[:, None], cols[None, :]].astype(np.float32)
+        window = image[rows[:, None], cols[None, :]].astype(np.float32, copy=False)  # indexing already copied
     else:
         window = np.zeros((ch, cw, *channels), np.float32)
         sx0, sy0, sx1, sy1 = max(x0, 0), max(y0, 0), min(x0 + cw, w), min(y0 + ch, h)
@@ -99,8 +99,10 @@ def _cut(image: np.ndarray, crop: Crop, size: int, pad: str = "zero") -> np.ndar
             window[sy0 - y0 : sy1 - y0, sx0 - x0 : sx1 - x0] = image[sy0:sy1, sx0:sx1]
     if window.ndim == 2:
         return np.asarray(Image.fromarray(window, mode="F").resize((size, size), Image.BILINEAR), np.float32)
-    return np.stack([np.asarray(Image.fromarray(np.ascontiguousarray(window[..., c]), mode="F").resize((size, size), Image.BILINEAR), np.float32)
-                     for c in range(window.shape[2])], axis=-1)
+    out = np.empty((window.shape[2], size, size), np.float32)  # channels first, as the networks take them
+    for c in range(window.shape[2]):
+        out[c] = Image.fromarray(np.ascontiguousarray(window[..., c]), mode="F").resize((size, size), Image.BILINEAR)
+    return out
 
 
 def _box_of(mask: np.ndarray, min_fraction: float) -> tuple[int, int, int, int] | None:
@@ -133,14 +135,43 @@ def ct_input(image: np.ndarray, size: int, mean: float = CT_MEAN, std: float = C
         raise ValueError(f"a CT slice must be a 2-D grey image, got shape {image.shape}")
     gray = to_unit(image)
     crop = _square_around(find_battery_ct(gray), CROP_MARGIN)
-    x = (_cut(gray, crop, size) - mean) / std
-    return x[None].astype(np.float32), crop
+    x = (_cut(gray, crop, size) - mean) / std  # float32 throughout
+    return x[None].astype(np.float32, copy=False), crop
 
 
 EDGE_THRESHOLD = 0.3  # Sobel magnitude of log-brightness that counts as an outline
 DARK_OFFSET = 0.06  # added before log and ratios: sensor noise in dark corners is neither hue nor edge
 HORIZON_FRACTION = 0.5  # a row with more edge pixels than this is the wall/bench horizon
 PIECE_FRACTION = 0.2  # pieces with at least this share of the largest piece's pixels belong to the object
+
+
+def _grow(mask: np.ndarray, times: int) -> np.ndarray:
+    """`ndimage.binary_dilation(mask, iterations=times)` (4-neighbour cross), by array shifts.
+
+    The same pixels (tested against scipy), several times faster on a photo-sized mask.
+    """
+    for _ in range(times):
+        out = mask.copy()
+        out[1:] |= mask[:-1]
+        out[:-1] |= mask[1:]
+        out[:, 1:] |= mask[:, :-1]
+        out[:, :-1] |= mask[:, 1:]
+        mask = out
+    return mask
+
+
+def _shrink(mask: np.ndarray, times: int) -> np.ndarray:
+    """`ndimage.binary_erosion(mask, iterations=times)` (cross, outside the image counts as empty)."""
+    for _ in range(times):
+        out = mask.copy()
+        out[[0, -1]] = False
+        out[:, [0, -1]] = False
+        out[1:] &= mask[:-1]
+        out[:-1] &= mask[1:]
+        out[:, 1:] &= mask[:, :-1]
+        out[:, :-1] &= mask[:, 1:]
+        mask = out
+    return mask
 
 
 def find_object_rgb(rgb: np.ndarray) -> tuple[int, int, int, int]:
@@ -153,24 +184,32 @@ def find_object_rgb(rgb: np.ndarray) -> tuple[int, int, int, int]:
     terminals): every piece of a comparable size is kept, so a high-contrast label does
     not win over the faint outline around it. Rows that are mostly edge are the horizon
     between wall and bench.
+
+    Computed one colour plane at a time (contiguous memory) with the morphology done by
+    array shifts: the same boxes, bit for bit, as the interleaved scipy formulation, in
+    about 60% of its time (this is most of the server's RGB preprocessing).
     """
     step = max(1, max(rgb.shape[:2]) // 320)
-    small = ndimage.uniform_filter(rgb[::step, ::step], (3, 3, 1)) + DARK_OFFSET
-    lum = small.mean(axis=2)
-    chroma = small / lum[..., None]
-    off = np.abs(chroma - np.median(chroma.reshape(-1, 3), axis=0))
-    hue_off = (off[..., 0] + off[..., 1] + off[..., 2]) > 0.25  # = off.sum(axis=2), the same sums, twice as fast
-    hue_off = ndimage.binary_opening(hue_off, iterations=2)
+    small = rgb[::step, ::step]
+    planes = [ndimage.uniform_filter(small[..., c], 3) + DARK_OFFSET for c in range(3)]
+    lum = (planes[0] + planes[1] + planes[2]) / np.float32(3)  # = mean over the channels, the same sums
+    hue = None  # per pixel: sum over channels of |chroma - the scene's median chroma|
+    for plane in planes:
+        chroma = plane / lum
+        off = np.abs(chroma - np.median(chroma))
+        hue = off if hue is None else hue + off
+    hue_off = _grow(_shrink(hue > 0.25, 2), 2)  # binary opening: drop specks
     log_lum = np.log(lum)
     edges = np.hypot(ndimage.sobel(log_lum, 0), ndimage.sobel(log_lum, 1)) > EDGE_THRESHOLD
     edges[ndimage.binary_dilation(edges.mean(axis=1) > HORIZON_FRACTION)] = False  # the horizon and its rim
     mask = hue_off | edges
-    labels, n = ndimage.label(ndimage.binary_dilation(mask, iterations=4))  # nearby pieces join
+    labels, n = ndimage.label(_grow(mask, 4))  # nearby pieces join
     if n == 0:
         return 0, 0, rgb.shape[1], rgb.shape[0]
-    sizes = np.asarray(ndimage.sum(mask, labels, index=range(1, n + 1)))
-    keep = 1 + np.nonzero(sizes >= PIECE_FRACTION * sizes.max())[0]
-    ys, xs = np.nonzero(np.isin(labels, keep) & mask)
+    sizes = np.bincount(labels.ravel(), weights=mask.ravel(), minlength=n + 1)  # mask pixels per piece
+    keep = sizes >= PIECE_FRACTION * sizes[1:].max()
+    keep[0] = False  # the background
+    ys, xs = np.nonzero(keep[labels] & mask)
     h, w = rgb.shape[:2]
     return int(xs.min() * step), int(ys.min() * step), min(int(xs.max() + 1) * step, w), min(int(ys.max() + 1) * step, h)
 
@@ -181,8 +220,8 @@ def rgb_input(image: np.ndarray, size: int) -> tuple[np.ndarray, Crop]:
         raise ValueError(f"an RGB photo must be (H, W, 3), got shape {image.shape}")
     rgb = to_unit(np.ascontiguousarray(image[..., :3]))
     crop = _rect_around(find_object_rgb(rgb), CROP_MARGIN)
-    x = np.clip(_cut(rgb, crop, size, pad="edge"), 0.0, 1.0)
-    return np.transpose(x, (2, 0, 1)).astype(np.float32), crop
+    x = _cut(rgb, crop, size, pad="edge")
+    return np.clip(x, 0.0, 1.0, out=x), crop
 
 
 def image_array(im: Image.Image) -> np.ndarray:
