@@ -17,8 +17,11 @@ def snapshot(url: str) -> dict[str, dict]:
 
     with grpcclient.InferenceServerClient(url) as client:
         stats = client.get_inference_statistics()
+        ensembles = {m.name for m in stats.model_stats if client.get_model_config(m.name).config.platform == "ensemble"}
     out = {}
     for m in stats.model_stats:
+        if m.name in ensembles:  # an ensemble's "compute" is its whole pipeline: its steps are reported instead
+            continue
         s = m.inference_stats
         entry = {"inferences": m.inference_count, "executions": m.execution_count, "requests": s.success.count,
                  "queue_ns": s.queue.ns, "failures": s.fail.count}

@@ -165,11 +165,12 @@ def model_specs(ct: dict, rgb: dict, rule_json: str, runtime: str, tuning: Tunin
         ModelSpec(api.RGB_PREPROCESS, ts(api.RGB_IMAGE), ts(api.RGB_TENSOR), batching=batching,
                   instances=tuning.preprocess_instances, parameters={"serving_info": json.dumps(rgb), **limits}),
         _network(api.RGB_AUTOENCODER, runtime, ts(api.RGB_TENSOR), ts(api.RGB_SCORE, api.RGB_ERROR_MAP), tuning),
-        ModelSpec(api.VERDICT_MODEL, (Tensor(api.CT_PROBS, "FP32", (n_classes,), optional=True), t[api.RGB_SCORE]),
+        ModelSpec(api.VERDICT_MODEL, (Tensor(api.CT_PROBS, "FP32", (n_classes,), optional=True), t[api.RGB_SCORE],
+                                      Tensor(api.CT_META, "FP32", (2,), optional=True)),
                   ts(api.VERDICT, api.CONFIDENCE, api.RGB_THRESHOLD), batching=batching, parameters={"rule": rule_json}),
         EnsembleSpec(api.INSPECT, ts(api.CT_IMAGE, api.CT_META, api.RGB_IMAGE), ts(*api.INSPECT_OUTPUTS), (
             both_pre, ct_net, rgb_net,
-            Step(api.VERDICT_MODEL, identity(api.CT_PROBS, api.RGB_SCORE), identity(api.VERDICT, api.CONFIDENCE, api.RGB_THRESHOLD)),
+            Step(api.VERDICT_MODEL, identity(api.CT_PROBS, api.RGB_SCORE, api.CT_META), identity(api.VERDICT, api.CONFIDENCE, api.RGB_THRESHOLD)),
         ), mb),
         EnsembleSpec(api.INSPECT_CT, ts(api.CT_IMAGE, api.CT_META), ts(*api.INSPECT_CT_OUTPUTS), (ct_pre, ct_net), mb),
         EnsembleSpec(api.INSPECT_RGB, ts(api.RGB_IMAGE), ts(*api.INSPECT_RGB_OUTPUTS), (

@@ -146,3 +146,30 @@ def verdict_outputs(rule: VerdictRule, probs: list[np.ndarray | None], scores: l
                 verdict[a:b], confidence[a:b] = part.verdict, part.confidence
     return [{api.VERDICT: verdict[a:b, None], api.CONFIDENCE: confidence[a:b, None],
              api.RGB_THRESHOLD: np.full((b - a, 1), rule.rgb_threshold, np.float32)} for a, b in zip(bounds[:-1], bounds[1:])]
+
+
+SCORE_BUCKETS = (0.25, 0.5, 0.75, 0.9, 1.0, 1.1, 1.25, 1.5, 2.0, 3.0, 5.0)  # x the RGB threshold: fine around it
+
+
+def score_buckets(rule: VerdictRule) -> list[float]:
+    """Histogram bucket bounds for the RGB anomaly score: multiples of the rule's threshold."""
+    return [round(b * rule.rgb_threshold, 9) for b in SCORE_BUCKETS]
+
+
+def verdict_tally(rule: VerdictRule, probs: list[np.ndarray | None], metas: list[np.ndarray | None],
+                  outputs: list[dict[str, np.ndarray]], scores: list[np.ndarray]) -> dict[str, list]:
+    """What the `verdict` model's metrics count for one batch of requests.
+
+    verdicts: (verdict name, battery type) per cell (battery type "unknown" without CT_META,
+    as from `inspect_rgb`); ct_classes: the top CT class per cell that has CT_PROBS;
+    scores: every RGB anomaly score.
+    """
+    verdicts, classes, values = [], [], []
+    for p, m, out, s in zip(probs, metas, outputs, scores):
+        codes = np.asarray(out[api.VERDICT]).reshape(-1)
+        types = ["unknown"] * len(codes) if m is None else [BATTERY_TYPES[int(v)] for v in np.asarray(m).reshape(-1, 2)[:, 0]]
+        verdicts += [(api.VERDICT_NAMES[int(c)], t) for c, t in zip(codes, types)]
+        if p is not None:
+            classes += [rule.class_names[int(i)] for i in np.asarray(p).argmax(axis=1)]
+        values += [float(v) for v in np.asarray(s).reshape(-1)]
+    return {"verdicts": verdicts, "ct_classes": classes, "scores": values}

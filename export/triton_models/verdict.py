@@ -1,20 +1,76 @@
-"""CT_PROBS + RGB_SCORE -> VERDICT, CONFIDENCE, RGB_THRESHOLD by the rule of `ensemble/`.
+"""CT_PROBS + RGB_SCORE (+ CT_META) -> VERDICT, CONFIDENCE, RGB_THRESHOLD by the rule of `ensemble/`.
 
 The resolved rule (thresholds included) is the config parameter `rule`. CT_PROBS is
-optional: without it (the `inspect_rgb` ensemble) only the RGB half is decided.
+optional: without it (the `inspect_rgb` ensemble) only the RGB half is decided. CT_META,
+also optional, gives the battery type the metrics are labelled with.
+
+Metrics (Triton's custom metrics API, on Triton's metrics port beside `nv_inference_*`):
+- `battery_verdicts_total{verdict, battery_type}`: cells decided;
+- `battery_ct_class_total{ct_class}`: the CT classifier's top class, per cell with a CT slice;
+- `battery_rgb_anomaly_score`: histogram of the RGB scores, buckets at multiples of the threshold;
+- `battery_rgb_threshold`: the threshold in force (a gauge, for the dashboard's drift panel).
 """
+import triton_python_backend_utils as pb_utils
 from export.triton_models._common import input_array, parameters, response
 
 from ensemble import interface as api
 from ensemble.rule import VerdictRule
-from export.serving import verdict_outputs
+from export.serving import score_buckets, verdict_outputs, verdict_tally
+
+
+class VerdictMetrics:
+    """The verdict model's Prometheus series; one `Metric` per label set, made on first use."""
+
+    def __init__(self, rule: VerdictRule):
+        self.rule = rule
+        self.verdicts = pb_utils.MetricFamily(name="battery_verdicts_total", description="Cells decided, by verdict and battery type",
+                                              kind=pb_utils.MetricFamily.COUNTER)
+        self.classes = pb_utils.MetricFamily(name="battery_ct_class_total", description="Cells by the CT classifier's top class",
+                                             kind=pb_utils.MetricFamily.COUNTER)
+        self.score_family = pb_utils.MetricFamily(name="battery_rgb_anomaly_score",
+                                                  description="RGB anomaly scores (buckets at multiples of the threshold)",
+                                                  kind=pb_utils.MetricFamily.HISTOGRAM)
+        self.threshold_family = pb_utils.MetricFamily(name="battery_rgb_threshold", description="RGB anomaly-score threshold in force",
+                                                      kind=pb_utils.MetricFamily.GAUGE)
+        self.scores = self.score_family.Metric(labels={}, buckets=score_buckets(rule))
+        self.threshold = self.threshold_family.Metric(labels={})
+        self.threshold.set(rule.rgb_threshold)
+        self.series = {}
+
+    def _count(self, family, labels: dict, n: int) -> None:
+        key = (id(family), tuple(sorted(labels.items())))
+        if key not in self.series:
+            self.series[key] = family.Metric(labels=labels)
+        self.series[key].increment(n)
+
+    def record(self, tally: dict) -> None:
+        for (verdict, battery_type), n in _counts(tally["verdicts"]).items():
+            self._count(self.verdicts, {"verdict": verdict, "battery_type": battery_type}, n)
+        for ct_class, n in _counts(tally["ct_classes"]).items():
+            self._count(self.classes, {"ct_class": ct_class}, n)
+        for score in tally["scores"]:
+            self.scores.observe(score)
+
+
+def _counts(items) -> dict:
+    out = {}
+    for item in items:
+        out[item] = out.get(item, 0) + 1
+    return out
 
 
 class TritonPythonModel:
     def initialize(self, args):
         self.rule = VerdictRule.from_json(parameters(args)["rule"])
+        self.metrics = VerdictMetrics(self.rule)
 
     def execute(self, requests):
         probs = [input_array(r, api.CT_PROBS) for r in requests]
+        metas = [input_array(r, api.CT_META) for r in requests]
         scores = [input_array(r, api.RGB_SCORE) for r in requests]
-        return [response(out) for out in verdict_outputs(self.rule, probs, scores)]
+        outputs = verdict_outputs(self.rule, probs, scores)
+        try:
+            self.metrics.record(verdict_tally(self.rule, probs, metas, outputs, scores))
+        except Exception as e:  # counting must never cost a cell its answer
+            pb_utils.Logger.log_warn(f"verdict metrics not recorded: {e}")
+        return [response(out) for out in outputs]
