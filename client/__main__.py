@@ -195,11 +195,20 @@ def main(argv=None) -> int:
     d.add_argument("--concurrency", type=int, default=8, help="requests in flight (default 8)")
     d.add_argument("--limit", type=int, help="inspect only the first N cells")
     d.add_argument("--quiet", action="store_true", help="no progress bars")
+    d.add_argument("--metrics-port", type=int, metavar="PORT",
+                   help="serve this run's Prometheus metrics (requests, errors, latency, verdicts, explanation backlog) on PORT")
     d.add_argument("--local", nargs="+", type=Path, metavar="RUN",
                    help="no server: run these checkpoints in-process with PyTorch (same decoding, preprocessing and rule)")
     add_explain_arguments(d, EXPLAIN_BESIDE_OUT)
     d.set_defaults(func=cmd_inspect_dir, heatmaps=None)
     args = p.parse_args(argv)
+    if getattr(args, "metrics_port", None):
+        from client import metrics
+
+        try:
+            metrics.serve(args.metrics_port)
+        except OSError as e:
+            raise SystemExit(f"error: cannot serve metrics on port {args.metrics_port}: {e}")
     return args.func(args)
 
 

@@ -17,6 +17,7 @@ import numpy as np
 import tritonclient.grpc as grpcclient
 from tritonclient.utils import InferenceServerException
 
+from client import metrics
 from client.inspection import Cell, CellError, Inspection, InspectionFailed, parse_meta
 from ensemble import interface as api
 
@@ -39,10 +40,18 @@ def requested_outputs(heatmaps: bool) -> list[grpcclient.InferRequestedOutput]:
     return [grpcclient.InferRequestedOutput(n) for n in api.INSPECT_OUTPUTS if heatmaps or n not in HEATMAPS]
 
 
+def error_kind(exc: Exception) -> str:
+    """A failure's kind: the gRPC status in lower case (invalid_argument, unavailable, ...), else the exception's type."""
+    if isinstance(exc, InspectionFailed):
+        return exc.error.kind
+    if isinstance(exc, InferenceServerException):
+        return (exc.status() or "StatusCode.UNKNOWN").rsplit(".", 1)[-1].lower()
+    return type(exc).__name__
+
+
 def cell_error(exc: Exception, cell_id: str) -> CellError:
     if isinstance(exc, InferenceServerException):
-        status = (exc.status() or "StatusCode.UNKNOWN").rsplit(".", 1)[-1].lower()
-        return CellError(cell_id, status, exc.message() or str(exc))
+        return CellError(cell_id, error_kind(exc), exc.message() or str(exc))
     return CellError(cell_id, type(exc).__name__, str(exc))
 
 
@@ -96,12 +105,15 @@ class InspectionClient:
 
     def inspect_batch(self, cells: list[Cell]) -> list[Inspection]:
         """Several cells in one request (one error fails them all: use inspect_many to isolate)."""
-        try:
-            result = self._client.infer(self.model, build_inputs(cells), outputs=requested_outputs(self.heatmaps),
-                                        client_timeout=self.timeout)
-        except InferenceServerException as e:
-            raise _failed(e, cells) from None
-        return _results(result, cells, self.heatmaps)
+        with metrics.request(self.model):
+            try:
+                result = self._client.infer(self.model, build_inputs(cells), outputs=requested_outputs(self.heatmaps),
+                                            client_timeout=self.timeout)
+            except InferenceServerException as e:
+                raise _failed(e, cells) from None
+            results = _results(result, cells, self.heatmaps)
+        metrics.answered(results)
+        return results
 
     def iter_inspect(self, cells: Iterable[Cell], concurrency: int = 8) -> Iterator[Inspection | CellError]:
         """Pipelines the cells, at most `concurrency` requests in flight; yields one result per cell, in order.
@@ -157,12 +169,15 @@ class AsyncInspectionClient:
         return (await self.inspect_batch([_cell(ct_bytes, meta, rgb_bytes, cell_id)]))[0]
 
     async def inspect_batch(self, cells: list[Cell]) -> list[Inspection]:
-        try:
-            result = await self._client.infer(self.model, build_inputs(cells), outputs=requested_outputs(self.heatmaps),
-                                              client_timeout=self.timeout)
-        except InferenceServerException as e:
-            raise _failed(e, cells) from None
-        return _results(result, cells, self.heatmaps)
+        with metrics.request(self.model):
+            try:
+                result = await self._client.infer(self.model, build_inputs(cells), outputs=requested_outputs(self.heatmaps),
+                                                  client_timeout=self.timeout)
+            except InferenceServerException as e:
+                raise _failed(e, cells) from None
+            results = _results(result, cells, self.heatmaps)
+        metrics.answered(results)
+        return results
 
     async def inspect_many(self, cells: Iterable[Cell], concurrency: int = 8) -> list[Inspection | CellError]:
         """One result or one CellError per cell, in order, with at most `concurrency` requests in flight."""

@@ -1,7 +1,8 @@
-"""python -m export onnx|repository|serve
+"""python -m export onnx|repository|tensorrt|serve
 
   onnx RUN... --out DIR       export checkpoints to ONNX (opset 17, dynamic batch), parity-checked
   repository --runs RUN...    write the Triton model repository for a runtime
+  tensorrt REPOSITORY         build TensorRT engines for a --runtime tensorrt repository (on its GPU)
   serve                       train (quick preset) if no runs exist, build the repository if stale,
                               start tritonserver in the foreground (what `make serve` runs)
 """
@@ -100,6 +101,18 @@ def cmd_serve(args) -> int:
         return 1
 
 
+def cmd_tensorrt(args) -> int:
+    from export.tensorrt import TensorRTUnavailable, build_repository_engines
+
+    try:
+        built = build_repository_engines(args.repository, args.workspace_gb, args.force)
+    except TensorRTUnavailable as e:
+        print(f"error: cannot build TensorRT engines here: {e}", file=sys.stderr)
+        return 2
+    print(f"built {len(built)} engine(s) in {args.repository}" if built else f"nothing to build in {args.repository}")
+    return 0
+
+
 def add_tuning_arguments(p) -> None:
     g = p.add_argument_group("serving tuning")
     g.add_argument("--max-batch-size", type=int, default=16, help="max_batch_size of every model (default 16)")
@@ -132,6 +145,11 @@ def main(argv=None) -> int:
     r.add_argument("--out", type=Path, default=Path("model_repository"), help="repository folder (default model_repository)")
     add_tuning_arguments(r)
     r.set_defaults(func=cmd_repository)
+    t = sub.add_parser("tensorrt", help="build TensorRT engines (model.plan) for a --runtime tensorrt repository (needs an NVIDIA GPU)")
+    t.add_argument("repository", type=Path, help="repository written by 'repository --runtime tensorrt'")
+    t.add_argument("--workspace-gb", type=float, default=4.0, help="TensorRT builder workspace in GiB (default 4)")
+    t.add_argument("--force", action="store_true", help="rebuild engines that exist")
+    t.set_defaults(func=cmd_tensorrt)
     s = sub.add_parser("serve", help="build what is missing and run tritonserver in the foreground")
     s.add_argument("--runs", nargs="+", type=Path, help="run folders (default runs/standard if trained, else runs/quick, "
                    "trained on first start)")

@@ -34,12 +34,11 @@ from ensemble import interface as api
 from ensemble.rule import RULE_FILE, load_rule
 from export.decode import Limits
 from export.onnx_export import export_run
-from export.spec import Batching, EnsembleSpec, ModelSpec, Step, Tensor, to_pbtxt
+from export.spec import MANIFEST, Batching, EnsembleSpec, ModelSpec, Step, Tensor, to_pbtxt
 from training.checkpoint import CHECKPOINT
 from training.data.labels import CT_CLASSES
 
 RUNTIMES = ("python-ort", "onnxruntime", "tensorrt")
-MANIFEST = "manifest.json"
 SOURCES = Path(__file__).with_name("triton_models")
 
 

@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2 as mc
 
+MANIFEST = "manifest.json"  # what a built repository records about itself (export.repository writes it)
 DTYPES = {"FP32": mc.TYPE_FP32, "INT32": mc.TYPE_INT32, "BYTES": mc.TYPE_STRING, "FP16": mc.TYPE_FP16, "INT64": mc.TYPE_INT64}
 KINDS = {"cpu": mc.ModelInstanceGroup.KIND_CPU, "gpu": mc.ModelInstanceGroup.KIND_GPU}
 

@@ -190,6 +190,87 @@ def test_repository_cli_writes_a_tensorrt_repository_and_says_what_is_missing(ru
     assert not (tmp_path / "r" / api.RGB_AUTOENCODER / "1" / "model.py").exists()
 
 
+def _gpu_for_tensorrt() -> str | None:
+    """Why TensorRT engines cannot be built here, or None where they can."""
+    try:
+        from export.tensorrt import _tensorrt
+
+        _tensorrt()
+    except Exception as e:
+        return str(e)
+    return None
+
+
+NO_TENSORRT = _gpu_for_tensorrt()
+
+
+def test_tensorrt_profiles_cover_the_batch_axis_and_precisions_map_to_builder_flags():
+    from export.tensorrt import batch_profile, builder_flags
+
+    assert batch_profile([-1, 1, 96, 96], 16) == ([1, 1, 96, 96], [8, 1, 96, 96], [16, 1, 96, 96])
+    assert batch_profile([-1, 2], 1) == ([1, 2], [1, 2], [1, 2])
+    with pytest.raises(ValueError, match="only the batch axis"):
+        batch_profile([-1, 3, -1, -1], 8)
+    assert builder_flags("fp32") == [] and builder_flags("fp16") == ["FP16"] and builder_flags("int8") == ["INT8", "FP16"]
+
+
+@pytest.mark.skipif(NO_TENSORRT is None, reason="TensorRT and a GPU are present: the engine test below applies")
+def test_tensorrt_command_without_a_gpu_stops_with_a_clear_message(runs, tmp_path, capsys):
+    from export.__main__ import main
+
+    repo = tmp_path / "trt"
+    build_repository([runs["ct"], runs["rgb"]], "tensorrt", repo, progress=lambda *_: None)
+    assert main(["tensorrt", str(repo)]) == 2
+    err = capsys.readouterr().err
+    assert "cannot build TensorRT engines here" in err and ("GPU" in err or "TensorRT" in err)
+    assert not list(repo.glob("*/1/model.plan"))
+    assert main(["tensorrt", str(tmp_path)]) == 2  # not a repository: says so
+    assert "not a model repository" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(NO_TENSORRT is not None, reason=f"needs TensorRT and an NVIDIA GPU: {NO_TENSORRT}")
+@pytest.mark.parametrize("precision", ["fp32", "fp16"])
+def test_tensorrt_engines_answer_like_onnx_runtime(runs, tmp_path, precision):
+    import tensorrt as trt
+
+    from export.quantize import calibration_tensors
+    from export.repository import Tuning
+    from export.tensorrt import build_repository_engines
+    from training.synth.plan import SynthConfig
+    from training.synth.writer import generate
+
+    data = tmp_path / "cells"
+    generate(data, SynthConfig(batteries=2, seed=8, ct_size=96, rgb_width=160, rgb_height=90, slices_per_axis=2, photos_per_battery=2),
+             workers=1, progress=False)
+    repo = tmp_path / "trt"
+    tuning = Tuning(precision=precision, calibration=str(data))
+    build_repository([runs["ct"], runs["rgb"]], "tensorrt", repo, tuning=tuning, progress=lambda *_: None)
+    built = build_repository_engines(repo, workspace_gb=1)
+    assert sorted(p.parent.parent.name for p in built) == [api.CT_CLASSIFIER, api.RGB_AUTOENCODER]
+    ct_info, rgb_info = (json.loads(parse_pbtxt((repo / m / "config.pbtxt").read_text()).parameters["serving_info"].string_value)
+                         for m in (api.CT_PREPROCESS, api.RGB_PREPROCESS))
+    feeds = calibration_tensors(data, ct_info, rgb_info, n=5)  # batch 5: inside the profile, not at its optimum
+    runtime = trt.Runtime(trt.Logger(trt.Logger.WARNING))
+    for name, inputs in ((api.CT_CLASSIFIER, (api.CT_TENSOR, api.CT_META)), (api.RGB_AUTOENCODER, (api.RGB_TENSOR,))):
+        engine = runtime.deserialize_cuda_engine((repo / name / "1" / "model.plan").read_bytes())
+        context = engine.create_execution_context()
+        buffers = {}
+        for n in inputs:
+            buffers[n] = torch.from_numpy(feeds[n]).cuda().contiguous()
+            context.set_input_shape(n, tuple(buffers[n].shape))
+        outputs = [engine.get_tensor_name(i) for i in range(engine.num_io_tensors) if engine.get_tensor_name(i) not in inputs]
+        for n in outputs:
+            buffers[n] = torch.empty(tuple(context.get_tensor_shape(n)), dtype=torch.float32, device="cuda")
+        for n, b in buffers.items():
+            context.set_tensor_address(n, b.data_ptr())
+        assert context.execute_async_v3(torch.cuda.current_stream().cuda_stream)
+        torch.cuda.synchronize()
+        reference = ort.InferenceSession(str(repo / name / "1" / "model.onnx"), providers=["CPUExecutionProvider"])
+        expected = dict(zip([o.name for o in reference.get_outputs()], reference.run(None, {n: feeds[n] for n in inputs})))
+        for n in outputs:
+            np.testing.assert_allclose(buffers[n].cpu().numpy(), expected[n], atol=2e-2 if precision == "fp16" else 2e-3, err_msg=n)
+
+
 def test_a_rebuild_replaces_the_models_and_keeps_the_folders_readme(runs, tmp_path):
     out = tmp_path / "model_repository"
     out.mkdir()

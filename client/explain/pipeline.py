@@ -27,6 +27,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from client import metrics
 from client.explain.case import Case
 from client.explain.report import write_cell_report, write_index
 
@@ -97,6 +98,7 @@ class ExplanationPipeline:
             return future
         with self._lock:
             self._pending += 1
+        metrics.EXPLAIN_BACKLOG.inc()
         future = self._pool.submit(self._explain, case, folder)
         future.add_done_callback(self._release)
         with self._lock:
@@ -110,6 +112,7 @@ class ExplanationPipeline:
     def _release(self, _future) -> None:
         with self._lock:
             self._pending -= 1
+        metrics.EXPLAIN_BACKLOG.dec()
         self._slots.release()
 
     def _explain(self, case: Case, folder: Path) -> dict:
@@ -129,6 +132,10 @@ class ExplanationPipeline:
         return self._finish(case, parts, folder)
 
     def _finish(self, case: Case, parts: list[Part], folder: Path) -> dict:
+        for part in parts:
+            metrics.EXPLAIN_PARTS.labels(part.name, part.status).inc()
+            if part.status != "skipped":
+                metrics.EXPLAIN_SECONDS.labels(part.name).observe(part.seconds)
         entry = write_cell_report(case, parts, folder, self.out_dir)
         with self._lock:
             self.entries.append(entry)
