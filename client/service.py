@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import dataclasses
 import json
+import re
 from concurrent.futures import ThreadPoolExecutor
 from typing import Iterable, Iterator
 
@@ -70,6 +72,17 @@ def _results(result, cells: list[Cell], heatmaps: bool) -> list[Inspection]:
     return [Inspection.from_outputs(outputs, i, c.cell_id) for i, c in enumerate(cells)]
 
 
+_CELL_NAMED = re.compile(r"\bcell (\d+): ")
+
+
+def _refused_cell(error: CellError, n: int) -> tuple[int, CellError] | None:
+    """(index, that cell's own error) when the service refused a request of n cells because of one named cell."""
+    m = _CELL_NAMED.search(error.message)
+    if error.kind != "invalid_argument" or m is None or not 0 <= int(m.group(1)) < n:
+        return None
+    return int(m.group(1)), dataclasses.replace(error, message=error.message[m.end():])
+
+
 def _cell(ct_bytes, meta, rgb_bytes, cell_id) -> Cell:
     return Cell(bytes(ct_bytes), parse_meta(meta), bytes(rgb_bytes), cell_id)
 
@@ -113,6 +126,35 @@ class InspectionClient:
                 raise _failed(e, cells) from None
             results = _results(result, cells, self.heatmaps)
         metrics.answered(results)
+        return results
+
+    def inspect_cells(self, cells: list[Cell]) -> list[Inspection | CellError]:
+        """Several cells in one request, one result or one error per cell, in order.
+
+        When the service refuses the request because of one cell (its error names "cell i"),
+        that cell gets its error and the others are sent again without it; an error that names
+        no cell is tried cell by cell, so exactly the bad cells get errors."""
+        results: list = [None] * len(cells)
+        pending = list(range(len(cells)))
+        while pending:
+            batch = [cells[i] for i in pending]
+            try:
+                for i, r in zip(pending, self.inspect_batch(batch)):
+                    results[i] = r
+                break
+            except Exception as e:
+                error = _as_error(e, batch[0])
+                refused = _refused_cell(error, len(batch))
+                if refused is not None:
+                    k, own = refused
+                    i = pending.pop(k)
+                    results[i] = dataclasses.replace(own, cell_id=cells[i].cell_id)
+                elif len(batch) == 1:
+                    results[pending.pop()] = dataclasses.replace(error, cell_id=batch[0].cell_id)
+                else:
+                    for i in pending:
+                        results[i] = self.inspect_cells([cells[i]])[0]
+                    break
         return results
 
     def iter_inspect(self, cells: Iterable[Cell], concurrency: int = 8) -> Iterator[Inspection | CellError]:

@@ -34,10 +34,17 @@ def cmd_onnx(args) -> int:
 def tuning_from(args):
     from export.repository import Tuning
 
+    from export.decode import Limits
+
     given = {"max_batch_size": args.max_batch_size, "max_queue_delay_us": args.queue_delay_us,
              "preprocess_instances": args.preprocess_instances, "network_instances": args.network_instances,
              "intra_op_threads": args.threads, "precision": args.precision,
              "calibration": str(args.calibration) if args.calibration else None}
+    limits = {"max_bytes": args.max_image_bytes, "max_pixels": args.max_image_pixels}
+    if any(v is not None for v in limits.values()):
+        if any(v is not None and v < 1 for v in limits.values()):
+            raise ValueError("--max-image-bytes and --max-image-pixels must be positive")
+        given["limits"] = Limits(**{k: v for k, v in limits.items() if v is not None})
     return Tuning(**{k: v for k, v in given.items() if v is not None})
 
 
@@ -127,6 +134,9 @@ def add_tuning_arguments(p) -> None:
                                                                    "against FP32, an AI-Hub-layout folder (default: the "
                                                                    "data the CT run was trained on)")
     g.add_argument("--rule", type=Path, help="verdict rule YAML (default ensemble/rule.yaml)")
+    g.add_argument("--max-image-bytes", type=int, metavar="N", help="refuse an encoded image over N bytes (default 67108864)")
+    g.add_argument("--max-image-pixels", type=int, metavar="N", help="refuse an image over N pixels, read from its header "
+                                                                       "before decoding (default 50000000)")
 
 
 def main(argv=None) -> int:

@@ -21,19 +21,23 @@ class RequestError(ValueError):
 
 
 def check_meta(meta: np.ndarray) -> np.ndarray:
-    """CT_META of one request (n, 2) -> the same, validated: finite, integral, in range."""
+    """CT_META of one request (n, 2) -> the same, validated: finite, integral, in range.
+
+    In a request of several cells the message names the first bad one ("cell 3: ..."), so a
+    client can answer the others (`InspectionClient.inspect_cells`)."""
     meta = np.asarray(meta)
     if meta.dtype != np.float32:
         raise RequestError(f"CT_META must be FP32, got {meta.dtype}")
     if meta.ndim != 2 or meta.shape[1] != 2:
         raise RequestError(f"CT_META must hold 2 values per cell [battery_type, slice_axis], got shape {list(meta.shape[1:])}")
-    if not np.isfinite(meta).all():
-        raise RequestError(f"CT_META contains NaN or infinity: {meta.tolist()}")
-    for col, (name, values) in enumerate((("battery_type", BATTERY_TYPES), ("slice_axis", SLICE_AXES))):
-        v = meta[:, col]
-        if (v != np.round(v)).any() or (v < 0).any() or (v >= len(values)).any():
-            choices = ", ".join(f"{i} {n}" for i, n in enumerate(values))
-            raise RequestError(f"CT_META {name} must be one of {choices}; got {v.tolist()}")
+    for i, row in enumerate(meta):
+        where = f"cell {i}: " if len(meta) > 1 else ""
+        if not np.isfinite(row).all():
+            raise RequestError(f"{where}CT_META contains NaN or infinity: {row.tolist()}")
+        for value, (name, values) in zip(row, (("battery_type", BATTERY_TYPES), ("slice_axis", SLICE_AXES))):
+            if value != round(float(value)) or not 0 <= value < len(values):
+                choices = ", ".join(f"{k} {n}" for k, n in enumerate(values))
+                raise RequestError(f"{where}CT_META {name} must be one of {choices}; got {float(value)}")
     return meta
 
 
@@ -45,15 +49,24 @@ def _image_bytes(item) -> bytes:
     return bytes(item)
 
 
+def _not_blank(image: np.ndarray, what: str) -> np.ndarray:
+    """Refuse an image whose pixels are all equal (a dark frame, a saturated sensor, a failed
+    reconstruction): the models would answer it, but about nothing."""
+    low, high = image.min(), image.max()
+    if low == high:
+        raise ImageError(f"{what} is blank: every pixel is {low} (a camera or reconstruction fault); nothing to inspect")
+    return image
+
+
 def ct_tensor(data: bytes, info: dict, limits: Limits = Limits()) -> np.ndarray:
     """One encoded CT slice -> (1, S, S) float32 model input, as training prepared it."""
     norm = info["normalization"]
-    return ct_input(decode_ct(data, limits), int(info["input_size"]), norm["mean"], norm["std"])[0]
+    return ct_input(_not_blank(decode_ct(data, limits), "CT_IMAGE"), int(info["input_size"]), norm["mean"], norm["std"])[0]
 
 
 def rgb_tensor(data: bytes, info: dict, limits: Limits = Limits()) -> np.ndarray:
     """One encoded photo -> (3, S, S) float32 in 0..1, as training prepared it."""
-    return rgb_input(decode_rgb(data, limits), int(info["input_size"]))[0]
+    return rgb_input(_not_blank(decode_rgb(data, limits), "RGB_IMAGE"), int(info["input_size"]))[0]
 
 
 def _encoded_batch(images: np.ndarray, one_cell, info: dict, limits: Limits) -> np.ndarray:

@@ -128,6 +128,25 @@ def test_bad_metadata_is_refused_with_the_reason(meta, message):
         check_meta(meta)
 
 
+def test_in_a_batch_the_first_bad_cell_is_named():
+    meta = np.array([[0, 2], [1, 0], [0, 7], [np.nan, 0]], np.float32)
+    with pytest.raises(RequestError, match=r"^cell 2: CT_META slice_axis must be one of 0 x, 1 y, 2 z; got 7.0$"):
+        check_meta(meta)
+
+
+def test_image_limits_are_options_of_the_repository_commands():
+    import argparse
+
+    from export.__main__ import add_tuning_arguments, main, tuning_from
+
+    p = argparse.ArgumentParser()
+    add_tuning_arguments(p)
+    tuning = tuning_from(p.parse_args(["--max-image-bytes", "5000", "--max-image-pixels", "90000"]))
+    assert tuning.limits == Limits(max_bytes=5000, max_pixels=90000)
+    assert tuning_from(p.parse_args([])).limits == Limits()
+    assert main(["repository", "--runs", "nowhere", "--max-image-pixels", "0"]) == 2  # refused with a message
+
+
 def test_good_metadata_passes():
     meta = np.array([[0, 2], [1, 0]], np.float32)
     assert check_meta(meta) is meta
