@@ -33,7 +33,11 @@ def _client(args):
     from client.service import InspectionClient
 
     heatmaps = getattr(args, "heatmaps", None) is not None or getattr(args, "explain", None) is not None
-    client = InspectionClient(args.url, timeout=args.timeout, heatmaps=heatmaps)
+    tls = getattr(args, "tls_ca", None)
+    if tls is not None and not tls.is_file():
+        raise SystemExit(f"error: --tls-ca {tls} does not exist")
+    client = InspectionClient(args.url, timeout=args.timeout, heatmaps=heatmaps, ssl=tls is not None,
+                              root_certificates=str(tls) if tls else None)
     if not client.ready():
         raise SystemExit(f"error: no ready inspection service at {args.url} (start it with 'make serve')")
     return client
@@ -180,6 +184,7 @@ def main(argv=None) -> int:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--url", default="localhost:8001", help="Triton gRPC address (default localhost:8001)")
     common.add_argument("--timeout", type=float, default=60.0, help="seconds per request (default 60)")
+    common.add_argument("--tls-ca", type=Path, metavar="PEM", help="connect over TLS, trusting this CA (or self-signed) certificate")
     sub = p.add_subparsers(dest="command", required=True)
     i = sub.add_parser("inspect", parents=[common], help="inspect one cell")
     i.add_argument("--ct", type=Path, required=True, help="CT slice: PNG, JPEG, TIFF (8/16-bit) or DICOM")

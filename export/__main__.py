@@ -78,8 +78,9 @@ def _interrupt(signum, frame):
 
 def cmd_serve(args) -> int:
     from export.repository import build_repository, is_current
-    from export.server import Ports, TritonServer
+    from export.server import Access, Ports, TritonServer
 
+    access = Access.from_environment(args.tls_cert, args.tls_key)
     runs = resolve_runs(args.runs)
     tuning = tuning_from(args)
     if args.rebuild or not is_current(args.repository, runs, "python-ort", args.rule, tuning):
@@ -88,14 +89,16 @@ def cmd_serve(args) -> int:
     else:
         print(f"{args.repository} is up to date with {', '.join(map(str, runs))}")
     ports = Ports(args.http_port, args.grpc_port, args.metrics_port)
-    server = TritonServer(args.repository, ports)
+    server = TritonServer(args.repository, ports, extra=access.arguments())
     signal.signal(signal.SIGTERM, _interrupt)  # a process manager's stop: the same clean shutdown as Ctrl-C
     signal.signal(signal.SIGINT, _interrupt)
     print("starting tritonserver ...", flush=True)
     try:
         server.start(timeout=args.start_timeout, foreground=True)
+        tls = f" --tls-ca {args.tls_cert}" if args.tls_cert else ""
         print(f"\nready: gRPC localhost:{ports.grpc}  HTTP localhost:{ports.http}  metrics http://localhost:{ports.metrics}/metrics\n"
-              f"try:   python -m client inspect --ct CT.png --meta cell,z --rgb PHOTO.png --url localhost:{ports.grpc}\n"
+              f"access: {access.describe()}\n"
+              f"try:   python -m client inspect --ct CT.png --meta cell,z --rgb PHOTO.png --url localhost:{ports.grpc}{tls}\n"
               "stop:  Ctrl-C", flush=True)
         return server.process.wait()
     except KeyboardInterrupt:
@@ -169,6 +172,8 @@ def main(argv=None) -> int:
     s.add_argument("--http-port", type=int, default=8000, help="HTTP port (default 8000)")
     s.add_argument("--metrics-port", type=int, default=8002, help="Prometheus metrics port (default 8002)")
     s.add_argument("--start-timeout", type=float, default=300.0, help="seconds to wait for all models to load (default 300)")
+    s.add_argument("--tls-cert", type=Path, metavar="PEM", help="serve gRPC over TLS with this certificate (with --tls-key)")
+    s.add_argument("--tls-key", type=Path, metavar="PEM", help="the certificate's private key")
     add_tuning_arguments(s)
     s.set_defaults(func=cmd_serve)
     args = p.parse_args(argv)

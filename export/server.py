@@ -79,6 +79,56 @@ def backend_dir(build: Path = BUILD) -> Path:
     return target.parent
 
 
+ADMIN_KEY_ENV = "TRITON_ADMIN_KEY"
+# Triton's administrative endpoint groups: loading/unloading models and listing the repository,
+# registering shared memory, and changing trace and log settings. Inference, health, metadata,
+# model config and statistics stay open (the client and the benchmarks read them).
+RESTRICTED = "model-repository,shared-memory,trace,logging"
+
+
+@dataclass(frozen=True)
+class Access:
+    """Who may do what on the ports: the administrative APIs need a key, gRPC may use TLS.
+
+    `admin_key` comes from the environment (TRITON_ADMIN_KEY); without it a random key that
+    is never shown locks those APIs for everyone. gRPC clients send it as the header
+    `triton-grpc-protocol-admin-key`, HTTP clients as `admin-key`. The key reaches tritonserver
+    on its command line (Triton has no other way), so it is visible to local users of the host
+    in the process list, never in logs or output.
+    """
+
+    admin_key: str | None = None
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+
+    @classmethod
+    def from_environment(cls, tls_cert=None, tls_key=None) -> "Access":
+        if (tls_cert is None) != (tls_key is None):
+            raise ValueError("TLS needs both --tls-cert and --tls-key")
+        for f in (tls_cert, tls_key):
+            if f is not None and not Path(f).is_file():
+                raise FileNotFoundError(f"TLS file {f} does not exist")
+        return cls(os.environ.get(ADMIN_KEY_ENV) or None, Path(tls_cert) if tls_cert else None, Path(tls_key) if tls_key else None)
+
+    def arguments(self) -> list[str]:
+        import secrets
+
+        key = self.admin_key or secrets.token_urlsafe(32)
+        args = ["--model-control-mode=none",  # the repository is read once at start; nothing is loaded later
+                f"--grpc-restricted-protocol={RESTRICTED}:admin-key={key}",
+                f"--http-restricted-api={RESTRICTED}:admin-key={key}"]
+        if self.tls_cert:  # Triton's HTTP has no TLS: it then listens on loopback only (health checks, local tools)
+            args += ["--grpc-use-ssl=true", f"--grpc-server-cert={self.tls_cert}", f"--grpc-server-key={self.tls_key}",
+                     "--http-address=127.0.0.1"]
+        return args
+
+    def describe(self) -> str:
+        admin = (f"administrative APIs ({RESTRICTED}) need the key in ${ADMIN_KEY_ENV}" if self.admin_key else
+                 f"administrative APIs ({RESTRICTED}) locked (set ${ADMIN_KEY_ENV} to use them)")
+        return admin + ("; gRPC over TLS, HTTP on loopback only" if self.tls_cert else
+                        "; gRPC without TLS (--tls-cert/--tls-key to enable)")
+
+
 def server_command(repository: Path, ports: Ports, extra: list[str] = ()) -> tuple[list[str], dict]:
     sp = _pytriton_dir()
     binary = sp / "tritonserver" / "bin" / "tritonserver"
