@@ -43,6 +43,18 @@ def _client(args):
     return client
 
 
+def cmd_probe(args) -> int:
+    from client.probe import probe_grpc
+
+    tls = args.tls_ca
+    reason, seconds = probe_grpc(args.url, args.timeout, ssl=tls is not None, root_certificates=str(tls) if tls else None)
+    if reason:
+        print(f"FAILED: inspect at {args.url} did not answer the probe cell soundly ({seconds * 1000:.0f} ms): {reason}", file=sys.stderr)
+        return 1
+    print(f"ok: inspect at {args.url} answered the probe cell in {seconds * 1000:.0f} ms")
+    return 0
+
+
 def cmd_inspect(args) -> int:
     try:
         meta = parse_meta(args.meta)
@@ -206,6 +218,8 @@ def main(argv=None) -> int:
                    help="no server: run these checkpoints in-process with PyTorch (same decoding, preprocessing and rule)")
     add_explain_arguments(d, EXPLAIN_BESIDE_OUT)
     d.set_defaults(func=cmd_inspect_dir, heatmaps=None)
+    pr = sub.add_parser("probe", parents=[common], help="send one synthetic cell through inspect: exit 0 if answered soundly, 1 if not")
+    pr.set_defaults(func=cmd_probe)
     args = p.parse_args(argv)
     if getattr(args, "metrics_port", None):
         from client import metrics

@@ -5,6 +5,7 @@
 - `battery_client_requests_total{model}`: inspection requests sent;
 - `battery_client_errors_total{model, kind}`: failed requests by kind (the gRPC status:
   invalid_argument for a bad cell, unavailable, deadline_exceeded, ...);
+- `battery_client_retries_total{model}`: requests sent again after a service fault;
 - `battery_client_request_seconds{model}`: end-to-end latency histogram (build the request,
   wait, decode the answer);
 - `battery_client_cells_total{verdict}`: cells answered, by verdict;
@@ -26,6 +27,7 @@ LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0
 
 REQUESTS = Counter("battery_client_requests", "Inspection requests sent", ["model"])
 ERRORS = Counter("battery_client_errors", "Failed inspection requests, by kind (gRPC status)", ["model", "kind"])
+RETRIES = Counter("battery_client_retries", "Requests sent again after a service fault (unavailable, restarting)", ["model"])
 LATENCY = Histogram("battery_client_request_seconds", "End-to-end latency of an inspection request", ["model"], buckets=LATENCY_BUCKETS)
 CELLS = Counter("battery_client_cells", "Cells answered, by verdict", ["verdict"])
 EXPLAIN_BACKLOG = Gauge("battery_explain_backlog", "Flagged cells waiting for or in explanation")

@@ -11,7 +11,9 @@ import asyncio
 import collections
 import dataclasses
 import json
+import random
 import re
+import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Iterable, Iterator
 
@@ -83,6 +85,25 @@ def _refused_cell(error: CellError, n: int) -> tuple[int, CellError] | None:
     return int(m.group(1)), dataclasses.replace(error, message=error.message[m.end():])
 
 
+def retryable(error: CellError) -> bool:
+    """A fault of the service rather than of the cell (unreachable, restarting, a crashed
+    backend process): worth sending again after a pause. A refused cell is never retried."""
+    return error.kind == "unavailable" or "is not healthy" in error.message
+
+
+class Backoff:
+    """Pauses between attempts: `first` seconds, doubling up to `longest`, with jitter so that
+    many clients do not come back at the same instant."""
+
+    def __init__(self, retries: int = 5, first: float = 0.5, longest: float = 8.0):
+        if retries < 0 or first <= 0 or longest < first:
+            raise ValueError("retries must be >= 0 and 0 < first <= longest")
+        self.retries, self.first, self.longest = retries, first, longest
+
+    def pause(self, attempt: int) -> float:
+        return min(self.first * 2**attempt, self.longest) * random.uniform(0.5, 1.0)
+
+
 def _cell(ct_bytes, meta, rgb_bytes, cell_id) -> Cell:
     return Cell(bytes(ct_bytes), parse_meta(meta), bytes(rgb_bytes), cell_id)
 
@@ -91,8 +112,9 @@ class InspectionClient:
     """Synchronous client (thread-safe: `inspect_many` runs requests from a thread pool)."""
 
     def __init__(self, url: str = "localhost:8001", model: str = api.INSPECT, timeout: float = 60.0, heatmaps: bool = True,
-                 ssl: bool = False, root_certificates: str | None = None):
+                 ssl: bool = False, root_certificates: str | None = None, backoff: Backoff | None = None):
         self.url, self.model, self.timeout, self.heatmaps = url, model, timeout, heatmaps
+        self.backoff = backoff or Backoff()
         self._client = grpcclient.InferenceServerClient(url, ssl=ssl, root_certificates=root_certificates)
 
     def ready(self) -> bool:
@@ -117,7 +139,21 @@ class InspectionClient:
         return self.inspect_batch([_cell(ct_bytes, meta, rgb_bytes, cell_id)])[0]
 
     def inspect_batch(self, cells: list[Cell]) -> list[Inspection]:
-        """Several cells in one request (one error fails them all: use inspect_many to isolate)."""
+        """Several cells in one request (one error fails them all: use inspect_cells or inspect_many to isolate).
+
+        A service fault (unreachable, restarting) is retried with backoff (`backoff`); the last
+        attempt's error is raised."""
+        for attempt in range(self.backoff.retries + 1):
+            try:
+                return self._inspect_batch_once(cells)
+            except InspectionFailed as e:
+                if attempt == self.backoff.retries or not retryable(e.error):
+                    raise
+                metrics.RETRIES.labels(self.model).inc()
+                time.sleep(self.backoff.pause(attempt))
+        raise AssertionError("unreachable")
+
+    def _inspect_batch_once(self, cells: list[Cell]) -> list[Inspection]:
         with metrics.request(self.model):
             try:
                 result = self._client.infer(self.model, build_inputs(cells), outputs=requested_outputs(self.heatmaps),
@@ -195,10 +231,11 @@ class AsyncInspectionClient:
     """asyncio client over tritonclient.grpc.aio."""
 
     def __init__(self, url: str = "localhost:8001", model: str = api.INSPECT, timeout: float = 60.0, heatmaps: bool = True,
-                 ssl: bool = False, root_certificates: str | None = None):
+                 ssl: bool = False, root_certificates: str | None = None, backoff: Backoff | None = None):
         import tritonclient.grpc.aio as aio
 
         self.url, self.model, self.timeout, self.heatmaps = url, model, timeout, heatmaps
+        self.backoff = backoff or Backoff()
         self._client = aio.InferenceServerClient(url, ssl=ssl, root_certificates=root_certificates)
 
     async def ready(self) -> bool:
@@ -211,6 +248,17 @@ class AsyncInspectionClient:
         return (await self.inspect_batch([_cell(ct_bytes, meta, rgb_bytes, cell_id)]))[0]
 
     async def inspect_batch(self, cells: list[Cell]) -> list[Inspection]:
+        for attempt in range(self.backoff.retries + 1):
+            try:
+                return await self._inspect_batch_once(cells)
+            except InspectionFailed as e:
+                if attempt == self.backoff.retries or not retryable(e.error):
+                    raise
+                metrics.RETRIES.labels(self.model).inc()
+                await asyncio.sleep(self.backoff.pause(attempt))
+        raise AssertionError("unreachable")
+
+    async def _inspect_batch_once(self, cells: list[Cell]) -> list[Inspection]:
         with metrics.request(self.model):
             try:
                 result = await self._client.infer(self.model, build_inputs(cells), outputs=requested_outputs(self.heatmaps),

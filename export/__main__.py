@@ -100,7 +100,7 @@ def cmd_serve(args) -> int:
               f"access: {access.describe()}\n"
               f"try:   python -m client inspect --ct CT.png --meta cell,z --rgb PHOTO.png --url localhost:{ports.grpc}{tls}\n"
               "stop:  Ctrl-C", flush=True)
-        return server.process.wait()
+        return _watch(server, args.watchdog, ports, args.start_timeout)
     except KeyboardInterrupt:
         print("\nstopping tritonserver ...", flush=True)
         server.stop()
@@ -121,6 +121,39 @@ def cmd_tensorrt(args) -> int:
         return 2
     print(f"built {len(built)} engine(s) in {args.repository}" if built else f"nothing to build in {args.repository}")
     return 0
+
+
+def _watch(server, interval: float, ports, start_timeout: float) -> int:
+    """Wait on tritonserver; every `interval` seconds send a probe cell through `inspect` (HTTP,
+    loopback) and restart the server after two failures in a row, or when it exits by itself.
+    (Health endpoints stay green when a Python-backend process dies; only inference shows it.)"""
+    import subprocess
+
+    from client.probe import probe_http
+
+    if interval <= 0:
+        return server.process.wait()
+    failures, restarts = 0, 0
+    while True:
+        try:
+            code = server.process.wait(timeout=interval)
+            reason = f"tritonserver exited with code {code}"
+        except subprocess.TimeoutExpired:
+            reason, _ = probe_http(f"127.0.0.1:{ports.http}", timeout=max(5.0, interval))
+            failures = failures + 1 if reason else 0
+            if failures < 2:
+                continue
+            reason = f"the inference probe failed twice: {reason}"
+        restarts += 1
+        if restarts > 5:
+            print(f"watchdog: {reason}; giving up after 5 restarts", file=sys.stderr, flush=True)
+            server.stop()
+            return 1
+        print(f"watchdog: {reason}; restarting tritonserver (restart {restarts})", flush=True)
+        server.stop()
+        server.start(timeout=start_timeout, foreground=True)
+        print("watchdog: tritonserver is ready again", flush=True)
+        failures = 0
 
 
 def add_tuning_arguments(p) -> None:
@@ -172,6 +205,9 @@ def main(argv=None) -> int:
     s.add_argument("--http-port", type=int, default=8000, help="HTTP port (default 8000)")
     s.add_argument("--metrics-port", type=int, default=8002, help="Prometheus metrics port (default 8002)")
     s.add_argument("--start-timeout", type=float, default=300.0, help="seconds to wait for all models to load (default 300)")
+    s.add_argument("--watchdog", type=float, default=10.0, metavar="SECONDS",
+                   help="every SECONDS, send a probe cell through inspect and restart tritonserver after two failures "
+                        "in a row (default 10; 0: off)")
     s.add_argument("--tls-cert", type=Path, metavar="PEM", help="serve gRPC over TLS with this certificate (with --tls-key)")
     s.add_argument("--tls-key", type=Path, metavar="PEM", help="the certificate's private key")
     add_tuning_arguments(s)

@@ -114,7 +114,9 @@ class Access:
         import secrets
 
         key = self.admin_key or secrets.token_urlsafe(32)
-        args = ["--model-control-mode=none",  # the repository is read once at start; nothing is loaded later
+        # every model loads at start; later loads (a new version copied into the repository) only through
+        # the restricted model-repository API, i.e. with the key; no polling, nothing from the network
+        args = ["--model-control-mode=explicit", "--load-model=*",
                 f"--grpc-restricted-protocol={RESTRICTED}:admin-key={key}",
                 f"--http-restricted-api={RESTRICTED}:admin-key={key}"]
         if self.tls_cert:  # Triton's HTTP has no TLS: it then listens on loopback only (health checks, local tools)
