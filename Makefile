@@ -11,6 +11,9 @@ GRPC_PORT    ?= 8001
 HTTP_PORT    ?= 8000
 METRICS_PORT ?= 8002
 RUNS         ?=
+# gRPC over TLS: make serve TLS_CERT=server.pem TLS_KEY=server.key; the admin key comes from $TRITON_ADMIN_KEY
+TLS_CERT     ?=
+TLS_KEY      ?=
 
 setup: $(STAMP)
 
@@ -24,7 +27,8 @@ $(STAMP): pyproject.toml
 # Train the quick models if no runs exist, build the repository if stale, run tritonserver
 # in the foreground (Ctrl-C stops it).
 serve: setup
-	$(PY) -m export serve --grpc-port $(GRPC_PORT) --http-port $(HTTP_PORT) --metrics-port $(METRICS_PORT) $(if $(RUNS),--runs $(RUNS))
+	$(PY) -m export serve --grpc-port $(GRPC_PORT) --http-port $(HTTP_PORT) --metrics-port $(METRICS_PORT) $(if $(RUNS),--runs $(RUNS)) \
+	  $(if $(TLS_CERT),--tls-cert $(TLS_CERT) --tls-key $(TLS_KEY))
 
 test: setup
 	$(PY) -m pytest -n 2 $(PYTEST_ARGS)

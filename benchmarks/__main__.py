@@ -1,8 +1,9 @@
-"""python -m benchmarks serving|synth ...
+"""python -m benchmarks serving|int8|soak|synth ...
 
   serving   Triton end to end (load generator + perf_analyzer) against in-process ONNX Runtime,
             PyTorch and the original-style path, with SGEMM and FLOPs (`make bench`)
   int8      INT8 against FP32 for the CT classifier: throughput and macro-F1 on a test split
+  soak      hours at 80% of saturation (failures, server memory growth), then a burst at 3x
   synth     how long the synthetic data generator takes (`make bench-synth`)
 """
 import sys
@@ -21,6 +22,10 @@ def main() -> int:
         from benchmarks.quantized import main as int8
 
         return int8(rest)
+    if command == "soak":
+        from benchmarks.soak import main as soak
+
+        return soak(rest)
     if command == "synth":
         from benchmarks.synth_speed import main as synth
 

@@ -36,7 +36,7 @@ def tuning_from(args):
 
     from export.decode import Limits
 
-    given = {"max_batch_size": args.max_batch_size, "max_queue_delay_us": args.queue_delay_us,
+    given = {"max_batch_size": args.max_batch_size, "max_queue_delay_us": args.queue_delay_us, "max_queue_size": args.max_queue_size,
              "preprocess_instances": args.preprocess_instances, "network_instances": args.network_instances,
              "intra_op_threads": args.threads, "precision": args.precision,
              "calibration": str(args.calibration) if args.calibration else None}
@@ -160,6 +160,8 @@ def add_tuning_arguments(p) -> None:
     g = p.add_argument_group("serving tuning")
     g.add_argument("--max-batch-size", type=int, default=16, help="max_batch_size of every model (default 16)")
     g.add_argument("--queue-delay-us", type=int, default=2000, help="dynamic batching max queue delay (default 2000)")
+    g.add_argument("--max-queue-size", type=int, help="requests waiting per model beyond which new ones are refused at once "
+                                                      "(default 256; 0: no limit)")
     g.add_argument("--preprocess-instances", type=int, help="instances of each preprocessing model (default: one per core, at most 4)")
     g.add_argument("--network-instances", type=int, help="instances of each network (default 1)")
     g.add_argument("--threads", type=int, help="ONNX Runtime intra-op threads per network instance (default: half the cores; 0: all)")

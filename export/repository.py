@@ -51,6 +51,10 @@ class Tuning:
 
     max_batch_size: int = 16
     max_queue_delay_us: int = 2000
+    # Requests waiting per model beyond which Triton refuses new ones at once ("Exceeds maximum
+    # queue size", UNAVAILABLE, which clients retry with backoff) instead of letting latency grow
+    # without bound in a burst.
+    max_queue_size: int = 256
     # Measured on 2 cores (quick models, `python -m benchmarks serving`): decoding and
     # preprocessing are single-threaded Python, so one process per core for them, and the
     # two networks share the cores (a thread each here): 53 cells/s against 32 with one
@@ -109,7 +113,7 @@ def classify_runs(runs, required=("ct_classifier", "rgb_autoencoder")) -> dict[s
 
 
 def _network(name: str, runtime: str, inputs, outputs, tuning: Tuning) -> ModelSpec:
-    batching = Batching(tuning.max_batch_size, max_queue_delay_us=tuning.max_queue_delay_us)
+    batching = Batching(tuning.max_batch_size, max_queue_delay_us=tuning.max_queue_delay_us, max_queue_size=tuning.max_queue_size)
     if runtime == "python-ort":
         return ModelSpec(name, inputs, outputs, backend="python", batching=batching, instances=tuning.network_instances,
                          parameters={"onnx_file": "model.onnx", "intra_op_threads": str(tuning.intra_op_threads)})
@@ -126,7 +130,7 @@ def model_specs(ct: dict, rgb: dict, rule_json: str, runtime: str, tuning: Tunin
     n_classes = len(ct["class_names"])
     limits = {"max_image_bytes": str(tuning.limits.max_bytes), "max_image_pixels": str(tuning.limits.max_pixels),
               "min_image_side": str(tuning.limits.min_side)}
-    batching = Batching(tuning.max_batch_size, max_queue_delay_us=tuning.max_queue_delay_us)
+    batching = Batching(tuning.max_batch_size, max_queue_delay_us=tuning.max_queue_delay_us, max_queue_size=tuning.max_queue_size)
     t = {
         api.CT_IMAGE: Tensor(api.CT_IMAGE, "BYTES", (1,)),
         api.CT_META: Tensor(api.CT_META, "FP32", (2,)),

@@ -33,6 +33,7 @@ class Batching:
     max_batch_size: int = 16
     preferred: tuple[int, ...] = ()
     max_queue_delay_us: int = 2000
+    max_queue_size: int = 0  # requests waiting per model beyond which new ones are refused at once (0: no limit)
 
 
 @dataclass(frozen=True)
@@ -112,6 +113,8 @@ def to_config(spec: ModelSpec | EnsembleSpec) -> mc.ModelConfig:
     if spec.batching.max_batch_size > 0:
         cfg.dynamic_batching.max_queue_delay_microseconds = spec.batching.max_queue_delay_us
         cfg.dynamic_batching.preferred_batch_size.extend(spec.batching.preferred)
+        if spec.batching.max_queue_size:
+            cfg.dynamic_batching.default_queue_policy.max_queue_size = spec.batching.max_queue_size
     cfg.instance_group.add(count=spec.instances, kind=KINDS[spec.kind])
     for key, value in spec.parameters.items():
         cfg.parameters[key].string_value = str(value)

@@ -88,3 +88,24 @@ def test_untrained_runs_have_the_presets_architectures_and_sizes(tmp_path):
         assert info["untrained"] is True
     mtime = (tmp_path / "ct" / "checkpoint.pt").stat().st_mtime_ns
     assert untrained_runs("quick", tmp_path) == runs and (tmp_path / "ct" / "checkpoint.pt").stat().st_mtime_ns == mtime  # reused
+
+
+def test_soak_runs_end_to_end_and_reports_failures_memory_and_the_burst(tmp_path):
+    from benchmarks.soak import main as soak
+
+    data = tmp_path / "cells"
+    generate(data, SynthConfig(batteries=2, seed=4, ct_size=96, rgb_width=160, rgb_height=90, slices_per_axis=1, photos_per_battery=1),
+             workers=1, progress=False)
+    runs = [make_ct_run(tmp_path / "ct", size=64), make_rgb_run(tmp_path / "rgb", size=64)]
+    out = tmp_path / "results"
+    code = soak(["--runs", *map(str, runs), "--data", str(data), "--cells", "4", "--minutes", "0.1", "--saturation-seconds", "2",
+                 "--burst-seconds", "2", "--repository", str(tmp_path / "repo"), "--out", str(out)])
+    folder = next(out.glob("soak-*"))
+    r = json.loads((folder / "soak.json").read_text())
+    assert code == 0, (folder / "summary.md").read_text()
+    assert r["saturation_cells_per_s"] > 0 and r["soak"]["sent"] > 0 and r["soak"]["answered"] == r["soak"]["sent"]
+    assert len(r["memory"]["samples"]) >= 2 and r["memory"]["baseline_bytes"] > 50 * 2**20  # tritonserver and its backends
+    assert r["burst"]["answered"] + sum(r["burst"]["errors"].values()) == r["burst"]["sent"]
+    assert r["after_burst"]["server_alive"] and r["after_burst"]["ready"]
+    summary = (folder / "summary.md").read_text()
+    assert "failed cells in the soak" in summary and "server memory growth" in summary
