@@ -4,7 +4,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: setup serve test synth preview bench bench-synth train-quick train-standard clean
+.PHONY: setup serve test synth preview bench bench-synth train-quick train-standard review clean
 
 # serve: ports and runs are configurable, e.g. make serve GRPC_PORT=9001 RUNS="runs/standard"
 GRPC_PORT    ?= 8001
@@ -51,6 +51,11 @@ train-standard: setup
 # results in benchmarks/results/latest/. BENCH_ARGS passes options, e.g. BENCH_ARGS="--seconds 20".
 bench: setup
 	$(PY) -m benchmarks serving $(BENCH_ARGS)
+
+# The review station (Streamlit) on http://localhost:8501, against the service `make serve` runs.
+# REVIEW_ARGS passes options, e.g. REVIEW_ARGS="--run results --explain-options '--vlm gemini'".
+review: setup
+	$(PY) -m client review $(REVIEW_ARGS)
 
 bench-synth: setup
 	$(PY) -m benchmarks.synth_speed

@@ -43,6 +43,22 @@ def _client(args):
     return client
 
 
+def cmd_review(args) -> int:
+    import os
+    import subprocess
+
+    env = dict(os.environ, BATTERY_REVIEW_URL=args.url, BATTERY_REVIEW_METRICS=args.metrics_url, BATTERY_REVIEW_RUN=str(args.run),
+               BATTERY_REVIEW_EXPLAIN=args.explain_options, BATTERY_REVIEW_TLS_CA=str(args.tls_ca or ""))
+    app = Path(__file__).with_name("review") / "app.py"
+    print(f"review station on http://{args.address}:{args.port} (service {args.url}); Ctrl-C stops it", flush=True)
+    cmd = [sys.executable, "-m", "streamlit", "run", str(app), "--server.port", str(args.port), "--server.address", args.address,
+           "--server.headless", "true", "--browser.gatherUsageStats", "false", "--client.toolbarMode", "minimal"]
+    try:
+        return subprocess.call(cmd, env=env)
+    except KeyboardInterrupt:
+        return 0
+
+
 def cmd_probe(args) -> int:
     from client.probe import probe_grpc
 
@@ -218,6 +234,15 @@ def main(argv=None) -> int:
                    help="no server: run these checkpoints in-process with PyTorch (same decoding, preprocessing and rule)")
     add_explain_arguments(d, EXPLAIN_BESIDE_OUT)
     d.set_defaults(func=cmd_inspect_dir, heatmaps=None)
+    rv = sub.add_parser("review", parents=[common], help="the review station: a web page to inspect cells and review a run (Streamlit)")
+    rv.add_argument("--run", type=Path, default=Path("results"), help="run folder to review, where inspect-dir wrote results.jsonl "
+                                                                      "(default results)")
+    rv.add_argument("--metrics-url", default="http://localhost:8002/metrics", help="Triton's metrics (default http://localhost:8002/metrics)")
+    rv.add_argument("--port", type=int, default=8501, help="web page port (default 8501)")
+    rv.add_argument("--address", default="127.0.0.1", help="address to listen on (default 127.0.0.1; 0.0.0.0 for the network)")
+    rv.add_argument("--explain-options", default="", metavar="'OPTIONS'",
+                    help="explanation backends as for --explain, e.g. \"--vlm gemini\" or \"--grounding transformers --grounding-weights DIR\"")
+    rv.set_defaults(func=cmd_review)
     pr = sub.add_parser("probe", parents=[common], help="send one synthetic cell through inspect: exit 0 if answered soundly, 1 if not")
     pr.set_defaults(func=cmd_probe)
     args = p.parse_args(argv)
