@@ -124,6 +124,17 @@ class InspectionClient:
         except InferenceServerException:
             return False
 
+    def models_ready(self, names=(api.INSPECT, api.INSPECT_CT, api.INSPECT_RGB, api.PREPROCESS, api.CT_CLASSIFIER,
+                                  api.RGB_AUTOENCODER, api.VERDICT_MODEL)) -> dict[str, bool]:
+        """Whether each model of the service is loaded and ready (False where the server cannot say)."""
+        out = {}
+        for name in names:
+            try:
+                out[name] = bool(self._client.is_model_ready(name))
+            except InferenceServerException:
+                out[name] = False
+        return out
+
     def serving_info(self) -> dict[str, dict]:
         """The models' serving facts (input size, normalisation, classes, score definition) as
         the repository's preprocessing models hold them: {"ct": {...}, "rgb": {...}}. Explanations

@@ -86,6 +86,28 @@ def test_inspect_page_shows_the_services_verdict_and_the_heatmaps(app, service):
     assert "not asked" in captions  # VLM and GroundingDINO only on request
 
 
+def test_on_request_the_vlm_finding_appears_beside_the_heatmaps(service, monkeypatch):
+    from fake_gemini import FakeGemini, answer
+
+    finding = {"class": "cell_porosity", "verdict": "defect", "confidence": 0.7, "location": "upper left",
+               "cause": "gas trapped during filling", "action": "reject"}
+    cell = service["cells"][0]
+    with FakeGemini([answer(json.dumps(finding))]) as gemini:
+        monkeypatch.setenv("BATTERY_REVIEW_URL", service["url"])
+        monkeypatch.setenv("GEMINI_API_KEY", "review-test-key")
+        monkeypatch.setenv("BATTERY_REVIEW_EXPLAIN", f"--vlm gemini --vlm-model gemini-test --gemini-url {gemini.url} --vlm-attempts 1")
+        at = AppTest.from_file(APP, default_timeout=180)
+        at.run()
+        _upload(at, (cell.ct_path.name, cell.ct_path.read_bytes()), (cell.rgb_path.name, cell.rgb_path.read_bytes()))
+        at.checkbox(key="ask_vlm").check()
+        at.button(key="inspect").click().run()
+    assert not at.exception and not at.error, [e.value for e in at.error]
+    assert _metric(at, "Verdict") != "normal" and gemini.requests  # a flagged cell: the VLM was asked
+    shown = [j.value for j in at.json]
+    assert shown and all(json.loads(v) == finding for v in shown)
+    assert "not asked (tick 'GroundingDINO boxes')" in " ".join(c.value for c in at.caption)
+
+
 def test_an_upload_that_is_not_an_image_gets_a_clear_message(app, service):
     cell = service["cells"][0]
     _upload(app, ("notes.png", b"shift B, station 3: cells 1-40"), (cell.rgb_path.name, cell.rgb_path.read_bytes()))

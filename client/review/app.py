@@ -96,9 +96,19 @@ def show_parts(report: dict) -> None:
         elif part["status"] != "ok":
             st.warning(f"unavailable: {part['reason']}")
         else:
-            for side, finding in part["data"].get("findings", {}).items():
+            st.caption(part["data"].get("backend", ""))
+            for side in ("ct", "rgb"):
+                answer = part["data"].get(side)
+                if answer is None:
+                    continue
                 st.markdown(f"*{side.upper()}*")
-                st.json(finding, expanded=True)
+                if "error" in answer:
+                    st.warning(answer["error"])
+                elif answer.get("malformed"):
+                    st.warning(f"not the JSON asked for ({answer.get('problem', '')}); the answer as given:")
+                    st.text(answer.get("raw", ""))
+                else:
+                    st.json(answer.get("finding", {}), expanded=True)
     with cols[2]:
         st.markdown("**GroundingDINO boxes**")
         part = parts.get("grounding")
@@ -222,12 +232,11 @@ def status_page(cfg: dict) -> None:
     st.header("Service status")
     with client(cfg) as c:
         live = c.ready()
-        raw = c._client
         st.metric("Triton", "ready" if live else "not reachable", help=cfg["url"])
         if not live:
             st.error(f"The inspection service at {cfg['url']} is not reachable or not ready; start it with 'make serve'.")
             return
-        ready = {m: raw.is_model_ready(m) for m in MODELS}
+        ready = c.models_ready(MODELS)
     st.dataframe({"model": list(ready), "ready": ["yes" if v else "NO" for v in ready.values()]}, hide_index=True)
     try:
         first = _scrape(cfg["metrics"])
