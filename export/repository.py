@@ -261,7 +261,8 @@ def build_repository(runs, runtime: str, out: str | Path, rule_path: str | Path 
             "built": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         }
         if runtime == "tensorrt":
-            manifest["todo"] = "TensorRT engines (model.plan) are not built yet: build them from each 1/model.onnx on the target GPU"
+            manifest["todo"] = ("TensorRT engines (model.plan) are not built yet: run 'python -m export tensorrt "
+                                f"{out}' on the GPU that will serve them")
         (staging / MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n")
         if out.exists():
             for keep in KEPT_FILES:  # the folder's own documentation survives a rebuild
