@@ -1,15 +1,26 @@
 #!/usr/bin/env bash
-# Start Triton on the baked repository; build TensorRT engines first where they are missing.
-# Extra arguments go to tritonserver (e.g. --log-verbose=1).
+# Start Triton on the baked repository, with the same access rules as `python -m export serve`:
+# administrative APIs (model repository, shared memory, trace, logging) need $TRITON_ADMIN_KEY
+# (a random key nobody knows when it is unset), models load once at start and later only
+# through that API, gRPC over TLS when $TLS_CERT and $TLS_KEY name mounted files.
+# TensorRT engines are built first where they are missing. Extra arguments go to tritonserver.
 set -euo pipefail
 MODELS=${MODELS:-/models}
 if [ "${RUNTIME:-onnxruntime}" = tensorrt ]; then
   python3 -m export tensorrt "$MODELS"   # a no-op when every model.plan exists
 fi
+KEY=${TRITON_ADMIN_KEY:-$(head -c 32 /dev/urandom | base64 | tr -dc 'A-Za-z0-9')}
+RESTRICTED=model-repository,shared-memory,trace,logging
+TLS=()
+if [ -n "${TLS_CERT:-}" ]; then
+  TLS=(--grpc-use-ssl=true "--grpc-server-cert=$TLS_CERT" "--grpc-server-key=${TLS_KEY:?TLS_CERT needs TLS_KEY}")
+fi
 exec tritonserver \
   --model-repository="$MODELS" \
-  --model-control-mode=none \
+  --model-control-mode=explicit --load-model='*' \
+  "--grpc-restricted-protocol=$RESTRICTED:admin-key=$KEY" \
+  "--http-restricted-api=$RESTRICTED:admin-key=$KEY" \
   --strict-readiness=true \
   --allow-metrics=true --allow-gpu-metrics=true --allow-cpu-metrics=true \
   --http-port=8000 --grpc-port=8001 --metrics-port=8002 \
-  "$@"
+  "${TLS[@]}" "$@"
