@@ -46,6 +46,26 @@ def rss_bytes(pid: int) -> int:
     return total
 
 
+def rss_by_process(pid: int) -> dict[str, int]:
+    """Resident memory per process of the server: tritonserver itself and each backend stub,
+    named by its model instance (e.g. ct_classifier_0_0), so a growth can be placed."""
+    out, todo = {}, [pid]
+    while todo:
+        p = todo.pop()
+        try:
+            with open(f"/proc/{p}/status") as f:
+                rss = next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmRSS:"))
+            args = open(f"/proc/{p}/cmdline", "rb").read().split(b"\0")
+            children = subprocess.run(["pgrep", "-P", str(p)], capture_output=True, text=True).stdout.split()
+        except (OSError, StopIteration):
+            continue
+        stub = b"triton_python_backend_stub" in args[0]
+        name = args[-3].decode() if stub and len(args) >= 3 else Path(args[0].decode()).name
+        out[name] = out.get(name, 0) + rss
+        todo += [int(c) for c in children]
+    return out
+
+
 async def open_loop(url: str, cells, rate: float, seconds: float, on_tick=None, timeout: float = 30.0) -> dict:
     """Send cells at `rate` per second for `seconds` (not waiting for answers); per-cell outcome and latency."""
     from client.inspection import CellError
@@ -151,11 +171,21 @@ def run(args) -> Path:
             if len(memory) % 15 == 0:
                 print(f"  {t:6.0f} s  server memory {memory[-1][1] / 2**20:.0f} MiB", flush=True)
 
-        result["soak"] = asyncio.run(open_loop(server.grpc_url, cells, rate, seconds, on_tick=tick))
+        by_process = {}
+
+        def tick_and_place(t):
+            tick(t)
+            if "baseline" not in by_process and t >= min(60.0, seconds / 4):
+                by_process["baseline"] = rss_by_process(pid)
+
+        result["soak"] = asyncio.run(open_loop(server.grpc_url, cells, rate, seconds, on_tick=tick_and_place))
         memory.append((seconds, rss_bytes(pid)))
+        by_process["end"] = rss_by_process(pid)
         base = next((m for t, m in memory if t >= min(60.0, seconds / 4)), memory[0][1])
         result["memory"] = {"samples": memory, "baseline_bytes": base, "end_bytes": memory[-1][1],
-                            "growth": memory[-1][1] / base - 1 if base else 0.0}
+                            "growth": memory[-1][1] / base - 1 if base else 0.0,
+                            "by_process": {name: {"baseline": by_process.get("baseline", {}).get(name, 0), "end": end}
+                                           for name, end in by_process["end"].items()}}
         burst_rate = args.burst * saturation
         print(f"burst: {burst_rate:.1f} cells/s for {args.burst_seconds:.0f} s")
         result["burst"] = asyncio.run(open_loop(server.grpc_url, cells, burst_rate, args.burst_seconds))
@@ -185,6 +215,10 @@ def summary(r: dict) -> str:
              f"{burst['answered']} / {sum(burst['errors'].values())} {dict(burst['errors'])} | every cell answered or refused |",
              f"| after the burst: server alive, ready, cells answered | {after['server_alive']}, {after['ready']}, "
              f"{after['answered']} of {after['sent']} | all |"]
+    growth = sorted(mem.get("by_process", {}).items(), key=lambda kv: kv[1]["baseline"] - kv[1]["end"])
+    if growth:
+        lines += ["", "Server memory by process (end of the first minute -> end):", ""]
+        lines += [f"- {name}: {v['baseline'] / 2**20:.0f} -> {v['end'] / 2**20:.0f} MiB" for name, v in growth]
     if burst["error_examples"]:
         lines += ["", "Burst refusals, one message per kind:", ""] + [f"- `{k}`: {v}" for k, v in burst["error_examples"].items()]
     return "\n".join(lines) + "\n"

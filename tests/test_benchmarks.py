@@ -105,6 +105,9 @@ def test_soak_runs_end_to_end_and_reports_failures_memory_and_the_burst(tmp_path
     assert code == 0, (folder / "summary.md").read_text()
     assert r["saturation_cells_per_s"] > 0 and r["soak"]["sent"] > 0 and r["soak"]["answered"] == r["soak"]["sent"]
     assert len(r["memory"]["samples"]) >= 2 and r["memory"]["baseline_bytes"] > 50 * 2**20  # tritonserver and its backends
+    places = r["memory"]["by_process"]
+    assert "tritonserver" in places and any(name.startswith("ct_classifier") for name in places)
+    assert sum(v["end"] for v in places.values()) == pytest.approx(r["memory"]["end_bytes"], rel=0.05)
     assert r["burst"]["answered"] + sum(r["burst"]["errors"].values()) == r["burst"]["sent"]
     assert r["after_burst"]["server_alive"] and r["after_burst"]["ready"]
     summary = (folder / "summary.md").read_text()
