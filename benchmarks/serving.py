@@ -75,17 +75,10 @@ def _cells(args):
     return data, [c.load() for c in cells[::step][: args.cells]]
 
 
-def run(args) -> Path:
-    import torch
-
-    from benchmarks import loadgen, measure, perf, stats
-    from benchmarks.report import write_results
+def prepare(args):
+    """(runs, data folder, cells, tuning) of a benchmark's options, with the repository built if stale."""
     from export.__main__ import resolve_runs, tuning_from
-    from export.local import TorchPipeline
-    from export.onnx_export import example_inputs
     from export.repository import build_repository, is_current
-    from export.server import Ports, TritonServer, free_ports
-    from export.serving import ct_tensor, rgb_tensor
 
     if args.untrained:
         from benchmarks.untrained import untrained_runs
@@ -98,6 +91,20 @@ def run(args) -> Path:
     if not is_current(args.repository, runs, "python-ort", args.rule, tuning):
         print(f"building {args.repository} from {', '.join(map(str, runs))} with {tuning}")
         build_repository(runs, "python-ort", args.repository, args.rule, tuning)
+    return runs, data, cells, tuning
+
+
+def run(args) -> Path:
+    import torch
+
+    from benchmarks import loadgen, measure, perf, stats
+    from benchmarks.report import write_results
+    from export.local import TorchPipeline
+    from export.onnx_export import example_inputs
+    from export.server import Ports, TritonServer, free_ports
+    from export.serving import ct_tensor, rgb_tensor
+
+    runs, data, cells, tuning = prepare(args)
     pipeline = TorchPipeline(runs)
     results = {"started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "runs": [str(r) for r in runs], "untrained": args.untrained, "data": str(data), "cells": len(cells),
                "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k != "func"},

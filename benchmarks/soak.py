@@ -129,22 +129,10 @@ def parser() -> argparse.ArgumentParser:
 
 def run(args) -> Path:
     from benchmarks import loadgen
-    from benchmarks.serving import _cells
-    from export.__main__ import resolve_runs, tuning_from
-    from export.repository import build_repository, is_current
+    from benchmarks.serving import prepare
     from export.server import Ports, TritonServer, free_ports
 
-    if args.untrained:
-        from benchmarks.untrained import untrained_runs
-
-        runs = untrained_runs(args.untrained, Path("build/untrained") / args.untrained)
-    else:
-        runs = resolve_runs(args.runs)
-    data, cells = _cells(args)
-    tuning = tuning_from(args)
-    if not is_current(args.repository, runs, "python-ort", args.rule, tuning):
-        print(f"building {args.repository} with {tuning}")
-        build_repository(runs, "python-ort", args.repository, args.rule, tuning)
+    runs, data, cells, tuning = prepare(args)
     folder = args.out / time.strftime("soak-%Y%m%d-%H%M%S")
     folder.mkdir(parents=True, exist_ok=True)
     server = TritonServer(args.repository, Ports(*free_ports(3)), log_path=folder / "tritonserver.log")

@@ -15,6 +15,7 @@ import pytest
 import tritonclient.grpc as grpcclient
 from PIL import Image
 from test_decode import dicom
+from test_triton import _infer
 from tiny_models import make_ct_run, make_rgb_run
 from tritonclient.utils import InferenceServerException
 
@@ -78,17 +79,6 @@ def service(tmp_path_factory, small_dataset):
 def _inputs(ct: list[bytes], meta, rgb: list[bytes]) -> dict[str, np.ndarray]:
     return {api.CT_IMAGE: np.array([[b] for b in ct], object), api.CT_META: np.asarray(meta, np.float32).reshape(-1, 2),
             api.RGB_IMAGE: np.array([[b] for b in rgb], object)}
-
-
-def _infer(url: str, model: str, inputs: dict[str, np.ndarray]):
-    tensors = []
-    for name, array in inputs.items():
-        dtype = "BYTES" if array.dtype == object else {np.float32: "FP32", np.int32: "INT32", np.float64: "FP64"}[array.dtype.type]
-        t = grpcclient.InferInput(name, list(array.shape), dtype)
-        t.set_data_from_numpy(array)
-        tensors.append(t)
-    with grpcclient.InferenceServerClient(url) as c:
-        return c.infer(model, tensors)
 
 
 @pytest.fixture(scope="module")
