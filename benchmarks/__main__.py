@@ -1,9 +1,10 @@
-"""python -m benchmarks serving|int8|soak|synth ...
+"""python -m benchmarks serving|int8|soak|gateway|synth ...
 
   serving   Triton end to end (load generator + perf_analyzer) against in-process ONNX Runtime,
             PyTorch and the original-style path, with SGEMM and FLOPs (`make bench`)
   int8      INT8 against FP32 for the CT classifier: throughput and macro-F1 on a test split
   soak      hours at 80% of saturation (failures, server memory growth), then a burst at 3x
+  gateway   trigger-to-answer latency through the line gateway (simulated OPC UA PLC) at a line rate
   synth     how long the synthetic data generator takes (`make bench-synth`)
 """
 import sys
@@ -26,6 +27,10 @@ def main() -> int:
         from benchmarks.soak import main as soak
 
         return soak(rest)
+    if command == "gateway":
+        from benchmarks.gateway import main as gateway
+
+        return gateway(rest)
     if command == "synth":
         from benchmarks.synth_speed import main as synth
 

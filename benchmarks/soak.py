@@ -5,7 +5,7 @@
 1. saturation: cells/s at 16 requests in flight (or --saturation N to skip);
 2. soak: an open-loop stream at `fraction` x saturation (cells arrive on a fixed schedule,
    as on a line, whether or not earlier ones are answered) for `--minutes`, with the server's
-   resident memory (tritonserver and its Python-backend processes) sampled every few seconds;
+   memory (PSS of tritonserver and its Python-backend processes) sampled every few seconds;
    targets: 0 failed cells, memory growth under 5% from the end of the first minute to the end;
 3. burst: `burst` x saturation for `--burst-seconds`; every cell must get an answer or a clear
    error (a full queue is refused at once: "Exceeds maximum queue size"), and the server must
@@ -31,39 +31,38 @@ TARGET_FAILURES = 0
 TARGET_MEMORY_GROWTH = 0.05
 
 
-def rss_bytes(pid: int) -> int:
-    """Resident memory of a process and all its descendants (tritonserver and its backend stubs)."""
-    total, todo = 0, [pid]
-    while todo:
-        p = todo.pop()
-        try:
-            with open(f"/proc/{p}/status") as f:
-                total += next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmRSS:"))
-            children = subprocess.run(["pgrep", "-P", str(p)], capture_output=True, text=True).stdout.split()
-        except (OSError, StopIteration):
-            continue
-        todo += [int(c) for c in children]
-    return total
+def _pss(pid: int) -> int:
+    """Proportional set size: the process's private pages plus its share of pages it shares."""
+    with open(f"/proc/{pid}/smaps_rollup") as f:
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith("Pss:"))
 
 
-def rss_by_process(pid: int) -> dict[str, int]:
-    """Resident memory per process of the server: tritonserver itself and each backend stub,
-    named by its model instance (e.g. ct_classifier_0_0), so a growth can be placed."""
+def memory_by_process(pid: int) -> dict[str, int]:
+    """Memory per process of the server (PSS): tritonserver itself and each backend stub, named
+    by its model instance (e.g. ct_classifier_0_0), so a growth can be placed.
+
+    PSS, not RSS: the Python backend hands tensors over in shared memory mapped by both
+    tritonserver and the stub, and every stub maps the same libraries; summed RSS counts those
+    pages once per process, summed PSS once in all."""
     out, todo = {}, [pid]
     while todo:
         p = todo.pop()
         try:
-            with open(f"/proc/{p}/status") as f:
-                rss = next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmRSS:"))
+            pss = _pss(p)
             args = open(f"/proc/{p}/cmdline", "rb").read().split(b"\0")
             children = subprocess.run(["pgrep", "-P", str(p)], capture_output=True, text=True).stdout.split()
         except (OSError, StopIteration):
-            continue
+            continue  # exited meanwhile
         stub = b"triton_python_backend_stub" in args[0]
         name = args[-3].decode() if stub and len(args) >= 3 else Path(args[0].decode()).name
-        out[name] = out.get(name, 0) + rss
+        out[name] = out.get(name, 0) + pss
         todo += [int(c) for c in children]
     return out
+
+
+def memory_bytes(pid: int) -> int:
+    """The server's memory: tritonserver and all its backend processes, shared pages counted once."""
+    return sum(memory_by_process(pid).values())
 
 
 async def open_loop(url: str, cells, rate: float, seconds: float, on_tick=None, timeout: float = 30.0) -> dict:
@@ -130,7 +129,7 @@ def parser() -> argparse.ArgumentParser:
 def run(args) -> Path:
     from benchmarks import loadgen
     from benchmarks.serving import prepare
-    from export.server import Ports, TritonServer, free_ports
+    from export.server import Ports, TritonServer, free_ports, malloc_library
 
     runs, data, cells, tuning = prepare(args)
     folder = args.out / time.strftime("soak-%Y%m%d-%H%M%S")
@@ -139,7 +138,7 @@ def run(args) -> Path:
     server.start(timeout=300)
     result = {"started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "runs": [str(r) for r in runs], "data": str(data), "cells": len(cells),
               "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k != "func"},
-              "tuning": {k: v for k, v in vars(tuning).items() if k != "limits"}}
+              "tuning": {k: v for k, v in vars(tuning).items() if k != "limits"}, "allocator": str(malloc_library() or "glibc malloc")}
     try:
         if args.saturation:
             saturation = args.saturation
@@ -155,7 +154,7 @@ def run(args) -> Path:
         print(f"soak: {rate:.1f} cells/s for {seconds:.0f} s")
 
         def tick(t):
-            memory.append((round(t, 1), rss_bytes(pid)))
+            memory.append((round(t, 1), memory_bytes(pid)))
             if len(memory) % 15 == 0:
                 print(f"  {t:6.0f} s  server memory {memory[-1][1] / 2**20:.0f} MiB", flush=True)
 
@@ -164,11 +163,11 @@ def run(args) -> Path:
         def tick_and_place(t):
             tick(t)
             if "baseline" not in by_process and t >= min(60.0, seconds / 4):
-                by_process["baseline"] = rss_by_process(pid)
+                by_process["baseline"] = memory_by_process(pid)
 
         result["soak"] = asyncio.run(open_loop(server.grpc_url, cells, rate, seconds, on_tick=tick_and_place))
-        memory.append((seconds, rss_bytes(pid)))
-        by_process["end"] = rss_by_process(pid)
+        memory.append((seconds, memory_bytes(pid)))
+        by_process["end"] = memory_by_process(pid)
         base = next((m for t, m in memory if t >= min(60.0, seconds / 4)), memory[0][1])
         result["memory"] = {"samples": memory, "baseline_bytes": base, "end_bytes": memory[-1][1],
                             "growth": memory[-1][1] / base - 1 if base else 0.0,
@@ -189,7 +188,8 @@ def run(args) -> Path:
 def summary(r: dict) -> str:
     soak, burst, after, mem = r["soak"], r["burst"], r["after_burst"], r["memory"]
     failures = sum(soak["errors"].values())
-    lines = [f"# Soak and burst, {r['started']}", "", f"Runs {', '.join(r['runs'])}; {r['cells']} cells of {r['data']}.", "",
+    lines = [f"# Soak and burst, {r['started']}", "", f"Runs {', '.join(r['runs'])}; {r['cells']} cells of {r['data']}; allocator {r.get('allocator', '?')}; "
+             f"warm-up at load: {'on' if r['tuning'].get('warmup', False) else 'off'}.", "",
              "| check | value | target |", "|---|---|---|",
              f"| failed cells in the soak ({soak['sent']} sent at {soak['rate']:.1f}/s for {soak['seconds']:.0f} s, "
              f"{r['settings']['fraction']:.0%} of saturation {r['saturation_cells_per_s']:.1f}/s) | **{failures}** | "

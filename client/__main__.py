@@ -1,4 +1,4 @@
-"""python -m client inspect|inspect-dir
+"""python -m client inspect|inspect-dir|review|probe|gateway|plc-sim
 
   inspect --ct CT.png --meta cell,z --rgb PHOTO.png     one cell, a readable verdict (or --json)
   inspect-dir DIR --out results.jsonl                   every cell of an AI-Hub-layout folder, with a
@@ -8,6 +8,10 @@
                                                         (Grad-CAM, error map; --vlm, --grounding add
                                                         a VLM finding and GroundingDINO boxes) and an
                                                         index page, written off the hot path
+  review                                                the review station (a web page)
+  probe                                                 one synthetic cell through inspect: exit 0 if sound
+  gateway --config gateway.yaml                         the line gateway: PLC (OPC UA) -> Triton -> PLC
+  plc-sim --config gateway.yaml --data DIR              a simulated PLC to try the gateway with
 
 The service is `make serve` (tritonserver on localhost:8001 by default).
 """
@@ -245,6 +249,9 @@ def main(argv=None) -> int:
     rv.set_defaults(func=cmd_review)
     pr = sub.add_parser("probe", parents=[common], help="send one synthetic cell through inspect: exit 0 if answered soundly, 1 if not")
     pr.set_defaults(func=cmd_probe)
+    from client.gateway.cli import add_parsers as add_gateway_parsers
+
+    add_gateway_parsers(sub)
     args = p.parse_args(argv)
     if getattr(args, "metrics_port", None):
         from client import metrics

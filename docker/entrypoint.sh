@@ -4,6 +4,8 @@
 # (a random key nobody knows when it is unset), models load once at start and later only
 # through that API, gRPC over TLS when $TLS_CERT and $TLS_KEY name mounted files.
 # TensorRT engines are built first where they are missing. Extra arguments go to tritonserver.
+# jemalloc (shipped in NGC Triton images) is preloaded so that memory freed after a rush goes
+# back to the system; BATTERY_MALLOC=system keeps glibc's malloc, a path picks another library.
 set -euo pipefail
 MODELS=${MODELS:-/models}
 if [ "${RUNTIME:-onnxruntime}" = tensorrt ]; then
@@ -14,6 +16,15 @@ RESTRICTED=model-repository,shared-memory,trace,logging
 TLS=()
 if [ -n "${TLS_CERT:-}" ]; then
   TLS=(--grpc-use-ssl=true "--grpc-server-cert=$TLS_CERT" "--grpc-server-key=${TLS_KEY:?TLS_CERT needs TLS_KEY}")
+fi
+MALLOC=${BATTERY_MALLOC:-}
+if [ -z "$MALLOC" ]; then
+  for lib in /usr/lib/x86_64-linux-gnu/libjemalloc.so.2 /usr/lib/aarch64-linux-gnu/libjemalloc.so.2; do
+    if [ -f "$lib" ]; then MALLOC=$lib; break; fi
+  done
+fi
+if [ -n "$MALLOC" ] && [ "$MALLOC" != system ]; then
+  export LD_PRELOAD="$MALLOC${LD_PRELOAD:+:$LD_PRELOAD}"
 fi
 exec tritonserver \
   --model-repository="$MODELS" \

@@ -39,7 +39,7 @@ def tuning_from(args):
     given = {"max_batch_size": args.max_batch_size, "max_queue_delay_us": args.queue_delay_us, "max_queue_size": args.max_queue_size,
              "preprocess_instances": args.preprocess_instances, "network_instances": args.network_instances,
              "intra_op_threads": args.threads, "precision": args.precision,
-             "calibration": str(args.calibration) if args.calibration else None}
+             "calibration": str(args.calibration) if args.calibration else None, "warmup": False if args.no_warmup else None}
     limits = {"max_bytes": args.max_image_bytes, "max_pixels": args.max_image_pixels}
     if any(v is not None for v in limits.values()):
         if any(v is not None and v < 1 for v in limits.values()):
@@ -78,7 +78,7 @@ def _interrupt(signum, frame):
 
 def cmd_serve(args) -> int:
     from export.repository import build_repository, is_current
-    from export.server import Access, Ports, TritonServer
+    from export.server import Access, Ports, TritonServer, malloc_library
 
     access = Access.from_environment(args.tls_cert, args.tls_key)
     runs = resolve_runs(args.runs)
@@ -98,6 +98,7 @@ def cmd_serve(args) -> int:
         tls = f" --tls-ca {args.tls_cert}" if args.tls_cert else ""
         print(f"\nready: gRPC localhost:{ports.grpc}  HTTP localhost:{ports.http}  metrics http://localhost:{ports.metrics}/metrics\n"
               f"access: {access.describe()}\n"
+              f"memory: {_allocator(malloc_library())}\n"
               f"try:   python -m client inspect --ct CT.png --meta cell,z --rgb PHOTO.png --url localhost:{ports.grpc}{tls}\n"
               "stop:  Ctrl-C", flush=True)
         return _watch(server, args.watchdog, ports, args.start_timeout)
@@ -109,6 +110,13 @@ def cmd_serve(args) -> int:
         print(f"error: {e}", file=sys.stderr)
         server.stop()
         return 1
+
+
+def _allocator(library) -> str:
+    if library:
+        return f"allocator {library.name} (memory freed after a rush goes back to the system)"
+    return ("glibc malloc (memory taken in a rush is kept after it; install libjemalloc2 for jemalloc, "
+            "used automatically)")
 
 
 def cmd_tensorrt(args) -> int:
@@ -172,6 +180,8 @@ def add_tuning_arguments(p) -> None:
                                                                    "against FP32, an AI-Hub-layout folder (default: the "
                                                                    "data the CT run was trained on)")
     g.add_argument("--rule", type=Path, help="verdict rule YAML (default ensemble/rule.yaml)")
+    g.add_argument("--no-warmup", action="store_true", help="do not run each network on zeros at every batch size when it "
+                                                           "loads (faster load; memory then grows during the first rushes)")
     g.add_argument("--max-image-bytes", type=int, metavar="N", help="refuse an encoded image over N bytes (default 67108864)")
     g.add_argument("--max-image-pixels", type=int, metavar="N", help="refuse an image over N pixels, read from its header "
                                                                        "before decoding (default 50000000)")

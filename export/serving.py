@@ -112,6 +112,10 @@ class OrtRunner:
         opts.intra_op_num_threads = threads or max(1, (os.cpu_count() or 1))
         opts.inter_op_num_threads = 1
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        # No memory pattern: a pattern is planned and kept per input shape, i.e. per batch size
+        # here, and the arena fragments across them (quick autoencoder, batches 1-16: 145 MiB
+        # with patterns, 102 without, at the same speed).
+        opts.enable_mem_pattern = False
         self.session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
         self.inputs = [i.name for i in self.session.get_inputs()]
         self.outputs = [o.name for o in self.session.get_outputs()]

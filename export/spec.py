@@ -50,6 +50,10 @@ class ModelSpec:
     default_model_filename: str = ""
     parameters: dict[str, str] = field(default_factory=dict)
     accelerator: dict[str, str] | None = None  # GPU execution accelerator (e.g. TensorRT for onnxruntime)
+    # Batch sizes run once each, on zeros, when the model loads (Triton's model_warmup), before
+    # it is marked ready: the allocator reaches its high-water mark at load instead of at the
+    # first rush hour, and the first real batch pays no first-run cost.
+    warmup: tuple[int, ...] = ()
 
     PLATFORMS = {"onnxruntime": "onnxruntime_onnx", "tensorrt": "tensorrt_plan"}
 
@@ -118,6 +122,12 @@ def to_config(spec: ModelSpec | EnsembleSpec) -> mc.ModelConfig:
     cfg.instance_group.add(count=spec.instances, kind=KINDS[spec.kind])
     for key, value in spec.parameters.items():
         cfg.parameters[key].string_value = str(value)
+    for size in spec.warmup:
+        w = cfg.model_warmup.add(name=f"zeros_batch_{size}", batch_size=size, count=1)
+        for t in spec.inputs:
+            if t.dtype == "BYTES" or any(d < 0 for d in t.dims):
+                raise ValueError(f"model {spec.name}: cannot warm up on zeros with input {t.name} ({t.dtype}, dims {t.dims})")
+            w.inputs[t.name].CopyFrom(mc.ModelWarmup.Input(data_type=DTYPES[t.dtype], dims=t.dims, zero_data=True))
     if spec.accelerator:
         acc = cfg.optimization.execution_accelerators.gpu_execution_accelerator.add(name=spec.accelerator["name"])
         acc.parameters.update({k: v for k, v in spec.accelerator.items() if k != "name"})

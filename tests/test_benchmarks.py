@@ -112,3 +112,22 @@ def test_soak_runs_end_to_end_and_reports_failures_memory_and_the_burst(tmp_path
     assert r["after_burst"]["server_alive"] and r["after_burst"]["ready"]
     summary = (folder / "summary.md").read_text()
     assert "failed cells in the soak" in summary and "server memory growth" in summary
+
+
+def test_gateway_benchmark_times_every_cell_from_trigger_to_answer(tmp_path):
+    from benchmarks.gateway import main as gateway
+
+    data = tmp_path / "cells"
+    generate(data, SynthConfig(batteries=2, seed=4, ct_size=96, rgb_width=160, rgb_height=90, slices_per_axis=1, photos_per_battery=1),
+             workers=1, progress=False)
+    runs = [make_ct_run(tmp_path / "ct", size=64), make_rgb_run(tmp_path / "rgb", size=64)]
+    out = tmp_path / "results"
+    code = gateway(["--runs", *map(str, runs), "--data", str(data), "--cells", "4", "--rate", "6", "--seconds", "3",
+                    "--stations", "2", "--repository", str(tmp_path / "repo"), "--out", str(out)])
+    folder = next(out.glob("gateway-*"))
+    r = json.loads((folder / "gateway.json").read_text())
+    assert code == 0, (folder / "summary.md").read_text() + (folder / "gateway.log").read_text()[-2000:]
+    assert r["sent"] >= 12 and r["answered"] == r["sent"] and r["duplicates"] == 0 and r["errors"] == 0
+    lat = r["latency_ms"]
+    assert 0 < lat["p50"] <= lat["p90"] <= lat["p99"] <= lat["max"] < 30_000
+    assert "trigger -> result on the PLC" in (folder / "summary.md").read_text()

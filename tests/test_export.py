@@ -112,6 +112,17 @@ def test_config_specs_round_trip_through_the_protobuf_message():
     assert cfg.input[1].optional and cfg.instance_group[0].count == 2 and cfg.parameters["k"].string_value == "v"
 
 
+def test_no_warmup_leaves_the_warmup_out_and_a_bytes_input_cannot_be_warmed_on_zeros(runs, tmp_path):
+    from export.__main__ import main
+
+    assert main(["repository", "--runs", str(runs["ct"]), str(runs["rgb"]), "--out", str(tmp_path / "r"), "--no-warmup",
+                 "--max-batch-size", "4"]) == 0
+    cfg = parse_pbtxt((tmp_path / "r" / api.RGB_AUTOENCODER / "config.pbtxt").read_text())
+    assert cfg.max_batch_size == 4 and not cfg.model_warmup
+    with pytest.raises(ValueError, match="cannot warm up on zeros with input A"):
+        to_config(ModelSpec("m", (Tensor("A", "BYTES", (1,)),), (Tensor("C", "INT32", (1,)),), warmup=(2, 1)))
+
+
 def test_config_mistakes_fail_when_the_config_is_built():
     with pytest.raises(ValueError, match="dtype"):
         Tensor("A", "FLOAT", (1,))
@@ -155,6 +166,14 @@ def test_repository_has_every_model_with_facts_from_the_checkpoints(repository, 
     info = json.loads(configs[api.CT_PREPROCESS].parameters["serving_info"].string_value)
     assert info["input_size"] == 64 and info["normalization"] == load_checkpoint(runs["ct"])[1]["normalization"]
     assert (out / api.CT_CLASSIFIER / "1" / "model.onnx").exists() and (out / api.CT_CLASSIFIER / "1" / "model.py").exists()
+    for name, cfg in configs.items():  # the networks, and only they, run every batch size on zeros at load
+        if name in (api.CT_CLASSIFIER, api.RGB_AUTOENCODER):
+            assert [w.batch_size for w in cfg.model_warmup] == list(range(cfg.max_batch_size, 0, -1))
+            for w in cfg.model_warmup:
+                assert set(w.inputs) == {i.name for i in cfg.input}
+                assert all(w.inputs[i.name].zero_data and list(w.inputs[i.name].dims) == list(i.dims) for i in cfg.input)
+        else:
+            assert not cfg.model_warmup, name
     assert is_current(out, [runs["ct"], runs["rgb"]], "python-ort")
     assert not is_current(out, [runs["ct_avg"], runs["rgb"]], "python-ort")
     assert not is_current(out, [runs["ct"], runs["rgb"]], "onnxruntime")
@@ -173,6 +192,7 @@ def test_native_runtimes_get_native_backend_configs_and_the_same_other_models(re
         assert native.instance_group[0].kind == native.instance_group[0].KIND_GPU
         assert native.max_batch_size == python.max_batch_size and native.HasField("dynamic_batching")
         assert list(native.input) == list(python.input) and list(native.output) == list(python.output)
+        assert list(native.model_warmup) == list(python.model_warmup) and native.model_warmup
         assert not (native_out / name / "1" / "model.py").exists()
         assert (native_out / name / "1" / "model.onnx").exists()  # what the engine is built from, for tensorrt
     for name in (api.PREPROCESS, api.CT_PREPROCESS, api.RGB_PREPROCESS, api.VERDICT_MODEL, api.INSPECT, api.INSPECT_CT, api.INSPECT_RGB):

@@ -364,3 +364,34 @@ def test_a_port_in_use_is_named_before_the_server_starts(service):
         assert busy_ports(ports) == [f"{port} (gRPC)"]
         with pytest.raises(RuntimeError, match=f"port {port} \\(gRPC\\) already in use"):
             TritonServer(service["repo"], ports).start(timeout=30)
+
+
+def test_tritonserver_and_every_backend_process_run_with_jemalloc_where_it_is_installed(service):
+    from export.server import malloc_library
+
+    library = malloc_library()
+    if library is None:
+        pytest.skip("libjemalloc2 is not installed here (.ci/run installs it)")
+    pid = service["server"].process.pid
+    stubs = subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True).stdout.split()
+    assert len(stubs) >= 6  # one per Python-backend model instance
+    for p in [pid, *map(int, stubs)]:
+        with open(f"/proc/{p}/maps") as f:
+            assert library.name in f.read(), f"process {p} does not map {library}"
+
+
+def test_the_allocator_can_be_chosen_or_turned_off_from_the_environment(monkeypatch, tmp_path):
+    from export.server import MALLOC_ENV, malloc_library, server_command
+
+    monkeypatch.setenv(MALLOC_ENV, "system")
+    monkeypatch.delenv("LD_PRELOAD", raising=False)
+    assert malloc_library() is None
+    assert "LD_PRELOAD" not in server_command(tmp_path, Ports(1, 2, 3))[1]
+    other = tmp_path / "libother.so"
+    other.write_bytes(b"")
+    monkeypatch.setenv(MALLOC_ENV, str(other))
+    monkeypatch.setenv("LD_PRELOAD", "/opt/libpreloaded.so")
+    assert server_command(tmp_path, Ports(1, 2, 3))[1]["LD_PRELOAD"] == f"{other}:/opt/libpreloaded.so"
+    monkeypatch.setenv(MALLOC_ENV, str(tmp_path / "missing.so"))
+    with pytest.raises(FileNotFoundError, match="no such allocator library"):
+        malloc_library()

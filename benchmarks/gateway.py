@@ -1,0 +1,153 @@
+"""Trigger-to-answer latency through the line gateway at a line rate.
+
+    python -m benchmarks gateway [--rate 4] [--seconds 60] [--stations 2] [--takt-ms 2000]
+
+A real tritonserver (the serving benchmark's repository), the gateway as its own process
+(`python -m client gateway`, as on a line PC) and a simulated PLC (asyncua's OPC UA server)
+that raises each station's Trigger on a fixed schedule and times every cell from raising
+Trigger to seeing its ResultCounter change: polling, OPC UA round trips, the outbox's
+synchronous commits, decoding and inference included. Reports percentiles, the share of
+answers within takt, and the time the PLC had to wait for its trigger to be acknowledged
+(the gateway takes a trigger in one poll period when it keeps up).
+
+Results: benchmarks/results/gateway-<time>/ (gateway.json, summary.md).
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import yaml
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m benchmarks gateway", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--rate", type=float, default=4.0, help="cells per second over all stations (default 4)")
+    p.add_argument("--seconds", type=float, default=60.0, help="how long cells are triggered (default 60)")
+    p.add_argument("--stations", type=int, default=2, help="stations, each with its own trigger (default 2)")
+    p.add_argument("--takt-ms", type=float, default=2000.0, help="each station's takt budget (default 2000)")
+    p.add_argument("--images", choices=("path", "bytes"), default="path", help="images as file paths or in ByteString nodes (default path)")
+    p.add_argument("--runs", nargs="+", type=Path, help="trained runs (default runs/standard, else runs/quick)")
+    p.add_argument("--untrained", metavar="PRESET", help="a preset's networks with random weights instead of trained runs")
+    p.add_argument("--data", type=Path, help="AI-Hub-layout folder to take cells from (default data/standard_test or data/quick_test)")
+    p.add_argument("--cells", type=int, default=32, help="distinct cells sent, cycled (default 32)")
+    p.add_argument("--repository", type=Path, default=Path("build/bench_repository"), help="repository to build and serve")
+    p.add_argument("--out", type=Path, default=Path("benchmarks/results"), help="results folder (default benchmarks/results)")
+    from export.__main__ import add_tuning_arguments
+
+    add_tuning_arguments(p)
+    return p
+
+
+async def _drive(args, cfg_path: Path, cfg, sent, log: Path) -> dict:
+    from client.gateway.simulator import PlcSimulator, run_line
+
+    async with PlcSimulator(cfg.stations, cfg.plc.url) as sim:
+        gateway = subprocess.Popen([sys.executable, "-m", "client", "gateway", "--config", str(cfg_path), "--log-level", "WARNING"],
+                                   stdout=open(log, "wb"), stderr=subprocess.STDOUT)
+        try:
+            # warm-up: a few cells through the whole path before the clock starts
+            warm = await run_line(sim, [(f"warm-{c[0]}", *c[1:]) for c in sent[:4]], rate=args.rate, count=4)
+            await sim.wait_for(warm, timeout=120)
+            sim.results.clear()
+            waits: list[float] = []
+            original = sim.send
+
+            async def timed_send(*a, **k):
+                waits.append(await original(*a, **k))
+
+            sim.send = timed_send
+            start = time.monotonic()
+            n = await run_line(sim, sent, args.rate, seconds=args.seconds)
+            results = await sim.wait_for(n, timeout=max(60.0, args.seconds))
+            elapsed = time.monotonic() - start
+        finally:
+            gateway.send_signal(signal.SIGTERM)
+            gateway.wait(30)
+    return {"sent": n, "answered": len(results), "elapsed_s": elapsed, "results": results, "ack_waits": waits}
+
+
+def run(args) -> Path:
+    from benchmarks.serving import prepare
+    from client.gateway.config import load_config
+    from export.server import Ports, TritonServer, free_ports
+
+    runs, data, cells, _ = prepare(args)
+    folder = args.out / time.strftime("gateway-%Y%m%d-%H%M%S")
+    folder.mkdir(parents=True, exist_ok=True)
+    server = TritonServer(args.repository, Ports(*free_ports(3)), log_path=folder / "tritonserver.log")
+    server.start(timeout=300)
+    try:
+        plc_port = free_ports(1)[0]
+        config = {"plc": {"url": f"opc.tcp://127.0.0.1:{plc_port}/line/", "poll_ms": 5},
+                  "triton": {"url": server.grpc_url}, "outbox": str((folder / "outbox.sqlite").resolve()), "metrics_port": None,
+                  "stations": [{"name": f"station{i + 1}", "prefix": f"ns=2;s=Line1.Station{i + 1}.", "images": args.images,
+                                "takt_ms": args.takt_ms} for i in range(args.stations)]}
+        cfg_path = folder / "gateway.yaml"
+        cfg_path.write_text(yaml.safe_dump(config))
+        cfg = load_config(cfg_path)
+        from client.dataset import pair_cells
+
+        paired, _ = pair_cells(data, progress=False)
+        step = max(1, len(paired) // args.cells)
+        chosen = paired[::step][: args.cells]
+        sent = [(c.cell_id, str(c.ct_path.resolve()) if args.images == "path" else c.ct_path.read_bytes(),
+                 str(c.rgb_path.resolve()) if args.images == "path" else c.rgb_path.read_bytes(), c.meta) for c in chosen]
+        print(f"gateway: {args.stations} station(s), {args.rate:g} cells/s for {args.seconds:g} s, takt {args.takt_ms:g} ms")
+        out = asyncio.run(_drive(args, cfg_path, cfg, sent, folder / "gateway.log"))
+    finally:
+        server.stop()
+    lat = np.array([r.seconds for r in out["results"]]) * 1000
+    counts: dict[tuple, int] = {}
+    for r in out["results"]:
+        counts[(r.station, r.cell_id)] = counts.get((r.station, r.cell_id), 0) + 1
+    result = {"started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "runs": [str(r) for r in runs], "data": str(data),
+              "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k != "func"},
+              "sent": out["sent"], "answered": out["answered"], "elapsed_s": out["elapsed_s"],
+              "duplicates": sum(n - 1 for n in counts.values() if n > 1),
+              "errors": sum(1 for r in out["results"] if r.error),
+              "within_takt": float(np.mean(lat <= args.takt_ms)) if len(lat) else 0.0,
+              "latency_ms": {f"p{q}": float(np.percentile(lat, q)) for q in (50, 90, 99)} | {"max": float(lat.max())} if len(lat) else {},
+              "ack_wait_ms": {f"p{q}": float(np.percentile(np.array(out["ack_waits"]) * 1000, q)) for q in (50, 99)}
+              if out["ack_waits"] else {}}
+    (folder / "gateway.json").write_text(json.dumps(result, indent=1, default=str))
+    (folder / "summary.md").write_text(summary(result))
+    return folder
+
+
+def summary(r: dict) -> str:
+    s, lat, ack = r["settings"], r["latency_ms"], r["ack_wait_ms"]
+    lines = [f"# Gateway: trigger to answer, {r['started']}", "",
+             f"{s['stations']} station(s), {s['rate']:g} cells/s for {s['seconds']:g} s, images as {s['images']}, takt "
+             f"{s['takt_ms']:g} ms; runs {', '.join(r['runs'])}.", "",
+             "| measure | value |", "|---|---|",
+             f"| cells triggered / answered / duplicates / errors | {r['sent']} / {r['answered']} / {r['duplicates']} / {r['errors']} |"]
+    if lat:
+        lines += [f"| trigger -> result on the PLC, p50 / p90 / p99 / max | {lat['p50']:.0f} / {lat['p90']:.0f} / {lat['p99']:.0f} / "
+                  f"{lat['max']:.0f} ms |",
+                  f"| answered within takt ({s['takt_ms']:g} ms) | {r['within_takt']:.1%} |"]
+    if ack:
+        lines.append(f"| PLC's wait for the previous trigger's acknowledgement, p50 / p99 | {ack['p50']:.0f} / {ack['p99']:.0f} ms |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> int:
+    args = parser().parse_args(argv)
+    if args.rate <= 0 or args.seconds <= 0 or args.stations < 1:
+        raise SystemExit("error: --rate and --seconds must be positive and --stations at least 1")
+    folder = run(args)
+    print((folder / "summary.md").read_text())
+    print(f"results in {folder}")
+    r = json.loads((folder / "gateway.json").read_text())
+    return 0 if r["answered"] == r["sent"] and not r["duplicates"] else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,321 @@
+"""The gateway: PLC trigger -> outbox -> Triton `inspect` -> PLC result, losing no cell.
+
+Per station, over OPC UA (node names are the defaults under the station's prefix):
+
+1. The PLC writes the cell's fields (CellId, CtPath + RgbPath or CtImage + RgbImage, and
+   BatteryType + SliceAxis unless the station's `meta` is fixed), then sets Trigger = true.
+2. The gateway reads them, records the cell in the outbox (durable, before anything else)
+   and acknowledges the trigger by setting Trigger = false: the PLC may load the next cell.
+3. The cell goes to Triton; while Triton is unavailable it is retried with backoff, for as
+   long as it takes (the outbox keeps it across restarts). A cell the service refuses (an
+   undecodable image, say) is answered with `error_code` and the reason in Error.
+4. Results are written in trigger order: ResultCellId, Verdict, Confidence and Error in one
+   write, then ResultCounter + 1 in a second, so a PLC that watches ResultCounter reads a
+   whole result. With `handshake` (default) the gateway first waits until the PLC has copied
+   the previous ResultCounter into ResultAck, so no result is overwritten unread.
+5. Flagged cells are queued for explanation (the explanation pipeline) after their answer
+   is recorded; the PLC's answer never waits for it.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from pathlib import Path
+
+from client.gateway import metrics
+from client.gateway.config import GatewayConfig, Station
+from client.gateway.outbox import Outbox, Row
+from client.gateway.plc import PlcLink, PlcRejected, PlcUnavailable
+from client.inspection import Cell, CellError, Inspection
+from ensemble.interface import VERDICT_NAMES
+
+log = logging.getLogger("battery.gateway")
+
+SERVICE_FAULTS = ("unavailable", "deadline_exceeded", "resource_exhausted", "cancelled")
+COUNTER_MODULUS = 2**32  # ResultCounter wraps like a PLC's UDInt
+
+
+def service_fault(error: CellError) -> bool:
+    """A fault of the service (down, restarting, overloaded), not of the cell: retried until answered."""
+    from client.service import retryable
+
+    return retryable(error) or error.kind in SERVICE_FAULTS
+
+
+class ImageUnavailable(Exception):
+    pass
+
+
+class Gateway:
+    def __init__(self, cfg: GatewayConfig):
+        self.cfg = cfg
+        self.outbox = Outbox(cfg.outbox)
+        self.plc = PlcLink(cfg.plc)
+        self.stations = {s.name: s for s in cfg.stations}
+        self._queue: asyncio.Queue[int] = asyncio.Queue()
+        self._wake = {s.name: asyncio.Event() for s in cfg.stations}
+        self._explain: asyncio.Queue | None = asyncio.Queue(cfg.explain.backlog) if cfg.explain.out else None
+        self.pipeline = None
+        self.triton = None
+
+    # ------------------------------------------------------------------ running
+    async def run(self, stop: asyncio.Event | None = None) -> None:
+        """Serve until `stop` is set (or the task is cancelled)."""
+        from client.service import AsyncInspectionClient, Backoff
+
+        stop = stop or asyncio.Event()
+        t = self.cfg.triton
+        tls = str(t.tls_ca) if t.tls_ca else None
+        self.triton = AsyncInspectionClient(t.url, timeout=t.timeout_s, heatmaps=False, ssl=tls is not None,
+                                            root_certificates=tls, backoff=Backoff(retries=0))
+        resumed = self.outbox.pending()
+        for row in resumed:
+            self._queue.put_nowait(row.id)
+        depth = self.outbox.depth()
+        if resumed or depth["answered"] or depth["writing"]:
+            log.info("outbox %s: resuming %d pending and %d answered cells", self.cfg.outbox, len(resumed),
+                     depth["answered"] + depth["writing"])
+        tasks = [asyncio.create_task(self.plc.run(), name="plc")]
+        tasks += [asyncio.create_task(self._intake(s), name=f"intake-{s.name}") for s in self.cfg.stations]
+        tasks += [asyncio.create_task(self._writer(s), name=f"writer-{s.name}") for s in self.cfg.stations]
+        tasks += [asyncio.create_task(self._infer_worker(), name=f"infer-{i}") for i in range(t.concurrency)]
+        tasks.append(asyncio.create_task(self._gauges(), name="gauges"))
+        if self._explain is not None:
+            tasks.append(asyncio.create_task(self._explainer(), name="explain"))
+        waiter = asyncio.create_task(stop.wait())
+        try:
+            done, _ = await asyncio.wait([waiter, *tasks], return_when=asyncio.FIRST_COMPLETED)
+            for task in done:
+                if task is not waiter and task.exception():  # a bug, not a fault of the PLC or Triton: stop loudly
+                    raise task.exception()
+        finally:
+            for task in [waiter, *tasks]:
+                task.cancel()
+            await asyncio.gather(waiter, *tasks, return_exceptions=True)
+            await self.triton.close()
+            if self.pipeline is not None:
+                await asyncio.to_thread(self.pipeline.close)
+            self.outbox.close()
+
+    async def _gauges(self) -> None:
+        last_prune = 0.0
+        while True:
+            if time.monotonic() - last_prune > 600:
+                self.outbox.prune(self.cfg.outbox_keep_days * 86400)
+                last_prune = time.monotonic()
+            for state, n in self.outbox.depth().items():
+                metrics.OUTBOX.labels(state).set(n)
+            await asyncio.sleep(1.0)
+
+    # ------------------------------------------------------------------ PLC -> outbox
+    async def _intake(self, st: Station) -> None:
+        poll = self.cfg.plc.poll_ms / 1000
+        trigger = st.nodes["trigger"]
+        while True:
+            try:
+                (raised,) = await self.plc.read([trigger])
+                if not raised:
+                    await asyncio.sleep(poll)
+                    continue
+                values = dict(zip(st.input_roles, await self.plc.read([st.nodes[r] for r in st.input_roles])))
+                row, new = self._record(st, values)
+                repeat = not new and bool(row.acked)
+                await self.plc.write([(trigger, False)])  # acknowledged: the PLC may load the next cell
+                self.outbox.acknowledged(row.id)
+            except PlcUnavailable:
+                await self.plc.wait_ready()
+                continue
+            except PlcRejected as e:
+                metrics.ERRORS.labels("plc_rejected").inc()
+                log.error("station %s: %s (check the node ids and types in the configuration)", st.name, e)
+                await asyncio.sleep(1.0)
+                continue
+            if new:
+                metrics.TRIGGERS.labels(st.name).inc()
+                if row.state == "pending":
+                    self._queue.put_nowait(row.id)
+                else:
+                    self._wake[st.name].set()
+            elif repeat:
+                metrics.REPEATS.labels(st.name).inc()
+                log.info("station %s: cell %s triggered again; answered from the outbox", st.name, row.cell_id)
+                self._wake[st.name].set()
+            # else: the trigger recorded before a restart and not acknowledged then; it is already on its way
+
+    def _record(self, st: Station, values: dict) -> tuple[Row, bool]:
+        """The trigger in the outbox; a trigger whose fields cannot make a request is recorded
+        already answered with the error, so the PLC still gets exactly one answer for it."""
+        cell_id = str(values.get("cell_id") or "").strip()
+        problem = None if cell_id else "empty CellId"
+        cell_id = cell_id or f"unnamed-{time.time_ns()}"
+        meta = st.meta
+        if meta is None:
+            try:
+                meta = (float(values["battery_type"]), float(values["slice_axis"]))
+                if meta[0] not in (0, 1) or meta[1] not in (0, 1, 2):
+                    raise ValueError
+            except (TypeError, ValueError):
+                problem = problem or (f"BatteryType/SliceAxis {values.get('battery_type')!r}/{values.get('slice_axis')!r}: "
+                                      "expected 0 (cell) or 1 (module) and 0, 1 or 2 (x, y, z)")
+                meta = (float("nan"), float("nan"))
+        if st.images == "path":
+            images = {"ct_path": values.get("ct_path") or None, "rgb_path": values.get("rgb_path") or None}
+            if not problem and not (images["ct_path"] and images["rgb_path"]):
+                problem = "CtPath or RgbPath is empty"
+        else:
+            images = {"ct_image": bytes(values.get("ct_image") or b""), "rgb_image": bytes(values.get("rgb_image") or b"")}
+            if not problem and not (images["ct_image"] and images["rgb_image"]):
+                problem = "CtImage or RgbImage is empty"
+        row, new = self.outbox.record(st.name, cell_id, meta, **images)
+        if new and problem:
+            metrics.ERRORS.labels("refused").inc()
+            log.warning("station %s: cell %s refused: %s", st.name, cell_id, problem)
+            self.outbox.answer(row.id, self.cfg.error_code, 0.0, problem)
+            row = self.outbox.get(row.id)
+        return row, new
+
+    # ------------------------------------------------------------------ outbox -> Triton
+    async def _images(self, st: Station, row: Row) -> tuple[bytes, bytes]:
+        if st.images == "bytes":
+            return row.ct_image, row.rgb_image
+        paths = [Path(p) for p in (row.ct_path, row.rgb_path)]
+        if st.image_root is not None:
+            paths = [p if p.is_absolute() else st.image_root / p for p in paths]
+        for attempt in range(3):  # a shared folder may show a file a moment after the PLC names it
+            try:
+                return tuple(await asyncio.gather(*(asyncio.to_thread(p.read_bytes) for p in paths)))
+            except OSError as e:
+                if attempt == 2:
+                    raise ImageUnavailable(f"cannot read {e.filename}: {e.strerror}") from None
+                await asyncio.sleep(0.2 * (attempt + 1))
+
+    async def _infer_worker(self) -> None:
+        first, longest = self.cfg.triton.retry_s
+        while True:
+            row = self.outbox.get(await self._queue.get())
+            if row is None or row.state != "pending":
+                continue
+            st = self.stations.get(row.station)
+            if st is None:  # a station removed from the configuration while its cells waited
+                self.outbox.answer(row.id, self.cfg.error_code, 0.0, f"station {row.station} is no longer configured")
+                continue
+            try:
+                ct, rgb = await self._images(st, row)
+            except ImageUnavailable as e:
+                metrics.ERRORS.labels("image").inc()
+                log.warning("station %s: cell %s: %s", st.name, row.cell_id, e)
+                self.outbox.answer(row.id, self.cfg.error_code, 0.0, str(e))
+                self._wake[st.name].set()
+                continue
+            cell = Cell(ct, row.meta, rgb, row.cell_id)
+            pause = first
+            while True:
+                (result,) = await self.triton.inspect_many([cell], concurrency=1)
+                if not (isinstance(result, CellError) and service_fault(result)):
+                    break
+                metrics.ERRORS.labels("triton_retry").inc()
+                log.warning("cell %s: service fault (%s: %s); again in %.1f s", row.cell_id, result.kind, result.message[:120], pause)
+                await asyncio.sleep(pause)
+                pause = min(longest, pause * 2)
+            if isinstance(result, CellError):
+                metrics.ERRORS.labels("refused").inc()
+                log.warning("station %s: cell %s refused by the service: %s", st.name, row.cell_id, result.message)
+                self.outbox.answer(row.id, self.cfg.error_code, 0.0, f"{result.kind}: {result.message}")
+            else:
+                self.outbox.answer(row.id, result.verdict_code, result.confidence, None, result.to_dict())
+                if result.flagged and self._explain is not None:
+                    try:
+                        self._explain.put_nowait((row, ct, rgb))
+                    except asyncio.QueueFull:
+                        metrics.ERRORS.labels("explain_skipped").inc()
+            self._wake[st.name].set()
+
+    # ------------------------------------------------------------------ outbox -> PLC
+    async def _writer(self, st: Station) -> None:
+        wake = self._wake[st.name]
+        while True:
+            row = self.outbox.next_to_write(st.name)
+            if row is None or row.state == "pending":
+                wake.clear()
+                try:
+                    async with asyncio.timeout(0.5):
+                        await wake.wait()
+                except TimeoutError:
+                    pass
+                continue
+            try:
+                await self._write(st, row)
+            except PlcUnavailable:
+                await self.plc.wait_ready()
+            except PlcRejected as e:
+                metrics.ERRORS.labels("plc_rejected").inc()
+                log.error("station %s: cannot write the result of %s: %s", st.name, row.cell_id, e)
+                await asyncio.sleep(1.0)
+
+    async def _write(self, st: Station, row: Row) -> None:
+        n = st.nodes
+        if row.state == "writing":  # interrupted (a restart, a lost connection): does the PLC have it already?
+            cell_id, counter = await self.plc.read([n["result_cell_id"], n["result_counter"]])
+            if cell_id == row.cell_id and counter == row.counter:
+                self._written(st, row)
+                return
+        if st.handshake:
+            while True:
+                ack, counter = await self.plc.read([n["result_ack"], n["result_counter"]])
+                if ack == counter:
+                    break
+                await asyncio.sleep(self.cfg.plc.poll_ms / 1000)
+        else:
+            (counter,) = await self.plc.read([n["result_counter"]])
+        following = (int(counter or 0) + 1) % COUNTER_MODULUS
+        self.outbox.writing(row.id, following)
+        values = [(n["result_cell_id"], row.cell_id), (n["verdict"], row.verdict), (n["confidence"], row.confidence)]
+        if "error" in n:
+            values.append((n["error"], row.error or ""))
+        await self.plc.write(values)
+        await self.plc.write([(n["result_counter"], following)])
+        self._written(st, self.outbox.get(row.id))
+
+    def _written(self, st: Station, row: Row) -> None:
+        self.outbox.written(row.id)
+        seconds = time.time() - row.triggered_at
+        metrics.ANSWER_SECONDS.labels(st.name).observe(seconds)
+        metrics.ANSWERS.labels(st.name, "within_takt" if seconds * 1000 <= st.takt_ms else "late").inc()
+        verdict = VERDICT_NAMES[row.verdict] if row.error is None and 0 <= row.verdict < len(VERDICT_NAMES) else "error"
+        metrics.VERDICTS.labels(st.name, verdict).inc()
+
+    # ------------------------------------------------------------------ explanations
+    async def _explainer(self) -> None:
+        """Flagged cells, one after another: the service's heatmaps for the cell, then the
+        explanation pipeline (its own worker threads, its own backlog limit)."""
+        import argparse
+        import shlex
+
+        from client.explain import Case
+        from client.explain.cli import add_arguments, build_pipeline
+        from client.service import AsyncInspectionClient, Backoff, InspectionClient
+
+        p = argparse.ArgumentParser(prog="explain options", add_help=False)
+        add_arguments(p, str(self.cfg.explain.out))
+        options = p.parse_args(shlex.split(self.cfg.explain.options))
+        options.explain, options.explain_backlog = self.cfg.explain.out, self.cfg.explain.backlog
+        self.pipeline = await asyncio.to_thread(build_pipeline, options, "gateway")
+        t = self.cfg.triton
+        tls = str(t.tls_ca) if t.tls_ca else None
+        info = None
+        async with AsyncInspectionClient(t.url, timeout=t.timeout_s, heatmaps=True, ssl=tls is not None, root_certificates=tls,
+                                         backoff=Backoff(retries=3)) as heat:
+            while True:
+                row, ct, rgb = await self._explain.get()
+                try:
+                    if info is None:
+                        info = await asyncio.to_thread(lambda: InspectionClient(t.url, ssl=tls is not None,
+                                                                                root_certificates=tls).serving_info())
+                    inspection: Inspection = await heat.inspect(ct, row.meta, rgb, row.cell_id)
+                except Exception as e:  # explanations are best effort; the verdict is already on its way
+                    metrics.ERRORS.labels("explain_skipped").inc()
+                    log.warning("cell %s: not explained: %s", row.cell_id, e)
+                    continue
+                self.pipeline.submit(Case(inspection, ct, row.meta, rgb, info["ct"], info["rgb"],
+                                          {"station": row.station, "ct_path": row.ct_path, "rgb_path": row.rgb_path}))

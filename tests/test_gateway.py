@@ -1,0 +1,361 @@
+"""The line gateway against asyncua's own OPC UA server as the PLC and a real tritonserver.
+
+At the end of every run the PLC side must hold exactly one result per triggered cell, equal
+to what the service answers for that cell directly: through a normal flow, a burst, Triton
+down then up, the PLC's connection cut then restored, and the gateway killed mid-run.
+"""
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+
+import pytest
+import yaml
+from tcp_proxy import TcpProxy
+from tiny_models import make_ct_run, make_rgb_run
+
+from client.dataset import pair_cells
+from client.gateway import metrics
+from client.gateway.config import ConfigError, load_config, parse_config
+from client.gateway.gateway import Gateway
+from client.gateway.outbox import Outbox
+from client.gateway.simulator import PlcSimulator, run_line
+from client.service import InspectionClient
+from export.repository import build_repository
+from export.server import Ports, TritonServer, free_ports
+
+ERROR = -1
+
+
+@pytest.fixture(scope="module")
+def service(tmp_path_factory, small_dataset):
+    root = tmp_path_factory.mktemp("gateway")
+    runs = [make_ct_run(root / "ct", size=64), make_rgb_run(root / "rgb", size=64, threshold=0.05)]
+    repo = root / "model_repository"
+    build_repository(runs, "python-ort", repo, progress=lambda *_: None)
+    server = TritonServer(repo, Ports(*free_ports(3)), log_path=root / "tritonserver.log")
+    server.start(timeout=180)
+    cells, _ = pair_cells(small_dataset[0], progress=False)
+    cells = cells[:24]
+    with InspectionClient(server.grpc_url, heatmaps=False) as c:
+        answers = c.inspect_many([x.load() for x in cells])
+    expected = {x.cell_id: (a.verdict_code, a.confidence) for x, a in zip(cells, answers)}
+    try:
+        yield {"server": server, "cells": cells, "expected": expected, "root": root}
+    finally:
+        server.stop()
+
+
+def _port() -> int:
+    return free_ports(1)[0]
+
+
+def _config(tmp_path: Path, plc_port: int, triton_url: str, stations=("s1", "s2"), images="path", **extra) -> dict:
+    return {"plc": {"url": f"opc.tcp://127.0.0.1:{plc_port}/line/", "poll_ms": 5, "reconnect_s": [0.2, 1.0], "timeout_s": 2},
+            "triton": {"url": triton_url, "timeout_s": 10, "retry_s": [0.2, 1.0]},
+            "outbox": str(tmp_path / "outbox.sqlite"), "metrics_port": None, "error_code": ERROR,
+            "stations": [{"name": s, "prefix": f"ns=2;s=Line1.{s}.", "images": images, "takt_ms": 3000} for s in stations]} | extra
+
+
+def _sent(cells, images="path"):
+    if images == "path":
+        return [(c.cell_id, str(c.ct_path), str(c.rgb_path), c.meta) for c in cells]
+    return [(c.cell_id, c.ct_path.read_bytes(), c.rgb_path.read_bytes(), c.meta) for c in cells]
+
+
+def _check_exactly_once(results, expected: dict, sent_ids) -> None:
+    counts = Counter((r.station, r.cell_id) for r in results)
+    assert not [k for k, n in counts.items() if n > 1], f"results written twice: {[k for k, n in counts.items() if n > 1]}"
+    assert sorted(r.cell_id for r in results) == sorted(sent_ids)
+    for r in results:
+        base = r.cell_id.split("#")[0]
+        if base in expected:
+            verdict, confidence = expected[base]
+            assert (r.verdict, r.error) == (verdict, ""), r
+            assert r.confidence == pytest.approx(confidence, abs=1e-5)
+    for station in {r.station for r in results}:  # every station's counter went up by one per result
+        counters = [r.counter for r in results if r.station == station]
+        assert counters == list(range(1, len(counters) + 1))
+
+
+async def _with_gateway(cfg_dict, body, base=Path(".")):
+    cfg = parse_config(cfg_dict, base)
+    sim = await PlcSimulator(cfg.stations, cfg.plc.url).start()
+    stop = asyncio.Event()
+    gateway = Gateway(cfg)
+    task = asyncio.create_task(gateway.run(stop))
+    try:
+        return await body(sim, cfg)
+    finally:
+        stop.set()
+        await asyncio.wait_for(task, 30)
+        await sim.stop()
+
+
+def _value(metric, *labels) -> float:
+    return metric.labels(*labels)._value.get()
+
+
+def test_normal_flow_gives_each_cell_the_services_verdict_once_and_refused_cells_an_error(service, tmp_path):
+    cells = service["cells"][:10]
+    before = {s: _value(metrics.TRIGGERS, s) for s in ("s1", "s2")}
+
+    (tmp_path / "not-an-image.png").write_bytes(b"these bytes are no image")
+
+    async def body(sim, cfg):
+        n = await run_line(sim, _sent(cells), rate=20)
+        await sim.send("s1", "broken-ct", str(tmp_path / "not-an-image.png"), str(cells[0].rgb_path), (0, 2))
+        await sim.send("s2", "missing", str(tmp_path / "nowhere.png"), str(cells[0].rgb_path), (0, 2))
+        await sim.send("s1", "", str(cells[0].ct_path), str(cells[0].rgb_path), (0, 2))  # no cell id
+        return await sim.wait_for(n + 3, timeout=60)
+
+    results = asyncio.run(_with_gateway(_config(tmp_path, _port(), service["server"].grpc_url), body))
+    good = [r for r in results if r.cell_id in service["expected"]]
+    _check_exactly_once(good, service["expected"], [c.cell_id for c in cells])
+    assert all(r.seconds < 3.0 for r in good), [round(r.seconds, 3) for r in good]
+    bad = {r.cell_id: r for r in results if r.cell_id not in service["expected"]}
+    assert bad["broken-ct"].verdict == ERROR and "invalid_argument" in bad["broken-ct"].error
+    assert bad["missing"].verdict == ERROR and "cannot read" in bad["missing"].error and "nowhere.png" in bad["missing"].error
+    unnamed = [r for r in bad.values() if r.cell_id.startswith("unnamed-")]
+    assert len(unnamed) == 1 and unnamed[0].verdict == ERROR and unnamed[0].error == "empty CellId"
+    assert sum(_value(metrics.TRIGGERS, s) - before[s] for s in ("s1", "s2")) == len(cells) + 3
+    outbox = Outbox(tmp_path / "outbox.sqlite")
+    assert outbox.depth() == {"pending": 0, "answered": 0, "writing": 0, "written": len(cells) + 3}
+
+
+def test_images_in_byte_string_nodes_and_a_burst_are_answered_in_trigger_order(service, tmp_path):
+    cells = service["cells"]
+
+    async def body(sim, cfg):
+        n = await run_line(sim, _sent(cells, "bytes"), rate=1000, count=48)  # as fast as the handshake allows
+        return await sim.wait_for(n, timeout=120)
+
+    results = asyncio.run(_with_gateway(_config(tmp_path, _port(), service["server"].grpc_url, images="bytes"), body))
+    sent = [c.cell_id for c in cells] + [f"{c.cell_id}#1" for c in cells]
+    _check_exactly_once(results, service["expected"], sent)
+    for station in ("s1", "s2"):  # a station's results come back in the order its cells were triggered
+        order = [r.cell_id for r in results if r.station == station]
+        assert order == [s for i, s in enumerate(sent) if i % 2 == (station == "s2")]
+
+
+def test_cells_triggered_while_triton_is_down_are_answered_when_it_returns(service, tmp_path):
+    cells = service["cells"][:6]
+    server = service["server"]
+    retries = _value(metrics.ERRORS, "triton_retry")
+
+    async def body(sim, cfg):
+        await asyncio.to_thread(server.stop)
+        try:
+            n = await run_line(sim, _sent(cells), rate=50)
+            # every trigger is acknowledged and recorded although nothing can answer it
+            await asyncio.sleep(2.0)
+            for s in ("s1", "s2"):
+                assert not await sim.read(s, "trigger")
+            assert sim.results == []
+            assert Outbox(tmp_path / "outbox.sqlite").depth()["pending"] == len(cells)
+        finally:
+            await asyncio.to_thread(server.start, 180)
+        return await sim.wait_for(n, timeout=60)
+
+    results = asyncio.run(_with_gateway(_config(tmp_path, _port(), server.grpc_url), body))
+    _check_exactly_once(results, service["expected"], [c.cell_id for c in cells])
+    assert _value(metrics.ERRORS, "triton_retry") > retries
+
+
+def test_a_cut_plc_connection_loses_no_cell_and_writes_none_twice(service, tmp_path):
+    cells = service["cells"][:16]
+
+    async def run():
+        plc_port = _port()
+        proxy = await TcpProxy(plc_port).start()
+        cfg = _config(tmp_path, plc_port, service["server"].grpc_url)
+        cfg["plc"]["url"] = f"opc.tcp://127.0.0.1:{proxy.port}/line/"  # the gateway reaches the PLC through the proxy
+        parsed = parse_config(cfg)
+        sim = await PlcSimulator(parsed.stations, f"opc.tcp://127.0.0.1:{plc_port}/line/").start()
+        stop = asyncio.Event()
+        gateway = Gateway(parsed)
+        task = asyncio.create_task(gateway.run(stop))
+
+        async def cuts():  # twice while cells flow; neither side is stopped
+            for _ in range(2):
+                await _until(lambda: gateway.plc.connected)
+                await asyncio.sleep(0.4)
+                proxy.cut()
+                await asyncio.sleep(1.5)
+                proxy.restore()
+
+        try:
+            await _until(lambda: gateway.plc.connected)
+            cutter = asyncio.create_task(cuts())
+            n = await run_line(sim, _sent(cells), rate=4)
+            await cutter
+            results = await sim.wait_for(n, timeout=60)
+            await _until(lambda: gateway.plc.connected)  # and it is connected again at the end
+            return results, gateway.plc.sessions
+        finally:
+            stop.set()
+            await asyncio.wait_for(task, 30)
+            await sim.stop()
+            await proxy.stop()
+
+    results, sessions = asyncio.run(run())
+    _check_exactly_once(results, service["expected"], [c.cell_id for c in cells])
+    assert sessions >= 3  # connected, and again after each cut
+
+
+def _start_gateway(config: Path, log: Path) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "client", "gateway", "--config", str(config)], stdout=open(log, "ab"),
+                            stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def test_a_gateway_killed_mid_run_resumes_from_its_outbox(service, tmp_path):
+    """SIGKILL with cells in every state: answered but not taken by the PLC (it is busy), and
+    pending because Triton cannot be reached; the restarted gateway finishes them all."""
+    cells = service["cells"][:20]
+    log = tmp_path / "gateway.log"
+
+    async def run():
+        triton = await TcpProxy(int(service["server"].grpc_url.rsplit(":", 1)[1])).start()
+        cfg = _config(tmp_path, _port(), f"127.0.0.1:{triton.port}")
+        config = tmp_path / "gateway.yaml"
+        config.write_text(yaml.safe_dump(cfg))
+        parsed = load_config(config)
+        sim = await PlcSimulator(parsed.stations, parsed.plc.url).start()
+        gateway = _start_gateway(config, log)
+        try:
+            await run_line(sim, _sent(cells[:6]), rate=6)
+            assert len(await sim.wait_for(6, timeout=90)) == 6
+            sim.hold = True  # the PLC leaves results unread: answered cells wait in the outbox
+            await run_line(sim, _sent(cells[6:14]), rate=10)  # 4 per station: 1 written, 3 waiting
+            await _until(lambda: _depth(tmp_path)["answered"] + _depth(tmp_path)["writing"] >= 6)
+            triton.cut()  # and Triton is out of reach: new cells stay pending
+            await run_line(sim, _sent(cells[14:18]), rate=10)
+            await _until(lambda: _depth(tmp_path)["pending"] >= 4)
+            os.killpg(gateway.pid, signal.SIGKILL)  # no clean shutdown: as a power cut or an OOM kill
+            gateway.wait()
+            states = _depth(tmp_path)
+            triton.restore()
+            sim.hold = False
+            restarted = _start_gateway(config, log)
+            try:
+                await run_line(sim, _sent(cells[18:]), rate=6)
+                await sim.wait_for(len(cells), timeout=90)
+                await asyncio.sleep(0.5)  # nothing more may arrive
+                return list(sim.results), states
+            finally:
+                restarted.send_signal(signal.SIGTERM)
+                assert restarted.wait(30) == 0, log.read_text()[-3000:]
+        finally:
+            if gateway.poll() is None:
+                os.killpg(gateway.pid, signal.SIGKILL)
+            await sim.stop()
+            await triton.stop()
+
+    results, states = asyncio.run(run())
+    assert states["pending"] >= 4 and states["answered"] + states["writing"] >= 6, states
+    _check_exactly_once(results, service["expected"], [c.cell_id for c in cells])
+    text = log.read_text()
+    assert "resuming" in text and "gateway stopped" in text, text[-3000:]
+
+
+def _depth(folder: Path) -> dict:
+    import sqlite3
+
+    with sqlite3.connect(folder / "outbox.sqlite") as db:
+        return {"pending": 0, "answered": 0, "writing": 0, "written": 0} | dict(db.execute(
+            "SELECT state, COUNT(*) FROM cells GROUP BY state").fetchall())
+
+
+async def _until(condition, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "condition not reached in time"
+        await asyncio.sleep(0.05)
+
+
+def test_check_reads_every_node_and_names_the_ones_that_are_wrong(service, tmp_path):
+    port = _port()
+    cfg = _config(tmp_path, port, service["server"].grpc_url, stations=("s1",))
+    good = tmp_path / "good.yaml"
+    good.write_text(yaml.safe_dump(cfg))
+    cfg["stations"][0]["nodes"] = {"verdict": "ns=2;s=Line1.s1.NoSuchNode"}
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(yaml.safe_dump(cfg))
+
+    async def run():
+        sim = await PlcSimulator(load_config(good).stations, f"opc.tcp://127.0.0.1:{port}/line/").start()
+        try:
+            outs = []
+            for path in (good, bad):
+                proc = await asyncio.create_subprocess_exec(sys.executable, "-m", "client", "gateway", "--config", str(path),
+                                                            "--check", stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT)
+                out, _ = await proc.communicate()
+                outs.append((proc.returncode, out.decode()))
+            return outs
+        finally:
+            await sim.stop()
+
+    (ok_code, ok_out), (bad_code, bad_out) = asyncio.run(run())
+    assert ok_code == 0 and "all good" in ok_out and ok_out.count("  ok ") == 13, ok_out
+    assert bad_code == 1 and "FAIL" in bad_out and "NoSuchNode" in bad_out, bad_out
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"plc": {}}, "plc.url is required"),
+    ({"stations": []}, "at least one station"),
+    ({"colour": "red"}, "unknown key(s) colour"),
+    ({"stations": [{"name": "a"}]}, "no node id for trigger"),
+    ({"stations": [{"name": "a", "prefix": "ns=2;s=A.", "meta": [3, 1]}]}, "meta is [battery_type"),
+    ({"stations": [{"name": "a", "prefix": "ns=2;s=A.", "images": "film"}]}, "images must be 'path' or 'bytes'"),
+    ({"stations": [{"name": "a", "prefix": "ns=2;s=A.", "nodes": {"trigga": "ns=2;s=T"}}]}, "unknown node role(s) trigga"),
+    ({"stations": [{"name": "a", "prefix": "p."}, {"name": "a", "prefix": "q."}]}, "names must be unique"),
+    ({"plc": {"url": "opc.tcp://x:4840", "password_env": "BATTERY_TEST_UNSET_PASSWORD", "user": "u"}}, None),
+])
+def test_configuration_mistakes_are_named(change, message, tmp_path):
+    base = {"plc": {"url": "opc.tcp://127.0.0.1:4840"}, "stations": [{"name": "a", "prefix": "ns=2;s=A."}]}
+    if message is None:  # a password from an unset variable fails when it is needed, by name
+        cfg = parse_config(base | change)
+        os.environ.pop("BATTERY_TEST_UNSET_PASSWORD", None)
+        with pytest.raises(ConfigError, match="BATTERY_TEST_UNSET_PASSWORD is not set"):
+            cfg.plc.password
+        return
+    with pytest.raises(ConfigError) as e:
+        parse_config(base | change)
+    assert message in str(e.value)
+
+
+def test_the_example_configuration_loads_with_every_node_named():
+    cfg = load_config(Path("client/gateway/example.yaml"))
+    assert cfg.stations[0].nodes["trigger"] == "ns=2;s=Line1.Station1.Trigger"
+    assert set(cfg.stations[0].nodes) == {"trigger", "cell_id", "ct_path", "rgb_path", "battery_type", "slice_axis", "result_cell_id",
+                                          "verdict", "confidence", "result_counter", "result_ack", "error"}
+
+
+def test_the_outbox_keeps_one_row_per_cell_and_survives_reopening(tmp_path):
+    box = Outbox(tmp_path / "o.sqlite")
+    row, new = box.record("s1", "c1", (0, 2), "a.png", "b.png")
+    assert new and row.state == "pending"
+    again, new = box.record("s1", "c1", (0, 2), "a.png", "b.png")
+    assert not new and again.id == row.id and again.state == "pending"
+    assert box.record("s2", "c1", (0, 2), "a.png", "b.png")[1]  # another station's cell of that id is another cell
+    box.answer(row.id, 1, 0.9)
+    box.writing(row.id, 7)
+    box.close()
+    box = Outbox(tmp_path / "o.sqlite")
+    kept = box.get(row.id)
+    assert (kept.state, kept.verdict, kept.counter) == ("writing", 1, 7)
+    assert box.next_to_write("s1").id == row.id
+    box.written(row.id)
+    same, new = box.record("s1", "c1", (0, 2), "a.png", "b.png")  # never acknowledged: the same trigger, seen again
+    assert not new and same.state == "written" and same.repeats == 0
+    box.acknowledged(row.id)
+    repeat, new = box.record("s1", "c1", (0, 2), "a.png", "b.png")  # the PLC asks again: answered again, not inspected
+    assert not new and repeat.state == "answered" and repeat.repeats == 1 and repeat.verdict == 1
+    assert box.depth() == {"pending": 1, "answered": 1, "writing": 0, "written": 0}
