@@ -7,12 +7,15 @@ down then up, the PLC's connection cut then restored, and the gateway killed mid
 from __future__ import annotations
 
 import asyncio
+import json
 import os
+import re
 import signal
 import socket
 import subprocess
 import sys
 import time
+import urllib.request
 from collections import Counter
 from pathlib import Path
 
@@ -116,7 +119,8 @@ def test_normal_flow_gives_each_cell_the_services_verdict_once_and_refused_cells
         await sim.send("s1", "", str(cells[0].ct_path), str(cells[0].rgb_path), (0, 2))  # no cell id
         return await sim.wait_for(n + 3, timeout=60)
 
-    results = asyncio.run(_with_gateway(_config(tmp_path, _port(), service["server"].grpc_url), body))
+    cfg = _config(tmp_path, _port(), service["server"].grpc_url, explain={"out": str(tmp_path / "explain")})
+    results = asyncio.run(_with_gateway(cfg, body))
     good = [r for r in results if r.cell_id in service["expected"]]
     _check_exactly_once(good, service["expected"], [c.cell_id for c in cells])
     assert all(r.seconds < 3.0 for r in good), [round(r.seconds, 3) for r in good]
@@ -128,6 +132,14 @@ def test_normal_flow_gives_each_cell_the_services_verdict_once_and_refused_cells
     assert sum(_value(metrics.TRIGGERS, s) - before[s] for s in ("s1", "s2")) == len(cells) + 3
     outbox = Outbox(tmp_path / "outbox.sqlite")
     assert outbox.depth() == {"pending": 0, "answered": 0, "writing": 0, "written": len(cells) + 3}
+    # flagged cells were explained off the PLC's path: a report each, with the service's heatmaps
+    index = json.loads((tmp_path / "explain" / "index.json").read_text())
+    flagged = {r.cell_id for r in good if r.verdict != 0}
+    assert flagged and {e["cell_id"] for e in index["entries"]} == flagged
+    for entry in index["entries"]:
+        assert set(entry["parts"].values()) == {"ok"}, entry
+        report = json.loads((tmp_path / "explain" / entry["json"]).read_text())
+        assert report["source"]["station"] in ("s1", "s2")
 
 
 def test_images_in_byte_string_nodes_and_a_burst_are_answered_in_trigger_order(service, tmp_path):
@@ -223,7 +235,7 @@ def test_a_gateway_killed_mid_run_resumes_from_its_outbox(service, tmp_path):
 
     async def run():
         triton = await TcpProxy(int(service["server"].grpc_url.rsplit(":", 1)[1])).start()
-        cfg = _config(tmp_path, _port(), f"127.0.0.1:{triton.port}")
+        cfg = _config(tmp_path, _port(), f"127.0.0.1:{triton.port}", metrics_port=metrics_port)
         config = tmp_path / "gateway.yaml"
         config.write_text(yaml.safe_dump(cfg))
         parsed = load_config(config)
@@ -247,8 +259,9 @@ def test_a_gateway_killed_mid_run_resumes_from_its_outbox(service, tmp_path):
             try:
                 await run_line(sim, _sent(cells[18:]), rate=6)
                 await sim.wait_for(len(cells), timeout=90)
-                await asyncio.sleep(0.5)  # nothing more may arrive
-                return list(sim.results), states
+                await asyncio.sleep(1.5)  # nothing more may arrive; the outbox gauges are refreshed each second
+                scrape = await asyncio.to_thread(lambda: urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics").read().decode())
+                return list(sim.results), states, scrape
             finally:
                 restarted.send_signal(signal.SIGTERM)
                 assert restarted.wait(30) == 0, log.read_text()[-3000:]
@@ -258,11 +271,24 @@ def test_a_gateway_killed_mid_run_resumes_from_its_outbox(service, tmp_path):
             await sim.stop()
             await triton.stop()
 
-    results, states = asyncio.run(run())
+    metrics_port = _port()
+    results, states, scrape = asyncio.run(run())
     assert states["pending"] >= 4 and states["answered"] + states["writing"] >= 6, states
     _check_exactly_once(results, service["expected"], [c.cell_id for c in cells])
     text = log.read_text()
     assert "resuming" in text and "gateway stopped" in text, text[-3000:]
+    # the restarted gateway's own metrics: its outbox is empty of work, its PLC session up
+    assert 'battery_gateway_outbox_cells{state="written"} 20.0' in scrape and 'battery_gateway_outbox_cells{state="pending"} 0.0' in scrape
+    assert "battery_gateway_plc_connected 1.0" in scrape
+    answered = sum(float(line.rsplit(" ", 1)[1]) for line in scrape.splitlines() if line.startswith("battery_gateway_answers_total{"))
+    assert answered == len(cells) - states["written"]  # what this process wrote: all the first one had not
+    # the shipped alert rules for the gateway read series that a live gateway exports
+    from test_monitoring import PROMETHEUS_DIR, _metric_names
+
+    live = {re.split(r"[{ ]", line, 1)[0] for line in scrape.splitlines() if line and not line.startswith("#")} | {"up"}
+    group = next(g for g in yaml.safe_load((PROMETHEUS_DIR / "alerts.yml").read_text())["groups"] if g["name"] == "line-gateway")
+    for rule in group["rules"]:
+        assert _metric_names(rule["expr"], {}) <= live, (rule["alert"], _metric_names(rule["expr"], {}) - live)
 
 
 def _depth(folder: Path) -> dict:
