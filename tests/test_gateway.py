@@ -385,3 +385,31 @@ def test_the_outbox_keeps_one_row_per_cell_and_survives_reopening(tmp_path):
     repeat, new = box.record("s1", "c1", (0, 2), "a.png", "b.png")  # the PLC asks again: answered again, not inspected
     assert not new and repeat.state == "answered" and repeat.repeats == 1 and repeat.verdict == 1
     assert box.depth() == {"pending": 1, "answered": 1, "writing": 0, "written": 0}
+
+
+def test_plc_sim_command_triggers_a_data_set_and_prints_what_the_gateway_answers(service, small_dataset, tmp_path):
+    cfg = _config(tmp_path, _port(), service["server"].grpc_url)
+    config = tmp_path / "gateway.yaml"
+    config.write_text(yaml.safe_dump(cfg))
+
+    async def run():
+        proc = await asyncio.create_subprocess_exec(sys.executable, "-m", "client", "plc-sim", "--config", str(config), "--data",
+                                                    str(small_dataset[0]), "--rate", "8", "--count", "6",
+                                                    stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT)
+        first = await asyncio.wait_for(proc.stdout.readline(), 60)  # the PLC is up
+        assert b"simulated PLC at" in first, first
+        stop = asyncio.Event()
+        task = asyncio.create_task(Gateway(load_config(config)).run(stop))
+        try:
+            out, _ = await asyncio.wait_for(proc.communicate(), 90)
+        finally:
+            stop.set()
+            await asyncio.wait_for(task, 30)
+        return proc.returncode, out.decode()
+
+    code, out = asyncio.run(run())
+    assert code == 0, out
+    lines = [line.split() for line in out.splitlines() if " verdict " in line]
+    assert len(lines) == 6, out
+    for station, cell_id, _, verdict, *_ in lines:
+        assert station in ("s1", "s2") and int(verdict) == service["expected"][cell_id][0]

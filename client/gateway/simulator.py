@@ -10,6 +10,7 @@ into ResultAck. Every result is recorded with the time from raising Trigger to s
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from dataclasses import dataclass, field
 from urllib.parse import urlparse
@@ -58,6 +59,8 @@ class PlcSimulator:
         self.hold = False  # True: results are left unread (a PLC busy elsewhere); the gateway must wait
 
     async def start(self) -> "PlcSimulator":
+        # a simulator on loopback without security: asyncua's warnings about that are noise here
+        logging.getLogger("asyncua.server").setLevel(logging.ERROR)
         self.server = Server()
         await self.server.init()
         u = urlparse(self.url)
