@@ -75,15 +75,12 @@ async def _drive(args, cfg_path: Path, cfg, sent, log: Path) -> dict:
 
 
 def run(args) -> Path:
-    from benchmarks.serving import prepare
+    from benchmarks.serving import prepare, results_folder_and_server
     from client.gateway.config import load_config
-    from export.server import Ports, TritonServer, free_ports
+    from export.server import free_ports
 
     runs, data, cells, _ = prepare(args)
-    folder = args.out / time.strftime("gateway-%Y%m%d-%H%M%S")
-    folder.mkdir(parents=True, exist_ok=True)
-    server = TritonServer(args.repository, Ports(*free_ports(3)), log_path=folder / "tritonserver.log")
-    server.start(timeout=300)
+    folder, server = results_folder_and_server(args, "gateway")
     try:
         plc_port = free_ports(1)[0]
         config = {"plc": {"url": f"opc.tcp://127.0.0.1:{plc_port}/line/", "poll_ms": 5},

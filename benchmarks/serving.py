@@ -94,6 +94,17 @@ def prepare(args):
     return runs, data, cells, tuning
 
 
+def results_folder_and_server(args, name: str):
+    """(benchmarks/results/<name>-<time>/, a started tritonserver on free ports serving args.repository, logging there)."""
+    from export.server import Ports, TritonServer, free_ports
+
+    folder = args.out / time.strftime(f"{name}-%Y%m%d-%H%M%S")
+    folder.mkdir(parents=True, exist_ok=True)
+    server = TritonServer(args.repository, Ports(*free_ports(3)), log_path=folder / "tritonserver.log")
+    server.start(timeout=300)
+    return folder, server
+
+
 def run(args) -> Path:
     import torch
 

@@ -128,14 +128,11 @@ def parser() -> argparse.ArgumentParser:
 
 def run(args) -> Path:
     from benchmarks import loadgen
-    from benchmarks.serving import prepare
-    from export.server import Ports, TritonServer, free_ports, malloc_library
+    from benchmarks.serving import prepare, results_folder_and_server
+    from export.server import malloc_library
 
     runs, data, cells, tuning = prepare(args)
-    folder = args.out / time.strftime("soak-%Y%m%d-%H%M%S")
-    folder.mkdir(parents=True, exist_ok=True)
-    server = TritonServer(args.repository, Ports(*free_ports(3)), log_path=folder / "tritonserver.log")
-    server.start(timeout=300)
+    folder, server = results_folder_and_server(args, "soak")
     result = {"started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "runs": [str(r) for r in runs], "data": str(data), "cells": len(cells),
               "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k != "func"},
               "tuning": {k: v for k, v in vars(tuning).items() if k != "limits"}, "allocator": str(malloc_library() or "glibc malloc")}

@@ -90,14 +90,18 @@ def test_untrained_runs_have_the_presets_architectures_and_sizes(tmp_path):
     assert untrained_runs("quick", tmp_path) == runs and (tmp_path / "ct" / "checkpoint.pt").stat().st_mtime_ns == mtime  # reused
 
 
-def test_soak_runs_end_to_end_and_reports_failures_memory_and_the_burst(tmp_path):
-    from benchmarks.soak import main as soak
-
+def _small_benchmark_inputs(tmp_path):
+    """(a 2-battery data set, tiny CT and RGB runs, a results folder) for a benchmark run in seconds."""
     data = tmp_path / "cells"
     generate(data, SynthConfig(batteries=2, seed=4, ct_size=96, rgb_width=160, rgb_height=90, slices_per_axis=1, photos_per_battery=1),
              workers=1, progress=False)
-    runs = [make_ct_run(tmp_path / "ct", size=64), make_rgb_run(tmp_path / "rgb", size=64)]
-    out = tmp_path / "results"
+    return data, [make_ct_run(tmp_path / "ct", size=64), make_rgb_run(tmp_path / "rgb", size=64)], tmp_path / "results"
+
+
+def test_soak_runs_end_to_end_and_reports_failures_memory_and_the_burst(tmp_path):
+    from benchmarks.soak import main as soak
+
+    data, runs, out = _small_benchmark_inputs(tmp_path)
     code = soak(["--runs", *map(str, runs), "--data", str(data), "--cells", "4", "--minutes", "0.1", "--saturation-seconds", "2",
                  "--burst-seconds", "2", "--repository", str(tmp_path / "repo"), "--out", str(out)])
     folder = next(out.glob("soak-*"))
@@ -117,11 +121,7 @@ def test_soak_runs_end_to_end_and_reports_failures_memory_and_the_burst(tmp_path
 def test_gateway_benchmark_times_every_cell_from_trigger_to_answer(tmp_path):
     from benchmarks.gateway import main as gateway
 
-    data = tmp_path / "cells"
-    generate(data, SynthConfig(batteries=2, seed=4, ct_size=96, rgb_width=160, rgb_height=90, slices_per_axis=1, photos_per_battery=1),
-             workers=1, progress=False)
-    runs = [make_ct_run(tmp_path / "ct", size=64), make_rgb_run(tmp_path / "rgb", size=64)]
-    out = tmp_path / "results"
+    data, runs, out = _small_benchmark_inputs(tmp_path)
     code = gateway(["--runs", *map(str, runs), "--data", str(data), "--cells", "4", "--rate", "6", "--seconds", "3",
                     "--stations", "2", "--repository", str(tmp_path / "repo"), "--out", str(out)])
     folder = next(out.glob("gateway-*"))

@@ -4,7 +4,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
-import sys
 from pathlib import Path
 
 EXAMPLE = Path(__file__).with_name("example.yaml")
@@ -71,19 +70,12 @@ def cmd_gateway(args) -> int:
 
 
 async def _check(cfg) -> int:
-    from asyncua import Client
-
+    from client.gateway.plc import open_session
     from client.service import AsyncInspectionClient
 
     problems = 0
-    client = Client(cfg.plc.url, timeout=cfg.plc.timeout_s)
     try:
-        if cfg.plc.user:
-            client.set_user(cfg.plc.user)
-            client.set_password(cfg.plc.password or "")
-        if cfg.plc.security:
-            await client.set_security_string(cfg.plc.security)
-        await client.connect()
+        client = await open_session(cfg.plc)
     except Exception as e:
         print(f"PLC {cfg.plc.url}: cannot connect: {e or type(e).__name__}")
         return 1

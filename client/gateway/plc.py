@@ -25,6 +25,22 @@ class PlcRejected(Exception):
     """The PLC answered with a bad status for a node (unknown node id, not writable, wrong type)."""
 
 
+async def open_session(cfg: Plc) -> Client:
+    """A connected asyncua client with the configuration's user and security; raises if it cannot connect."""
+    client = Client(cfg.url, timeout=cfg.timeout_s)
+    try:
+        if cfg.user:
+            client.set_user(cfg.user)
+            client.set_password(cfg.password or "")
+        if cfg.security:
+            await client.set_security_string(cfg.security)
+        await client.connect()
+    except BaseException:
+        await _close(client)
+        raise
+    return client
+
+
 class PlcLink:
     def __init__(self, cfg: Plc):
         self.cfg = cfg
@@ -40,20 +56,13 @@ class PlcLink:
         first, longest = self.cfg.reconnect_s
         pause = first
         while True:
-            client = Client(self.cfg.url, timeout=self.cfg.timeout_s)
             try:
-                if self.cfg.user:
-                    client.set_user(self.cfg.user)
-                    client.set_password(self.cfg.password or "")
-                if self.cfg.security:
-                    await client.set_security_string(self.cfg.security)
-                await client.connect()
+                client = await open_session(self.cfg)
             except asyncio.CancelledError:
                 raise
             except Exception as e:
                 metrics.ERRORS.labels("plc_connect").inc()
                 log.warning("PLC %s: cannot connect (%s); next attempt in %.1f s", self.cfg.url, _reason(e), pause)
-                await _close(client)
                 await asyncio.sleep(pause)
                 pause = min(longest, pause * 2)
                 continue
