@@ -356,6 +356,12 @@ def test_configuration_mistakes_are_named(change, message, tmp_path):
     assert message in str(e.value)
 
 
+def test_the_error_node_can_be_left_out_even_under_a_prefix():
+    base = {"plc": {"url": "opc.tcp://127.0.0.1:4840"}, "stations": [{"name": "a", "prefix": "ns=2;s=A.", "nodes": {"error": None}}]}
+    nodes = parse_config(base).stations[0].nodes
+    assert "error" not in nodes and nodes["verdict"] == "ns=2;s=A.Verdict"
+
+
 def test_the_example_configuration_loads_with_every_node_named():
     cfg = load_config(Path("client/gateway/example.yaml"))
     assert cfg.stations[0].nodes["trigger"] == "ns=2;s=Line1.Station1.Trigger"

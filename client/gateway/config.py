@@ -124,10 +124,12 @@ def _station(raw: dict, i: int, base: Path) -> Station:
         raise ConfigError(f"{where}: unknown node role(s) {', '.join(sorted(unknown))}; roles: {', '.join(roles)}")
     nodes = {}
     for role, name in roles.items():
+        if role == "error" and role in given and not given[role]:
+            continue  # turned off (error: null): the reason of a refused cell is then only in the outbox and the log
         node = given.get(role) or (prefix + name if prefix else None)
         if node is None:
             if role == "error":
-                continue  # optional: the reason of a refused cell is then only in the outbox and the log
+                continue  # optional
             raise ConfigError(f"{where}: no node id for {role} (give nodes.{role} or a prefix)")
         nodes[role] = str(node)
     meta = raw.pop("meta", None)

@@ -294,7 +294,7 @@ class Gateway:
 
         from client.explain import Case
         from client.explain.cli import add_arguments, build_pipeline
-        from client.service import AsyncInspectionClient, Backoff, InspectionClient
+        from client.service import AsyncInspectionClient, Backoff
 
         p = argparse.ArgumentParser(prog="explain options", add_help=False)
         add_arguments(p, str(self.cfg.explain.out))
@@ -310,8 +310,7 @@ class Gateway:
                 row, ct, rgb = await self._explain.get()
                 try:
                     if info is None:
-                        info = await asyncio.to_thread(lambda: InspectionClient(t.url, ssl=tls is not None,
-                                                                                root_certificates=tls).serving_info())
+                        info = await asyncio.to_thread(_serving_info, t.url, tls)
                     inspection: Inspection = await heat.inspect(ct, row.meta, rgb, row.cell_id)
                 except Exception as e:  # explanations are best effort; the verdict is already on its way
                     metrics.ERRORS.labels("explain_skipped").inc()
@@ -319,3 +318,11 @@ class Gateway:
                     continue
                 self.pipeline.submit(Case(inspection, ct, row.meta, rgb, info["ct"], info["rgb"],
                                           {"station": row.station, "ct_path": row.ct_path, "rgb_path": row.rgb_path}))
+
+
+def _serving_info(url: str, tls: str | None) -> dict:
+    """The models' serving facts (input sizes, normalisation) that explanation reports need."""
+    from client.service import InspectionClient
+
+    with InspectionClient(url, ssl=tls is not None, root_certificates=tls) as client:
+        return client.serving_info()
