@@ -141,6 +141,30 @@ def test_normal_flow_gives_each_cell_the_services_verdict_once_and_refused_cells
         assert report["source"]["station"] in ("s1", "s2")
 
 
+def test_a_cell_triggered_again_is_answered_from_the_outbox_without_a_second_inspection(service, tmp_path):
+    from prometheus_client import REGISTRY
+
+    cell = service["cells"][0]
+
+    def counts():
+        return (_value(metrics.TRIGGERS, "s1"), _value(metrics.REPEATS, "s1"),
+                REGISTRY.get_sample_value("battery_client_requests_total", {"model": "inspect"}) or 0.0)
+
+    async def body(sim, cfg):
+        await sim.send("s1", cell.cell_id, str(cell.ct_path), str(cell.rgb_path), cell.meta)
+        await sim.wait_for(1, timeout=60)
+        before = counts()
+        await sim.send("s1", cell.cell_id, str(cell.ct_path), str(cell.rgb_path), cell.meta)  # the PLC asks again
+        return await sim.wait_for(2, timeout=60), before, counts()
+
+    results, before, after = asyncio.run(_with_gateway(_config(tmp_path, _port(), service["server"].grpc_url, stations=("s1",)), body))
+    assert [(r.cell_id, r.verdict, r.counter) for r in results] == [(cell.cell_id, service["expected"][cell.cell_id][0], 1),
+                                                                     (cell.cell_id, service["expected"][cell.cell_id][0], 2)]
+    assert after[0] == before[0] and after[1] == before[1] + 1  # a repeat, not a new trigger
+    assert after[2] == before[2]  # and no second request to Triton
+    assert Outbox(tmp_path / "outbox.sqlite").rows()[0].repeats == 1
+
+
 def test_images_in_byte_string_nodes_and_a_burst_are_answered_in_trigger_order(service, tmp_path):
     cells = service["cells"]
 
