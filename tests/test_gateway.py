@@ -329,6 +329,41 @@ async def _until(condition, timeout: float = 30.0) -> None:
         await asyncio.sleep(0.05)
 
 
+def test_a_plc_with_user_authentication_gets_the_password_from_the_environment_and_never_in_the_log(
+        service, tmp_path, monkeypatch, caplog):
+    secret = "plc-pass-" + "Xy7" * 6
+    cell = service["cells"][1]
+
+    async def run(password: str, seconds: float):
+        monkeypatch.setenv("BATTERY_TEST_PLC_PASSWORD", password)
+        raw = _config(tmp_path, _port(), service["server"].grpc_url, stations=("s1",))
+        raw["plc"] |= {"user": "gateway", "password_env": "BATTERY_TEST_PLC_PASSWORD"}
+        raw["outbox"] = str(tmp_path / f"outbox-{len(password)}.sqlite")
+        cfg = parse_config(raw)
+        sim = await PlcSimulator(cfg.stations, cfg.plc.url, users={"gateway": secret}).start()
+        stop = asyncio.Event()
+        gateway = Gateway(cfg)
+        task = asyncio.create_task(gateway.run(stop))
+        try:
+            await sim.send("s1", cell.cell_id, str(cell.ct_path), str(cell.rgb_path), cell.meta, timeout=seconds)
+            return await sim.wait_for(1, timeout=seconds), gateway.plc.sessions
+        except TimeoutError:
+            return [], gateway.plc.sessions
+        finally:
+            stop.set()
+            await asyncio.wait_for(task, 30)
+            await sim.stop()
+
+    caplog.set_level("DEBUG")
+    results, sessions = asyncio.run(run(secret, 60))
+    assert sessions == 1 and [(r.cell_id, r.verdict) for r in results] == [(cell.cell_id, service["expected"][cell.cell_id][0])]
+    connects = _value(metrics.ERRORS, "plc_connect")
+    results, sessions = asyncio.run(run("a-wrong-password", 3))  # refused: no session, no cell taken
+    assert results == [] and sessions == 0 and _value(metrics.ERRORS, "plc_connect") > connects
+    assert "cannot connect" in caplog.text
+    assert secret not in caplog.text and "a-wrong-password" not in caplog.text
+
+
 def test_check_reads_every_node_and_names_the_ones_that_are_wrong(service, tmp_path):
     port = _port()
     cfg = _config(tmp_path, port, service["server"].grpc_url, stations=("s1",))

@@ -27,6 +27,11 @@ class PlcRejected(Exception):
 
 async def open_session(cfg: Plc) -> Client:
     """A connected asyncua client with the configuration's user and security; raises if it cannot connect."""
+    if cfg.password_env:
+        # asyncua logs whole requests at DEBUG, ActivateSession's password included: never below INFO here
+        quiet = logging.getLogger("asyncua")
+        if quiet.getEffectiveLevel() < logging.INFO:
+            quiet.setLevel(logging.INFO)
     client = Client(cfg.url, timeout=cfg.timeout_s)
     try:
         if cfg.user:

@@ -47,8 +47,24 @@ class _Line:
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
 
 
+class _Passwords:
+    """asyncua user manager: only these users, with these passwords (a PLC with user authentication)."""
+
+    def __init__(self, users: dict[str, str]):
+        self.users = users
+
+    def get_user(self, iserver, username=None, password=None, certificate=None):
+        from asyncua.crypto.permission_rules import User, UserRole
+
+        if username in self.users and password == self.users[username]:
+            return User(role=UserRole.User, name=username)
+        return None
+
+
 class PlcSimulator:
-    def __init__(self, stations: list[Station] | tuple[Station, ...], url: str, poll_s: float = 0.002):
+    def __init__(self, stations: list[Station] | tuple[Station, ...], url: str, poll_s: float = 0.002,
+                 users: dict[str, str] | None = None):
+        self.users = users  # None: anonymous sessions; else user name -> password, and no anonymous ones
         self.url = url
         self.poll_s = poll_s
         self.lines = {s.name: _Line(s) for s in stations}
@@ -61,11 +77,13 @@ class PlcSimulator:
     async def start(self) -> "PlcSimulator":
         # a simulator on loopback without security: asyncua's warnings about that are noise here
         logging.getLogger("asyncua.server").setLevel(logging.ERROR)
-        self.server = Server()
+        self.server = Server(user_manager=_Passwords(self.users) if self.users else None)
         await self.server.init()
         u = urlparse(self.url)
         self.server.set_endpoint(f"opc.tcp://0.0.0.0:{u.port or 4840}{u.path or '/'}")
         self.server.set_security_policy([ua.SecurityPolicyType.NoSecurity])
+        if self.users:
+            self.server.set_security_IDs(["Username"])
         objects = self.server.nodes.objects
         for line in self.lines.values():
             folder = await objects.add_object(f"ns=1;s=sim.{line.station.name}", line.station.name)
