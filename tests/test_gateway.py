@@ -312,6 +312,14 @@ def test_a_gateway_killed_mid_run_resumes_from_its_outbox(service, tmp_path):
     group = next(g for g in yaml.safe_load((PROMETHEUS_DIR / "alerts.yml").read_text())["groups"] if g["name"] == "line-gateway")
     for rule in group["rules"]:
         assert _metric_names(rule["expr"], {}) <= live, (rule["alert"], _metric_names(rule["expr"], {}) - live)
+    # and so do the dashboard's gateway panels
+    from test_monitoring import DASHBOARD
+
+    panels = [p for p in json.loads(DASHBOARD.read_text())["panels"] if p["title"].startswith("Line gateway")]
+    assert len(panels) == 3
+    for target in (t for p in panels for t in p["targets"]):
+        names = _metric_names(target["expr"], {})
+        assert names and all(n.startswith("battery_gateway_") for n in names) and names <= live, (target["expr"], names - live)
 
 
 def _depth(folder: Path) -> dict:

@@ -58,6 +58,7 @@ class Gateway:
         self._explain: asyncio.Queue | None = asyncio.Queue(cfg.explain.backlog) if cfg.explain.out else None
         self.pipeline = None
         self.triton = None
+        metrics.start(self.stations)
 
     # ------------------------------------------------------------------ running
     async def run(self, stop: asyncio.Event | None = None) -> None:

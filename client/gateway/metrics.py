@@ -27,4 +27,16 @@ ANSWER_SECONDS = Histogram("battery_gateway_answer_seconds", "Trigger seen -> re
 VERDICTS = Counter("battery_gateway_verdicts", "Results written to the PLC, by verdict", ["station", "verdict"])
 OUTBOX = Gauge("battery_gateway_outbox_cells", "Cells in the outbox, by state", ["state"])
 ERRORS = Counter("battery_gateway_errors", "Gateway errors by kind", ["kind"])
+ERROR_KINDS = ("plc_connect", "plc_lost", "plc_rejected", "triton_retry", "refused", "image", "explain_skipped")
+
+
+def start(stations) -> None:
+    """Every series at 0 from the start (rates and alerts then work before the first event)."""
+    for kind in ERROR_KINDS:
+        ERRORS.labels(kind)
+    for station in stations:
+        TRIGGERS.labels(station)
+        REPEATS.labels(station)
+        for timing in ("within_takt", "late"):
+            ANSWERS.labels(station, timing)
 PLC_CONNECTED = Gauge("battery_gateway_plc_connected", "1 while the OPC UA session to the PLC is up")
