@@ -165,6 +165,33 @@ def test_a_cell_triggered_again_is_answered_from_the_outbox_without_a_second_ins
     assert Outbox(tmp_path / "outbox.sqlite").rows()[0].repeats == 1
 
 
+def test_a_cell_whose_acknowledgement_fails_is_still_answered_once(service, tmp_path):
+    """The trigger is recorded, then writing Trigger = false fails (here: the PLC refuses the
+    write for a while); the cell must still be inspected and answered, once."""
+    cell = service["cells"][2]
+
+    async def body(sim, cfg):
+        trigger = sim.lines["s1"].nodes["trigger"]
+        await trigger.set_writable(False)
+        await sim.write("s1", "cell_id", cell.cell_id)
+        await sim.write("s1", "ct_path", str(cell.ct_path))
+        await sim.write("s1", "rgb_path", str(cell.rgb_path))
+        await sim.write("s1", "battery_type", int(cell.meta[0]))
+        await sim.write("s1", "slice_axis", int(cell.meta[1]))
+        sim.lines["s1"].sent[cell.cell_id] = time.monotonic()
+        await sim.write("s1", "trigger", True)
+        answered = await sim.wait_for(1, timeout=30)  # answered although the trigger is still up
+        still_up = await sim.read("s1", "trigger")
+        await trigger.set_writable(True)
+        await _until(lambda: Outbox(tmp_path / "outbox.sqlite").rows()[0].acked == 1)
+        await asyncio.sleep(0.5)
+        return answered, still_up, list(sim.results)
+
+    answered, still_up, results = asyncio.run(_with_gateway(_config(tmp_path, _port(), service["server"].grpc_url, stations=("s1",)), body))
+    assert still_up and [r.cell_id for r in answered] == [cell.cell_id]
+    assert [(r.cell_id, r.verdict) for r in results] == [(cell.cell_id, service["expected"][cell.cell_id][0])]
+
+
 def test_images_in_byte_string_nodes_and_a_burst_are_answered_in_trigger_order(service, tmp_path):
     cells = service["cells"]
 

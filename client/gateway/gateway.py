@@ -121,28 +121,27 @@ class Gateway:
                     continue
                 values = dict(zip(st.input_roles, await self.plc.read([st.nodes[r] for r in st.input_roles])))
                 row, new = self._record(st, values)
-                repeat = not new and bool(row.acked)
+                # on its way before the acknowledgement, which may fail: the PLC then raises the
+                # same trigger again, and the outbox knows it
+                if new:
+                    metrics.TRIGGERS.labels(st.name).inc()
+                    if row.state == "pending":
+                        self._queue.put_nowait(row.id)
+                    else:
+                        self._wake[st.name].set()
+                elif row.acked:
+                    metrics.REPEATS.labels(st.name).inc()
+                    log.info("station %s: cell %s triggered again; answered from the outbox", st.name, row.cell_id)
+                    self._wake[st.name].set()
+                # else: recorded and queued before (by this process, or at start after a restart), never acknowledged
                 await self.plc.write([(trigger, False)])  # acknowledged: the PLC may load the next cell
                 self.outbox.acknowledged(row.id)
             except PlcUnavailable:
                 await self.plc.wait_ready()
-                continue
             except PlcRejected as e:
                 metrics.ERRORS.labels("plc_rejected").inc()
                 log.error("station %s: %s (check the node ids and types in the configuration)", st.name, e)
                 await asyncio.sleep(1.0)
-                continue
-            if new:
-                metrics.TRIGGERS.labels(st.name).inc()
-                if row.state == "pending":
-                    self._queue.put_nowait(row.id)
-                else:
-                    self._wake[st.name].set()
-            elif repeat:
-                metrics.REPEATS.labels(st.name).inc()
-                log.info("station %s: cell %s triggered again; answered from the outbox", st.name, row.cell_id)
-                self._wake[st.name].set()
-            # else: the trigger recorded before a restart and not acknowledged then; it is already on its way
 
     def _record(self, st: Station, values: dict) -> tuple[Row, bool]:
         """The trigger in the outbox; a trigger whose fields cannot make a request is recorded
