@@ -60,11 +60,6 @@ def memory_by_process(pid: int) -> dict[str, int]:
     return out
 
 
-def memory_bytes(pid: int) -> int:
-    """The server's memory: tritonserver and all its backend processes, shared pages counted once."""
-    return sum(memory_by_process(pid).values())
-
-
 async def open_loop(url: str, cells, rate: float, seconds: float, on_tick=None, timeout: float = 30.0) -> dict:
     """Send cells at `rate` per second for `seconds` (not waiting for answers); per-cell outcome and latency."""
     from client.inspection import CellError
@@ -150,21 +145,19 @@ def run(args) -> Path:
         rate = args.fraction * saturation
         print(f"soak: {rate:.1f} cells/s for {seconds:.0f} s")
 
-        def tick(t):
-            memory.append((round(t, 1), memory_bytes(pid)))
+        by_process = {}
+
+        def tick(t):  # one walk over the processes gives both the total and, once, the baseline per process
+            places = memory_by_process(pid)
+            memory.append((round(t, 1), sum(places.values())))
+            if "baseline" not in by_process and t >= min(60.0, seconds / 4):
+                by_process["baseline"] = places
             if len(memory) % 15 == 0:
                 print(f"  {t:6.0f} s  server memory {memory[-1][1] / 2**20:.0f} MiB", flush=True)
 
-        by_process = {}
-
-        def tick_and_place(t):
-            tick(t)
-            if "baseline" not in by_process and t >= min(60.0, seconds / 4):
-                by_process["baseline"] = memory_by_process(pid)
-
-        result["soak"] = asyncio.run(open_loop(server.grpc_url, cells, rate, seconds, on_tick=tick_and_place))
-        memory.append((seconds, memory_bytes(pid)))
+        result["soak"] = asyncio.run(open_loop(server.grpc_url, cells, rate, seconds, on_tick=tick))
         by_process["end"] = memory_by_process(pid)
+        memory.append((seconds, sum(by_process["end"].values())))
         base = next((m for t, m in memory if t >= min(60.0, seconds / 4)), memory[0][1])
         result["memory"] = {"samples": memory, "baseline_bytes": base, "end_bytes": memory[-1][1],
                             "growth": memory[-1][1] / base - 1 if base else 0.0,

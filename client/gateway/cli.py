@@ -70,8 +70,8 @@ def cmd_gateway(args) -> int:
 
 
 async def _check(cfg) -> int:
+    from client.gateway.gateway import triton_client
     from client.gateway.plc import open_session
-    from client.service import AsyncInspectionClient
 
     problems = 0
     try:
@@ -94,7 +94,7 @@ async def _check(cfg) -> int:
     finally:
         await client.disconnect()
     t = cfg.triton
-    async with AsyncInspectionClient(t.url, ssl=t.tls_ca is not None, root_certificates=str(t.tls_ca) if t.tls_ca else None) as c:
+    async with triton_client(t) as c:
         ready = await c.ready()
     print(f"  {'ok  ' if ready else 'FAIL'}  Triton {t.url}: {'inspect is ready' if ready else 'not ready (start it with make serve)'}")
     problems += not ready

@@ -24,7 +24,7 @@ import time
 from pathlib import Path
 
 from client.gateway import metrics
-from client.gateway.config import GatewayConfig, Station
+from client.gateway.config import GatewayConfig, Station, Triton
 from client.gateway.outbox import Outbox, Row
 from client.gateway.plc import PlcLink, PlcRejected, PlcUnavailable
 from client.inspection import Cell, CellError, Inspection
@@ -63,13 +63,11 @@ class Gateway:
     # ------------------------------------------------------------------ running
     async def run(self, stop: asyncio.Event | None = None) -> None:
         """Serve until `stop` is set (or the task is cancelled)."""
-        from client.service import AsyncInspectionClient, Backoff
+        from client.service import Backoff
 
         stop = stop or asyncio.Event()
         t = self.cfg.triton
-        tls = str(t.tls_ca) if t.tls_ca else None
-        self.triton = AsyncInspectionClient(t.url, timeout=t.timeout_s, heatmaps=False, ssl=tls is not None,
-                                            root_certificates=tls, backoff=Backoff(retries=0))
+        self.triton = triton_client(t, heatmaps=False, backoff=Backoff(retries=0))
         resumed = self.outbox.pending()
         for row in resumed:
             self._queue.put_nowait(row.id)
@@ -294,23 +292,20 @@ class Gateway:
 
         from client.explain import Case
         from client.explain.cli import add_arguments, build_pipeline
-        from client.service import AsyncInspectionClient, Backoff
+        from client.service import Backoff
 
         p = argparse.ArgumentParser(prog="explain options", add_help=False)
         add_arguments(p, str(self.cfg.explain.out))
         options = p.parse_args(shlex.split(self.cfg.explain.options))
         options.explain, options.explain_backlog = self.cfg.explain.out, self.cfg.explain.backlog
         self.pipeline = await asyncio.to_thread(build_pipeline, options, "gateway")
-        t = self.cfg.triton
-        tls = str(t.tls_ca) if t.tls_ca else None
         info = None
-        async with AsyncInspectionClient(t.url, timeout=t.timeout_s, heatmaps=True, ssl=tls is not None, root_certificates=tls,
-                                         backoff=Backoff(retries=3)) as heat:
+        async with triton_client(self.cfg.triton, heatmaps=True, backoff=Backoff(retries=3)) as heat:
             while True:
                 row, ct, rgb = await self._explain.get()
                 try:
                     if info is None:
-                        info = await asyncio.to_thread(_serving_info, t.url, tls)
+                        info = await asyncio.to_thread(_serving_info, self.cfg.triton)
                     inspection: Inspection = await heat.inspect(ct, row.meta, rgb, row.cell_id)
                 except Exception as e:  # explanations are best effort; the verdict is already on its way
                     metrics.ERRORS.labels("explain_skipped").inc()
@@ -320,9 +315,20 @@ class Gateway:
                                           {"station": row.station, "ct_path": row.ct_path, "rgb_path": row.rgb_path}))
 
 
-def _serving_info(url: str, tls: str | None) -> dict:
+def _tls(t: Triton) -> dict:
+    return {"ssl": t.tls_ca is not None, "root_certificates": str(t.tls_ca) if t.tls_ca else None}
+
+
+def triton_client(t: Triton, heatmaps: bool = False, backoff=None):
+    """The asyncio client for the configuration's Triton (address, timeout, TLS)."""
+    from client.service import AsyncInspectionClient
+
+    return AsyncInspectionClient(t.url, timeout=t.timeout_s, heatmaps=heatmaps, backoff=backoff, **_tls(t))
+
+
+def _serving_info(t: Triton) -> dict:
     """The models' serving facts (input sizes, normalisation) that explanation reports need."""
     from client.service import InspectionClient
 
-    with InspectionClient(url, ssl=tls is not None, root_certificates=tls) as client:
+    with InspectionClient(t.url, timeout=t.timeout_s, **_tls(t)) as client:
         return client.serving_info()
