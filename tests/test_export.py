@@ -350,3 +350,24 @@ def test_repository_refuses_runs_without_both_models(runs, tmp_path, capsys):
     assert main(["repository", "--runs", str(runs["ct"]), "--out", str(tmp_path / "r")]) == 2
     assert "no rgb_autoencoder checkpoint" in capsys.readouterr().err
     assert not (tmp_path / "r").exists()
+
+
+def test_the_container_pins_the_same_versions_as_the_project():
+    # the container's Python-backend models decode images with these packages; another Pillow or pydicom
+    # could give served cells other pixels than training saw. torch comes from PyTorch's CPU wheel index there.
+    import re
+    import tomllib
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    ours = {}
+    for requirement in tomllib.loads((root / "pyproject.toml").read_text())["project"]["dependencies"]:
+        name, _, version = requirement.partition("==")
+        ours[re.sub(r"\[.*\]", "", name).lower()] = version
+    dockerfile = (root / "docker" / "Dockerfile").read_text()
+    pins = {re.sub(r"\[.*\]", "", n).lower(): v for n, v in re.findall(r'"?([A-Za-z][\w.\-\[\],]*)==([\w.+]+)"?', dockerfile)}
+    shared = {n: (v, ours[n]) for n, v in pins.items() if n in ours and n not in ("torch", "torchvision")}
+    assert {"pillow", "pydicom", "numpy", "onnxruntime", "tritonclient"} <= set(shared)
+    assert {n: vs for n, vs in shared.items() if vs[0] != vs[1]} == {}
+    for package in ("pillow", "pydicom", "numpy", "pyyaml", "protobuf"):  # both stages pin what decodes and reads configs
+        assert len(re.findall(rf"(?i)\b{package}==", dockerfile)) == 2, package
