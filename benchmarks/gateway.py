@@ -1,14 +1,15 @@
 """Trigger-to-answer latency through the line gateway at a line rate.
 
-    python -m benchmarks gateway [--rate 4] [--seconds 60] [--stations 2] [--takt-ms 2000]
+    python -m benchmarks gateway [--rate 4] [--seconds 60] [--stations 2] [--takt-ms 2000] [--watch subscribe|poll]
 
 A real tritonserver (the serving benchmark's repository), the gateway as its own process
 (`python -m client gateway`, as on a line PC) and a simulated PLC (asyncua's OPC UA server)
 that raises each station's Trigger on a fixed schedule and times every cell from raising
-Trigger to seeing its ResultCounter change: polling, OPC UA round trips, the outbox's
-synchronous commits, decoding and inference included. Reports percentiles, the share of
-answers within takt, and the time the PLC had to wait for its trigger to be acknowledged
-(the gateway takes a trigger in one poll period when it keeps up).
+Trigger to seeing its ResultCounter change: the subscription's notification (or polling),
+OPC UA round trips, the outbox's synchronous commits, decoding and inference included.
+Reports percentiles, the share of answers within takt, the time the PLC had to wait for its
+trigger to be acknowledged, and the OPC UA requests the gateway sent the PLC per second (from
+its own metrics), which is what watching the stations costs the PLC.
 
 Results: benchmarks/results/gateway-<time>/ (gateway.json, summary.md).
 """
@@ -34,6 +35,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--stations", type=int, default=2, help="stations, each with its own trigger (default 2)")
     p.add_argument("--takt-ms", type=float, default=2000.0, help="each station's takt budget (default 2000)")
     p.add_argument("--images", choices=("path", "bytes"), default="path", help="images as file paths or in ByteString nodes (default path)")
+    p.add_argument("--watch", choices=("subscribe", "poll"), default="subscribe",
+                   help="the gateway's plc.watch: OPC UA subscription or polling (default subscribe)")
+    p.add_argument("--poll-ms", type=float, default=10.0, help="the gateway's plc.poll_ms (default 10)")
     p.add_argument("--runs", nargs="+", type=Path, help="trained runs (default runs/standard, else runs/quick)")
     p.add_argument("--untrained", metavar="PRESET", help="a preset's networks with random weights instead of trained runs")
     p.add_argument("--data", type=Path, help="AI-Hub-layout folder to take cells from (default data/standard_test or data/quick_test)")
@@ -44,6 +48,17 @@ def parser() -> argparse.ArgumentParser:
 
     add_tuning_arguments(p)
     return p
+
+
+def _plc_requests(metrics_port: int) -> float:
+    """The gateway's battery_gateway_plc_requests_total, reads and writes together, from its metrics port."""
+    import urllib.request
+
+    from prometheus_client.parser import text_string_to_metric_families
+
+    with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=5) as r:
+        families = text_string_to_metric_families(r.read().decode())
+    return sum(s.value for f in families if f.name == "battery_gateway_plc_requests" for s in f.samples if s.name.endswith("_total"))
 
 
 async def _drive(args, cfg_path: Path, cfg, sent, log: Path) -> dict:
@@ -64,14 +79,17 @@ async def _drive(args, cfg_path: Path, cfg, sent, log: Path) -> dict:
                 waits.append(await original(*a, **k))
 
             sim.send = timed_send
+            requests = await asyncio.to_thread(_plc_requests, cfg.metrics_port)
             start = time.monotonic()
             n = await run_line(sim, sent, args.rate, seconds=args.seconds)
             results = await sim.wait_for(n, timeout=max(60.0, args.seconds))
             elapsed = time.monotonic() - start
+            requests = await asyncio.to_thread(_plc_requests, cfg.metrics_port) - requests
         finally:
             gateway.send_signal(signal.SIGTERM)
             gateway.wait(30)
-    return {"sent": n, "answered": len(results), "elapsed_s": elapsed, "results": results, "ack_waits": waits}
+    return {"sent": n, "answered": len(results), "elapsed_s": elapsed, "results": results, "ack_waits": waits,
+            "plc_requests_per_s": requests / elapsed}
 
 
 def run(args) -> Path:
@@ -82,9 +100,9 @@ def run(args) -> Path:
     runs, data, cells, _ = prepare(args)
     folder, server = results_folder_and_server(args, "gateway")
     try:
-        plc_port = free_ports(1)[0]
-        config = {"plc": {"url": f"opc.tcp://127.0.0.1:{plc_port}/line/", "poll_ms": 5},
-                  "triton": {"url": server.grpc_url}, "outbox": str((folder / "outbox.sqlite").resolve()), "metrics_port": None,
+        plc_port, metrics_port = free_ports(2)
+        config = {"plc": {"url": f"opc.tcp://127.0.0.1:{plc_port}/line/", "watch": args.watch, "poll_ms": args.poll_ms},
+                  "triton": {"url": server.grpc_url}, "outbox": str((folder / "outbox.sqlite").resolve()), "metrics_port": metrics_port,
                   "stations": [{"name": f"station{i + 1}", "prefix": f"ns=2;s=Line1.Station{i + 1}.", "images": args.images,
                                 "takt_ms": args.takt_ms} for i in range(args.stations)]}
         cfg_path = folder / "gateway.yaml"
@@ -97,7 +115,8 @@ def run(args) -> Path:
         chosen = paired[::step][: args.cells]
         sent = [(c.cell_id, str(c.ct_path.resolve()) if args.images == "path" else c.ct_path.read_bytes(),
                  str(c.rgb_path.resolve()) if args.images == "path" else c.rgb_path.read_bytes(), c.meta) for c in chosen]
-        print(f"gateway: {args.stations} station(s), {args.rate:g} cells/s for {args.seconds:g} s, takt {args.takt_ms:g} ms")
+        print(f"gateway: {args.stations} station(s), {args.rate:g} cells/s for {args.seconds:g} s, takt {args.takt_ms:g} ms, "
+              f"watching by {args.watch}")
         out = asyncio.run(_drive(args, cfg_path, cfg, sent, folder / "gateway.log"))
     finally:
         server.stop()
@@ -110,6 +129,7 @@ def run(args) -> Path:
               "sent": out["sent"], "answered": out["answered"], "elapsed_s": out["elapsed_s"],
               "duplicates": sum(n - 1 for n in counts.values() if n > 1),
               "errors": sum(1 for r in out["results"] if r.error),
+              "plc_requests_per_s": out["plc_requests_per_s"],
               "within_takt": float(np.mean(lat <= args.takt_ms)) if len(lat) else 0.0,
               "latency_ms": {f"p{q}": float(np.percentile(lat, q)) for q in (50, 90, 99)} | {"max": float(lat.max())} if len(lat) else {},
               "ack_wait_ms": {f"p{q}": float(np.percentile(np.array(out["ack_waits"]) * 1000, q)) for q in (50, 99)}
@@ -123,7 +143,7 @@ def summary(r: dict) -> str:
     s, lat, ack = r["settings"], r["latency_ms"], r["ack_wait_ms"]
     lines = [f"# Gateway: trigger to answer, {r['started']}", "",
              f"{s['stations']} station(s), {s['rate']:g} cells/s for {s['seconds']:g} s, images as {s['images']}, takt "
-             f"{s['takt_ms']:g} ms; runs {', '.join(r['runs'])}.", "",
+             f"{s['takt_ms']:g} ms, watching by {s['watch']} ({s['poll_ms']:g} ms); runs {', '.join(r['runs'])}.", "",
              "| measure | value |", "|---|---|",
              f"| cells triggered / answered / duplicates / errors | {r['sent']} / {r['answered']} / {r['duplicates']} / {r['errors']} |"]
     if lat:
@@ -132,13 +152,14 @@ def summary(r: dict) -> str:
                   f"| answered within takt ({s['takt_ms']:g} ms) | {r['within_takt']:.1%} |"]
     if ack:
         lines.append(f"| PLC's wait for the previous trigger's acknowledgement, p50 / p99 | {ack['p50']:.0f} / {ack['p99']:.0f} ms |")
+    lines.append(f"| OPC UA requests to the PLC (reads + writes) | {r['plc_requests_per_s']:.0f} /s |")
     return "\n".join(lines) + "\n"
 
 
 def main(argv=None) -> int:
     args = parser().parse_args(argv)
-    if args.rate <= 0 or args.seconds <= 0 or args.stations < 1:
-        raise SystemExit("error: --rate and --seconds must be positive and --stations at least 1")
+    if args.rate <= 0 or args.seconds <= 0 or args.stations < 1 or args.poll_ms <= 0:
+        raise SystemExit("error: --rate, --seconds and --poll-ms must be positive and --stations at least 1")
     folder = run(args)
     print((folder / "summary.md").read_text())
     print(f"results in {folder}")

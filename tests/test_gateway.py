@@ -87,9 +87,11 @@ def _check_exactly_once(results, expected: dict, sent_ids) -> None:
         assert counters == list(range(1, len(counters) + 1))
 
 
-async def _with_gateway(cfg_dict, body, base=Path(".")):
+async def _with_gateway(cfg_dict, body, base=Path("."), subscriptions=True):
     cfg = parse_config(cfg_dict, base)
     sim = await PlcSimulator(cfg.stations, cfg.plc.url).start()
+    if not subscriptions:  # a PLC that refuses them (BadTooManySubscriptions)
+        sim.server.iserver.max_subscriptions = 0
     stop = asyncio.Event()
     gateway = Gateway(cfg)
     task = asyncio.create_task(gateway.run(stop))
@@ -239,6 +241,7 @@ def test_a_cut_plc_connection_loses_no_cell_and_writes_none_twice(service, tmp_p
         proxy = await TcpProxy(plc_port).start()
         cfg = _config(tmp_path, plc_port, service["server"].grpc_url)
         cfg["plc"]["url"] = f"opc.tcp://127.0.0.1:{proxy.port}/line/"  # the gateway reaches the PLC through the proxy
+        cfg["plc"]["recheck_ms"] = 60_000  # cells flow after a cut only if the subscription is made again
         parsed = parse_config(cfg)
         sim = await PlcSimulator(parsed.stations, f"opc.tcp://127.0.0.1:{plc_port}/line/").start()
         stop = asyncio.Event()
@@ -260,6 +263,7 @@ def test_a_cut_plc_connection_loses_no_cell_and_writes_none_twice(service, tmp_p
             await cutter
             results = await sim.wait_for(n, timeout=60)
             await _until(lambda: gateway.plc.connected)  # and it is connected again at the end
+            assert gateway.plc.subscribed
             return results, gateway.plc.sessions
         finally:
             stop.set()
@@ -270,6 +274,35 @@ def test_a_cut_plc_connection_loses_no_cell_and_writes_none_twice(service, tmp_p
     results, sessions = asyncio.run(run())
     _check_exactly_once(results, service["expected"], [c.cell_id for c in cells])
     assert sessions >= 3  # connected, and again after each cut
+
+
+@pytest.mark.parametrize("watch, plc_subscribes", [("subscribe", True), ("poll", True), ("subscribe", False)])
+def test_a_subscribed_gateway_reads_the_plc_when_it_changes_and_a_polling_one_every_period(service, tmp_path, watch,
+                                                                                           plc_subscribes):
+    cells = service["cells"][:8]
+    reads = metrics.PLC_REQUESTS.labels("read")
+    refused = _value(metrics.ERRORS, "plc_subscribe")
+
+    async def body(sim, cfg):
+        await _until(lambda: reads._value.get() > 0)
+        await asyncio.sleep(0.5)
+        idle = reads._value.get()
+        await asyncio.sleep(2.0)  # no cell: what does watching two stations cost the PLC?
+        idle = (reads._value.get() - idle) / 2.0
+        n = await run_line(sim, _sent(cells), rate=8)
+        return idle, await sim.wait_for(n, timeout=30)
+
+    # subscribed, the nodes are read again only after a minute: the notifications alone move the cells
+    cfg = _config(tmp_path, _port(), service["server"].grpc_url) | {}
+    cfg["plc"] |= {"watch": watch, "poll_ms": 5, "recheck_ms": 60_000}
+    idle, results = asyncio.run(_with_gateway(cfg, body, subscriptions=plc_subscribes))
+    _check_exactly_once(results, service["expected"], [c.cell_id for c in cells])
+    assert all(r.seconds < 3.0 for r in results), [round(r.seconds, 3) for r in results]
+    if watch == "subscribe" and plc_subscribes:
+        assert idle == 0, f"{idle} reads/s while nothing changed"
+    else:  # two Trigger nodes every 5 ms, less the time a read takes; a PLC without subscriptions is polled
+        assert idle > 100, f"{idle} reads/s"
+    assert _value(metrics.ERRORS, "plc_subscribe") - refused == (0 if plc_subscribes or watch == "poll" else 1)
 
 
 def _start_gateway(config: Path, log: Path) -> subprocess.Popen:
@@ -435,6 +468,8 @@ def test_check_reads_every_node_and_names_the_ones_that_are_wrong(service, tmp_p
     ({"stations": [{"name": "a", "prefix": "ns=2;s=A.", "images": "film"}]}, "images must be 'path' or 'bytes'"),
     ({"stations": [{"name": "a", "prefix": "ns=2;s=A.", "nodes": {"trigga": "ns=2;s=T"}}]}, "unknown node role(s) trigga"),
     ({"stations": [{"name": "a", "prefix": "p."}, {"name": "a", "prefix": "q."}]}, "names must be unique"),
+    ({"plc": {"url": "opc.tcp://x:4840", "watch": "push"}}, "plc.watch must be 'subscribe' or 'poll'"),
+    ({"plc": {"url": "opc.tcp://x:4840", "recheck_ms": 0}}, "must be positive"),
     ({"plc": {"url": "opc.tcp://x:4840", "password_env": "BATTERY_TEST_UNSET_PASSWORD", "user": "u"}}, None),
 ])
 def test_configuration_mistakes_are_named(change, message, tmp_path):

@@ -46,7 +46,9 @@ class Station:
 class Plc:
     url: str
     timeout_s: float = 4.0
-    poll_ms: float = 10.0  # how often each station's Trigger is read
+    watch: str = "subscribe"  # subscribe: the PLC reports Trigger/ResultAck changes; poll: read them every poll_ms
+    poll_ms: float = 10.0  # poll period; with subscribe, the sampling and publishing interval asked of the PLC
+    recheck_ms: float = 1000.0  # with subscribe, watched nodes are also read this often (a dropped notification is not a lost cell)
     reconnect_s: tuple[float, float] = (0.5, 5.0)  # first and longest pause between reconnection attempts
     security: str | None = None  # asyncua security string, e.g. "Basic256Sha256,SignAndEncrypt,cert.der,key.pem"
     user: str | None = None
@@ -155,6 +157,10 @@ def parse_config(raw: dict, base: Path = Path(".")) -> GatewayConfig:
     if "reconnect_s" in plc:
         plc["reconnect_s"] = _pair(plc["reconnect_s"], "plc.reconnect_s")
     plc = _take(plc, Plc, "plc")
+    if plc.watch not in ("subscribe", "poll"):
+        raise ConfigError(f"plc.watch must be 'subscribe' or 'poll', got {plc.watch!r}")
+    if not (plc.poll_ms > 0 and plc.recheck_ms > 0 and plc.timeout_s > 0):
+        raise ConfigError("plc: poll_ms, recheck_ms and timeout_s must be positive")
     stations = raw.pop("stations", None)
     if not stations or not isinstance(stations, list):
         raise ConfigError("stations: at least one station is required")

@@ -52,6 +52,10 @@ class Gateway:
         self.cfg = cfg
         self.outbox = Outbox(cfg.outbox)
         self.plc = PlcLink(cfg.plc)
+        for st in cfg.stations:  # the nodes the PLC changes: subscribed to at each connection
+            self.plc.watch(st.nodes["trigger"])
+            if st.handshake:
+                self.plc.watch(st.nodes["result_ack"])
         self.stations = {s.name: s for s in cfg.stations}
         self._queue: asyncio.Queue[int] = asyncio.Queue()
         self._wake = {s.name: asyncio.Event() for s in cfg.stations}
@@ -109,13 +113,14 @@ class Gateway:
 
     # ------------------------------------------------------------------ PLC -> outbox
     async def _intake(self, st: Station) -> None:
-        poll = self.cfg.plc.poll_ms / 1000
         trigger = st.nodes["trigger"]
+        changed = self.plc.watch(trigger)
         while True:
             try:
+                changed.clear()  # before the read: a change reported during it is not missed
                 (raised,) = await self.plc.read([trigger])
                 if not raised:
-                    await asyncio.sleep(poll)
+                    await self.plc.wait_change(changed)
                     continue
                 values = dict(zip(st.input_roles, await self.plc.read([st.nodes[r] for r in st.input_roles])))
                 row, new = self._record(st, values)
@@ -259,11 +264,13 @@ class Gateway:
                 self._written(st, row)
                 return
         if st.handshake:
+            acked = self.plc.watch(n["result_ack"])
             while True:
+                acked.clear()
                 ack, counter = await self.plc.read([n["result_ack"], n["result_counter"]])
                 if ack == counter:
                     break
-                await asyncio.sleep(self.cfg.plc.poll_ms / 1000)
+                await self.plc.wait_change(acked)
         else:
             (counter,) = await self.plc.read([n["result_counter"]])
         following = (int(counter or 0) + 1) % COUNTER_MODULUS

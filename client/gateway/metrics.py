@@ -12,7 +12,10 @@
   writing, written);
 - `battery_gateway_errors_total{kind}`: plc_connect, plc_lost, plc_rejected, triton_retry
   (the service unavailable, retried), refused (a cell the service refused), image (an image
-  file missing or unreadable), explain_skipped;
+  file missing or unreadable), explain_skipped, plc_subscribe (the PLC refused the subscription:
+  watched nodes are polled);
+- `battery_gateway_plc_requests_total{kind}`: OPC UA Read and Write requests sent to the PLC
+  (`read`, `write`): the load the gateway puts on the PLC;
 - `battery_gateway_plc_connected`: 1 while the OPC UA session is up.
 """
 from __future__ import annotations
@@ -27,13 +30,16 @@ ANSWER_SECONDS = Histogram("battery_gateway_answer_seconds", "Trigger seen -> re
 VERDICTS = Counter("battery_gateway_verdicts", "Results written to the PLC, by verdict", ["station", "verdict"])
 OUTBOX = Gauge("battery_gateway_outbox_cells", "Cells in the outbox, by state", ["state"])
 ERRORS = Counter("battery_gateway_errors", "Gateway errors by kind", ["kind"])
-ERROR_KINDS = ("plc_connect", "plc_lost", "plc_rejected", "triton_retry", "refused", "image", "explain_skipped")
+ERROR_KINDS = ("plc_connect", "plc_lost", "plc_rejected", "plc_subscribe", "triton_retry", "refused", "image", "explain_skipped")
+PLC_REQUESTS = Counter("battery_gateway_plc_requests", "OPC UA Read and Write requests sent to the PLC", ["kind"])
 
 
 def start(stations) -> None:
     """Every series at 0 from the start (rates and alerts then work before the first event)."""
     for kind in ERROR_KINDS:
         ERRORS.labels(kind)
+    for kind in ("read", "write"):
+        PLC_REQUESTS.labels(kind)
     for station in stations:
         TRIGGERS.labels(station)
         REPEATS.labels(station)

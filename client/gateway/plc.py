@@ -1,6 +1,11 @@
 """One OPC UA session to the PLC (asyncua), kept up: any failed call marks it lost, and it is
 re-established with backoff while the callers wait.
 
+Watched nodes (each station's Trigger and ResultAck) are subscribed to (`plc.watch:
+subscribe`): a change wakes whoever waits on the node, who then reads it. The subscription only
+wakes; the reads decide, and a node is read anyway every `recheck_ms`, so a notification the PLC
+drops costs time, never a cell. A PLC that refuses subscriptions is polled every `poll_ms`.
+
 Writes carry the node's own data type (read once per session), as PLCs reject a value of
 another type (an Int64 for an Int16 verdict, say) instead of converting it.
 """
@@ -54,7 +59,22 @@ class PlcLink:
         self._lost = asyncio.Event()
         self._types: dict[str, ua.VariantType] = {}
         self._nodes: dict[str, object] = {}
+        self._changed: dict[str, asyncio.Event] = {}  # watched node id -> set when the PLC reports a change
+        self.subscribed = False  # whether this session's subscription is up (else watched nodes are polled)
         self.sessions = 0  # sessions opened so far (1 + reconnections)
+
+    def watch(self, node_id: str) -> asyncio.Event:
+        """The event set whenever `node_id` changes (subscribed at each connection); call before `run`."""
+        return self._changed.setdefault(node_id, asyncio.Event())
+
+    async def wait_change(self, changed: asyncio.Event) -> None:
+        """Until the watched node changes, or its next read is due (`recheck_ms`; `poll_ms` without a subscription)."""
+        period = (self.cfg.recheck_ms if self.subscribed else self.cfg.poll_ms) / 1000
+        try:
+            async with asyncio.timeout(period):
+                await changed.wait()
+        except TimeoutError:
+            pass
 
     async def run(self) -> None:
         """Keep a session up until cancelled."""
@@ -72,8 +92,12 @@ class PlcLink:
                 pause = min(longest, pause * 2)
                 continue
             self.client, self._types, self._nodes = client, {}, {}
+            client.connection_lost_callback = self._connection_lost  # asyncua's watchdog: a loss between our calls
             self.sessions += 1
             pause = first
+            self.subscribed = await self._subscribe(client)
+            for changed in self._changed.values():  # whatever changed while disconnected: read it now
+                changed.set()
             self._lost.clear()
             self._ready.set()
             metrics.PLC_CONNECTED.set(1)
@@ -82,9 +106,39 @@ class PlcLink:
                 await self._lost.wait()
             finally:
                 self._ready.clear()
+                self.subscribed = False
                 metrics.PLC_CONNECTED.set(0)
                 self.client = None
                 await _close(client)
+
+    async def _subscribe(self, client: Client) -> bool:
+        if self.cfg.watch != "subscribe" or not self._changed:
+            return False
+        by_node = {ua.NodeId.from_string(n): changed for n, changed in self._changed.items()}
+
+        class Changes:
+            def datachange_notification(self, node, val, data):
+                changed = by_node.get(node.nodeid)
+                if changed is not None:
+                    changed.set()
+
+            def status_change_notification(self, status):
+                pass  # a subscription that times out shows as a failed read or write, which reconnects
+
+        try:
+            async with asyncio.timeout(self.cfg.timeout_s):
+                sub = await client.create_subscription(self.cfg.poll_ms, Changes())
+                codes = await sub.subscribe_data_change([client.get_node(n) for n in by_node],
+                                                        sampling_interval=self.cfg.poll_ms)
+            bad = [f"{n.to_string()}: {c.name}" for n, c in zip(by_node, codes) if isinstance(c, ua.StatusCode)]
+            if bad:
+                raise PlcRejected(", ".join(bad))
+        except Exception as e:
+            metrics.ERRORS.labels("plc_subscribe").inc()
+            log.warning("PLC %s: no subscription (%s); reading watched nodes every %g ms instead", self.cfg.url,
+                        _reason(e), self.cfg.poll_ms)
+            return False
+        return True
 
     @property
     def connected(self) -> bool:
@@ -100,6 +154,12 @@ class PlcLink:
         self._ready.clear()
         self._lost.set()
         return PlcUnavailable(_reason(e))
+
+    async def _connection_lost(self, e: Exception) -> None:
+        # asyncua probes the server once a second; with a subscription the gateway itself may not
+        # read anything for a while, and a lost session must not wait for its next read
+        if self.connected:
+            self._lose(e)
 
     def _node(self, node_id: str):
         node = self._nodes.get(node_id)
@@ -127,6 +187,7 @@ class PlcLink:
     async def read(self, node_ids: list[str]) -> list:
         """Values of the nodes, in order, in one Read request."""
         async def work():
+            metrics.PLC_REQUESTS.labels("read").inc()
             nodes = [self._node(n) for n in node_ids]
             results = await self.client.uaclient.read_attributes([n.nodeid for n in nodes], ua.AttributeIds.Value)
             out = []
@@ -140,6 +201,7 @@ class PlcLink:
     async def write(self, values: list[tuple[str, object]]) -> None:
         """Write (node id, value) pairs in one Write request, each as its node's data type."""
         async def work():
+            metrics.PLC_REQUESTS.labels("write").inc()
             nodes = [self._node(n) for n, _ in values]
             for (node_id, _), node in zip(values, nodes):
                 if node_id not in self._types:
