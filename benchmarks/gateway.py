@@ -9,7 +9,8 @@ Trigger to seeing its ResultCounter change: the subscription's notification (or 
 OPC UA round trips, the outbox's synchronous commits, decoding and inference included.
 Reports percentiles, the share of answers within takt, the time the PLC had to wait for its
 trigger to be acknowledged, and the OPC UA requests the gateway sent the PLC per second (from
-its own metrics), which is what watching the stations costs the PLC.
+its own metrics), which is what watching the stations costs the PLC, and the CPU the gateway
+and the simulated PLC used: on a small machine they take it from Triton.
 
 Results: benchmarks/results/gateway-<time>/ (gateway.json, summary.md).
 """
@@ -61,6 +62,14 @@ def _plc_requests(metrics_port: int) -> float:
     return sum(s.value for f in families if f.name == "battery_gateway_plc_requests" for s in f.samples if s.name.endswith("_total"))
 
 
+def _cpu_seconds(pid: int) -> float:
+    """User + system CPU time a process has used so far (Linux /proc)."""
+    import os
+
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 async def _drive(args, cfg_path: Path, cfg, sent, log: Path) -> dict:
     from client.gateway.simulator import PlcSimulator, run_line
 
@@ -80,16 +89,18 @@ async def _drive(args, cfg_path: Path, cfg, sent, log: Path) -> dict:
 
             sim.send = timed_send
             requests = await asyncio.to_thread(_plc_requests, cfg.metrics_port)
+            cpu = {"gateway": _cpu_seconds(gateway.pid), "plc": time.process_time()}
             start = time.monotonic()
             n = await run_line(sim, sent, args.rate, seconds=args.seconds)
             results = await sim.wait_for(n, timeout=max(60.0, args.seconds))
             elapsed = time.monotonic() - start
+            cpu = {"gateway": _cpu_seconds(gateway.pid) - cpu["gateway"], "plc": time.process_time() - cpu["plc"]}
             requests = await asyncio.to_thread(_plc_requests, cfg.metrics_port) - requests
         finally:
             gateway.send_signal(signal.SIGTERM)
             gateway.wait(30)
     return {"sent": n, "answered": len(results), "elapsed_s": elapsed, "results": results, "ack_waits": waits,
-            "plc_requests_per_s": requests / elapsed}
+            "plc_requests_per_s": requests / elapsed, "cpu_cores": {k: v / elapsed for k, v in cpu.items()}}
 
 
 def run(args) -> Path:
@@ -129,7 +140,7 @@ def run(args) -> Path:
               "sent": out["sent"], "answered": out["answered"], "elapsed_s": out["elapsed_s"],
               "duplicates": sum(n - 1 for n in counts.values() if n > 1),
               "errors": sum(1 for r in out["results"] if r.error),
-              "plc_requests_per_s": out["plc_requests_per_s"],
+              "plc_requests_per_s": out["plc_requests_per_s"], "cpu_cores": out["cpu_cores"],
               "within_takt": float(np.mean(lat <= args.takt_ms)) if len(lat) else 0.0,
               "latency_ms": {f"p{q}": float(np.percentile(lat, q)) for q in (50, 90, 99)} | {"max": float(lat.max())} if len(lat) else {},
               "ack_wait_ms": {f"p{q}": float(np.percentile(np.array(out["ack_waits"]) * 1000, q)) for q in (50, 99)}
@@ -153,6 +164,9 @@ def summary(r: dict) -> str:
     if ack:
         lines.append(f"| PLC's wait for the previous trigger's acknowledgement, p50 / p99 | {ack['p50']:.0f} / {ack['p99']:.0f} ms |")
     lines.append(f"| OPC UA requests to the PLC (reads + writes) | {r['plc_requests_per_s']:.0f} /s |")
+    cores = r["cpu_cores"]
+    lines.append(f"| CPU used by the gateway / the simulated PLC (cores; Triton had the rest) | {cores['gateway']:.2f} / "
+                 f"{cores['plc']:.2f} |")
     return "\n".join(lines) + "\n"
 
 

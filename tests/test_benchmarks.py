@@ -132,5 +132,6 @@ def test_gateway_benchmark_times_every_cell_from_trigger_to_answer(tmp_path):
     assert 0 < lat["p50"] <= lat["p90"] <= lat["p99"] <= lat["max"] < 30_000
     # each cell takes at least a read of Trigger and of its fields, the acknowledgement, the handshake's read and two writes
     assert r["plc_requests_per_s"] * r["elapsed_s"] >= 5 * r["sent"]
+    assert 0 < r["cpu_cores"]["gateway"] < 4 and 0 < r["cpu_cores"]["plc"] < 4
     summary = (folder / "summary.md").read_text()
     assert "trigger -> result on the PLC" in summary and "OPC UA requests to the PLC" in summary and "watching by subscribe" in summary

@@ -53,7 +53,7 @@ class Gateway:
         self.outbox = Outbox(cfg.outbox)
         self.plc = PlcLink(cfg.plc)
         for st in cfg.stations:  # the nodes the PLC changes: subscribed to at each connection
-            self.plc.watch(st.nodes["trigger"])
+            self.plc.watch(st.nodes["trigger"], only_true=True)
             if st.handshake:
                 self.plc.watch(st.nodes["result_ack"])
         self.stations = {s.name: s for s in cfg.stations}

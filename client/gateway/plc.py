@@ -60,11 +60,15 @@ class PlcLink:
         self._types: dict[str, ua.VariantType] = {}
         self._nodes: dict[str, object] = {}
         self._changed: dict[str, asyncio.Event] = {}  # watched node id -> set when the PLC reports a change
+        self._only_true: set[str] = set()  # watched nodes whose notifications wake only when the value is true
         self.subscribed = False  # whether this session's subscription is up (else watched nodes are polled)
         self.sessions = 0  # sessions opened so far (1 + reconnections)
 
-    def watch(self, node_id: str) -> asyncio.Event:
-        """The event set whenever `node_id` changes (subscribed at each connection); call before `run`."""
+    def watch(self, node_id: str, only_true: bool = False) -> asyncio.Event:
+        """The event set whenever `node_id` changes (`only_true`: changes to true; a trigger lowered by the
+        gateway itself need not wake it). Subscribed at each connection; call before `run`."""
+        if only_true:
+            self._only_true.add(node_id)
         return self._changed.setdefault(node_id, asyncio.Event())
 
     async def wait_change(self, changed: asyncio.Event) -> None:
@@ -114,12 +118,12 @@ class PlcLink:
     async def _subscribe(self, client: Client) -> bool:
         if self.cfg.watch != "subscribe" or not self._changed:
             return False
-        by_node = {ua.NodeId.from_string(n): changed for n, changed in self._changed.items()}
+        by_node = {ua.NodeId.from_string(n): (changed, n in self._only_true) for n, changed in self._changed.items()}
 
         class Changes:
             def datachange_notification(self, node, val, data):
-                changed = by_node.get(node.nodeid)
-                if changed is not None:
+                changed, only_true = by_node.get(node.nodeid, (None, False))
+                if changed is not None and (val or not only_true):
                     changed.set()
 
             def status_change_notification(self, status):
