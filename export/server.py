@@ -201,7 +201,8 @@ class TritonServer:
         else:
             self.log_path = self.log_path or BUILD / "tritonserver.log"
             self.log_path.parent.mkdir(parents=True, exist_ok=True)
-            self._log = open(self.log_path, "wb")
+            # a restart of the same server appends: what ended its last life stays readable
+            self._log = open(self.log_path, "ab" if self.process is not None else "wb")
             out = self._log
         self.process = subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT if out else None,
                                         start_new_session=not foreground)

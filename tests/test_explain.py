@@ -341,6 +341,33 @@ def test_asyncio_code_awaits_explanations_while_it_goes_on(flagged, tmp_path):
     assert meanwhile and [e["parts"] for e in entries] == [{"slow": "ok", "ct_heatmap": "ok"}] * 2
 
 
+def test_a_long_running_pipeline_keeps_its_index_current_and_a_restart_adds_to_it(flagged, tmp_path):
+    import json
+
+    def listed():
+        return [e["cell_id"] for e in json.loads((tmp_path / "index.json").read_text())["entries"]]
+
+    cases = flagged["cases"]
+    slow = _Blocked()
+    pipeline = ExplanationPipeline([slow], tmp_path, workers=1, index_every_s=3600, resume=True)
+    first, second = pipeline.submit(cases[0]), pipeline.submit(cases[1])
+    slow.release.set()
+    first.result(timeout=30), second.result(timeout=30)
+    # written when the pipeline ran dry, not at close (an hour is not yet due)
+    assert sorted(listed()) == sorted(c.cell_id for c in cases[:2])
+    assert not list(tmp_path.glob(".*.partial"))
+    # "killed": never closed. A new pipeline on the same folder keeps the two and adds one,
+    # the same cell again getting a folder of its own
+    again = ExplanationPipeline([slow], tmp_path, workers=1, index_every_s=3600, resume=True)
+    third = again.submit(cases[0]).result(timeout=30)
+    assert sorted(listed()) == sorted([cases[0].cell_id, cases[0].cell_id, cases[1].cell_id])
+    assert third["report"] != first.result()["report"] and (tmp_path / first.result()["report"]).exists()
+    assert len(again.close()) == 3
+    # without resume (a one-off run such as inspect-dir) the folder's index is that run's alone
+    ExplanationPipeline([slow], tmp_path, workers=1).close()
+    assert listed() == []
+
+
 def test_a_failing_explainer_loses_only_its_part(flagged, tmp_path):
     setup_failed = Unavailable("vlm", "no Gemini API key: set GEMINI_API_KEY or GOOGLE_API_KEY in the environment")
     with ExplanationPipeline([_Broken(), CTHeatmap(), RGBErrorMap(), setup_failed], tmp_path) as pipeline:

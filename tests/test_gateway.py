@@ -55,6 +55,16 @@ def service(tmp_path_factory, small_dataset):
         server.stop()
 
 
+@pytest.fixture(autouse=True)
+def _service_survives(request):
+    """A test during which the shared tritonserver died says so, with how it ended and its log."""
+    yield
+    if "service" in request.fixturenames:
+        server = request.getfixturevalue("service")["server"]
+        code = server.process.poll()
+        assert code is None, f"tritonserver exited with code {code} during this test{server._log_hint()}"
+
+
 def _port() -> int:
     return free_ports(1)[0]
 
@@ -103,6 +113,15 @@ async def _with_gateway(cfg_dict, body, base=Path("."), subscriptions=True):
         await sim.stop()
 
 
+def _waiting_explanation(path: Path) -> int:
+    """Flagged cells the gateway has yet to explain, read beside it (read-only)."""
+    import sqlite3
+    from contextlib import closing
+
+    with closing(sqlite3.connect(f"file:{path}?mode=ro", uri=True)) as db:
+        return db.execute("SELECT COUNT(*) FROM cells WHERE explain=1").fetchone()[0]
+
+
 def _value(metric, *labels) -> float:
     return metric.labels(*labels)._value.get()
 
@@ -118,7 +137,9 @@ def test_normal_flow_gives_each_cell_the_services_verdict_once_and_refused_cells
         await sim.send("s1", "broken-ct", str(tmp_path / "not-an-image.png"), str(cells[0].rgb_path), (0, 2))
         await sim.send("s2", "missing", str(tmp_path / "nowhere.png"), str(cells[0].rgb_path), (0, 2))
         await sim.send("s1", "", str(cells[0].ct_path), str(cells[0].rgb_path), (0, 2))  # no cell id
-        return await sim.wait_for(n + 3, timeout=60)
+        results = await sim.wait_for(n + 3, timeout=60)
+        await _until(lambda: _waiting_explanation(tmp_path / "outbox.sqlite") == 0, timeout=60)
+        return results
 
     cfg = _config(tmp_path, _port(), service["server"].grpc_url, explain={"out": str(tmp_path / "explain")})
     results = asyncio.run(_with_gateway(cfg, body))
@@ -141,6 +162,40 @@ def test_normal_flow_gives_each_cell_the_services_verdict_once_and_refused_cells
         assert set(entry["parts"].values()) == {"ok"}, entry
         report = json.loads((tmp_path / "explain" / entry["json"]).read_text())
         assert report["source"]["station"] in ("s1", "s2")
+
+
+def test_flagged_cells_left_unexplained_at_a_stop_are_explained_once_after_the_restart(service, tmp_path, monkeypatch):
+    from fake_gemini import FakeGemini, answer, delay
+
+    monkeypatch.setenv("GEMINI_API_KEY", "test-key")
+    cells = service["cells"][:10]
+    flagged = sorted(c.cell_id for c in cells if service["expected"][c.cell_id][0] != 0)
+    assert len(flagged) >= 4
+    outbox, explain = tmp_path / "outbox.sqlite", tmp_path / "explain"
+
+    def listed() -> list[str]:
+        index = explain / "index.json"
+        return sorted(e["cell_id"] for e in json.loads(index.read_text())["entries"]) if index.exists() else []
+
+    async def line(sim, cfg):
+        return await sim.wait_for(await run_line(sim, _sent(cells), rate=20), timeout=60)
+
+    async def nothing_left(sim, cfg):  # no new cell: the restarted gateway finds the rest in its outbox
+        await _until(lambda: _waiting_explanation(outbox) == 0, timeout=90)
+
+    with FakeGemini([delay(0.8, answer("Porosity near the top of the slice."))]) as gemini:  # a slow VLM
+        cfg = _config(tmp_path, _port(), service["server"].grpc_url, explain={
+            "out": str(explain), "options": f"--vlm gemini --gemini-url {gemini.url} --explain-workers 1"})
+        results = asyncio.run(_with_gateway(cfg, line))
+        _check_exactly_once(results, service["expected"], [c.cell_id for c in cells])  # the PLC did not wait for reports
+        left, done = _waiting_explanation(outbox), listed()  # stopped: the reports under way were finished
+        assert left > 0 and len(done) + left == len(flagged), (left, done)
+        asyncio.run(_with_gateway(cfg, nothing_left))
+        assert listed() == flagged  # every flagged cell once in the index, which the restart added to
+    # and none was explained twice: one report folder per cell, one VLM request per flagged side of each
+    reports = [json.loads(p.read_text()) for p in (explain / "cells").glob("*/report.json")]
+    assert len(reports) == len(flagged)
+    assert len(gemini.requests) == sum(len({"ct", "rgb"} & set(r["explanations"]["vlm"]["data"])) for r in reports)
 
 
 def test_a_cell_triggered_again_is_answered_from_the_outbox_without_a_second_inspection(service, tmp_path):
@@ -519,6 +574,32 @@ def test_the_outbox_keeps_one_row_per_cell_and_survives_reopening(tmp_path):
     repeat, new = box.record("s1", "c1", (0, 2), "a.png", "b.png")  # the PLC asks again: answered again, not inspected
     assert not new and repeat.state == "answered" and repeat.repeats == 1 and repeat.verdict == 1
     assert box.depth() == {"pending": 1, "answered": 1, "writing": 0, "written": 0}
+
+
+def test_a_cell_to_explain_keeps_its_images_until_explained_and_an_older_outbox_gains_the_column(tmp_path):
+    import sqlite3
+    from contextlib import closing
+
+    from client.gateway.outbox import SCHEMA
+
+    old = SCHEMA.replace("    explain INTEGER NOT NULL DEFAULT 0,\n", "")  # an outbox written before explanations were kept
+    assert "explain" not in old
+    with closing(sqlite3.connect(tmp_path / "o.sqlite")) as db:
+        db.executescript(old)
+        db.execute("INSERT INTO cells (station, cell_id, triggered_at, state) VALUES ('s1', 'before', 0, 'written')")
+        db.commit()
+    box = Outbox(tmp_path / "o.sqlite")
+    assert box.rows()[0].explain == 0 and box.waiting_explanation() == 0
+    flagged, _ = box.record("s1", "flagged", (0, 2), ct_image=b"ct", rgb_image=b"rgb")
+    normal, _ = box.record("s1", "normal", (0, 2), ct_image=b"ct", rgb_image=b"rgb")
+    box.answer(flagged.id, 3, 0.9, explain=True)
+    box.answer(normal.id, 0, 0.9)
+    assert [r.cell_id for r in box.to_explain()] == ["flagged"] and box.waiting_explanation() == 1
+    for row in (flagged, normal):
+        box.written(row.id)
+    assert (box.get(flagged.id).ct_image, box.get(normal.id).ct_image) == (b"ct", None)  # kept for the explainer
+    box.explained(flagged.id)
+    assert box.get(flagged.id).ct_image is None and box.get(flagged.id).rgb_image is None and box.to_explain() == []
 
 
 def test_plc_sim_command_triggers_a_data_set_and_prints_what_the_gateway_answers(service, small_dataset, tmp_path):

@@ -76,7 +76,8 @@ def build_explainers(args) -> list:
     return explainers
 
 
-def build_pipeline(args, title: str = "") -> ExplanationPipeline:
+def build_pipeline(args, title: str = "", **options) -> ExplanationPipeline:
+    """The pipeline the options ask for; `options` go to ExplanationPipeline (index_every_s, resume)."""
     workers = args.explain_workers or (4 if args.vlm == "gemini" else 1)
     return ExplanationPipeline(build_explainers(args), args.explain, workers=workers,
-                               max_backlog=args.explain_backlog, title=title)
+                               max_backlog=args.explain_backlog, title=title, **options)

@@ -14,10 +14,17 @@ written. `submit` returns a `concurrent.futures.Future` (await it with
 
 The workers run at a lower CPU priority (`nice`, Linux threads are scheduled one by one),
 so on a small machine shared with the server they take the CPU the inspections leave.
+
+A long-running caller (the line gateway) passes `index_every_s`, so index.json and
+index.html are rewritten while cells are explained (at most that often, and whenever the
+pipeline runs dry) rather than only at `close`, and `resume=True`, so a restart adds to the
+reports already in `out_dir` instead of replacing their index.
 """
 from __future__ import annotations
 
 import asyncio
+import json
+import logging
 import os
 import re
 import threading
@@ -30,6 +37,8 @@ from pathlib import Path
 from client import metrics
 from client.explain.case import Case
 from client.explain.report import write_cell_report, write_index
+
+log = logging.getLogger("battery.explain")
 
 
 @dataclass
@@ -67,10 +76,11 @@ def _lower_priority(niceness: int) -> None:
 
 class ExplanationPipeline:
     def __init__(self, explainers, out_dir: str | Path, workers: int = 2, max_backlog: int = 256, title: str = "",
-                 nice: int = 10):
+                 nice: int = 10, index_every_s: float | None = None, resume: bool = False):
         if workers < 1 or max_backlog < 1:
             raise ValueError("workers and max_backlog must be at least 1")
         self.explainers = list(explainers)
+        self.workers = workers
         self.out_dir = Path(out_dir)
         self.title = title
         self.out_dir.mkdir(parents=True, exist_ok=True)
@@ -81,6 +91,26 @@ class ExplanationPipeline:
         self._futures: list[Future] = []
         self._pending = 0
         self.entries: list[dict] = []
+        self.index_every_s = index_every_s
+        self._index_written = 0.0
+        if resume:
+            self._resume()
+
+    def _resume(self) -> None:
+        """The entries of the index already in out_dir (their folder names stay taken)."""
+        index = self.out_dir / "index.json"
+        if not index.exists():
+            return
+        try:
+            held = json.loads(index.read_text())
+        except (OSError, ValueError) as e:  # keep the unreadable file for a person to look at
+            index.replace(index.with_name(f"index.unreadable-{time.strftime('%Y%m%d-%H%M%S')}.json"))
+            log.warning("%s could not be read (%s); kept aside, a new index is started", index, e)
+            return
+        for entry in [*held.get("entries", []), *held.get("failed_reports", [])]:
+            self.entries.append(entry)
+            if "report" in entry:
+                self._names.add(entry["report"].split("/")[-2])
 
     @property
     def backlog(self) -> int:
@@ -139,7 +169,15 @@ class ExplanationPipeline:
         entry = write_cell_report(case, parts, folder, self.out_dir)
         with self._lock:
             self.entries.append(entry)
+            # while running: when due, or when this was the last cell in flight
+            if self.index_every_s is not None and (time.monotonic() - self._index_written >= self.index_every_s
+                                                   or self._pending <= 1):
+                self._write_index()
         return entry
+
+    def _write_index(self) -> None:  # with self._lock held
+        write_index(self.out_dir, self.entries, self.explainers, self.title)
+        self._index_written = time.monotonic()
 
     def close(self, progress: bool = False) -> list[dict]:
         """Wait for every submitted cell, write index.html and index.json; the index entries."""
@@ -156,7 +194,8 @@ class ExplanationPipeline:
         for f in futures:
             if f.exception() is not None:  # a failure writing a report: say so, keep the others
                 self.entries.append({"cell_id": "?", "error": f"report not written: {f.exception()}"})
-        write_index(self.out_dir, self.entries, self.explainers, self.title)
+        with self._lock:
+            self._write_index()
         return self.entries
 
     def __enter__(self):

@@ -63,7 +63,14 @@ def write_index(out_dir: Path, entries: list[dict], explainers, title: str = "")
                                "ok": status[(x.name, "ok")], "unavailable": status[(x.name, "unavailable")],
                                "skipped": status[(x.name, "skipped")]} for x in explainers],
                "failed_reports": [e for e in entries if "report" not in e]}
-    (out_dir / "index.json").write_text(json.dumps({**summary, "entries": cells}, indent=1, ensure_ascii=False))
+    # replaced whole, never seen half-written by a reader (the review station, a browser) while a gateway runs
+    _replace(out_dir / "index.json", json.dumps({**summary, "entries": cells}, indent=1, ensure_ascii=False))
     path = out_dir / "index.html"
-    path.write_text(_env.get_template("index.html").render(s=summary, cells=cells))
+    _replace(path, _env.get_template("index.html").render(s=summary, cells=cells))
     return path
+
+
+def _replace(path: Path, text: str) -> None:
+    partial = path.with_name(f".{path.name}.partial")
+    partial.write_text(text)
+    os.replace(partial, path)

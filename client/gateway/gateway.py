@@ -59,7 +59,8 @@ class Gateway:
         self.stations = {s.name: s for s in cfg.stations}
         self._queue: asyncio.Queue[int] = asyncio.Queue()
         self._wake = {s.name: asyncio.Event() for s in cfg.stations}
-        self._explain: asyncio.Queue | None = asyncio.Queue(cfg.explain.backlog) if cfg.explain.out else None
+        self._explaining = cfg.explain.out is not None
+        self._explain_wake = asyncio.Event()  # a flagged cell was recorded, or a report finished
         self.pipeline = None
         self.triton = None
         metrics.start(self.stations)
@@ -84,7 +85,7 @@ class Gateway:
         tasks += [asyncio.create_task(self._writer(s), name=f"writer-{s.name}") for s in self.cfg.stations]
         tasks += [asyncio.create_task(self._infer_worker(), name=f"infer-{i}") for i in range(t.concurrency)]
         tasks.append(asyncio.create_task(self._gauges(), name="gauges"))
-        if self._explain is not None:
+        if self._explaining:
             tasks.append(asyncio.create_task(self._explainer(), name="explain"))
         waiter = asyncio.create_task(stop.wait())
         try:
@@ -226,12 +227,15 @@ class Gateway:
                 log.warning("station %s: cell %s refused by the service: %s", st.name, row.cell_id, result.message)
                 self.outbox.answer(row.id, self.cfg.error_code, 0.0, f"{result.kind}: {result.message}")
             else:
-                self.outbox.answer(row.id, result.verdict_code, result.confidence, None, result.to_dict())
-                if result.flagged and self._explain is not None:
-                    try:
-                        self._explain.put_nowait((row, ct, rgb))
-                    except asyncio.QueueFull:
-                        metrics.ERRORS.labels("explain_skipped").inc()
+                explain = result.flagged and self._explaining
+                if explain and self.outbox.waiting_explanation() >= self.cfg.explain.backlog:
+                    explain = False  # the explainers are slower than the line: this one is skipped
+                    metrics.ERRORS.labels("explain_skipped").inc()
+                    log.warning("cell %s: not explained: %d flagged cells already wait (explain.backlog)", row.cell_id,
+                                self.cfg.explain.backlog)
+                self.outbox.answer(row.id, result.verdict_code, result.confidence, None, result.to_dict(), explain=explain)
+                if explain:
+                    self._explain_wake.set()
             self._wake[st.name].set()
 
     # ------------------------------------------------------------------ outbox -> PLC
@@ -292,8 +296,10 @@ class Gateway:
 
     # ------------------------------------------------------------------ explanations
     async def _explainer(self) -> None:
-        """Flagged cells, one after another: the service's heatmaps for the cell, then the
-        explanation pipeline (its own worker threads, its own backlog limit)."""
+        """Flagged cells waiting in the outbox, oldest first: the service's heatmaps for the cell,
+        then the explanation pipeline (its own worker threads). A cell leaves the outbox's waiting
+        list when its report is written, so after a stop or a crash the next start explains the
+        cells the last one had not (a report being written at a crash is written again)."""
         import argparse
         import shlex
 
@@ -305,21 +311,57 @@ class Gateway:
         add_arguments(p, str(self.cfg.explain.out))
         options = p.parse_args(shlex.split(self.cfg.explain.options))
         options.explain, options.explain_backlog = self.cfg.explain.out, self.cfg.explain.backlog
-        self.pipeline = await asyncio.to_thread(build_pipeline, options, "gateway")
+        # the gateway runs for days: its index is kept current, and a restart adds to it
+        self.pipeline = await asyncio.to_thread(build_pipeline, options, "gateway", index_every_s=10.0, resume=True)
         info = None
-        async with triton_client(self.cfg.triton, heatmaps=True, backoff=Backoff(retries=3)) as heat:
+        in_flight: set[int] = set()  # submitted to the pipeline, report not yet written
+        most = max(1, min(2 * self.pipeline.workers, self.cfg.explain.backlog))  # the rest wait in the outbox, not in memory
+        first, longest = self.cfg.triton.retry_s
+        pause = first
+
+        def reported(row_id: int) -> None:
+            in_flight.discard(row_id)
+            if not self.outbox.closed:
+                self.outbox.explained(row_id)
+            self._explain_wake.set()
+
+        async with triton_client(self.cfg.triton, heatmaps=True, backoff=Backoff(retries=0)) as heat:
             while True:
-                row, ct, rgb = await self._explain.get()
+                self._explain_wake.clear()
+                waiting = [r for r in self.outbox.to_explain(most + len(in_flight)) if r.id not in in_flight]
+                if not waiting or len(in_flight) >= most:
+                    try:
+                        async with asyncio.timeout(5.0):
+                            await self._explain_wake.wait()
+                    except TimeoutError:
+                        pass
+                    continue
+                row = waiting[0]
                 try:
+                    st = self.stations.get(row.station)
+                    if st is None:
+                        raise ImageUnavailable(f"station {row.station} is no longer configured")
+                    ct, rgb = await self._images(st, row)
                     if info is None:
                         info = await asyncio.to_thread(_serving_info, self.cfg.triton)
                     inspection: Inspection = await heat.inspect(ct, row.meta, rgb, row.cell_id)
-                except Exception as e:  # explanations are best effort; the verdict is already on its way
+                except Exception as e:
+                    error = getattr(e, "error", None)
+                    if (isinstance(error, CellError) and service_fault(error)) or (info is None and not isinstance(e, ImageUnavailable)):
+                        log.warning("cell %s: explanation waits for the service (%s); again in %.1f s", row.cell_id, e, pause)
+                        await asyncio.sleep(pause)  # the cell stays in the outbox's waiting list
+                        pause = min(longest, pause * 2)
+                        continue
                     metrics.ERRORS.labels("explain_skipped").inc()
                     log.warning("cell %s: not explained: %s", row.cell_id, e)
+                    self.outbox.explained(row.id)
                     continue
-                self.pipeline.submit(Case(inspection, ct, row.meta, rgb, info["ct"], info["rgb"],
-                                          {"station": row.station, "ct_path": row.ct_path, "rgb_path": row.rgb_path}))
+                pause = first
+                in_flight.add(row.id)
+                done = asyncio.wrap_future(self.pipeline.submit(Case(
+                    inspection, ct, row.meta, rgb, info["ct"], info["rgb"],
+                    {"station": row.station, "ct_path": row.ct_path, "rgb_path": row.rgb_path})))
+                done.add_done_callback(lambda _, row_id=row.id: reported(row_id))
 
 
 def _tls(t: Triton) -> dict:

@@ -13,6 +13,9 @@ and ResultCounter) so that a result the PLC already has is not written twice. A 
 cells are written in trigger order. One row per (station, cell id): a trigger for a cell the
 outbox already holds is a repeat, answered from the outbox, never inspected or counted
 again. Commits are synchronous (WAL, fsync) so that a power cut loses no recorded trigger.
+
+A flagged cell to be explained is marked with its answer (`explain` = 1) and keeps its images
+until its report is written (`explained`), so a restart explains the cells it had not yet.
 """
 from __future__ import annotations
 
@@ -44,10 +47,12 @@ CREATE TABLE IF NOT EXISTS cells (
     written_at REAL,
     repeats INTEGER NOT NULL DEFAULT 0,
     acked INTEGER NOT NULL DEFAULT 0,
+    explain INTEGER NOT NULL DEFAULT 0,
     UNIQUE (station, cell_id)
 );
 CREATE INDEX IF NOT EXISTS cells_state ON cells (state, station, id);
 """
+EXPLAIN_INDEX = "CREATE INDEX IF NOT EXISTS cells_to_explain ON cells (id) WHERE explain = 1"
 STATES = ("pending", "answered", "writing", "written")
 
 
@@ -73,6 +78,7 @@ class Row:
     written_at: float | None
     repeats: int
     acked: int
+    explain: int
 
     @property
     def meta(self) -> tuple[float, float]:
@@ -88,13 +94,23 @@ class Outbox:
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.db = sqlite3.connect(self.path, isolation_level=None)  # explicit transactions below
+        self.closed = False
         self.db.row_factory = lambda cur, row: Row(*row)
         self.db.execute("PRAGMA journal_mode=WAL")
         self.db.execute("PRAGMA synchronous=FULL")
         self.db.executescript(SCHEMA)
+        if "explain" not in self._columns():  # an outbox from before explanations were kept in it
+            self.db.execute("ALTER TABLE cells ADD COLUMN explain INTEGER NOT NULL DEFAULT 0")
+        self.db.execute(EXPLAIN_INDEX)
+
+    def _columns(self) -> set[str]:
+        cur = self.db.cursor()
+        cur.row_factory = None
+        return {c[1] for c in cur.execute("PRAGMA table_info(cells)").fetchall()}
 
     def close(self) -> None:
         self.db.close()
+        self.closed = True
 
     def record(self, station: str, cell_id: str, meta: tuple[float, float], ct_path: str | None = None,
                rgb_path: str | None = None, ct_image: bytes | None = None, rgb_image: bytes | None = None,
@@ -132,11 +148,29 @@ class Outbox:
         """Cells still to be sent to the service, oldest first."""
         return self.db.execute("SELECT * FROM cells WHERE state='pending' ORDER BY id").fetchall()
 
-    def answer(self, row_id: int, verdict: int, confidence: float, error: str | None = None, answer: dict | None = None) -> None:
+    def answer(self, row_id: int, verdict: int, confidence: float, error: str | None = None, answer: dict | None = None,
+               explain: bool = False) -> None:
+        """The service's answer; `explain`: the cell waits to be explained (see `to_explain`)."""
         with self.db:
-            self.db.execute("UPDATE cells SET state='answered', verdict=?, confidence=?, error=?, answer=?, answered_at=? "
-                            "WHERE id=? AND state='pending'",
-                            (int(verdict), float(confidence), error, json.dumps(answer) if answer else None, time.time(), row_id))
+            self.db.execute("UPDATE cells SET state='answered', verdict=?, confidence=?, error=?, answer=?, answered_at=?, "
+                            "explain=? WHERE id=? AND state='pending'",
+                            (int(verdict), float(confidence), error, json.dumps(answer) if answer else None, time.time(),
+                             int(explain), row_id))
+
+    def to_explain(self, limit: int = 64) -> list[Row]:
+        """Answered cells waiting to be explained, oldest first."""
+        return self.db.execute("SELECT * FROM cells WHERE explain=1 ORDER BY id LIMIT ?", (limit,)).fetchall()
+
+    def waiting_explanation(self) -> int:
+        cur = self.db.cursor()
+        cur.row_factory = None
+        return cur.execute("SELECT COUNT(*) FROM cells WHERE explain=1").fetchone()[0]
+
+    def explained(self, row_id: int) -> None:
+        """The cell's report is written (or it cannot be explained): its images go once it is on the PLC."""
+        with self.db:
+            self.db.execute("UPDATE cells SET explain=0, ct_image=CASE WHEN state='written' THEN NULL ELSE ct_image END, "
+                            "rgb_image=CASE WHEN state='written' THEN NULL ELSE rgb_image END WHERE id=?", (row_id,))
 
     def next_to_write(self, station: str) -> Row | None:
         """The station's oldest cell not yet on the PLC (results go out in trigger order); it may
@@ -150,8 +184,8 @@ class Outbox:
 
     def written(self, row_id: int) -> None:
         with self.db:
-            self.db.execute("UPDATE cells SET state='written', written_at=?, ct_image=NULL, rgb_image=NULL WHERE id=?",
-                            (time.time(), row_id))
+            self.db.execute("UPDATE cells SET state='written', written_at=?, ct_image=CASE WHEN explain=1 THEN ct_image END, "
+                            "rgb_image=CASE WHEN explain=1 THEN rgb_image END WHERE id=?", (time.time(), row_id))
 
     def depth(self) -> dict[str, int]:
         """Cells per state."""
