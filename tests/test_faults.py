@@ -83,6 +83,9 @@ def test_a_killed_backend_process_is_found_by_the_probe_and_serve_restarts_the_s
         while probe_grpc(url)[0] is not None:
             assert proc.poll() is None and time.monotonic() < deadline, "".join(lines)
             time.sleep(1)
+        # serve says so once its own readiness check passes, which may come a moment after ours
+        while "tritonserver is ready again" not in "".join(lines) and time.monotonic() < deadline:
+            time.sleep(0.2)
         said = "".join(lines)
         assert "watchdog: the inference probe failed twice" in said and "not healthy" in said and "tritonserver is ready again" in said
         assert _stub_pids(setup["repo"], api.VERDICT_MODEL) and victims[0] not in _stub_pids(setup["repo"], api.VERDICT_MODEL)
