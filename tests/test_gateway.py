@@ -431,7 +431,7 @@ def test_a_gateway_killed_mid_run_resumes_from_its_outbox(service, tmp_path):
     from test_monitoring import DASHBOARD
 
     panels = [p for p in json.loads(DASHBOARD.read_text())["panels"] if p["title"].startswith("Line gateway")]
-    assert len(panels) == 3
+    assert len(panels) == 4
     for target in (t for p in panels for t in p["targets"]):
         names = _metric_names(target["expr"], {})
         assert names and all(n.startswith("battery_gateway_") for n in names) and names <= live, (target["expr"], names - live)
