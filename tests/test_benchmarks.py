@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+from pathlib import Path
 
 import pytest
 from tiny_models import make_ct_run, make_rgb_run
@@ -98,14 +99,19 @@ def _small_benchmark_inputs(tmp_path):
     return data, [make_ct_run(tmp_path / "ct", size=64), make_rgb_run(tmp_path / "rgb", size=64)], tmp_path / "results"
 
 
+def _run_small(main, name: str, tmp_path, *options: str) -> tuple[int, Path, dict]:
+    """(exit code, results folder, its <name>.json) of a benchmark's `main` on the small inputs, 4 cells."""
+    data, runs, out = _small_benchmark_inputs(tmp_path)
+    code = main(["--runs", *map(str, runs), "--data", str(data), "--cells", "4", *options,
+                 "--repository", str(tmp_path / "repo"), "--out", str(out)])
+    folder = next(out.glob(f"{name}-*"))
+    return code, folder, json.loads((folder / f"{name}.json").read_text())
+
+
 def test_soak_runs_end_to_end_and_reports_failures_memory_and_the_burst(tmp_path):
     from benchmarks.soak import main as soak
 
-    data, runs, out = _small_benchmark_inputs(tmp_path)
-    code = soak(["--runs", *map(str, runs), "--data", str(data), "--cells", "4", "--minutes", "0.1", "--saturation-seconds", "2",
-                 "--burst-seconds", "2", "--repository", str(tmp_path / "repo"), "--out", str(out)])
-    folder = next(out.glob("soak-*"))
-    r = json.loads((folder / "soak.json").read_text())
+    code, folder, r = _run_small(soak, "soak", tmp_path, "--minutes", "0.1", "--saturation-seconds", "2", "--burst-seconds", "2")
     assert code == 0, (folder / "summary.md").read_text()
     assert r["saturation_cells_per_s"] > 0 and r["soak"]["sent"] > 0 and r["soak"]["answered"] == r["soak"]["sent"]
     assert len(r["memory"]["samples"]) >= 2 and r["memory"]["baseline_bytes"] > 50 * 2**20  # tritonserver and its backends
@@ -121,11 +127,7 @@ def test_soak_runs_end_to_end_and_reports_failures_memory_and_the_burst(tmp_path
 def test_gateway_benchmark_times_every_cell_from_trigger_to_answer(tmp_path):
     from benchmarks.gateway import main as gateway
 
-    data, runs, out = _small_benchmark_inputs(tmp_path)
-    code = gateway(["--runs", *map(str, runs), "--data", str(data), "--cells", "4", "--rate", "6", "--seconds", "3",
-                    "--stations", "2", "--repository", str(tmp_path / "repo"), "--out", str(out)])
-    folder = next(out.glob("gateway-*"))
-    r = json.loads((folder / "gateway.json").read_text())
+    code, folder, r = _run_small(gateway, "gateway", tmp_path, "--rate", "6", "--seconds", "3", "--stations", "2")
     assert code == 0, (folder / "summary.md").read_text() + (folder / "gateway.log").read_text()[-2000:]
     assert r["sent"] >= 12 and r["answered"] == r["sent"] and r["duplicates"] == 0 and r["errors"] == 0
     lat = r["latency_ms"]

@@ -104,9 +104,13 @@ class Outbox:
         self.db.execute(EXPLAIN_INDEX)
 
     def _columns(self) -> set[str]:
+        return {c[1] for c in self._plain("PRAGMA table_info(cells)")}
+
+    def _plain(self, sql: str, args: tuple = ()) -> list[tuple]:
+        """Rows of a query that are not cells (counts, schema), as tuples."""
         cur = self.db.cursor()
         cur.row_factory = None
-        return {c[1] for c in cur.execute("PRAGMA table_info(cells)").fetchall()}
+        return cur.execute(sql, args).fetchall()
 
     def close(self) -> None:
         self.db.close()
@@ -162,9 +166,7 @@ class Outbox:
         return self.db.execute("SELECT * FROM cells WHERE explain=1 ORDER BY id LIMIT ?", (limit,)).fetchall()
 
     def waiting_explanation(self) -> int:
-        cur = self.db.cursor()
-        cur.row_factory = None
-        return cur.execute("SELECT COUNT(*) FROM cells WHERE explain=1").fetchone()[0]
+        return self._plain("SELECT COUNT(*) FROM cells WHERE explain=1")[0][0]
 
     def explained(self, row_id: int) -> None:
         """The cell's report is written (or it cannot be explained): its images go once it is on the PLC."""
@@ -189,9 +191,7 @@ class Outbox:
 
     def depth(self) -> dict[str, int]:
         """Cells per state."""
-        cur = self.db.cursor()
-        cur.row_factory = None
-        return dict.fromkeys(STATES, 0) | dict(cur.execute("SELECT state, COUNT(*) FROM cells GROUP BY state").fetchall())
+        return dict.fromkeys(STATES, 0) | dict(self._plain("SELECT state, COUNT(*) FROM cells GROUP BY state"))
 
     def prune(self, older_than_s: float) -> int:
         """Forget written cells triggered more than `older_than_s` ago; how many."""
