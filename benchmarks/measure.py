@@ -29,13 +29,29 @@ def timed(fn, min_seconds: float, min_calls: int = 2) -> tuple[float, int]:
     return (time.perf_counter() - start) / calls, calls
 
 
-def machine() -> dict:
+def _cpuinfo() -> tuple[str, set[str]]:
     lines = open("/proc/cpuinfo").read().splitlines() if os.path.exists("/proc/cpuinfo") else []
     model = next((line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")), platform.processor())
-    flags = next((line for line in lines if line.startswith("flags")), "")
-    return {"cpu": model, "cores": os.cpu_count(), "avx2": " avx2" in flags, "avx512f": " avx512f" in flags,
-            "vnni": "avx512_vnni" in flags or "avx_vnni" in flags, "python": platform.python_version(),
-            "torch": torch.__version__, "torch_threads": torch.get_num_threads()}
+    flags = next((line.split(":", 1)[1] for line in lines if line.startswith("flags")), "")
+    return model, set(flags.split())
+
+
+def instruction_set() -> str:
+    """The vector instructions that decide this CPU's speed, as every figure names them:
+    "AVX-512 VNNI", "AVX-512 (no VNNI)", "AVX2 + AVX-VNNI" or "AVX2 (no VNNI)"."""
+    _, flags = _cpuinfo()
+    if "avx512f" in flags:
+        return "AVX-512 VNNI" if "avx512_vnni" in flags else "AVX-512 (no VNNI)"
+    if "avx2" in flags:
+        return "AVX2 + AVX-VNNI" if "avx_vnni" in flags else "AVX2 (no VNNI)"
+    return "no AVX2"
+
+
+def machine() -> dict:
+    model, flags = _cpuinfo()
+    return {"cpu": model, "cores": os.cpu_count(), "instruction_set": instruction_set(), "avx2": "avx2" in flags,
+            "avx512f": "avx512f" in flags, "vnni": "avx512_vnni" in flags or "avx_vnni" in flags,
+            "python": platform.python_version(), "torch": torch.__version__, "torch_threads": torch.get_num_threads()}
 
 
 def sgemm_gflops(n: int = 2048, seconds: float = 2.0) -> float:

@@ -28,7 +28,7 @@ def main(argv=None) -> int:
     import onnxruntime as ort
     from sklearn.metrics import f1_score
 
-    from benchmarks.measure import timed
+    from benchmarks.measure import machine, timed
     from ensemble import interface as api
     from export.__main__ import resolve_runs
     from export.onnx_export import export_run
@@ -50,7 +50,8 @@ def main(argv=None) -> int:
         x = np.stack([ct_tensor(r.path.read_bytes(), info) for r in records])
         meta = np.array([r.meta for r in records], np.float32)
         labels = np.array([r.label_index for r in records])
-        out = {"runs": {k: str(v) for k, v in runs.items()}, "test": str(test), "slices": len(records), "batch": args.batch}
+        out = {"machine": machine(), "runs": {k: str(v) for k, v in runs.items()}, "test": str(test), "slices": len(records),
+               "batch": args.batch, "input_size": int(info["input_size"])}
         for name, path in (("fp32", fp32), ("int8", int8)):
             s = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
             probs = np.concatenate([s.run(None, {api.CT_TENSOR: x[i:i + 32], api.CT_META: meta[i:i + 32]})[0] for i in range(0, len(x), 32)])
@@ -62,7 +63,9 @@ def main(argv=None) -> int:
     loss = (out["fp32"]["macro_f1"] - out["int8"]["macro_f1"]) * 100
     same = float(np.mean(np.array(out["fp32"].pop("top_class")) == np.array(out["int8"].pop("top_class"))))
     out |= {"speedup": speedup, "macro_f1_loss_points": loss, "same_top_class": same}
-    print(f"CT classifier on {len(records)} slices of {test}, ONNX Runtime batch {args.batch}:")
+    m = out["machine"]
+    print(f"CT classifier ({out['input_size']} px) on {len(records)} slices of {test}, ONNX Runtime batch {args.batch}, "
+          f"{m['cpu']}, {m['cores']} cores, {m['instruction_set']}:")
     print(f"  FP32 {out['fp32']['images_per_s']:.1f} images/s, macro-F1 {out['fp32']['macro_f1']:.4f}")
     print(f"  INT8 {out['int8']['images_per_s']:.1f} images/s, macro-F1 {out['int8']['macro_f1']:.4f}")
     print(f"  speed-up {speedup:.2f}x (target >= 1.8), macro-F1 loss {loss:.2f} points (target <= 1), same top class {same:.1%}")

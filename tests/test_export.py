@@ -2,6 +2,9 @@
 from __future__ import annotations
 
 import json
+import shutil
+import subprocess
+import sys
 
 import numpy as np
 import onnx
@@ -303,6 +306,25 @@ def test_a_rebuild_replaces_the_models_and_keeps_the_folders_readme(runs, tmp_pa
     assert not (out / "stale_model").exists() and (out / api.INSPECT / "config.pbtxt").exists()
 
 
+def _int8_cannot_saturate(path) -> None:
+    """Every quantised convolution either has int8 weights in 7 bits or uint8 weights (U8U8):
+    ONNX Runtime's 16-bit pair sums on CPUs without VNNI cannot saturate (export.quantize)."""
+    from onnx import numpy_helper
+
+    model = onnx.load(str(path))
+    weights = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+    producers = {o: n for n in model.graph.node for o in n.output}
+    convs = [n for n in model.graph.node if n.op_type == "Conv"]
+    kinds = []
+    for conv in convs:
+        dq = producers.get(conv.input[1])
+        assert dq is not None and dq.op_type == "DequantizeLinear", f"{conv.name}: weights not quantised"
+        w = weights[dq.input[0]]
+        kinds.append(w.dtype)
+        assert w.dtype == np.uint8 or (w.dtype == np.int8 and np.abs(w.astype(int)).max() <= 64), f"{conv.name}: {w.dtype} {w.min()}..{w.max()}"
+    assert kinds[0] == np.uint8 and all(k == np.int8 for k in kinds[1:])  # U8U8 only for the first (cheap) convolution
+
+
 def test_int8_and_fp16_repositories_keep_the_interface_and_the_decisions(runs, tmp_path):
     import onnx
 
@@ -332,6 +354,17 @@ def test_int8_and_fp16_repositories_keep_the_interface_and_the_decisions(runs, t
     p8, cam8 = ort.InferenceSession(str(int8 / api.CT_CLASSIFIER / "1" / "model.onnx")).run(None, feeds)
     assert np.abs(p8 - p32).max() < 0.05 and np.mean(p8.argmax(1) == p32.argmax(1)) >= 0.9
     assert cam8.shape == cam32.shape
+    _int8_cannot_saturate(int8 / api.CT_CLASSIFIER / "1" / "model.onnx")
+    _int8_cannot_saturate(int8 / api.RGB_AUTOENCODER / "1" / "model.onnx")
+    # The same INT8 model on a CPU without VNNI (AVX2 only, emulated): the same answers
+    if shutil.which("qemu-x86_64"):
+        np.savez(tmp_path / "feeds.npz", **feeds)
+        script = ("import sys, numpy as np, onnxruntime as ort; f = dict(np.load(sys.argv[2]));"
+                  "np.save(sys.argv[3], ort.InferenceSession(sys.argv[1]).run(None, f)[0])")
+        subprocess.run(["qemu-x86_64", "-cpu", "Haswell", sys.executable, "-c", script, str(int8 / api.CT_CLASSIFIER / "1" / "model.onnx"),
+                        str(tmp_path / "feeds.npz"), str(tmp_path / "avx2.npy")], check=True, capture_output=True, timeout=300)
+        p8_avx2 = np.load(tmp_path / "avx2.npy")
+        assert np.abs(p8_avx2 - p8).max() < 1e-4 and np.abs(p8_avx2 - p32).max() < 0.05
     with pytest.raises(ValueError, match="precision must be one of fp32, fp16, int8"):
         Tuning(precision="bf16")
     half = tmp_path / "fp16"
