@@ -34,7 +34,7 @@ def cmd_onnx(args) -> int:
 def tuning_from(args):
     from export.repository import Tuning
 
-    from export.decode import Limits
+    from training.decode import Limits
 
     given = {"max_batch_size": args.max_batch_size, "max_queue_delay_us": args.queue_delay_us, "max_queue_size": args.max_queue_size,
              "preprocess_instances": args.preprocess_instances, "network_instances": args.network_instances,

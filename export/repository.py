@@ -32,7 +32,7 @@ import numpy as np
 
 from ensemble import interface as api
 from ensemble.rule import RULE_FILE, load_rule
-from export.decode import Limits
+from training.decode import Limits
 from export.onnx_export import export_run
 from export.spec import MANIFEST, Batching, EnsembleSpec, ModelSpec, Step, Tensor, to_pbtxt
 from training.checkpoint import CHECKPOINT

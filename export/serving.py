@@ -11,9 +11,9 @@ import numpy as np
 
 from ensemble import interface as api
 from ensemble.rule import VerdictRule, decide, rgb_anomalous, rgb_confidence
-from export.decode import ImageError, Limits, decode_ct, decode_rgb
 from training.data.labels import BATTERY_TYPES, SLICE_AXES
-from training.preprocess import ct_input, rgb_input
+from training.decode import ImageError, Limits
+from training.preprocess import encoded_ct_input, encoded_rgb_input
 
 
 class RequestError(ValueError):
@@ -49,24 +49,15 @@ def _image_bytes(item) -> bytes:
     return bytes(item)
 
 
-def _not_blank(image: np.ndarray, what: str) -> np.ndarray:
-    """Refuse an image whose pixels are all equal (a dark frame, a saturated sensor, a failed
-    reconstruction): the models would answer it, but about nothing."""
-    low, high = image.min(), image.max()
-    if low == high:
-        raise ImageError(f"{what} is blank: every pixel is {low} (a camera or reconstruction fault); nothing to inspect")
-    return image
-
-
 def ct_tensor(data: bytes, info: dict, limits: Limits = Limits()) -> np.ndarray:
     """One encoded CT slice -> (1, S, S) float32 model input, as training prepared it."""
     norm = info["normalization"]
-    return ct_input(_not_blank(decode_ct(data, limits), "CT_IMAGE"), int(info["input_size"]), norm["mean"], norm["std"])[0]
+    return encoded_ct_input(data, int(info["input_size"]), norm["mean"], norm["std"], limits)[0]
 
 
 def rgb_tensor(data: bytes, info: dict, limits: Limits = Limits()) -> np.ndarray:
     """One encoded photo -> (3, S, S) float32 in 0..1, as training prepared it."""
-    return rgb_input(_not_blank(decode_rgb(data, limits), "RGB_IMAGE"), int(info["input_size"]))[0]
+    return encoded_rgb_input(data, int(info["input_size"]), limits)[0]
 
 
 def _encoded_batch(images: np.ndarray, one_cell, info: dict, limits: Limits) -> np.ndarray:

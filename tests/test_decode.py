@@ -1,4 +1,4 @@
-"""What the preprocessing models do, without a server: decoding, limits, metadata checks, batched ONNX runs."""
+"""What the preprocessing models do, without a server: decoding at scale, limits, metadata checks, batched ONNX runs."""
 from __future__ import annotations
 
 import io
@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from export.decode import ImageError, Limits, decode_ct, decode_rgb, sniff
 from export.serving import OrtRunner, RequestError, check_meta, ct_tensors, rgb_tensors
-from training.preprocess import ct_input, load_image
+from training.decode import ImageError, Limits, box_reduce, decode_ct, decode_rgb, open_ct, open_rgb, sniff
+from training.preprocess import encoded_ct_input, encoded_rgb_input
 
 
 def encode(array: np.ndarray, fmt: str, **kw) -> bytes:
@@ -46,13 +46,10 @@ def dicom(pixels: np.ndarray, bits_stored: int | None = None, with_pixels: bool 
 
 
 @pytest.mark.parametrize("fmt, bits", [("PNG", 8), ("PNG", 16), ("TIFF", 8), ("TIFF", 16), ("JPEG", 8)])
-def test_ct_formats_decode_to_what_training_reads_from_the_same_file(tmp_path, fmt, bits):
+def test_ct_formats_decode_at_full_resolution_to_their_pixels(fmt, bits):
     pixels = ct_slice(bits=bits)
-    data = encode(pixels, fmt)
-    (tmp_path / "x").write_bytes(data)
-    decoded = decode_ct(data)
-    np.testing.assert_array_equal(decoded, load_image(tmp_path / "x"))
-    assert decoded.dtype == (np.uint8 if bits == 8 else np.uint16)
+    decoded = decode_ct(encode(pixels, fmt))
+    assert decoded.dtype == (np.uint8 if bits == 8 else np.uint16) and decoded.shape == pixels.shape
     if fmt != "JPEG":
         np.testing.assert_array_equal(decoded, pixels)
 
@@ -60,9 +57,105 @@ def test_ct_formats_decode_to_what_training_reads_from_the_same_file(tmp_path, f
 def test_an_8_bit_and_a_16_bit_slice_of_the_same_picture_give_the_same_model_input():
     eight = ct_slice(bits=8)
     sixteen = eight.astype(np.uint16) * 257  # the same values on the 16-bit scale
-    a = ct_input(decode_ct(encode(eight, "PNG")), 64)[0]
-    b = ct_input(decode_ct(encode(sixteen, "TIFF")), 64)[0]
+    a = encoded_ct_input(encode(eight, "PNG"), 64)[0]
+    b = encoded_ct_input(encode(sixteen, "TIFF"), 64)[0]
     np.testing.assert_allclose(a, b, atol=1e-5)
+
+
+def test_box_reduction_is_the_mean_of_each_block():
+    rng = np.random.default_rng(0)
+    sixteen = rng.integers(0, 65536, (40, 24), dtype=np.uint16)
+    expected = sixteen.astype(np.float64).reshape(10, 4, 6, 4).mean(axis=(1, 3)) / 65535
+    np.testing.assert_allclose(box_reduce(sixteen, 4), expected, rtol=1e-6)
+    eight = rng.integers(0, 256, (40, 24, 3), dtype=np.uint8)
+    means = eight.astype(np.float64).reshape(20, 2, 12, 2, 3).mean(axis=(1, 3))
+    assert np.abs(box_reduce(eight, 2).astype(np.float64) - means).max() <= 0.5 + 1e-9  # rounded to 8 bits
+    odd = box_reduce(rng.integers(0, 65536, (41, 26), dtype=np.uint16), 4)
+    assert odd.shape == (11, 7)  # a partial block at the edge still gives a pixel
+
+
+@pytest.mark.parametrize("fmt, scale", [("JPEG", 4), ("JPEG", 8), ("PNG", 4), ("TIFF", 2)])
+def test_decoding_at_a_scale_gives_the_reduced_picture(fmt, scale):
+    pixels = ct_slice(size=512)
+    decoded = open_ct(encode(pixels, fmt)).decode(scale)
+    assert decoded.scale == scale and decoded.pixels.shape == (512 // scale, 512 // scale)
+    assert (decoded.width, decoded.height) == (512, 512)
+    reference = pixels.astype(np.float64).reshape(512 // scale, scale, 512 // scale, scale).mean(axis=(1, 3))
+    # JPEG in the DCT domain: the same picture, up to its compression error
+    assert np.abs(decoded.pixels.astype(np.float64) - reference).mean() < (4 if fmt == "JPEG" else 0.5)
+
+
+def _line_size_files(tmp_path):
+    """One 4000 x 4000 slice as JPEG, PNG, 16-bit TIFF and DICOM, and a 1920 x 1080 photo as JPEG and PNG."""
+    from training.synth.ct import CTSliceSpec, render_ct_slice
+    from training.synth.rgb import RGBPhotoSpec, render_rgb_photo
+
+    rendered = render_ct_slice(CTSliceSpec(1, "module", "cylindrical", "z", 3, "porosity", True, 4000, 5))
+    ct, outline = rendered.image, rendered.outline
+    photo = render_rgb_photo(RGBPhotoSpec(1, "cell", "pouch", 0, ("Damaged",), 1920, 1080, 5)).image
+    files = {"ct.jpg": encode(ct, "JPEG", quality=90), "ct.png": encode(ct, "PNG", compress_level=1),
+             "ct.tif": encode(ct.astype(np.uint16) * 257, "TIFF"), "ct.dcm": dicom(ct.astype(np.uint16) * 257),
+             "rgb.jpg": encode(photo, "JPEG", quality=92), "rgb.png": encode(photo, "PNG", compress_level=1)}
+    for name, data in files.items():
+        (tmp_path / name).write_bytes(data)
+    return files, outline
+
+
+def test_line_size_files_give_identical_tensors_through_the_served_and_the_training_path(tmp_path):
+    from training.datasets import _ct_one, _rgb_one
+
+    files, outline = _line_size_files(tmp_path)
+    info = {"input_size": 160, "normalization": {"mean": 0.2, "std": 0.25}}
+    served = {}
+    for name, data in files.items():
+        if name.startswith("ct"):
+            x = ct_tensors(np.array([[data]], object), info)[0]
+            trained, crop = _ct_one((tmp_path / name, 160, 0.2, 0.25))
+        else:
+            x = rgb_tensors(np.array([[data]], object), info)[0]
+            trained, crop = _rgb_one((tmp_path / name, 160))
+        np.testing.assert_array_equal(x.astype(np.float16), trained)  # training keeps its arrays in float16
+        served[name] = (x, crop)
+    # the crop is in the slice's own pixels, whatever scale it was decoded at: around the labelled outline
+    crop = served["ct.jpg"][1]
+    (ox0, oy0), (ox1, oy1) = outline.min(0), outline.max(0)
+    assert crop.x0 <= ox0 and crop.y0 <= oy0 and crop.x0 + crop.side >= ox1 and crop.y0 + crop.side >= oy1, (crop, outline)
+    assert crop.side < 1.3 * max(ox1 - ox0, oy1 - oy0), crop
+    # the same slice in four formats: the same input, up to JPEG's compression and 8-bit rounding
+    for name in ("ct.png", "ct.tif", "ct.dcm"):
+        assert np.abs(served[name][0] - served["ct.jpg"][0]).mean() < 0.05, name
+    np.testing.assert_allclose(served["ct.tif"][0], served["ct.dcm"][0], atol=1e-6)
+    assert np.abs(served["rgb.png"][0] - served["rgb.jpg"][0]).mean() < 0.02
+
+
+def test_a_line_size_jpeg_is_decoded_once_at_the_scale_its_crop_needs(tmp_path, monkeypatch):
+    from training import decode
+
+    files, _ = _line_size_files(tmp_path)
+    scales = []
+    real = decode.Source.decode
+    monkeypatch.setattr(decode.Source, "decode", lambda self, scale=1: scales.append(scale) or real(self, scale))
+    x, crop = encoded_ct_input(files["ct.jpg"], 512)
+    # 2000 px decoded (4000 x CT_CROP_SHARE / 2 >= 512): any battery's crop keeps its full 512 px
+    assert scales == [2] and crop.side / 2 >= 512
+    scales.clear()
+    encoded_ct_input(files["ct.jpg"], 160)
+    assert scales == [8]
+    scales.clear()
+    x, crop = encoded_rgb_input(files["rgb.jpg"], 128)
+    assert len(scales) == 1 and min(crop.width, crop.height) / scales[0] >= 128
+
+
+def test_a_small_battery_in_a_large_slice_is_decoded_again_finer():
+    from training.preprocess import CROP_MARGIN, CT_CROP_SHARE, _ct_grey, _decode_for, _square_around, find_battery_ct
+
+    small = np.zeros((2048, 2048), np.uint8)
+    small[900:1150, 900:1150] = ct_slice(size=250)  # a battery of 250 px in a 2048-px field of view
+    source = open_ct(encode(small, "PNG"))
+    seen = []
+    source.decode = lambda scale=1, real=source.decode: seen.append(scale) or real(scale)
+    _, scale, crop = _decode_for(source, CT_CROP_SHARE, 160, lambda g: _square_around(find_battery_ct(g), CROP_MARGIN), _ct_grey)
+    assert seen[0] > scale and crop.side / scale >= 160 and scale == 1, (seen, crop)
 
 
 def test_dicom_slices_decode_with_their_bit_depth_scaled_to_16_bits():

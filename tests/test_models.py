@@ -25,7 +25,8 @@ from training.models import create_model, list_models
 from training.models.autoencoder import AnomalyScorer, scorer_from
 from training.augment import synthetic_anomalies
 from training.data.aihub import scan
-from training.preprocess import ct_input, find_battery_ct, find_object_rgb, load_image, rgb_input
+from training.decode import decode_rgb
+from training.preprocess import ct_input, find_battery_ct, find_object_rgb, rgb_input
 from training.synth.plan import SynthConfig
 from training.synth.writer import generate
 
@@ -276,7 +277,7 @@ def test_rgb_crop_holds_the_battery_in_rendered_photos_of_every_form(tmp_path):
     assert {(r.battery_type, r.form) for r in photos} == {("cell", "pouch"), ("cell", "cylindrical"), ("module", "pouch"), ("module", "cylindrical")}
     held = []
     for r in photos:
-        x0, y0, x1, y1 = find_object_rgb(load_image(r.path).astype(np.float32) / 255)
+        x0, y0, x1, y1 = find_object_rgb(decode_rgb(r.path.read_bytes()).astype(np.float32) / 255)
         o = np.array(r.outline).reshape(-1, 2)
         (ox0, oy0), (ox1, oy1) = o.min(0), o.max(0)
         inter = max(0, min(x1, ox1) - max(x0, ox0)) * max(0, min(y1, oy1) - max(y0, oy0))

@@ -23,7 +23,7 @@ from client.dataset import pair_cells
 from client.inspection import Cell, CellError, Inspection
 from client.service import InspectionClient
 from ensemble import interface as api
-from export.decode import Limits
+from training.decode import Limits
 from export.repository import Tuning, build_repository
 from export.server import Ports, TritonServer, free_ports
 

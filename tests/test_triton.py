@@ -33,7 +33,8 @@ from export.local import TorchPipeline
 from export.repository import build_repository
 from export.server import Ports, TritonServer, free_ports
 from training.checkpoint import load_checkpoint, save_checkpoint
-from training.preprocess import ct_input, load_image, rgb_input
+from training.decode import decode_ct
+from training.preprocess import encoded_ct_input, encoded_rgb_input
 from training.synth.plan import SynthConfig
 from training.synth.writer import generate
 
@@ -45,9 +46,9 @@ def _craft_runs(root, cells):
     """Random networks whose decisions split the cell set: the CT head's bias puts the
     cell_porosity/cell_normal boundary in a gap of the cells' logit differences, and the
     RGB threshold sits in a gap of their scores."""
-    ct_x = np.stack([ct_input(load_image(c.ct_path), SIZE)[0] for c in cells])
+    ct_x = np.stack([encoded_ct_input(c.ct_path.read_bytes(), SIZE)[0] for c in cells])
     meta = np.array([c.meta for c in cells], np.float32)
-    rgb_x = np.stack([rgb_input(load_image(c.rgb_path), SIZE)[0] for c in cells])
+    rgb_x = np.stack([encoded_rgb_input(c.rgb_path.read_bytes(), SIZE)[0] for c in cells])
     ct_run = make_ct_run(root / "ct", size=SIZE, images=torch.from_numpy(ct_x[:48]), meta=torch.from_numpy(meta[:48]))
     model, info = load_checkpoint(ct_run)
     with torch.no_grad():
@@ -195,7 +196,7 @@ def test_a_16_bit_tiff_and_a_dicom_of_the_same_slice_get_the_same_answer_as_the_
     from test_decode import dicom
 
     cell = service["cells"][0]
-    pixels = load_image(cell.ct_path)
+    pixels = decode_ct(cell.ct_path.read_bytes())
     if pixels.ndim == 3:
         pixels = pixels[..., :3].mean(axis=2).astype(np.uint8)
     sixteen = pixels.astype(np.uint16) * 257

@@ -4,12 +4,13 @@ from __future__ import annotations
 import multiprocessing as mp
 import os
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 from tqdm import tqdm
 
 from training.data.aihub import CTRecord, RGBRecord
-from training.preprocess import CT_MEAN, CT_STD, Crop, ct_input, load_image, polygon_mask_in_input, rgb_input
+from training.preprocess import CT_MEAN, CT_STD, Crop, encoded_ct_input, encoded_rgb_input, polygon_mask_in_input
 
 
 @dataclass
@@ -30,13 +31,13 @@ class RGBArrays:
 
 def _ct_one(args):
     path, size, mean, std = args
-    x, crop = ct_input(load_image(path), size, mean, std)
+    x, crop = encoded_ct_input(Path(path).read_bytes(), size, mean, std)  # exactly as the server reads a request
     return x.astype(np.float16), crop
 
 
 def _rgb_one(args):
     path, size = args
-    x, crop = rgb_input(load_image(path), size)
+    x, crop = encoded_rgb_input(Path(path).read_bytes(), size)
     return x.astype(np.float16), crop
 
 

@@ -1,7 +1,16 @@
-"""The one preprocessing of the project: crop to the battery, resize, normalise.
+"""The one preprocessing of the project: decode at the needed scale, crop to the battery,
+resize, normalise.
 
-Training, evaluation and the server's preprocessing models all call these functions, so
-a model always sees at serving time exactly what it saw in training.
+Training, evaluation and the server's preprocessing models all call `encoded_ct_input` and
+`encoded_rgb_input` on the encoded file, so a model always sees at serving time exactly the
+pixels it saw in training.
+
+- Decoding: the image is decoded reduced (`training.decode`: JPEG in the DCT domain, other
+  formats box-averaged) by the coarsest factor that still gives the crop its full input
+  resolution. The first decode's factor assumes the battery spans a usual share of the
+  image (`CT_CROP_SHARE`, `RGB_CROP_SHARE`); if the crop found turns out smaller, the image
+  is decoded once more, finer. The battery search runs on a small copy of that decode, and
+  only the crop is resampled to the input size.
 
 - CT: find the battery in the slice (the reconstruction around it is near black), take a
   square crop around it with a margin (padding with black), resize to `size`, normalise.
@@ -20,9 +29,18 @@ import numpy as np
 from PIL import Image
 from scipy import ndimage
 
+from training.decode import ImageError, Limits, Source, open_ct, open_rgb, rgb_pixels, scale_for
+
 # Normalisation constants (stored in checkpoints; these are the defaults).
 CT_MEAN, CT_STD = 0.2, 0.25
 CROP_MARGIN = 0.06
+# The least share of the image's shorter side a battery's crop spans (synthetic data, 120
+# slices and 40 photos: CT square crops 0.36-0.86 of the slice, median 0.67; photo crops
+# 0.24-0.87 of the shorter side, median 0.66). The first decode assumes it, so one decode is
+# enough for nearly every cell: a second JPEG decode would cost more (about 18 ms at 4000 px,
+# nearly all of it entropy decoding, whatever the scale) than the finer first one saves.
+CT_CROP_SHARE = 0.35
+RGB_CROP_SHARE = 0.24
 
 
 @dataclass(frozen=True)
@@ -51,6 +69,10 @@ class Crop:
     def as_list(self) -> list[float]:
         return [float(self.x0), float(self.y0), float(self.width), float(self.height)]
 
+    def scaled(self, factor: float) -> "Crop":
+        """The same window in the pixels of the image enlarged by `factor`."""
+        return Crop(self.x0 * factor, self.y0 * factor, self.width * factor, self.height * factor)
+
 
 def to_unit(image: np.ndarray) -> np.ndarray:
     """Scale an 8- or 16-bit (or float) image to float32 0..1."""
@@ -78,30 +100,42 @@ def _rect_around(box: tuple[int, int, int, int], margin: float) -> Crop:
 
 
 def _cut(image: np.ndarray, crop: Crop, size: int, pad: str = "zero") -> np.ndarray:
-    """Resample the crop window to (size, size), or (channels, size, size) for a colour image (anti-aliased).
+    """Resample the crop window to (size, size) float32 in 0..1, or (channels, size, size) for a
+    colour image (anti-aliased bilinear).
 
-    Outside the image the window is padded with zeros (`pad="zero"`: CT, where it is air)
-    or with the nearest edge pixel (`pad="edge"`: photos, where black bars would be a
-    feature of the crop rather than of the battery).
+    `image` is uint8, uint16 or float 0..1; only the window is converted. Outside the image the
+    window is padded with zeros (`pad="zero"`: CT, where it is air) or with the nearest edge
+    pixel (`pad="edge"`: photos, where black bars would be a feature of the crop rather than
+    of the battery). An 8-bit photo is resampled by Pillow in 8 bits, all channels in one
+    call (most of the time the RGB path spends here at line size otherwise).
     """
     h, w = image.shape[:2]
     x0, y0 = int(np.floor(crop.x0)), int(np.floor(crop.y0))
     cw, ch = int(np.ceil(crop.width)), int(np.ceil(crop.height))
-    channels = image.shape[2:] if image.ndim == 3 else ()
-    if pad == "edge":
-        rows = np.clip(np.arange(y0, y0 + ch), 0, h - 1)
-        cols = np.clip(np.arange(x0, x0 + cw), 0, w - 1)
-        window = image[rows[:, None], cols[None, :]].astype(np.float32, copy=False)  # indexing already copied
+    if x0 >= 0 and y0 >= 0 and x0 + cw <= w and y0 + ch <= h:
+        window, box = image, (x0, y0, x0 + cw, y0 + ch)  # inside: no copy, the resampler reads the box
+    elif pad == "edge":  # the part inside, edge pixels repeated out to the window (a crop always overlaps its image)
+        top, left, bottom, right = max(y0, 0), max(x0, 0), min(y0 + ch, h), min(x0 + cw, w)
+        if bottom <= top or right <= left:
+            raise ValueError(f"crop {crop} lies outside the {w}x{h} image")
+        sides = ((top - y0, y0 + ch - bottom), (left - x0, x0 + cw - right)) + ((0, 0),) * (image.ndim - 2)
+        window, box = np.pad(image[top:bottom, left:right], sides, mode="edge"), (0, 0, cw, ch)
     else:
-        window = np.zeros((ch, cw, *channels), np.float32)
+        window = np.zeros((ch, cw, *image.shape[2:]), image.dtype)
         sx0, sy0, sx1, sy1 = max(x0, 0), max(y0, 0), min(x0 + cw, w), min(y0 + ch, h)
         if sx1 > sx0 and sy1 > sy0:
             window[sy0 - y0 : sy1 - y0, sx0 - x0 : sx1 - x0] = image[sy0:sy1, sx0:sx1]
-    if window.ndim == 2:
-        return np.asarray(Image.fromarray(window, mode="F").resize((size, size), Image.BILINEAR), np.float32)
-    out = np.empty((window.shape[2], size, size), np.float32)  # channels first, as the networks take them
-    for c in range(window.shape[2]):
-        out[c] = Image.fromarray(np.ascontiguousarray(window[..., c]), mode="F").resize((size, size), Image.BILINEAR)
+        box = (0, 0, cw, ch)
+    if window.ndim == 3 and window.dtype == np.uint8:
+        out = np.asarray(Image.fromarray(np.ascontiguousarray(window[..., :3])).resize((size, size), Image.BILINEAR, box=box))
+        return np.ascontiguousarray(out.transpose(2, 0, 1), np.float32) * np.float32(1 / 255)
+    bx0, by0, bx1, by1 = box
+    region = to_unit(window[by0:by1, bx0:bx1])
+    if region.ndim == 2:
+        return np.asarray(Image.fromarray(region, mode="F").resize((size, size), Image.BILINEAR), np.float32)
+    out = np.empty((region.shape[2], size, size), np.float32)  # channels first, as the networks take them
+    for c in range(region.shape[2]):
+        out[c] = Image.fromarray(np.ascontiguousarray(region[..., c]), mode="F").resize((size, size), Image.BILINEAR)
     return out
 
 
@@ -115,9 +149,9 @@ def _box_of(mask: np.ndarray, min_fraction: float) -> tuple[int, int, int, int] 
 
 
 def find_battery_ct(gray: np.ndarray) -> tuple[int, int, int, int]:
-    """Box (x0, y0, x1, y1) of the battery in a CT slice given as float 0..1."""
+    """Box (x0, y0, x1, y1) of the battery in a CT slice (uint8, uint16 or float 0..1)."""
     step = max(1, max(gray.shape) // 256)  # search on a small copy: fast on 4000-px slices
-    small = gray[::step, ::step]
+    small = to_unit(gray[::step, ::step])
     smooth = ndimage.uniform_filter(small, 3)
     mask = smooth > max(0.08, 0.25 * float(np.percentile(smooth, 99.5)))
     box = _box_of(mask, 0.02)
@@ -127,15 +161,55 @@ def find_battery_ct(gray: np.ndarray) -> tuple[int, int, int, int]:
     return x0 * step, y0 * step, min(x1 * step, gray.shape[1]), min(y1 * step, gray.shape[0])
 
 
-def ct_input(image: np.ndarray, size: int, mean: float = CT_MEAN, std: float = CT_STD) -> tuple[np.ndarray, Crop]:
-    """A CT slice (H, W) of uint8/uint16/float -> model input (1, size, size) float32, and its crop."""
+def _ct_grey(image: np.ndarray) -> np.ndarray:
+    """A decoded CT slice as a 2-D grey image (its own dtype: converted to 0..1 only where used)."""
     if image.ndim == 3:  # a CT saved as RGB: take the luminance
         image = image[..., :3].mean(axis=2).astype(image.dtype)
     if image.ndim != 2:
         raise ValueError(f"a CT slice must be a 2-D grey image, got shape {image.shape}")
-    gray = to_unit(image)
+    return image
+
+
+def ct_input(image: np.ndarray, size: int, mean: float = CT_MEAN, std: float = CT_STD) -> tuple[np.ndarray, Crop]:
+    """A CT slice already decoded (H, W) of uint8/uint16/float -> model input (1, size, size)
+    float32, and its crop. Files and requests go through `encoded_ct_input`."""
+    gray = _ct_grey(image)
     crop = _square_around(find_battery_ct(gray), CROP_MARGIN)
     x = (_cut(gray, crop, size) - mean) / std  # float32 throughout
+    return x[None].astype(np.float32, copy=False), crop
+
+
+def _not_blank(image: np.ndarray, what: str) -> np.ndarray:
+    """Refuse an image whose pixels are all equal (a dark frame, a saturated sensor, a failed
+    reconstruction): the models would answer it, but about nothing."""
+    low, high = image.min(), image.max()
+    if low == high:
+        value = low if image.dtype.kind in "ui" else round(float(low) * 255)  # a box-reduced 16-bit image is 0..1
+        raise ImageError(f"{what} is blank: every pixel is {value} (a camera or reconstruction fault); nothing to inspect")
+    return image
+
+
+def _decode_for(source: Source, share: float, size: int, locate, to_pixels):
+    """(decoded image, crop in the original's pixels): decoded at the coarsest scale that
+    gives the crop `locate` finds at least `size` pixels a side, on the first try if the
+    crop spans `share` of the shorter side or more, else on a second, finer decode."""
+    decoded = source.decode(scale_for(min(source.width, source.height) * share, size))
+    pixels = to_pixels(_not_blank(decoded.pixels, source.what))
+    crop = locate(pixels).scaled(decoded.scale)
+    finer = scale_for(min(crop.width, crop.height), size)
+    if finer < decoded.scale:
+        decoded = source.decode(finer)
+        pixels = to_pixels(decoded.pixels)
+    return pixels, decoded.scale, crop
+
+
+def encoded_ct_input(data: bytes, size: int, mean: float = CT_MEAN, std: float = CT_STD,
+                     limits: Limits = Limits()) -> tuple[np.ndarray, Crop]:
+    """An encoded CT slice (PNG, JPEG, 8/16-bit TIFF, DICOM) -> model input (1, size, size)
+    float32, normalised, and its crop in the slice's own pixels. Raises ImageError."""
+    grey, scale, crop = _decode_for(open_ct(data, limits), CT_CROP_SHARE, size,
+                                    lambda g: _square_around(find_battery_ct(g), CROP_MARGIN), _ct_grey)
+    x = (_cut(grey, crop.scaled(1 / scale), size) - mean) / std
     return x[None].astype(np.float32, copy=False), crop
 
 
@@ -175,7 +249,7 @@ def _shrink(mask: np.ndarray, times: int) -> np.ndarray:
 
 
 def find_object_rgb(rgb: np.ndarray) -> tuple[int, int, int, int]:
-    """Box of the battery in a bench photo given as float 0..1 (H, W, 3).
+    """Box of the battery in a bench photo (H, W, 3) of uint8 or float 0..1.
 
     Bench and wall share one colour under smoothly varying light (fall-off, vignetting,
     soft shadows change brightness, not hue), so the object is what differs in hue from
@@ -190,7 +264,7 @@ def find_object_rgb(rgb: np.ndarray) -> tuple[int, int, int, int]:
     about 60% of its time (this is most of the server's RGB preprocessing).
     """
     step = max(1, max(rgb.shape[:2]) // 320)
-    small = rgb[::step, ::step]
+    small = to_unit(np.ascontiguousarray(rgb[::step, ::step, :3]))
     planes = [ndimage.uniform_filter(small[..., c], 3) + DARK_OFFSET for c in range(3)]
     lum = (planes[0] + planes[1] + planes[2]) / np.float32(3)  # = mean over the channels, the same sums
     hue = None  # per pixel: sum over channels of |chroma - the scene's median chroma|
@@ -214,31 +288,29 @@ def find_object_rgb(rgb: np.ndarray) -> tuple[int, int, int, int]:
     return int(xs.min() * step), int(ys.min() * step), min(int(xs.max() + 1) * step, w), min(int(ys.max() + 1) * step, h)
 
 
-def rgb_input(image: np.ndarray, size: int) -> tuple[np.ndarray, Crop]:
-    """An RGB photo (H, W, 3) uint8 -> model input (3, size, size) float32 in 0..1, and its crop."""
+def _rgb(image: np.ndarray) -> np.ndarray:
     if image.ndim != 3 or image.shape[2] < 3:
         raise ValueError(f"an RGB photo must be (H, W, 3), got shape {image.shape}")
-    rgb = to_unit(np.ascontiguousarray(image[..., :3]))
+    return image
+
+
+def rgb_input(image: np.ndarray, size: int) -> tuple[np.ndarray, Crop]:
+    """An RGB photo already decoded (H, W, 3) uint8 -> model input (3, size, size) float32 in
+    0..1, and its crop. Files and requests go through `encoded_rgb_input`."""
+    rgb = _rgb(image)
     crop = _rect_around(find_object_rgb(rgb), CROP_MARGIN)
     x = _cut(rgb, crop, size, pad="edge")
     return np.clip(x, 0.0, 1.0, out=x), crop
 
 
-def image_array(im: Image.Image) -> np.ndarray:
-    """An opened PIL image as a numpy array (grey stays 2-D, 16-bit stays 16-bit)."""
-    if im.mode in ("I;16", "I;16B", "I;16L"):
-        return np.asarray(im, np.uint16)
-    if im.mode == "I":
-        return np.clip(np.asarray(im), 0, 65535).astype(np.uint16)
-    if im.mode in ("L", "RGB"):
-        return np.asarray(im)
-    return np.asarray(im.convert("RGB"))
-
-
-def load_image(path) -> np.ndarray:
-    """Read an image file (a path or a binary file object) as a numpy array; see `image_array`."""
-    with Image.open(path) as im:
-        return image_array(im)
+def encoded_rgb_input(data: bytes, size: int, limits: Limits = Limits()) -> tuple[np.ndarray, Crop]:
+    """An encoded photo (PNG, JPEG) -> model input (3, size, size) float32 in 0..1, and its crop
+    in the photo's own pixels. Raises ImageError."""
+    rgb, scale, crop = _decode_for(open_rgb(data, limits), RGB_CROP_SHARE, size,
+                                   lambda im: _rect_around(find_object_rgb(im), CROP_MARGIN),
+                                   lambda p: _rgb(rgb_pixels(p)))
+    x = _cut(rgb, crop.scaled(1 / scale), size, pad="edge")
+    return np.clip(x, 0.0, 1.0, out=x), crop
 
 
 def polygon_mask_in_input(points, crop: Crop, size: int) -> np.ndarray:

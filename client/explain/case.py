@@ -13,8 +13,7 @@ from functools import cached_property
 import numpy as np
 
 from client.inspection import Inspection
-from export.decode import decode_ct, decode_rgb
-from training.preprocess import Crop, ct_input, rgb_input
+from training.preprocess import Crop, encoded_ct_input, encoded_rgb_input
 
 
 @dataclass(frozen=True)
@@ -77,7 +76,7 @@ class Case:
     @cached_property
     def _ct_input(self):
         norm = self.ct_info["normalization"]
-        return ct_input(decode_ct(self.ct), int(self.ct_info["input_size"]), norm["mean"], norm["std"])
+        return encoded_ct_input(self.ct, int(self.ct_info["input_size"]), norm["mean"], norm["std"])
 
     @property
     def ct_tensor(self) -> np.ndarray:
@@ -92,5 +91,5 @@ class Case:
 
     @cached_property
     def rgb_view(self) -> View:
-        x, crop = rgb_input(decode_rgb(self.rgb), int(self.rgb_info["input_size"]))
+        x, crop = encoded_rgb_input(self.rgb, int(self.rgb_info["input_size"]))
         return View(np.transpose(x, (1, 2, 0)), crop)
