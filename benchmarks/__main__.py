@@ -2,6 +2,7 @@
 
   serving   Triton end to end (load generator + perf_analyzer) against in-process ONNX Runtime,
             PyTorch and the original-style path, with SGEMM and FLOPs (`make bench`)
+  decode    line-size images (4000 x 4000 CT, 1920 x 1080 photos) to model inputs, per format, one core
   int8      INT8 against FP32 for the CT classifier: throughput and macro-F1 on a test split
   soak      hours at 80% of saturation (failures, server memory growth), then a burst at 3x
   gateway   trigger-to-answer latency through the line gateway (simulated OPC UA PLC) at a line rate
@@ -19,6 +20,10 @@ def main() -> int:
         from benchmarks.serving import main as serving
 
         return serving(rest)
+    if command == "decode":
+        from benchmarks.decode import main as decode
+
+        return decode(rest)
     if command == "int8":
         from benchmarks.quantized import main as int8
 

@@ -30,6 +30,8 @@ import yaml
 
 
 def parser() -> argparse.ArgumentParser:
+    from benchmarks.serving import add_cell_arguments
+
     p = argparse.ArgumentParser(prog="python -m benchmarks gateway", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--rate", type=float, default=4.0, help="cells per second over all stations (default 4)")
     p.add_argument("--seconds", type=float, default=60.0, help="how long cells are triggered (default 60)")
@@ -39,10 +41,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--watch", choices=("subscribe", "poll"), default="subscribe",
                    help="the gateway's plc.watch: OPC UA subscription or polling (default subscribe)")
     p.add_argument("--poll-ms", type=float, default=10.0, help="the gateway's plc.poll_ms (default 10)")
-    p.add_argument("--runs", nargs="+", type=Path, help="trained runs (default runs/standard, else runs/quick)")
-    p.add_argument("--untrained", metavar="PRESET", help="a preset's networks with random weights instead of trained runs")
-    p.add_argument("--data", type=Path, help="AI-Hub-layout folder to take cells from (default data/standard_test or data/quick_test)")
-    p.add_argument("--cells", type=int, default=32, help="distinct cells sent, cycled (default 32)")
+    add_cell_arguments(p)
     p.add_argument("--repository", type=Path, default=Path("build/bench_repository"), help="repository to build and serve")
     p.add_argument("--out", type=Path, default=Path("benchmarks/results"), help="results folder (default benchmarks/results)")
     from export.__main__ import add_tuning_arguments

@@ -101,31 +101,126 @@ def torch_cells_per_s(pipeline, ct_x, meta, rgb_x, batch: int, seconds: float) -
     return {"batch": batch, "cells_per_s": batch / (t_ct + t_rgb), "ct_images_per_s": batch / t_ct, "rgb_images_per_s": batch / t_rgb}
 
 
-def original_cells_per_s(pipeline, cells, seconds: float) -> dict:
-    """The original system's path: per cell, decode + preprocess, the CT model at batch 1,
-    pytorch-grad-cam GradCAM (a backward pass), then the autoencoder at batch 1."""
+def original_cells_per_s(pipeline, cells, seconds: float, threads: int = 2) -> dict:
+    """The original system's per-cell path, as its own code ran it (batch 1, PyTorch eager,
+    `threads` torch threads), on the same networks:
+
+    - the CT slice decoded whole by Pillow (pydicom for DICOM), made a tensor, resized to the
+      network's input by torchvision `Resize` on the full-size tensor, normalised;
+    - the classifier forward and backward by pytorch-grad-cam's GradCAM, then one more
+      forward for the probabilities;
+    - the photo decoded whole, made a tensor, resized, and the autoencoder run twice (once
+      for the anomaly score, once for the error map).
+
+    No crop: the original resized the whole image. Returns cells/s and the seconds per step.
+    """
+    import io
+
+    from PIL import Image
     from pytorch_grad_cam import GradCAM
+    from torchvision import transforms as T
 
     from client.explain.gradcam import WithMeta, target_layer
-    from export.serving import ct_tensor, rgb_tensor
+    from training.decode import decode_ct, sniff
 
     model = pipeline.ct_graph.classifier
     rgb_model = pipeline.rgb_graph
+    ct_size, rgb_size = int(pipeline.ct_info["input_size"]), int(pipeline.rgb_info["input_size"])
+    norm = pipeline.ct_info["normalization"]
+    ct_tf = T.Compose([T.Resize((ct_size, ct_size), antialias=True), T.Normalize([norm["mean"]], [norm["std"]])])
+    rgb_tf = T.Resize((rgb_size, rgb_size), antialias=True)
+    to_tensor = T.ToTensor()
+    steps = {"decode": 0.0, "resize": 0.0, "ct_network_and_gradcam": 0.0, "rgb_network": 0.0}
     i = [0]
+
+    def ct_image(data: bytes) -> Image.Image:
+        if sniff(data) in ("jpeg", "png"):
+            return Image.open(io.BytesIO(data)).convert("L")
+        pixels = decode_ct(data)  # 16-bit TIFF, DICOM: to 8 bits, as the original's PIL pipeline had them
+        return Image.fromarray((pixels >> 8).astype(np.uint8) if pixels.dtype == np.uint16 else pixels)
 
     def one():
         cell = cells[i[0] % len(cells)]
         i[0] += 1
-        ct = torch.from_numpy(ct_tensor(cell.ct, pipeline.ct_info))[None]
+        t0 = time.perf_counter()
+        ct_pil = ct_image(cell.ct)
+        ct_pil.load()
+        photo = Image.open(io.BytesIO(cell.rgb)).convert("RGB")
+        t1 = time.perf_counter()
+        ct = ct_tf(to_tensor(ct_pil))[None]
+        rgb = rgb_tf(to_tensor(photo))[None]
+        t2 = time.perf_counter()
         meta = torch.tensor([cell.meta], dtype=torch.float32)
         with GradCAM(model=WithMeta(model, meta), target_layers=[target_layer(model)]) as cam:
             cam(input_tensor=ct, targets=None)
         with torch.no_grad():
             torch.softmax(model(ct, meta), 1)
-            rgb_model(torch.from_numpy(rgb_tensor(cell.rgb, pipeline.rgb_info))[None])
+        t3 = time.perf_counter()
+        with torch.no_grad():
+            rgb_model(rgb)  # the anomaly score
+            rgb_model(rgb)  # the error map
+        t4 = time.perf_counter()
+        for k, dt in zip(steps, (t1 - t0, t2 - t1, t3 - t2, t4 - t3)):
+            steps[k] += dt
 
-    per_cell, calls = timed(one, seconds)
-    return {"batch": 1, "cells_per_s": 1 / per_cell, "cells": calls}
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        per_cell, calls = timed(one, seconds, min_calls=4)
+    finally:
+        torch.set_num_threads(before)
+    done = calls + 1  # timed() makes one warm-up call, counted in steps too
+    return {"batch": 1, "threads": threads, "cells_per_s": 1 / per_cell, "cells": calls,
+            "seconds_per_step": {k: v / done for k, v in steps.items()}}
+
+
+def _e2e_worker(args):
+    """One process of `inprocess_cells_per_s`: its own ONNX Runtime sessions (one thread), its cells."""
+    ct_onnx, rgb_onnx, cells, ct_info, rgb_info, batch, seconds, barrier = args
+    import onnxruntime as ort
+
+    from ensemble import interface as api
+    from export.serving import ct_tensor, rgb_tensor
+
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = opts.inter_op_num_threads = 1
+    ct = ort.InferenceSession(str(ct_onnx), opts, providers=["CPUExecutionProvider"])
+    rgb = ort.InferenceSession(str(rgb_onnx), opts, providers=["CPUExecutionProvider"])
+
+    def one_batch(k):
+        chosen = [cells[(k + j) % len(cells)] for j in range(batch)]
+        feeds = {api.CT_TENSOR: np.stack([ct_tensor(c.ct, ct_info) for c in chosen]),
+                 api.CT_META: np.array([c.meta for c in chosen], np.float32)}
+        ct.run(None, feeds)
+        rgb.run(None, {api.RGB_TENSOR: np.stack([rgb_tensor(c.rgb, rgb_info) for c in chosen])})
+
+    one_batch(0)  # warm-up, before the common start
+    barrier.wait()
+    start = time.perf_counter()
+    done = 0
+    while time.perf_counter() - start < seconds:
+        one_batch(done)
+        done += batch
+    return done, time.perf_counter() - start
+
+
+def inprocess_cells_per_s(ct_onnx, rgb_onnx, cells, ct_info: dict, rgb_info: dict, seconds: float, batch: int = 8,
+                          processes: int | None = None) -> dict:
+    """The best in-process end-to-end pipeline on these cores, to compare Triton against: one
+    process per core, each decoding, preprocessing and running both networks (ONNX Runtime,
+    one thread) on batches of `batch` cells from the encoded images, all at once."""
+    import multiprocessing as mp
+
+    processes = processes or os.cpu_count() or 1
+    context = mp.get_context("spawn")
+    with context.Manager() as manager, context.Pool(processes) as pool:
+        barrier = manager.Barrier(processes)  # all start together, once each has loaded and warmed up
+        jobs = [(ct_onnx, rgb_onnx, cells[p::processes] or cells, ct_info, rgb_info, batch, seconds, barrier)
+                for p in range(processes)]
+        results = pool.map(_e2e_worker, jobs)
+    cells_done = sum(n for n, _ in results)
+    wall = max(t for _, t in results)
+    return {"processes": processes, "batch": batch, "cells": cells_done, "cells_per_s": cells_done / wall}
 
 
 def preprocess_cells_per_s(cells, ct_info: dict, rgb_info: dict, seconds: float) -> dict:

@@ -6,7 +6,10 @@ import json
 import time
 from pathlib import Path
 
-TARGETS = {"triton_vs_onnxruntime": 0.9, "triton_vs_original": 10.0}
+# Triton end to end against the best in-process end-to-end pipeline on the same cores (the
+# serving overhead), and against the original system's per-cell path (the product's gain).
+# Triton against ONNX Runtime on preprocessed tensors is reported as the networks-only view.
+TARGETS = {"triton_vs_inprocess": 0.95, "triton_vs_original": 20.0}
 
 
 def headline(r: dict) -> dict:
@@ -23,6 +26,9 @@ def headline(r: dict) -> dict:
     if r["in_process"].get("original"):
         h["original_cells_per_s"] = r["in_process"]["original"][0]["cells_per_s"]
         h["triton_vs_original"] = triton / h["original_cells_per_s"]
+    if r["in_process"].get("end_to_end"):
+        h["inprocess_cells_per_s"] = max(row["cells_per_s"] for row in r["in_process"]["end_to_end"])
+        h["triton_vs_inprocess"] = triton / h["inprocess_cells_per_s"]
     return h
 
 
@@ -81,7 +87,7 @@ def _plots(r: dict, h: dict, folder: Path) -> None:
 
 def diagnosis(r: dict, h: dict) -> str:
     """Where the end-to-end time goes when Triton is short of the in-process networks."""
-    if h["triton_vs_onnxruntime"] >= TARGETS["triton_vs_onnxruntime"] or not r["in_process"].get("preprocess"):
+    if h.get("triton_vs_inprocess", 0.0) >= TARGETS["triton_vs_inprocess"] or not r["in_process"].get("preprocess"):
         return ""
     pre = r["in_process"]["preprocess"][0]
     instances = r.get("tuning", {}).get("preprocess_instances", 1)
@@ -106,19 +112,25 @@ def _verdict(value: float, target: float) -> str:
 def summary(r: dict, h: dict) -> str:
     m, mod = r["machine"], r["models"]
     lines = [f"# Serving benchmark, {r['started']}", "",
-             f"Machine: {m['cpu']}, {m['cores']} cores (AVX2 {m['avx2']}, AVX-512 {m['avx512f']}, VNNI {m['vnni']}); "
+             f"Machine: {m['cpu']}, {m['cores']} cores, {m.get('instruction_set', 'instruction set not recorded')}; "
              f"runs {', '.join(r['runs'])}" + (f" (the {r['untrained']} preset's networks with random weights: speed only)"
                                                  if r.get("untrained") else "") + f"; {r['cells']} cells of {r['data']}; CT {mod['ct_input']} px, RGB {mod['rgb_input']} px, "
              f"{mod['gflop_per_cell']:.2f} GFLOP per cell.", "",
              "Serving tuning: " + ", ".join(f"{k} {v}" for k, v in r.get("tuning", {}).items()) + ".", "",
-             "| ratio | value | target |", "|---|---|---|",
-             f"| Triton end to end / in-process ONNX Runtime | **{h['triton_vs_onnxruntime']:.2f}** "
-             f"({h['triton_cells_per_s']:.1f} / {h['onnxruntime_cells_per_s']:.1f} cells/s) | >= {TARGETS['triton_vs_onnxruntime']} "
-             f"({_verdict(h['triton_vs_onnxruntime'], TARGETS['triton_vs_onnxruntime'])}) |"]
+             "| ratio | value | target |", "|---|---|---|"]
     if "triton_vs_original" in h:
-        lines.append(f"| Triton end to end / original-style path | **{h['triton_vs_original']:.1f}** "
-                     f"({h['triton_cells_per_s']:.1f} / {h['original_cells_per_s']:.2f} cells/s) | >= {TARGETS['triton_vs_original']:g} "
+        lines.append(f"| Triton `inspect`{' with heatmaps' if r['settings'].get('heatmaps') else ''} / the original system's "
+                     f"per-cell path | **{h['triton_vs_original']:.1f}** ({h['triton_cells_per_s']:.2f} / "
+                     f"{h['original_cells_per_s']:.3f} cells/s) | >= {TARGETS['triton_vs_original']:g} "
                      f"({_verdict(h['triton_vs_original'], TARGETS['triton_vs_original'])}) |")
+    if "triton_vs_inprocess" in h:
+        e2e = max(r["in_process"]["end_to_end"], key=lambda row: row["cells_per_s"])
+        lines.append(f"| Triton end to end / best in-process end-to-end pipeline ({e2e['processes']} processes, batch "
+                     f"{e2e['batch']}) | **{h['triton_vs_inprocess']:.2f}** ({h['triton_cells_per_s']:.2f} / "
+                     f"{h['inprocess_cells_per_s']:.2f} cells/s) | >= {TARGETS['triton_vs_inprocess']} "
+                     f"({_verdict(h['triton_vs_inprocess'], TARGETS['triton_vs_inprocess'])}) |")
+    lines.append(f"| Triton end to end / in-process ONNX Runtime on preprocessed tensors (networks only) | "
+                 f"**{h['triton_vs_onnxruntime']:.2f}** ({h['triton_cells_per_s']:.2f} / {h['onnxruntime_cells_per_s']:.2f} cells/s) | |")
     lines += [f"| in-process ONNX Runtime GFLOP/s / SGEMM GFLOP/s | **{h['onnxruntime_vs_sgemm']:.2f}** "
               f"({h['onnxruntime_gflops']:.1f} / {h['sgemm_gflops']:.1f}) | |",
               f"| Triton GFLOP/s / SGEMM GFLOP/s | **{h['triton_vs_sgemm']:.2f}** ({h['triton_gflops']:.1f} / {h['sgemm_gflops']:.1f}) | |",

@@ -1,12 +1,18 @@
-"""Serving throughput, side by side in one run on one machine:
+"""Serving throughput at line size, side by side in one run on one machine:
 
   Triton end to end (the project's asyncio gRPC load generator, and NVIDIA perf_analyzer on
-  inspect / inspect_ct / inspect_rgb) against the same models in-process (ONNX Runtime and
-  PyTorch eager on preprocessed tensors) and against the original system's path (PyTorch,
-  one cell at a time, Grad-CAM by a backward pass), with the machine's SGEMM GFLOP/s and
-  each model's FLOPs per image.
+  inspect / inspect_ct / inspect_rgb) against the best in-process end-to-end pipeline on the
+  same cores (one process per core: the same decoding, preprocessing and ONNX Runtime),
+  against the networks alone in-process (ONNX Runtime and PyTorch eager on preprocessed
+  tensors) and against the original system's per-cell path (full-size decode and resize,
+  PyTorch at batch 1, Grad-CAM by a backward pass, the autoencoder twice), with the machine's
+  SGEMM GFLOP/s and each model's FLOPs per image.
 
-  python -m benchmarks serving [--runs RUN...] [--data DIR] [--concurrency 1,2,4,8,16]
+  python -m benchmarks serving [--runs RUN... | --untrained full] [--data DIR] [--concurrency 1,2,4,8,16]
+
+Cells: by default a line-size set (CT 4000 x 4000, mostly JPEG with some 16-bit TIFF and
+DICOM slices; photos 1920 x 1080 PNG), generated once into build/bench_data/ (about a
+minute); --ct-size / --rgb-size for another size, --data for a folder of your own.
 
 Results: benchmarks/results/<time>/ (results.json, results.csv, throughput.png,
 latency.png, summary.md) and benchmarks/results/latest -> it.
@@ -32,21 +38,38 @@ def _ints(text: str) -> list[int]:
     return values
 
 
-def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m benchmarks serving", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def _size(text: str) -> tuple[int, int]:
+    w, sep, h = text.lower().partition("x")
+    try:
+        return int(w), int(h)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected WIDTHxHEIGHT, got {text!r}") from None
+
+
+def add_cell_arguments(p: argparse.ArgumentParser) -> None:
+    """The runs and the cells a serving benchmark sends (serving, soak, gateway)."""
     p.add_argument("--runs", nargs="+", type=Path, help="trained runs (default runs/standard, else runs/quick, else the quick preset is trained)")
     p.add_argument("--untrained", metavar="PRESET", help="instead of trained runs: a preset's networks (quick, standard, full) with "
                                                          "random weights, for speed alone (written to build/untrained/PRESET)")
-    p.add_argument("--data", type=Path, help="AI-Hub-layout folder to take cells from (default data/standard_test or data/quick_test, "
-                                             "else a small synthetic set is generated)")
+    p.add_argument("--data", type=Path, help="AI-Hub-layout folder to take cells from (default: a generated set of --ct-size "
+                                             "slices and --rgb-size photos)")
+    p.add_argument("--ct-size", type=int, default=4000, help="side of the generated CT slices (default 4000, what the line sends)")
+    p.add_argument("--rgb-size", type=_size, default=(1920, 1080), help="generated photos WIDTHxHEIGHT (default 1920x1080)")
     p.add_argument("--cells", type=int, default=32, help="distinct cells sent, cycled (default 32)")
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m benchmarks serving", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_cell_arguments(p)
     p.add_argument("--concurrency", type=_ints, default=[1, 2, 4, 8, 16], help="requests in flight to sweep (default 1,2,4,8,16)")
     p.add_argument("--seconds", type=float, default=10.0, help="load-generator seconds per concurrency (default 10)")
     p.add_argument("--perf-interval", type=int, default=4000, help="perf_analyzer measurement window, ms (default 4000)")
-    p.add_argument("--baseline-seconds", type=float, default=6.0, help="seconds per in-process measurement (default 6)")
+    p.add_argument("--baseline-seconds", type=float, default=10.0, help="seconds per in-process measurement (default 10)")
     p.add_argument("--batches", type=_ints, default=[1, 8], help="in-process batch sizes (default 1,8)")
-    p.add_argument("--heatmaps", action="store_true", help="the load generator also asks for CT_CAM and RGB_ERROR_MAP")
-    p.add_argument("--skip", nargs="*", default=[], choices=("perf_analyzer", "original", "torch"), help="parts to leave out")
+    p.add_argument("--no-heatmaps", dest="heatmaps", action="store_false",
+                   help="the load generator leaves out CT_CAM and RGB_ERROR_MAP (by default it asks for them, as the original path "
+                        "computed Grad-CAM for every cell)")
+    p.add_argument("--skip", nargs="*", default=[], choices=("perf_analyzer", "original", "torch", "end_to_end"), help="parts to leave out")
     p.add_argument("--repository", type=Path, default=Path("build/bench_repository"), help="repository to build and serve "
                                                                                           "(default build/bench_repository)")
     p.add_argument("--out", type=Path, default=Path("benchmarks/results"), help="results folder (default benchmarks/results)")
@@ -56,18 +79,25 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
+def line_set(ct_size: int = 4000, rgb_size: tuple[int, int] = (1920, 1080), batteries: int = 11) -> Path:
+    """build/bench_data/ct<ct>_rgb<w>x<h>: a synthetic set at these sizes, written once (3 slices and a
+    photo per battery; 8 in 10 slices JPEG, 1 in 10 16-bit TIFF, 1 in 10 DICOM)."""
+    from training.synth.plan import SynthConfig
+    from training.synth.writer import CONFIG_FILE, generate
+
+    data = Path("build/bench_data") / f"ct{ct_size}_rgb{rgb_size[0]}x{rgb_size[1]}"
+    if not (data / CONFIG_FILE).exists():
+        print(f"generating {batteries} batteries of CT {ct_size} px, photos {rgb_size[0]}x{rgb_size[1]} into {data}")
+        generate(data, SynthConfig(batteries=batteries, seed=11, ct_size=ct_size, rgb_width=rgb_size[0], rgb_height=rgb_size[1],
+                                   slices_per_axis=1, photos_per_battery=1, rgb_defect_rate=0.5,
+                                   ct_formats={"jpeg": 0.8, "tiff16": 0.1, "dicom": 0.1}))
+    return data
+
+
 def _cells(args):
     from client.dataset import pair_cells
 
-    data = args.data or next((d for d in (Path("data/standard_test"), Path("data/quick_test")) if d.is_dir()), None)
-    if data is None:
-        from training.synth.plan import SynthConfig
-        from training.synth.writer import generate
-
-        data = Path("build/bench_data")
-        if not data.is_dir():
-            print(f"no test set found: generating a small synthetic one into {data}")
-            generate(data, SynthConfig(batteries=8, seed=11), progress=False)
+    data = args.data or line_set(args.ct_size, args.rgb_size)
     cells, _ = pair_cells(data, progress=False)
     if not cells:
         raise SystemExit(f"error: no cells in {data}")
@@ -130,6 +160,7 @@ def run(args) -> Path:
                          "gflop_per_cell": (ct_flops + rgb_flops) / 1e9}
     print(f"  SGEMM {results['machine']['sgemm_gflops']:.1f} GFLOP/s; CT {ct_flops / 1e9:.2f} + RGB {rgb_flops / 1e9:.2f} GFLOP per cell")
 
+    ct_info, rgb_info = pipeline.ct_info, pipeline.rgb_info
     ct_x = np.stack([ct_tensor(c.ct, pipeline.ct_info) for c in cells])
     meta = np.array([c.meta for c in cells], np.float32)
     rgb_x = np.stack([rgb_tensor(c.rgb, pipeline.rgb_info) for c in cells])
@@ -149,10 +180,18 @@ def run(args) -> Path:
             base["torch"].append(row)
             print(f"  pytorch     batch {b:>2}: {row['cells_per_s']:7.1f} cells/s")
     if "original" not in args.skip:
-        base["original"] = [measure.original_cells_per_s(pipeline, cells, args.baseline_seconds)]
-        print(f"  original-style (batch 1, pytorch-grad-cam per cell): {base['original'][0]['cells_per_s']:.2f} cells/s")
+        row = measure.original_cells_per_s(pipeline, cells, args.baseline_seconds)
+        base["original"] = [row]
+        steps = ", ".join(f"{k.replace('_', ' ')} {v * 1000:.0f} ms" for k, v in row["seconds_per_step"].items())
+        print(f"  the original system's path (batch 1, 2 torch threads, pytorch-grad-cam per cell): {row['cells_per_s']:.3f} cells/s "
+              f"({steps})")
     results["in_process"] = base
     del pipeline
+    if "end_to_end" not in args.skip:
+        row = measure.inprocess_cells_per_s(args.repository / "ct_classifier/1/model.onnx", args.repository / "rgb_autoencoder/1/model.onnx",
+                                            cells, ct_info, rgb_info, args.baseline_seconds, batch=max(args.batches))
+        base["end_to_end"] = [row]
+        print(f"  in-process end to end ({row['processes']} processes, batch {row['batch']}): {row['cells_per_s']:.2f} cells/s")
 
     http, grpc, metrics = free_ports(3)
     server = TritonServer(args.repository, Ports(http, grpc, metrics), log_path=args.out / "tritonserver.log")

@@ -102,13 +102,11 @@ async def open_loop(url: str, cells, rate: float, seconds: float, on_tick=None, 
 
 
 def parser() -> argparse.ArgumentParser:
+    from benchmarks.serving import add_cell_arguments
     from export.__main__ import add_tuning_arguments
 
     p = argparse.ArgumentParser(prog="python -m benchmarks soak", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--runs", nargs="+", type=Path, help="trained runs (default runs/standard, else runs/quick, else the quick preset is trained)")
-    p.add_argument("--untrained", metavar="PRESET", help="a preset's networks with random weights instead of trained runs")
-    p.add_argument("--data", type=Path, help="AI-Hub-layout folder to take cells from (default data/standard_test or data/quick_test)")
-    p.add_argument("--cells", type=int, default=32, help="distinct cells sent, cycled (default 32)")
+    add_cell_arguments(p)
     p.add_argument("--repository", type=Path, default=Path("build/bench_repository"), help="repository to build and serve")
     p.add_argument("--minutes", type=float, default=10.0, help="soak length (default 10)")
     p.add_argument("--fraction", type=float, default=0.8, help="soak rate as a fraction of saturation (default 0.8)")

@@ -33,18 +33,27 @@ def test_results_hold_every_path_and_the_headline_ratios(results):
     r = json.loads((results / "results.json").read_text())
     assert r["machine"]["sgemm_gflops"] > 0 and r["models"]["gflop_per_cell"] > 0
     assert [e["batch"] for e in r["in_process"]["onnxruntime"]] == [1, 8] and len(r["in_process"]["torch"]) == 2
-    assert r["in_process"]["original"][0]["cells_per_s"] > 0
+    original = r["in_process"]["original"][0]
+    assert original["cells_per_s"] > 0 and original["threads"] == 2 and original["cells"] >= 4
+    assert set(original["seconds_per_step"]) == {"decode", "resize", "ct_network_and_gradcam", "rgb_network"}
+    assert all(v > 0 for v in original["seconds_per_step"].values())
+    e2e = r["in_process"]["end_to_end"][0]
+    assert e2e["processes"] >= 1 and e2e["batch"] == 8 and e2e["cells"] >= 8 and e2e["cells_per_s"] > 0
     assert [e["concurrency"] for e in r["loadgen"]] == [1, 2]
     assert all(e["errors"] == 0 and e["cells"] > 0 and e["p50_ms"] <= e["p90_ms"] <= e["p99_ms"] for e in r["loadgen"])
     h = r["headline"]
     assert h["triton_vs_onnxruntime"] == pytest.approx(h["triton_cells_per_s"] / h["onnxruntime_cells_per_s"])
     assert h["triton_vs_original"] == pytest.approx(h["triton_cells_per_s"] / h["original_cells_per_s"])
+    assert h["triton_vs_inprocess"] == pytest.approx(h["triton_cells_per_s"] / e2e["cells_per_s"])
     summary = (results / "summary.md").read_text()
-    assert "Triton end to end / in-process ONNX Runtime" in summary and f"{h['triton_vs_onnxruntime']:.2f}" in summary
+    assert "in-process ONNX Runtime on preprocessed tensors (networks only)" in summary and f"{h['triton_vs_onnxruntime']:.2f}" in summary
+    assert "best in-process end-to-end pipeline" in summary and "the original system's per-cell path" in summary
+    assert r["machine"]["instruction_set"] in summary
     for plot in ("throughput.png", "latency.png"):
         assert (results / plot).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     rows = list(csv.DictReader(open(results / "results.csv")))
-    assert {row["path"] for row in rows} >= {"in-process onnxruntime", "in-process torch", "in-process original", "triton loadgen"}
+    assert {row["path"] for row in rows} >= {"in-process onnxruntime", "in-process torch", "in-process original",
+                                             "in-process end_to_end", "triton loadgen"}
     assert all(float(row["cells_per_s"]) > 0 for row in rows)
 
 

@@ -25,24 +25,9 @@ def ct_slice(size: int = 96, bits: int = 8) -> np.ndarray:
 
 
 def dicom(pixels: np.ndarray, bits_stored: int | None = None, with_pixels: bool = True) -> bytes:
-    from pydicom.dataset import FileDataset, FileMetaDataset
-    from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+    from training.synth.writer import dicom_bytes
 
-    meta = FileMetaDataset()
-    meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.2"  # CT image storage
-    meta.MediaStorageSOPInstanceUID = generate_uid()
-    ds = FileDataset(None, {}, file_meta=meta, preamble=b"\0" * 128)
-    ds.Rows, ds.Columns = pixels.shape
-    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
-    ds.BitsAllocated = pixels.dtype.itemsize * 8
-    ds.BitsStored = bits_stored or ds.BitsAllocated
-    ds.HighBit, ds.PixelRepresentation = ds.BitsStored - 1, 0
-    if with_pixels:
-        ds.PixelData = pixels.tobytes()
-    buf = io.BytesIO()
-    ds.save_as(buf, enforce_file_format=True)
-    return buf.getvalue()
+    return dicom_bytes(pixels, bits_stored, with_pixels)
 
 
 @pytest.mark.parametrize("fmt, bits", [("PNG", 8), ("PNG", 16), ("TIFF", 8), ("TIFF", 16), ("JPEG", 8)])

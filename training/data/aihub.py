@@ -32,7 +32,7 @@ from training.data.labels import (
     worst_finding,
 )
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".tif", ".tiff")
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".tif", ".tiff", ".dcm")
 
 CT_NAME = re.compile(r"^CT_(?P<type>cell|module)_(?P<form>pouch|cylindrical)_(?P<id>\d+)_(?P<axis>[xyz])_(?P<slice>\d+)$")
 RGB_NAME = re.compile(r"^RGB_(?P<type>cell|module)_(?P<form>pouch|cylindrical)_(?P<id>\d+)_(?P<index>\d+)$")
@@ -262,6 +262,13 @@ def _common(label: dict, match: re.Match, image_size: tuple[int, int]) -> dict:
 
 
 def _image_size(path: Path, verify: bool) -> tuple[int, int]:
+    if path.suffix.lower() == ".dcm":
+        import pydicom
+
+        ds = pydicom.dcmread(path, stop_before_pixels=not verify)
+        if verify:
+            ds.pixel_array  # noqa: B018 (decodes: raises on damaged pixel data)
+        return int(ds.Columns), int(ds.Rows)
     with Image.open(path) as im:
         size = im.size
         if verify:

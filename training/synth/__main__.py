@@ -12,22 +12,31 @@ from pathlib import Path
 
 from training.data.aihub import scan
 from training.data.labels import CT_CLASSES
-from training.synth.plan import DEFAULT_MIX, DEFECT_VISIBILITY, SynthConfig
+from training.synth.plan import CT_FORMATS, DEFAULT_MIX, DEFECT_VISIBILITY, SynthConfig
 from training.synth.preview import contact_sheet
 from training.synth.writer import CONFIG_FILE, generate
 
 
-def _mix(text: str) -> dict:
-    mix = {}
+def _weights(text: str, names, what: str) -> dict:
+    """NAME=WEIGHT,... with each NAME one of `names`."""
+    out = {}
     for part in text.split(","):
         name, sep, weight = part.partition("=")
-        if not sep or name.strip() not in CT_CLASSES:
-            raise argparse.ArgumentTypeError(f"{part!r}: expected CLASS=WEIGHT with CLASS one of {', '.join(CT_CLASSES)}")
+        if not sep or name.strip() not in names:
+            raise argparse.ArgumentTypeError(f"{part!r}: expected {what}=WEIGHT with {what} one of {', '.join(names)}")
         try:
-            mix[name.strip()] = float(weight)
+            out[name.strip()] = float(weight)
         except ValueError:
             raise argparse.ArgumentTypeError(f"{part!r}: weight is not a number") from None
-    return mix
+    return out
+
+
+def _mix(text: str) -> dict:
+    return _weights(text, CT_CLASSES, "CLASS")
+
+
+def _formats(text: str) -> dict:
+    return _weights(text, CT_FORMATS, "FORMAT")
 
 
 def _visibility(text: str) -> dict:
@@ -70,6 +79,8 @@ def _generate_parser() -> argparse.ArgumentParser:
     p.add_argument("--visibility", type=_visibility, default=None,
                    help=f"chance that a slice of a defective battery shows the defect, per axis (default {default_vis})")
     p.add_argument("--rgb-defect-rate", type=float, default=0.3, help="share of batteries with exterior defects")
+    p.add_argument("--ct-formats", type=_formats, default=None, metavar="FMT=W,...",
+                   help="CT slice formats by weight, of jpeg, tiff16, dicom (default jpeg=1; e.g. jpeg=8,tiff16=1,dicom=1)")
     p.add_argument("--workers", type=int, default=None, help="parallel workers (default: all cores)")
     p.add_argument("--force", action="store_true", help="write into a folder that is not empty")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -108,7 +119,7 @@ def main(argv: list[str] | None = None) -> int:
             batteries=args.batteries, seed=args.seed, ct_size=args.ct_size, rgb_width=args.rgb_size[0],
             rgb_height=args.rgb_size[1], slices_per_axis=args.slices_per_axis, photos_per_battery=args.photos,
             mix=args.mix or dict(DEFAULT_MIX), rgb_defect_rate=args.rgb_defect_rate,
-            visibility=args.visibility or dict(DEFECT_VISIBILITY),
+            visibility=args.visibility or dict(DEFECT_VISIBILITY), ct_formats=args.ct_formats or {"jpeg": 1.0},
         )
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -29,6 +29,7 @@ SUBSETS = ("Training", "Validation")
 # a porosity battery show no pore at all, as in the real data; such slices still carry
 # the battery's label, which is why slice_axis is a model input.
 DEFECT_VISIBILITY = {"x": 0.3, "y": 0.9, "z": 0.85}
+CT_FORMATS = ("jpeg", "tiff16", "dicom")
 
 
 @dataclass(frozen=True)
@@ -45,6 +46,8 @@ class SynthConfig:
     cylindrical_fraction: float = 0.5
     validation_fraction: float = 0.2  # share written under Validation/ (AI Hub's own split)
     visibility: dict = field(default_factory=lambda: dict(DEFECT_VISIBILITY))  # per axis
+    # How CT slices are written, by weight: JPEG (what AI Hub ships), 16-bit TIFF, DICOM (as other stations send them)
+    ct_formats: dict = field(default_factory=lambda: {"jpeg": 1.0})
 
     def __post_init__(self):
         unknown = set(self.mix) - set(CT_CLASSES)
@@ -60,6 +63,8 @@ class SynthConfig:
             raise ValueError("images must be at least 64 pixels on a side")
         if set(self.visibility) != set(SLICE_AXES) or not all(0 <= v <= 1 for v in self.visibility.values()):
             raise ValueError(f"visibility needs a probability 0..1 for each axis {list(SLICE_AXES)}, got {self.visibility}")
+        if set(self.ct_formats) - set(CT_FORMATS) or any(v < 0 for v in self.ct_formats.values()) or sum(self.ct_formats.values()) <= 0:
+            raise ValueError(f"ct_formats needs non-negative weights of {', '.join(CT_FORMATS)}, got {self.ct_formats}")
         if self.slices_per_axis < 1 or self.photos_per_battery < 1:
             raise ValueError("need at least one slice per axis and one photo per battery")
 

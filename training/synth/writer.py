@@ -57,20 +57,65 @@ def _write(path: Path, data: bytes) -> None:
     os.replace(tmp, path)  # never leave a half-written image behind a label
 
 
-def write_ct(job: tuple[Path, str, CTSliceSpec]) -> str:
-    root, subset, spec = job
+def dicom_bytes(pixels: np.ndarray, bits_stored: int | None = None, with_pixels: bool = True) -> bytes:
+    """A monochrome CT DICOM file (explicit VR little endian) of a 2-D uint8/uint16 slice."""
+    from pydicom.dataset import FileDataset, FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+
+    meta = FileMetaDataset()
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.2"  # CT image storage
+    meta.MediaStorageSOPInstanceUID = generate_uid(entropy_srcs=[pixels.tobytes()[:4096].hex()])
+    ds = FileDataset(None, {}, file_meta=meta, preamble=b"\0" * 128)
+    ds.Modality = "CT"
+    ds.Rows, ds.Columns = pixels.shape
+    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+    ds.BitsAllocated = pixels.dtype.itemsize * 8
+    ds.BitsStored = bits_stored or ds.BitsAllocated
+    ds.HighBit, ds.PixelRepresentation = ds.BitsStored - 1, 0
+    if with_pixels:
+        ds.PixelData = pixels.tobytes()
+    buf = io.BytesIO()
+    ds.save_as(buf, enforce_file_format=True)
+    return buf.getvalue()
+
+
+CT_SUFFIX = {"jpeg": ".jpg", "tiff16": ".tif", "dicom": ".dcm"}
+
+
+def ct_format(spec: CTSliceSpec, weights: dict) -> str:
+    """The format a slice is written in: drawn by weight from its own random stream (7)."""
+    names = sorted(weights)
+    p = np.array([weights[n] for n in names], np.float64)
+    return names[int(spec.rng(7).choice(len(names), p=p / p.sum()))] if len(names) > 1 else names[0]
+
+
+def encode_ct(image: np.ndarray, fmt: str, quality: int) -> bytes:
+    """An 8-bit slice as a station would send it: JPEG, 16-bit TIFF (x 257) or 16-bit DICOM."""
+    if fmt == "dicom":
+        return dicom_bytes(image.astype(np.uint16) * 257)
+    buf = io.BytesIO()
+    if fmt == "tiff16":
+        Image.fromarray(image.astype(np.uint16) * 257).save(buf, format="TIFF")
+    else:
+        Image.fromarray(image, mode="L").save(buf, format="JPEG", quality=quality)
+    return buf.getvalue()
+
+
+def write_ct(job: tuple[Path, str, CTSliceSpec, str]) -> str:
+    root, subset, spec, fmt = job
     image_dir, label_dir = layout_dirs(root, subset, "ct")
     stem = ct_stem(spec.battery_type, spec.form, spec.battery_id, spec.axis, spec.slice_index)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # skimage's FOV warning for objects touching the rim
         ct = render_ct_slice(spec)
     quality = int(spec.rng(5).integers(82, 96))
-    buf = io.BytesIO()
-    Image.fromarray(ct.image, mode="L").save(buf, format="JPEG", quality=quality)
+    data = encode_ct(ct.image, fmt, quality)
+    name = stem + CT_SUFFIX[fmt]
     info = _battery_info(spec, "ct") | {"distance": None, "degree": None, "roi": list(ct.roi)}
-    label = _label(info, ct.outline, ct.defects, spec.size, spec.size, stem + ".jpg",
+    label = _label(info, ct.outline, ct.defects, spec.size, spec.size, name,
                    _image_id(spec, 1000 + "xyz".index(spec.axis) * 1000 + spec.slice_index))
-    _write(image_dir / f"{stem}.jpg", buf.getvalue())
+    _write(image_dir / name, data)
     _write(label_dir / f"{stem}.json", json.dumps(label, ensure_ascii=False, indent=1).encode())
     return stem
 
@@ -104,7 +149,7 @@ def generate(out: str | os.PathLike, cfg: SynthConfig, workers: int | None = Non
                 d.mkdir(parents=True, exist_ok=True)
     jobs = []
     for p in plans:
-        jobs += [("ct", out, p.subset, s) for s in p.ct_slices]
+        jobs += [("ct", out, p.subset, s, ct_format(s, cfg.ct_formats)) for s in p.ct_slices]
         jobs += [("rgb", out, p.subset, s) for s in p.photos]
     # Big photos first so the pool does not end waiting on a straggler.
     jobs.sort(key=lambda j: 0 if j[0] == "rgb" else 1)
