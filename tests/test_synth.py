@@ -222,3 +222,34 @@ def test_command_line_rejects_a_bad_mix_with_a_clear_message(tmp_path):
     done = subprocess.run([sys.executable, "-m", "training.synth", "--out", str(tmp_path / "x"), "--mix", "cell_swollen=1"],
                           capture_output=True, text=True, timeout=60)
     assert done.returncode == 2 and "cell_swollen=1" in done.stderr and "cell_normal" in done.stderr
+
+
+def test_large_slices_are_drawn_small_and_enlarged_with_their_labels():
+    # 2100 px: drawn at 700 (k = 3) and enlarged; the defect is where its label says, at full size
+    spec = CTSliceSpec(2, "cell", "pouch", "y", 5, "porosity", True, 2100, 0)
+    big, clean = render_ct_slice(spec), render_ct_slice(spec, with_defects=False)
+    small = render_ct_slice(CTSliceSpec(2, "cell", "pouch", "y", 5, "porosity", True, 700, 0))
+    assert big.image.shape == (2100, 2100) and big.image.dtype == np.uint8
+    assert len(big.defects) == len(small.defects) > 0
+    for d, s in zip(big.defects, small.defects):
+        np.testing.assert_allclose(d.polygon, np.rint(s.polygon * 3), atol=1)
+        inside = raster.polygon_mask(d.polygon, big.image.shape)
+        assert _mean_abs_diff(big.image, clean.image, inside) > 10
+    assert big.roi[0] == small.roi[0] * 3 and abs(big.roi[1] - (small.roi[1] * 3 + 2)) <= 1
+    # the enlarged picture is the small one plus fine grain
+    assert np.abs(np.asarray(Image.fromarray(big.image).reduce(3), np.float32) - small.image).mean() < 4
+
+
+def test_ct_slices_are_written_in_the_formats_asked_for_and_read_back(tmp_path):
+    from training.decode import decode_ct
+
+    generate(tmp_path, SynthConfig(batteries=3, seed=2, ct_size=96, rgb_width=96, rgb_height=64, slices_per_axis=2,
+                                   photos_per_battery=1, ct_formats={"jpeg": 1, "tiff16": 1, "dicom": 1}), workers=1, progress=False)
+    records = scan(tmp_path, progress=False).ct
+    suffixes = {r.path.suffix for r in records}
+    assert len(records) == 18 and suffixes == {".jpg", ".tif", ".dcm"}
+    for r in records:
+        pixels = decode_ct(r.path.read_bytes())
+        assert pixels.shape == (96, 96) and pixels.dtype == (np.uint8 if r.path.suffix == ".jpg" else np.uint16)
+    with pytest.raises(ValueError, match="ct_formats"):
+        SynthConfig(ct_formats={"gif": 1})
