@@ -139,7 +139,8 @@ def test_a_small_battery_in_a_large_slice_is_decoded_again_finer():
     source = open_ct(encode(small, "PNG"))
     seen = []
     source.decode = lambda scale=1, real=source.decode: seen.append(scale) or real(scale)
-    _, scale, crop = _decode_for(source, CT_CROP_SHARE, 160, lambda g: _square_around(find_battery_ct(g), CROP_MARGIN), _ct_grey)
+    decoded, crop = _decode_for(source, CT_CROP_SHARE, 160, lambda g: _square_around(find_battery_ct(g), CROP_MARGIN), _ct_grey)
+    scale = decoded.scale
     assert seen[0] > scale and crop.side / scale >= 160 and scale == 1, (seen, crop)
 
 

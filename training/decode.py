@@ -96,22 +96,36 @@ def box_reduce(pixels: np.ndarray, scale: int) -> np.ndarray:
     return out.astype(np.float32) * np.float32(1.0 / (scale * scale * 65535))
 
 
-@dataclass(frozen=True)
 class Decoded:
     """An image decoded at 1/scale of its size: pixel (i, j) stands for the original's
-    rows [i*scale, (i+1)*scale) and columns [j*scale, (j+1)*scale)."""
+    rows [i*scale, (i+1)*scale) and columns [j*scale, (j+1)*scale).
 
-    pixels: np.ndarray  # (h, w) grey or (h, w, 3) colour: uint8, uint16, or float32 in 0..1 after a 16-bit box reduction
-    scale: int
-    width: int  # of the original image
-    height: int
+    `image` is the Pillow image where the decoder gave one that needs nothing more (8-bit grey
+    or RGB), so that resampling a crop of it needs no copy into numpy; `pixels` is the numpy
+    array, made on first use."""
+
+    def __init__(self, scale: int, width: int, height: int, pixels: np.ndarray | None = None, image: Image.Image | None = None):
+        self.scale, self.width, self.height = scale, width, height  # width, height: of the original image
+        self.image = image
+        self._pixels = pixels
+
+    @property
+    def pixels(self) -> np.ndarray:
+        """(h, w) grey or (h, w, 3) colour: uint8, uint16, or float32 in 0..1 after a 16-bit box reduction."""
+        if self._pixels is None:
+            self._pixels = image_array(self.image)
+        return self._pixels
 
 
 class Source:
-    """An encoded image whose header has been read and checked; `decode(scale)` decodes it."""
+    """An encoded image whose header has been read and checked; `decode(scale)` decodes it.
+
+    A JPEG is decoded anew at each scale asked for (in the DCT domain); the other formats are
+    decoded whole once and reduced from that."""
 
     def __init__(self, data: bytes, kind: str, what: str, limits: Limits):
         self.data, self.kind, self.what = data, kind, what
+        self._pixels: np.ndarray | None = None
         if kind == "dicom":
             self._dicom = _read_dicom(data, limits, what)
             self.width, self.height = int(self._dicom.Columns), int(self._dicom.Rows)
@@ -127,24 +141,31 @@ class Source:
         if scale not in SCALES:
             raise ValueError(f"scale must be one of {SCALES}, got {scale}")
         if self.kind == "dicom":
-            pixels = box_reduce(_dicom_pixels(self._dicom, self.what), scale)
-        elif self.kind == "jpeg":
+            if self._pixels is None:
+                self._pixels = _dicom_pixels(self._dicom, self.what)
+            return Decoded(scale, self.width, self.height, pixels=box_reduce(self._pixels, scale))
+        if self.kind != "jpeg":
+            return Decoded(scale, self.width, self.height, pixels=box_reduce(self._full(), scale))
+        with _pil_errors(self.what):
+            im = Image.open(io.BytesIO(self.data))
+            if scale > 1 and im.mode in ("L", "RGB"):
+                im.draft(im.mode, (-(-im.width // scale), -(-im.height // scale)))
+            im.load()
+            got = -(-self.width // im.width)
+            if got == scale and im.mode in ("L", "RGB"):
+                return Decoded(scale, self.width, self.height, image=im)
+            pixels = image_array(im)
+        # a JPEG libjpeg would not scale (e.g. CMYK): reduce what it gave
+        return Decoded(scale, self.width, self.height, pixels=box_reduce(pixels, scale // got))
+
+    def _full(self) -> np.ndarray:
+        """PNG, TIFF: decoded whole once (they have no cheaper way), reduced as often as asked."""
+        if self._pixels is None:
             with _pil_errors(self.what):
                 im = Image.open(io.BytesIO(self.data))
-                if scale > 1 and im.mode in ("L", "RGB"):
-                    im.draft(im.mode, (-(-im.width // scale), -(-im.height // scale)))
                 im.load()
-                pixels = image_array(im)
-            got = -(-self.width // pixels.shape[1])
-            if got != scale:  # a JPEG libjpeg would not scale (e.g. CMYK): reduce what it gave
-                pixels = box_reduce(pixels, scale // got)
-        else:
-            with _pil_errors(self.what):
-                im = Image.open(io.BytesIO(self.data))
-                im.load()
-                pixels = image_array(im)
-            pixels = box_reduce(pixels, scale)
-        return Decoded(pixels, scale, self.width, self.height)
+                self._pixels = image_array(im)
+        return self._pixels
 
 
 def scale_for(window: float, size: int) -> int:

@@ -34,13 +34,16 @@ from training.decode import ImageError, Limits, Source, open_ct, open_rgb, rgb_p
 # Normalisation constants (stored in checkpoints; these are the defaults).
 CT_MEAN, CT_STD = 0.2, 0.25
 CROP_MARGIN = 0.06
-# The least share of the image's shorter side a battery's crop spans (synthetic data, 120
-# slices and 40 photos: CT square crops 0.36-0.86 of the slice, median 0.67; photo crops
-# 0.24-0.87 of the shorter side, median 0.66). The first decode assumes it, so one decode is
-# enough for nearly every cell: a second JPEG decode would cost more (about 18 ms at 4000 px,
-# nearly all of it entropy decoding, whatever the scale) than the finer first one saves.
+# The share of the image's shorter side a battery's crop is assumed to span when the first
+# decode's scale is chosen (synthetic data, 120 slices and 40 photos: CT square crops span
+# 0.36-0.86 of the slice, median 0.67; photo crops 0.24-0.87 of the shorter side, median
+# 0.66). A crop found smaller costs a second, finer decode; only a JPEG pays for that (the
+# other formats are decoded whole once). CT: the least share seen, as a second decode of a
+# 4000-px JPEG costs about 18 ms whatever the scale (entropy decoding). Photos: a little above
+# the least (a 1920 x 1080 JPEG decodes in 2-5 ms); measured over the decode benchmark's
+# photos, 0.3 gave the lowest medians at both 128 and 256 px of the shares 0.24-0.5.
 CT_CROP_SHARE = 0.35
-RGB_CROP_SHARE = 0.24
+RGB_CROP_SHARE = 0.3
 
 
 @dataclass(frozen=True)
@@ -99,6 +102,23 @@ def _rect_around(box: tuple[int, int, int, int], margin: float) -> Crop:
     return Crop(cx - w / 2, cy - h / 2, w, h)
 
 
+def _box(crop: Crop) -> tuple[int, int, int, int]:
+    """The whole pixels the crop window covers: (x0, y0, x1, y1), x1 and y1 exclusive."""
+    x0, y0 = int(np.floor(crop.x0)), int(np.floor(crop.y0))
+    return x0, y0, x0 + int(np.ceil(crop.width)), y0 + int(np.ceil(crop.height))
+
+
+def _inside(crop: Crop, width: int, height: int) -> bool:
+    x0, y0, x1, y1 = _box(crop)
+    return x0 >= 0 and y0 >= 0 and x1 <= width and y1 <= height
+
+
+def _resized(image: Image.Image, box, size: int) -> np.ndarray:
+    """An 8-bit RGB Pillow image's box resampled to (3, size, size) float32 in 0..1."""
+    out = np.asarray(image.resize((size, size), Image.BILINEAR, box=box))
+    return np.ascontiguousarray(out.transpose(2, 0, 1), np.float32) * np.float32(1 / 255)
+
+
 def _cut(image: np.ndarray, crop: Crop, size: int, pad: str = "zero") -> np.ndarray:
     """Resample the crop window to (size, size) float32 in 0..1, or (channels, size, size) for a
     colour image (anti-aliased bilinear).
@@ -110,10 +130,10 @@ def _cut(image: np.ndarray, crop: Crop, size: int, pad: str = "zero") -> np.ndar
     call (most of the time the RGB path spends here at line size otherwise).
     """
     h, w = image.shape[:2]
-    x0, y0 = int(np.floor(crop.x0)), int(np.floor(crop.y0))
-    cw, ch = int(np.ceil(crop.width)), int(np.ceil(crop.height))
-    if x0 >= 0 and y0 >= 0 and x0 + cw <= w and y0 + ch <= h:
-        window, box = image, (x0, y0, x0 + cw, y0 + ch)  # inside: no copy, the resampler reads the box
+    x0, y0, x1, y1 = _box(crop)
+    cw, ch = x1 - x0, y1 - y0
+    if _inside(crop, w, h):
+        window, box = image, (x0, y0, x1, y1)  # inside: no copy, the resampler reads the box
     elif pad == "edge":  # the part inside, edge pixels repeated out to the window (a crop always overlaps its image)
         top, left, bottom, right = max(y0, 0), max(x0, 0), min(y0 + ch, h), min(x0 + cw, w)
         if bottom <= top or right <= left:
@@ -127,8 +147,7 @@ def _cut(image: np.ndarray, crop: Crop, size: int, pad: str = "zero") -> np.ndar
             window[sy0 - y0 : sy1 - y0, sx0 - x0 : sx1 - x0] = image[sy0:sy1, sx0:sx1]
         box = (0, 0, cw, ch)
     if window.ndim == 3 and window.dtype == np.uint8:
-        out = np.asarray(Image.fromarray(np.ascontiguousarray(window[..., :3])).resize((size, size), Image.BILINEAR, box=box))
-        return np.ascontiguousarray(out.transpose(2, 0, 1), np.float32) * np.float32(1 / 255)
+        return _resized(Image.fromarray(np.ascontiguousarray(window[..., :3])), box, size)
     bx0, by0, bx1, by1 = box
     region = to_unit(window[by0:by1, bx0:bx1])
     if region.ndim == 2:
@@ -191,25 +210,24 @@ def _not_blank(image: np.ndarray, what: str) -> np.ndarray:
 
 def _decode_for(source: Source, share: float, size: int, locate, to_pixels):
     """(decoded image, crop in the original's pixels): decoded at the coarsest scale that
-    gives the crop `locate` finds at least `size` pixels a side, on the first try if the
-    crop spans `share` of the shorter side or more, else on a second, finer decode."""
+    gives the crop `locate` finds (on `to_pixels` of the first decode) at least `size` pixels
+    a side, on the first try if the crop spans `share` of the shorter side or more, else on
+    a second, finer decode."""
     decoded = source.decode(scale_for(min(source.width, source.height) * share, size))
-    pixels = to_pixels(_not_blank(decoded.pixels, source.what))
-    crop = locate(pixels).scaled(decoded.scale)
+    crop = locate(to_pixels(_not_blank(decoded.pixels, source.what))).scaled(decoded.scale)
     finer = scale_for(min(crop.width, crop.height), size)
     if finer < decoded.scale:
         decoded = source.decode(finer)
-        pixels = to_pixels(decoded.pixels)
-    return pixels, decoded.scale, crop
+    return decoded, crop
 
 
 def encoded_ct_input(data: bytes, size: int, mean: float = CT_MEAN, std: float = CT_STD,
                      limits: Limits = Limits()) -> tuple[np.ndarray, Crop]:
     """An encoded CT slice (PNG, JPEG, 8/16-bit TIFF, DICOM) -> model input (1, size, size)
     float32, normalised, and its crop in the slice's own pixels. Raises ImageError."""
-    grey, scale, crop = _decode_for(open_ct(data, limits), CT_CROP_SHARE, size,
-                                    lambda g: _square_around(find_battery_ct(g), CROP_MARGIN), _ct_grey)
-    x = (_cut(grey, crop.scaled(1 / scale), size) - mean) / std
+    decoded, crop = _decode_for(open_ct(data, limits), CT_CROP_SHARE, size,
+                                lambda g: _square_around(find_battery_ct(g), CROP_MARGIN), _ct_grey)
+    x = (_cut(_ct_grey(decoded.pixels), crop.scaled(1 / decoded.scale), size) - mean) / std
     return x[None].astype(np.float32, copy=False), crop
 
 
@@ -306,10 +324,13 @@ def rgb_input(image: np.ndarray, size: int) -> tuple[np.ndarray, Crop]:
 def encoded_rgb_input(data: bytes, size: int, limits: Limits = Limits()) -> tuple[np.ndarray, Crop]:
     """An encoded photo (PNG, JPEG) -> model input (3, size, size) float32 in 0..1, and its crop
     in the photo's own pixels. Raises ImageError."""
-    rgb, scale, crop = _decode_for(open_rgb(data, limits), RGB_CROP_SHARE, size,
-                                   lambda im: _rect_around(find_object_rgb(im), CROP_MARGIN),
-                                   lambda p: _rgb(rgb_pixels(p)))
-    x = _cut(rgb, crop.scaled(1 / scale), size, pad="edge")
+    decoded, crop = _decode_for(open_rgb(data, limits), RGB_CROP_SHARE, size,
+                                lambda im: _rect_around(find_object_rgb(im), CROP_MARGIN), lambda p: _rgb(rgb_pixels(p)))
+    window = crop.scaled(1 / decoded.scale)
+    if decoded.image is not None and decoded.image.mode == "RGB" and _inside(window, decoded.image.width, decoded.image.height):
+        x = _resized(decoded.image, _box(window), size)  # straight from the decoder's image: no copy of the whole photo
+    else:
+        x = _cut(_rgb(rgb_pixels(decoded.pixels)), window, size, pad="edge")
     return np.clip(x, 0.0, 1.0, out=x), crop
 
 
