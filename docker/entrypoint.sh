@@ -8,6 +8,9 @@
 # back to the system; BATTERY_MALLOC=system keeps glibc's malloc, a path picks another library.
 set -euo pipefail
 MODELS=${MODELS:-/models}
+# Preprocessing instances and network threads follow the cores this container is given
+# (its CPU quota and affinity), not those of the machine the image was built on.
+python3 -m export fit-cores "$MODELS"
 if [ "${RUNTIME:-onnxruntime}" = tensorrt ]; then
   python3 -m export tensorrt "$MODELS"   # a no-op when every model.plan exists
 fi

@@ -164,6 +164,19 @@ def _watch(server, interval: float, ports, start_timeout: float) -> int:
         failures = 0
 
 
+def cmd_fit_cores(args) -> int:
+    from ensemble import interface as api
+    from export.serving import available_cores
+    from export.spec import fit_to_cores
+
+    if not (args.repository / api.INSPECT / "config.pbtxt").exists():
+        raise FileNotFoundError(f"{args.repository} is not a built repository (no {api.INSPECT}/config.pbtxt)")
+    cores = args.cores or available_cores()
+    changed = fit_to_cores(args.repository, cores)
+    print(f"{args.repository}: fitted to {cores} core(s)" + (f": {', '.join(changed)}" if changed else ": nothing to change"))
+    return 0
+
+
 def add_tuning_arguments(p) -> None:
     g = p.add_argument_group("serving tuning")
     g.add_argument("--max-batch-size", type=int, default=16, help="max_batch_size of every model (default 16)")
@@ -172,7 +185,8 @@ def add_tuning_arguments(p) -> None:
                                                       "(default 256; 0: no limit)")
     g.add_argument("--preprocess-instances", type=int, help="instances of each preprocessing model (default: one per core, at most 4)")
     g.add_argument("--network-instances", type=int, help="instances of each network (default 1)")
-    g.add_argument("--threads", type=int, help="ONNX Runtime intra-op threads per network instance (default: half the cores; 0: all)")
+    g.add_argument("--threads", type=int, help="ONNX Runtime intra-op threads per network instance (default and 0: every core this "
+                                                "process may use)")
     g.add_argument("--precision", choices=("fp32", "fp16", "int8"), help="network precision (default fp32; fp16: for GPU "
                                                                          "deployments; int8: static QDQ quantisation of the "
                                                                          "convolutions, calibrated on images)")
@@ -208,6 +222,11 @@ def main(argv=None) -> int:
     t.add_argument("--workspace-gb", type=float, default=4.0, help="TensorRT builder workspace in GiB (default 4)")
     t.add_argument("--force", action="store_true", help="rebuild engines that exist")
     t.set_defaults(func=cmd_tensorrt)
+    f = sub.add_parser("fit-cores", help="set a built repository's preprocessing instances and network threads for the cores "
+                                         "this process may use (the container does this at start)")
+    f.add_argument("repository", type=Path, help="repository folder")
+    f.add_argument("--cores", type=int, help="cores to fit (default: CPU affinity, capped by a container's CPU quota)")
+    f.set_defaults(func=cmd_fit_cores)
     s = sub.add_parser("serve", help="build what is missing and run tritonserver in the foreground")
     s.add_argument("--runs", nargs="+", type=Path, help="run folders (default runs/standard if trained, else runs/quick, "
                    "trained on first start)")

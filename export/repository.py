@@ -34,11 +34,13 @@ from ensemble import interface as api
 from ensemble.rule import RULE_FILE, load_rule
 from training.decode import Limits
 from export.onnx_export import export_run
+from export.serving import available_cores
 from export.spec import MANIFEST, Batching, EnsembleSpec, ModelSpec, Step, Tensor, to_pbtxt
 from training.checkpoint import CHECKPOINT
 from training.data.labels import CT_CLASSES
 
 RUNTIMES = ("python-ort", "onnxruntime", "tensorrt")
+
 SOURCES = Path(__file__).with_name("triton_models")
 
 
@@ -55,13 +57,16 @@ class Tuning:
     # queue size", UNAVAILABLE, which clients retry with backoff) instead of letting latency grow
     # without bound in a burst.
     max_queue_size: int = 256
-    # Measured on 2 cores (quick models, `python -m benchmarks serving`): decoding and
-    # preprocessing are single-threaded Python, so one process per core for them, and the
-    # two networks share the cores (a thread each here): 53 cells/s against 32 with one
-    # preprocessing instance and ONNX Runtime on all cores.
-    preprocess_instances: int = field(default_factory=lambda: min(4, os.cpu_count() or 1))
+    # Decoding and preprocessing are single-threaded Python: one process per core for them.
+    # Each network may use every core, with ONNX Runtime's waiting threads asleep rather than
+    # spinning (export.serving.OrtRunner), so that whichever step has work takes the idle
+    # cores: measured on 2 cores at line size (`python -m benchmarks serving`), the full
+    # preset's networks gave 4.6 cells/s against 4.2 with one thread per network, the quick
+    # ones 16.5 against 17.1 (within the runs' noise). Cores are those this process may use
+    # (its CPU affinity and container quota), so a container follows the cores it is given.
+    preprocess_instances: int = field(default_factory=lambda: min(4, available_cores()))
     network_instances: int = 1
-    intra_op_threads: int = field(default_factory=lambda: max(1, (os.cpu_count() or 2) // 2))  # per network instance (python-ort)
+    intra_op_threads: int = field(default_factory=lambda: available_cores())  # per network instance (python-ort)
     limits: Limits = Limits()
     precision: str = "fp32"  # fp32 | fp16 (GPU) | int8 (static QDQ quantisation of the convolutions), export/quantize.py
     calibration: str | None = None  # INT8 calibration images (AI-Hub folder); default: the CT run's training data
@@ -299,3 +304,4 @@ def is_current(out: str | Path, runs, runtime: str, rule_path: str | Path | None
     recorded = manifest.get("runs", {})
     return manifest.get("runtime") == runtime and manifest.get("build_sha256") == _build_digest(rule_path, tuning) and set(recorded) == set(found) and all(
         recorded[k]["path"] == str(run.resolve()) and recorded[k]["checkpoint_sha256"] == _checkpoint_digest(run) for k, run in found.items())
+

@@ -5,6 +5,7 @@ at server start.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2 as mc
@@ -140,3 +141,29 @@ def to_pbtxt(spec: ModelSpec | EnsembleSpec) -> str:
 
 def parse_pbtxt(text: str) -> mc.ModelConfig:
     return text_format.Parse(text, mc.ModelConfig())
+
+
+def fit_to_cores(repository: str | Path, cores: int | None = None) -> list[str]:
+    """Set a built repository's CPU parallelism for `cores` (default: the cores this process
+    may use) as `Tuning`'s defaults would: each preprocessing model gets one instance per core
+    (at most 4), each python-ort network that many ONNX Runtime threads. A container built on
+    one machine and started on another, or with --cpus, then serves with what it is given.
+    Returns the names of the models changed."""
+    from ensemble import interface as api
+    from export.serving import available_cores
+
+    cores = cores or available_cores()
+    changed = []
+    for config in sorted(Path(repository).glob("*/config.pbtxt")):
+        cfg = parse_pbtxt(config.read_text())
+        before = text_format.MessageToString(cfg)
+        if cfg.name in (api.PREPROCESS, api.CT_PREPROCESS, api.RGB_PREPROCESS):
+            for group in cfg.instance_group:
+                group.count = min(4, cores)
+        if "intra_op_threads" in cfg.parameters:
+            cfg.parameters["intra_op_threads"].string_value = str(cores)
+        after = text_format.MessageToString(cfg)
+        if after != before:
+            config.write_text(after)
+            changed.append(cfg.name)
+    return changed

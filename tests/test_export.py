@@ -213,6 +213,26 @@ def test_repository_cli_writes_a_tensorrt_repository_and_says_what_is_missing(ru
     assert not (tmp_path / "r" / api.RGB_AUTOENCODER / "1" / "model.py").exists()
 
 
+def test_fit_cores_sets_preprocessing_instances_and_network_threads_for_the_cores_given(repository, tmp_path, capsys):
+    import shutil as sh
+
+    from export.__main__ import main
+
+    repo = tmp_path / "r"
+    sh.copytree(repository[0], repo)
+    assert main(["fit-cores", str(repo), "--cores", "3"]) == 0
+    assert "fitted to 3 core(s)" in capsys.readouterr().out
+    for name in (api.PREPROCESS, api.CT_PREPROCESS, api.RGB_PREPROCESS):
+        assert [g.count for g in parse_pbtxt((repo / name / "config.pbtxt").read_text()).instance_group] == [3]
+    for name in (api.CT_CLASSIFIER, api.RGB_AUTOENCODER):
+        cfg = parse_pbtxt((repo / name / "config.pbtxt").read_text())
+        assert cfg.parameters["intra_op_threads"].string_value == "3" and [g.count for g in cfg.instance_group] == [1]
+    assert main(["fit-cores", str(repo), "--cores", "16"]) == 0  # at most 4 preprocessing processes
+    assert parse_pbtxt((repo / api.PREPROCESS / "config.pbtxt").read_text()).instance_group[0].count == 4
+    assert main(["fit-cores", str(tmp_path)]) == 2  # not a repository: a clear error
+    assert "not a built repository" in capsys.readouterr().err
+
+
 def _gpu_for_tensorrt() -> str | None:
     """Why TensorRT engines cannot be built here, or None where they can."""
     try:
