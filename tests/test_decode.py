@@ -144,6 +144,17 @@ def test_a_small_battery_in_a_large_slice_is_decoded_again_finer():
     assert seen[0] > scale and crop.side / scale >= 160 and scale == 1, (seen, crop)
 
 
+def test_a_dicom_whose_preamble_is_a_tiff_header_is_read_as_dicom():
+    from pydicom.data import get_testdata_file
+
+    data = open(get_testdata_file("CT_small.dcm"), "rb").read()  # ships with pydicom: "II*\0" before "DICM"
+    assert data[:4] == b"II*\x00" and sniff(data) == "dicom"
+    pixels = decode_ct(data)
+    assert pixels.shape == (128, 128) and pixels.dtype == np.uint16 and pixels.max() > pixels.min()
+    x, crop = encoded_ct_input(data, 64)
+    assert x.shape == (1, 64, 64) and np.isfinite(x).all()
+
+
 def test_dicom_slices_decode_with_their_bit_depth_scaled_to_16_bits():
     pixels16 = ct_slice(bits=16)
     np.testing.assert_array_equal(decode_ct(dicom(pixels16)), pixels16)
