@@ -610,16 +610,31 @@ def test_plc_sim_command_triggers_a_data_set_and_prints_what_the_gateway_answers
     async def run():
         proc = await asyncio.create_subprocess_exec(sys.executable, "-m", "client", "plc-sim", "--config", str(config), "--data",
                                                     str(small_dataset[0]), "--rate", "8", "--count", "6",
-                                                    stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT)
+                                                    stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
+                                                    env={**os.environ, "PYTHONFAULTHANDLER": "1"})
         first = await asyncio.wait_for(proc.stdout.readline(), 60)  # the PLC is up
         assert b"simulated PLC at" in first, first
         stop = asyncio.Event()
         task = asyncio.create_task(Gateway(load_config(config)).run(stop))
+        out = first
         try:
-            out, _ = await asyncio.wait_for(proc.communicate(), 90)
+            while out.count(b" verdict ") < 6:  # the answers, as the PLC saw them
+                line = await asyncio.wait_for(proc.stdout.readline(), 90)
+                if not line:
+                    break
+                out += line
+            try:
+                out += await asyncio.wait_for(proc.stdout.read(), 30)  # then it exits by itself
+                await asyncio.wait_for(proc.wait(), 10)
+            except asyncio.TimeoutError:
+                proc.send_signal(signal.SIGABRT)  # faulthandler prints where each thread is
+                out += await asyncio.wait_for(proc.stdout.read(), 10)
+                pytest.fail(f"plc-sim answered but did not exit within 30 s:\n{out.decode()}")
         finally:
             stop.set()
             await asyncio.wait_for(task, 30)
+            if proc.returncode is None:
+                proc.kill()
         return proc.returncode, out.decode()
 
     code, out = asyncio.run(run())
