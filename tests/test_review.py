@@ -188,10 +188,18 @@ def test_a_browser_uploads_a_cell_and_finds_the_verdict(service, tmp_path):
             inputs.nth(1).set_input_files(str(cell.rgb_path))
             # uploads finish asynchronously: each shows its file's size when done
             page.get_by_text(re.compile(r"^\d+(\.\d+)?\s?[KM]?B$")).nth(1).wait_for(timeout=60_000)
-            page.get_by_role("button", name="Inspect").click()
             verdict = page.locator('[data-testid="stMetricValue"]').first
             try:
-                verdict.wait_for(timeout=120_000)
+                # a click that lands while the app is still rerunning for the uploads can be dropped
+                # on a loaded machine (seen once in a full test run): a person would click again
+                for attempt in range(3):
+                    page.get_by_role("button", name="Inspect").click()
+                    try:
+                        verdict.wait_for(timeout=60_000)
+                        break
+                    except Exception:
+                        if attempt == 2:
+                            raise
                 page.get_by_text("Photo: autoencoder error, threshold contour").wait_for(timeout=60_000)  # the overlays
                 page.wait_for_load_state("networkidle")
             finally:
