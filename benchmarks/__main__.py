@@ -1,7 +1,11 @@
-"""python -m benchmarks serving|int8|soak|gateway|synth ...
+"""python -m benchmarks serving|decode|int8|soak|gateway|synth ...
 
-  serving   Triton end to end (load generator + perf_analyzer) against in-process ONNX Runtime,
-            PyTorch and the original-style path, with SGEMM and FLOPs (`make bench`)
+Cells are line-size by default (CT 4000 x 4000 with some 16-bit TIFF and DICOM slices,
+photos 1920 x 1080), generated once into build/bench_data/; each command's --help says more.
+
+  serving   Triton end to end (load generator + perf_analyzer) against the best in-process
+            end-to-end pipeline, the networks alone, and the original system's per-cell path,
+            with SGEMM and FLOPs (`make bench`)
   decode    line-size images (4000 x 4000 CT, 1920 x 1080 photos) to model inputs, per format, one core
   int8      INT8 against FP32 for the CT classifier: throughput and macro-F1 on a test split
   soak      hours at 80% of saturation (failures, server memory growth), then a burst at 3x
