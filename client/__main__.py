@@ -49,7 +49,6 @@ def _client(args):
 
 def cmd_review(args) -> int:
     import os
-    import subprocess
 
     env = dict(os.environ, BATTERY_REVIEW_URL=args.url, BATTERY_REVIEW_METRICS=args.metrics_url, BATTERY_REVIEW_RUN=str(args.run),
                BATTERY_REVIEW_EXPLAIN=args.explain_options, BATTERY_REVIEW_TLS_CA=str(args.tls_ca or ""))
@@ -57,10 +56,9 @@ def cmd_review(args) -> int:
     print(f"review station on http://{args.address}:{args.port} (service {args.url}); Ctrl-C stops it", flush=True)
     cmd = [sys.executable, "-m", "streamlit", "run", str(app), "--server.port", str(args.port), "--server.address", args.address,
            "--server.headless", "true", "--browser.gatherUsageStats", "false", "--client.toolbarMode", "minimal"]
-    try:
-        return subprocess.call(cmd, env=env)
-    except KeyboardInterrupt:
-        return 0
+    # streamlit takes this process's place, so a stop signal (Ctrl-C, a service manager's
+    # SIGTERM) reaches the server itself rather than leaving it running behind a launcher
+    os.execve(sys.executable, cmd, env)
 
 
 def cmd_probe(args) -> int:
