@@ -104,7 +104,16 @@ class PlcSimulator:
             t.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
         if self.server is not None:
-            await self.server.stop()
+            # Stop listening first. asyncua closes its clients' connections before its listening
+            # socket, so a client that reconnects in between (the gateway does, at once) got a
+            # new connection that Python's Server.wait_closed() then waited on for good.
+            listening = getattr(getattr(self.server, "bserver", None), "_server", None)
+            if listening is not None:
+                listening.close()
+            try:
+                await asyncio.wait_for(self.server.stop(), 10)
+            except asyncio.TimeoutError:
+                logging.getLogger("battery.plc_sim").warning("the OPC UA server did not stop within 10 s; leaving it")
 
     async def __aenter__(self):
         return await self.start()
