@@ -211,7 +211,9 @@ def inprocess_cells_per_s(ct_onnx, rgb_onnx, cells, ct_info: dict, rgb_info: dic
     one thread) on batches of `batch` cells from the encoded images, all at once."""
     import multiprocessing as mp
 
-    processes = processes or os.cpu_count() or 1
+    from export.serving import available_cores
+
+    processes = processes or available_cores()
     context = mp.get_context("spawn")
     with context.Manager() as manager, context.Pool(processes) as pool:
         barrier = manager.Barrier(processes)  # all start together, once each has loaded and warmed up

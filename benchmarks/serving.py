@@ -38,23 +38,17 @@ def _ints(text: str) -> list[int]:
     return values
 
 
-def _size(text: str) -> tuple[int, int]:
-    w, sep, h = text.lower().partition("x")
-    try:
-        return int(w), int(h)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected WIDTHxHEIGHT, got {text!r}") from None
-
-
 def add_cell_arguments(p: argparse.ArgumentParser) -> None:
     """The runs and the cells a serving benchmark sends (serving, soak, gateway)."""
+    from training.synth.plan import photo_size
+
     p.add_argument("--runs", nargs="+", type=Path, help="trained runs (default runs/standard, else runs/quick, else the quick preset is trained)")
     p.add_argument("--untrained", metavar="PRESET", help="instead of trained runs: a preset's networks (quick, standard, full) with "
                                                          "random weights, for speed alone (written to build/untrained/PRESET)")
     p.add_argument("--data", type=Path, help="AI-Hub-layout folder to take cells from (default: a generated set of --ct-size "
                                              "slices and --rgb-size photos)")
     p.add_argument("--ct-size", type=int, default=4000, help="side of the generated CT slices (default 4000, what the line sends)")
-    p.add_argument("--rgb-size", type=_size, default=(1920, 1080), help="generated photos WIDTHxHEIGHT (default 1920x1080)")
+    p.add_argument("--rgb-size", type=photo_size, default=(1920, 1080), help="generated photos WIDTHxHEIGHT (default 1920x1080)")
     p.add_argument("--cells", type=int, default=32, help="distinct cells sent, cycled (default 32)")
 
 

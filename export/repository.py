@@ -22,7 +22,6 @@ from __future__ import annotations
 import datetime as _dt
 import hashlib
 import json
-import os
 import shutil
 import tempfile
 from dataclasses import dataclass, field
@@ -32,15 +31,14 @@ import numpy as np
 
 from ensemble import interface as api
 from ensemble.rule import RULE_FILE, load_rule
-from training.decode import Limits
 from export.onnx_export import export_run
-from export.serving import available_cores
+from export.serving import available_cores, preprocess_instances_for
 from export.spec import MANIFEST, Batching, EnsembleSpec, ModelSpec, Step, Tensor, to_pbtxt
 from training.checkpoint import CHECKPOINT
 from training.data.labels import CT_CLASSES
+from training.decode import Limits
 
 RUNTIMES = ("python-ort", "onnxruntime", "tensorrt")
-
 SOURCES = Path(__file__).with_name("triton_models")
 
 
@@ -64,7 +62,7 @@ class Tuning:
     # preset's networks gave 4.6 cells/s against 4.2 with one thread per network, the quick
     # ones 16.5 against 17.1 (within the runs' noise). Cores are those this process may use
     # (its CPU affinity and container quota), so a container follows the cores it is given.
-    preprocess_instances: int = field(default_factory=lambda: min(4, available_cores()))
+    preprocess_instances: int = field(default_factory=lambda: preprocess_instances_for(available_cores()))
     network_instances: int = 1
     intra_op_threads: int = field(default_factory=lambda: available_cores())  # per network instance (python-ort)
     limits: Limits = Limits()
@@ -304,4 +302,3 @@ def is_current(out: str | Path, runs, runtime: str, rule_path: str | Path | None
     recorded = manifest.get("runs", {})
     return manifest.get("runtime") == runtime and manifest.get("build_sha256") == _build_digest(rule_path, tuning) and set(recorded) == set(found) and all(
         recorded[k]["path"] == str(run.resolve()) and recorded[k]["checkpoint_sha256"] == _checkpoint_digest(run) for k, run in found.items())
-

@@ -105,6 +105,11 @@ def available_cores() -> int:
     return max(1, cores)
 
 
+def preprocess_instances_for(cores: int) -> int:
+    """Preprocessing processes for `cores` cores: one each (decoding is single-threaded), at most 4."""
+    return min(4, cores)
+
+
 class OrtRunner:
     """One ONNX Runtime session; runs the requests of a dynamic batch as one batch.
 

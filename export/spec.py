@@ -150,7 +150,7 @@ def fit_to_cores(repository: str | Path, cores: int | None = None) -> list[str]:
     one machine and started on another, or with --cpus, then serves with what it is given.
     Returns the names of the models changed."""
     from ensemble import interface as api
-    from export.serving import available_cores
+    from export.serving import available_cores, preprocess_instances_for
 
     cores = cores or available_cores()
     changed = []
@@ -159,7 +159,7 @@ def fit_to_cores(repository: str | Path, cores: int | None = None) -> list[str]:
         before = text_format.MessageToString(cfg)
         if cfg.name in (api.PREPROCESS, api.CT_PREPROCESS, api.RGB_PREPROCESS):
             for group in cfg.instance_group:
-                group.count = min(4, cores)
+                group.count = preprocess_instances_for(cores)
         if "intra_op_threads" in cfg.parameters:
             cfg.parameters["intra_op_threads"].string_value = str(cores)
         after = text_format.MessageToString(cfg)

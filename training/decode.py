@@ -135,7 +135,7 @@ class Source:
                 _check_size(im.width, im.height, limits, what)
                 if getattr(im, "n_frames", 1) > 1:
                     raise ImageError(f"{what} has {im.n_frames} frames; send one slice per request")
-                self.width, self.height, self.mode = im.width, im.height, im.mode
+                self.width, self.height = im.width, im.height
 
     def decode(self, scale: int = 1) -> Decoded:
         if scale not in SCALES:

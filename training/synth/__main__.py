@@ -12,7 +12,7 @@ from pathlib import Path
 
 from training.data.aihub import scan
 from training.data.labels import CT_CLASSES
-from training.synth.plan import CT_FORMATS, DEFAULT_MIX, DEFECT_VISIBILITY, SynthConfig
+from training.synth.plan import CT_FORMATS, DEFAULT_MIX, DEFECT_VISIBILITY, SynthConfig, photo_size
 from training.synth.preview import contact_sheet
 from training.synth.writer import CONFIG_FILE, generate
 
@@ -52,13 +52,6 @@ def _visibility(text: str) -> dict:
     return {**DEFECT_VISIBILITY, **out}
 
 
-def _size(text: str) -> tuple[int, int]:
-    w, sep, h = text.lower().partition("x")
-    if not sep or not (w.isdigit() and h.isdigit()):
-        raise argparse.ArgumentTypeError(f"{text!r}: expected WIDTHxHEIGHT, e.g. 1920x1080")
-    return int(w), int(h)
-
-
 def _generate_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m training.synth",
@@ -70,7 +63,7 @@ def _generate_parser() -> argparse.ArgumentParser:
     p.add_argument("--batteries", type=int, default=100, help="number of batteries")
     p.add_argument("--seed", type=int, default=0, help="same seed, same bytes")
     p.add_argument("--ct-size", type=int, default=512, help="CT slice side in pixels (the real data is 4000)")
-    p.add_argument("--rgb-size", type=_size, default=(1920, 1080), help="RGB photo WIDTHxHEIGHT")
+    p.add_argument("--rgb-size", type=photo_size, default=(1920, 1080), help="RGB photo WIDTHxHEIGHT")
     p.add_argument("--slices-per-axis", type=int, default=2, help="CT slices per battery along each of x, y, z")
     p.add_argument("--photos", type=int, default=2, help="RGB photos per battery")
     default_mix = ",".join(f"{k}={v}" for k, v in DEFAULT_MIX.items())

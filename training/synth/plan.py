@@ -32,6 +32,16 @@ DEFECT_VISIBILITY = {"x": 0.3, "y": 0.9, "z": 0.85}
 CT_FORMATS = ("jpeg", "tiff16", "dicom")
 
 
+def photo_size(text: str) -> tuple[int, int]:
+    """A command line's WIDTHxHEIGHT, e.g. 1920x1080 (an argparse type)."""
+    import argparse
+
+    w, sep, h = text.lower().partition("x")
+    if not sep or not (w.isdigit() and h.isdigit()):
+        raise argparse.ArgumentTypeError(f"{text!r}: expected WIDTHxHEIGHT, e.g. 1920x1080")
+    return int(w), int(h)
+
+
 @dataclass(frozen=True)
 class SynthConfig:
     batteries: int = 100
