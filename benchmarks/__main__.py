@@ -1,4 +1,4 @@
-"""python -m benchmarks serving|decode|int8|soak|gateway|synth ...
+"""python -m benchmarks serving|decode|ood|int8|soak|gateway|synth ...
 
 Cells are line-size by default (CT 4000 x 4000 with some 16-bit TIFF and DICOM slices,
 photos 1920 x 1080), generated once into build/bench_data/; each command's --help says more.
@@ -7,6 +7,9 @@ photos 1920 x 1080), generated once into build/bench_data/; each command's --hel
             end-to-end pipeline, the networks alone, and the original system's per-cell path,
             with SGEMM and FLOPs (`make bench`)
   decode    line-size images (4000 x 4000 CT, 1920 x 1080 photos) to model inputs, per format, one core
+  ood       the out-of-distribution gate: false rejections of fresh test cells, and per kind
+            of foreign input (photos, medical images, documents, noise, swapped inputs, an
+            empty bench...) the share refused, with the AUROC of its score
   int8      INT8 against FP32 for the CT classifier: throughput and macro-F1 on a test split
   soak      hours at 80% of saturation (failures, server memory growth), then a burst at 3x
   gateway   trigger-to-answer latency through the line gateway (simulated OPC UA PLC) at a line rate
@@ -28,6 +31,10 @@ def main() -> int:
         from benchmarks.decode import main as decode
 
         return decode(rest)
+    if command == "ood":
+        from benchmarks.ood import main as ood
+
+        return ood(rest)
     if command == "int8":
         from benchmarks.quantized import main as int8
 

@@ -28,7 +28,7 @@ import numpy as np
 
 from client.explain.cli import add_arguments as add_explain_arguments
 from client.inspection import CellError, InspectionFailed, parse_meta
-from ensemble.interface import VERDICT_NAMES
+from ensemble.interface import NOT_INSPECTABLE, VERDICT_NAMES
 
 EXPLAIN_BESIDE_OUT = "<folder of --out>/explain"
 
@@ -141,7 +141,7 @@ def cmd_inspect_dir(args) -> int:
               "(a cell is a CT slice with a photo of the same battery)", file=sys.stderr)
         return 2
     with_labels = all(c.ct_label for c in cells)
-    verdicts, errors, confusion = Counter(), Counter(), np.zeros((4, 4), int)
+    verdicts, errors, confusion = Counter(), Counter(), np.zeros((len(VERDICT_NAMES),) * 2, int)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     if args.local:
         from export.local import LocalInspector
@@ -191,9 +191,11 @@ def cmd_inspect_dir(args) -> int:
         print(f"  error {kind:<10} {n:>6}")
     if with_labels and answered:
         agree = int(np.trace(confusion))
-        print(f"agreement with the labels: {agree}/{answered} = {agree / answered:.3f}  (rows: expected, columns: verdict)")
+        refused = int(confusion[:, NOT_INSPECTABLE].sum())
+        print(f"agreement with the labels: {agree}/{answered} = {agree / answered:.3f}  (rows: expected, columns: verdict; "
+              f"the {refused} cells refused as not inspectable count as disagreement)")
         print("  " + " " * 16 + "".join(f"{n[:8]:>10}" for n in VERDICT_NAMES))
-        for i, name in enumerate(VERDICT_NAMES):
+        for i, name in enumerate(VERDICT_NAMES[:NOT_INSPECTABLE]):  # a labelled cell is never expected to be refused
             print(f"  {name:<16}" + "".join(f"{v:>10}" for v in confusion[i]))
     print(f"wrote {args.out}")
     if explain is not None:

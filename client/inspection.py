@@ -57,6 +57,8 @@ class Inspection:
     rgb_threshold: float
     ct_cam: np.ndarray | None = field(default=None, repr=False)  # (h, w) 0..1 at the CT model input
     rgb_error_map: np.ndarray | None = field(default=None, repr=False)  # (h, w) at the RGB model input
+    ct_ood: float = 0.0  # out-of-distribution score of the CT slice; >= 1: not inspectable
+    rgb_ood: float = 0.0  # out-of-distribution score of the photo; >= 1: not inspectable
 
     @property
     def ct_class(self) -> str:
@@ -74,33 +76,54 @@ class Inspection:
     def flagged(self) -> bool:
         return self.verdict_code != 0
 
+    @property
+    def inspectable(self) -> bool:
+        return self.verdict_code != api.NOT_INSPECTABLE
+
+    @property
+    def refusal(self) -> str:
+        """Why the cell is not inspectable ("" when it is): which input was out of distribution."""
+        parts = [f"{what} out of distribution (score {v:.2f} >= 1)" for what, v in (("CT slice", self.ct_ood), ("photo", self.rgb_ood))
+                 if not v < 1.0]
+        return "; ".join(parts) if not self.inspectable else ""
+
     @classmethod
     def from_outputs(cls, outputs: dict[str, np.ndarray], row: int, cell_id: str = "") -> "Inspection":
         code = int(outputs[api.VERDICT][row].reshape(-1)[0])
         cam, emap = outputs.get(api.CT_CAM), outputs.get(api.RGB_ERROR_MAP)
+
+        def scalar(name: str) -> float:
+            value = outputs.get(name)
+            return 0.0 if value is None else float(value[row].reshape(-1)[0])
+
         return cls(
             cell_id=cell_id, verdict=api.VERDICT_NAMES[code], verdict_code=code,
             confidence=float(outputs[api.CONFIDENCE][row].reshape(-1)[0]),
             ct_probs={c: float(p) for c, p in zip(CT_CLASSES, outputs[api.CT_PROBS][row])},
             rgb_score=float(outputs[api.RGB_SCORE][row].reshape(-1)[0]),
             rgb_threshold=float(outputs[api.RGB_THRESHOLD][row].reshape(-1)[0]),
-            ct_cam=None if cam is None else cam[row], rgb_error_map=None if emap is None else emap[row])
+            ct_cam=None if cam is None else cam[row], rgb_error_map=None if emap is None else emap[row],
+            ct_ood=scalar(api.CT_OOD), rgb_ood=scalar(api.RGB_OOD))
 
     def to_dict(self) -> dict:
         """JSON-ready, without the heatmaps."""
         return {"cell_id": self.cell_id, "verdict": self.verdict, "verdict_code": self.verdict_code, "confidence": round(self.confidence, 6),
                 "ct_class": self.ct_class, "ct_defect_probability": round(self.ct_defect_probability, 6),
                 "ct_probs": {k: round(v, 6) for k, v in self.ct_probs.items()}, "rgb_score": self.rgb_score,
-                "rgb_threshold": self.rgb_threshold, "rgb_anomalous": self.rgb_anomalous}
+                "rgb_threshold": self.rgb_threshold, "rgb_anomalous": self.rgb_anomalous, "ct_ood": round(self.ct_ood, 6),
+                "rgb_ood": round(self.rgb_ood, 6), "inspectable": self.inspectable, "refusal": self.refusal}
 
     def describe(self) -> str:
         others = ", ".join(f"{c} {p:.3f}" for c, p in sorted(self.ct_probs.items(), key=lambda kv: -kv[1])[1:])
         side = "above" if self.rgb_anomalous else "not above"
-        return "\n".join([
-            f"verdict     {self.verdict} (code {self.verdict_code}), confidence {self.confidence:.3f}",
+        lines = [f"verdict     {self.verdict} (code {self.verdict_code}), confidence {self.confidence:.3f}"]
+        if not self.inspectable:
+            lines.append(f"refused     {self.refusal}: send the cell to a person; what the models would have said:")
+        return "\n".join(lines + [
             f"CT          {self.ct_class} {self.ct_probs[self.ct_class]:.3f} (then {others}); defect probability {self.ct_defect_probability:.3f}",
             f"RGB         anomaly score {self.rgb_score:.4f}, {side} the threshold {self.rgb_threshold:.4f} -> "
             f"{'anomalous' if self.rgb_anomalous else 'normal'}",
+            f"in range    CT {self.ct_ood:.2f}, photo {self.rgb_ood:.2f} (out-of-distribution scores; 1.0 or more is not inspectable)",
         ])
 
 

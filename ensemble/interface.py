@@ -28,14 +28,17 @@ RGB_SCORE = "RGB_SCORE"  # FP32 [1]
 RGB_THRESHOLD = "RGB_THRESHOLD"  # FP32 [1]
 CT_CAM = "CT_CAM"  # FP32 [h, w], 0..1
 RGB_ERROR_MAP = "RGB_ERROR_MAP"  # FP32 [h, w]
+CT_OOD = "CT_OOD"  # FP32 [1]: out-of-distribution score of the CT slice, >= 1 not inspectable
+RGB_OOD = "RGB_OOD"  # FP32 [1]: out-of-distribution score of the photo, >= 1 not inspectable
 
 # internal tensors between the preprocessing models and the networks
 CT_TENSOR = "CT_TENSOR"  # FP32 [1, S, S], normalised crop
 RGB_TENSOR = "RGB_TENSOR"  # FP32 [3, S, S], crop in 0..1
 
-INSPECT_CT_OUTPUTS = (CT_PROBS, CT_CAM)
-INSPECT_RGB_OUTPUTS = (RGB_SCORE, RGB_THRESHOLD, RGB_ERROR_MAP)
-INSPECT_OUTPUTS = (VERDICT, CONFIDENCE, CT_PROBS, RGB_SCORE, RGB_THRESHOLD, CT_CAM, RGB_ERROR_MAP)
+INSPECT_CT_OUTPUTS = (CT_PROBS, CT_CAM, CT_OOD)
+INSPECT_RGB_OUTPUTS = (RGB_SCORE, RGB_THRESHOLD, RGB_ERROR_MAP, RGB_OOD)
+INSPECT_OUTPUTS = (VERDICT, CONFIDENCE, CT_PROBS, RGB_SCORE, RGB_THRESHOLD, CT_CAM, RGB_ERROR_MAP, CT_OOD, RGB_OOD)
 
-VERDICT_NAMES: tuple[str, ...] = ("normal", "internal_defect", "external_defect", "combined_defect")
+VERDICT_NAMES: tuple[str, ...] = ("normal", "internal_defect", "external_defect", "combined_defect", "not_inspectable")
+NOT_INSPECTABLE = 4  # either input out of distribution (CT_OOD or RGB_OOD >= 1): the cell goes to a person
 VERDICT_CODES = {name: code for code, name in enumerate(VERDICT_NAMES)}

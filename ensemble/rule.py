@@ -6,6 +6,11 @@
 | 1 | internal_defect | CT defective and RGB not anomalous |
 | 2 | external_defect | CT not defective and RGB anomalous |
 | 3 | combined_defect | CT defective and RGB anomalous |
+| 4 | not_inspectable | either input out of distribution: CT_OOD >= 1 or RGB_OOD >= 1 |
+
+Verdict 4 takes precedence over 0-3 under either policy: a slice or photo the models do not
+know (not a battery cell of a known kind, the wrong modality, an unusable image) is sent to
+a person, whatever the models would have said; their outputs are still reported.
 
 With policy `and`, only a cell both models find defective is flagged (code 3); a one-sided
 finding is reported as normal.
@@ -15,7 +20,9 @@ Confidence, as in the original system:
   zero as the threshold (relative distance 1), on either side: above the threshold it is
   the confidence that the photo is anomalous, below it that the photo is normal;
 - normal: (1 - ct_defect_prob + rgb_conf) / 2; internal: ct_defect_prob;
-  external: rgb_conf; combined: (ct_defect_prob + rgb_conf) / 2.
+  external: rgb_conf; combined: (ct_defect_prob + rgb_conf) / 2;
+- not inspectable: how far the worse out-of-distribution score is past its threshold 1.0,
+  the same ramp as `rgb_conf` (0.6 at 1.0, 1.0 at 2.0 and beyond).
 
 Everything here is vectorised over a batch of cells (numpy), so the Triton `verdict`
 model decides a whole dynamic batch in one call.
@@ -29,7 +36,7 @@ from pathlib import Path
 import numpy as np
 import yaml
 
-from ensemble.interface import VERDICT_NAMES
+from ensemble.interface import NOT_INSPECTABLE, VERDICT_NAMES
 
 RULE_FILE = Path(__file__).with_name("rule.yaml")
 POLICIES = ("or", "and")
@@ -109,12 +116,13 @@ def load_rule(rgb_info: dict, class_names, path: str | Path | None = None, **ove
 class Decision:
     """Per-cell arrays for a batch of N cells."""
 
-    verdict: np.ndarray  # (N,) int32, 0..3
+    verdict: np.ndarray  # (N,) int32, 0..4
     confidence: np.ndarray  # (N,) float32, 0..1
     ct_defect_probability: np.ndarray  # (N,) float32
     ct_defective: np.ndarray  # (N,) bool
     rgb_anomalous: np.ndarray  # (N,) bool
     rgb_confidence: np.ndarray  # (N,) float32, 0.6..1
+    out_of_distribution: np.ndarray  # (N,) bool: verdict 4
 
     @property
     def names(self) -> list[str]:
@@ -158,8 +166,30 @@ def verdict_code(ct_defective, rgb_anomalous, policy: str = "or") -> np.ndarray:
     return (ct_bad.astype(np.int32) + 2 * rgb_bad.astype(np.int32)).astype(np.int32)
 
 
-def decide(rule: VerdictRule, ct_probs: np.ndarray, rgb_score: np.ndarray) -> Decision:
-    """Verdicts for N cells from their CT probabilities (N, C) and RGB scores (N,)."""
+def worst_ood(n: int, *scores) -> np.ndarray:
+    """(N,) float32: the larger of the given out-of-distribution scores per cell (None: not given, 0)."""
+    worst = np.zeros(n, np.float32)
+    for s in scores:
+        if s is not None:
+            s = np.asarray(s, np.float32).reshape(-1)
+            if len(s) != n:
+                raise ValueError(f"{n} cells but {len(s)} out-of-distribution scores")
+            worst = np.maximum(worst, np.where(np.isnan(s), np.float32(np.inf), s))  # NaN: nothing known, refuse
+    return worst
+
+
+def apply_ood(verdict: np.ndarray, confidence: np.ndarray, worst: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Verdict 4 where the worst score is >= 1, with its confidence; (verdict, confidence, refused)."""
+    refused = worst >= np.float32(1.0)
+    verdict = np.where(refused, np.int32(NOT_INSPECTABLE), verdict).astype(np.int32)
+    confidence = np.where(refused, rgb_confidence(np.minimum(worst, 1e6), 1.0), confidence).astype(np.float32)
+    return verdict, confidence, refused
+
+
+def decide(rule: VerdictRule, ct_probs: np.ndarray, rgb_score: np.ndarray, ct_ood: np.ndarray | None = None,
+           rgb_ood: np.ndarray | None = None) -> Decision:
+    """Verdicts for N cells from their CT probabilities (N, C), RGB scores (N,) and, when given,
+    the out-of-distribution scores (N,) of each input."""
     defect_prob, ct_bad = ct_defect(rule, ct_probs)
     score = np.asarray(rgb_score, np.float64).reshape(-1)
     if len(score) != len(defect_prob):
@@ -172,5 +202,6 @@ def decide(rule: VerdictRule, ct_probs: np.ndarray, rgb_score: np.ndarray) -> De
         [(1.0 - defect_prob + conf_rgb) / 2.0, defect_prob, conf_rgb],
         (defect_prob + conf_rgb) / 2.0,
     )
-    return Decision(verdict=verdict, confidence=np.clip(confidence, 0.0, 1.0).astype(np.float32), ct_defect_probability=defect_prob,
-                    ct_defective=ct_bad, rgb_anomalous=rgb_bad, rgb_confidence=conf_rgb)
+    verdict, confidence, refused = apply_ood(verdict, np.clip(confidence, 0.0, 1.0), worst_ood(len(score), ct_ood, rgb_ood))
+    return Decision(verdict=verdict, confidence=confidence, ct_defect_probability=defect_prob, ct_defective=ct_bad,
+                    rgb_anomalous=rgb_bad, rgb_confidence=conf_rgb, out_of_distribution=refused)

@@ -14,6 +14,11 @@
   scaled to 0..1 per image.
 - `RGBInference`: image -> (anomaly score (B, 1), error map (B, S, S)), the checkpoint's
   own `AnomalyScorer`.
+
+Both also emit their out-of-distribution score (B, 1), scaled so that 1.0 is the
+threshold calibrated on validation data (`training/ood.py`), from the features of the
+same forward pass. A checkpoint without a calibrated gate (trained before gates existed)
+exports with a score of 0: nothing is refused until `python -m training.ood RUN` fits one.
 """
 from __future__ import annotations
 
@@ -21,6 +26,7 @@ import torch
 from torch import nn
 
 from training.models.autoencoder import scorer_from
+from training.ood import GaussianGate, ct_gate_features, rgb_features
 
 CAM_EPS = 1e-7  # pytorch-grad-cam's scale_cam_image adds the same to the max
 
@@ -34,11 +40,16 @@ def _head_layers(head: nn.Module) -> tuple[nn.Linear, nn.BatchNorm1d, nn.Linear]
     return layers[0], layers[1], layers[4]
 
 
-class CTInference(nn.Module):
-    """A late- or early-fusion CT classifier -> (probabilities (B, C), CAM (B, S, S))."""
+def _gate(gate: dict | None) -> nn.Module | None:
+    return GaussianGate(gate) if gate else None
 
-    def __init__(self, classifier: nn.Module, temperature: float = 1.0):
+
+class CTInference(nn.Module):
+    """A late- or early-fusion CT classifier -> (probabilities (B, C), CAM (B, S, S), OOD score (B, 1))."""
+
+    def __init__(self, classifier: nn.Module, temperature: float = 1.0, gate: dict | None = None):
         super().__init__()
+        self.gate = _gate(gate)
         if not hasattr(classifier, "feature_maps"):
             raise ValueError(f"{type(classifier).__name__} has no feature_maps(); it cannot be exported with Grad-CAM")
         self.classifier = classifier.eval()
@@ -48,7 +59,7 @@ class CTInference(nn.Module):
             raise ValueError(f"temperature must be positive, got {temperature}")
         self.register_buffer("inv_temperature", torch.tensor(1.0 / float(temperature)))
 
-    def forward(self, image: torch.Tensor, meta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, image: torch.Tensor, meta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         fmap = self.classifier.feature_maps(image, meta)  # (B, C, h, w)
         channels, h, w = fmap.shape[1], fmap.shape[2], fmap.shape[3]
         pooled = self.classifier.pool(fmap).flatten(1)
@@ -65,23 +76,27 @@ class CTInference(nn.Module):
         # scaling once gives pytorch-grad-cam's scale -> resize -> scale exactly
         cam = nn.functional.interpolate(cam, size=image.shape[-2:], mode="bilinear", align_corners=False)[:, 0]
         cam = cam - cam.flatten(1).min(dim=1).values[:, None, None]
-        return probs, cam / (cam.flatten(1).max(dim=1).values[:, None, None] + CAM_EPS)
+        cam = cam / (cam.flatten(1).max(dim=1).values[:, None, None] + CAM_EPS)
+        ood = self.gate(ct_gate_features(fmap, pooled, image), meta[:, 0]) if self.gate is not None else torch.zeros_like(probs[:, 0])
+        return probs, cam, ood[:, None]
 
 
 class RGBInference(nn.Module):
-    """The autoencoder with the checkpoint's score definition -> (score (B, 1), error map (B, S, S))."""
+    """The autoencoder with the checkpoint's score definition -> (score (B, 1), error map (B, S, S), OOD score (B, 1))."""
 
-    def __init__(self, autoencoder: nn.Module, score: dict):
+    def __init__(self, autoencoder: nn.Module, score: dict, gate: dict | None = None):
         super().__init__()
         self.scorer = scorer_from(autoencoder.eval(), score).eval()
+        self.gate = _gate(gate)
 
-    def forward(self, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        score, emap = self.scorer(image)
-        return score[:, None], emap
+    def forward(self, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        score, emap, recon, maps = self.scorer.score_with_features(image)
+        ood = self.gate(rgb_features(image, recon, maps)) if self.gate is not None else torch.zeros_like(score)
+        return score[:, None], emap, ood[:, None]
 
 
 def inference_graph(model: nn.Module, info: dict) -> nn.Module:
     """The exported graph of a checkpoint (model, info) as `load_checkpoint` returns them."""
     if info["kind"] == "ct_classifier":
-        return CTInference(model, info.get("temperature", 1.0)).eval()
-    return RGBInference(model, info["score"]).eval()
+        return CTInference(model, info.get("temperature", 1.0), info.get("ood")).eval()
+    return RGBInference(model, info["score"], info.get("ood")).eval()

@@ -35,12 +35,12 @@ class TorchPipeline:
         meta = check_meta(np.asarray(meta, np.float32).reshape(-1, 2))
         ct = torch.from_numpy(np.stack([ct_tensor(b, self.ct_info) for b in ct_images]))
         rgb = torch.from_numpy(np.stack([rgb_tensor(b, self.rgb_info) for b in rgb_images]))
-        probs, cam = (t.numpy() for t in self.ct_graph(ct, torch.from_numpy(meta)))
-        score, emap = (t.numpy() for t in self.rgb_graph(rgb))
-        d = decide(self.rule, probs, score[:, 0])
+        probs, cam, ct_ood = (t.numpy() for t in self.ct_graph(ct, torch.from_numpy(meta)))
+        score, emap, rgb_ood = (t.numpy() for t in self.rgb_graph(rgb))
+        d = decide(self.rule, probs, score[:, 0], ct_ood, rgb_ood)
         return {api.VERDICT: d.verdict[:, None], api.CONFIDENCE: d.confidence[:, None], api.CT_PROBS: probs, api.RGB_SCORE: score,
                 api.RGB_THRESHOLD: np.full((len(score), 1), self.rule.rgb_threshold, np.float32), api.CT_CAM: cam,
-                api.RGB_ERROR_MAP: emap}
+                api.RGB_ERROR_MAP: emap, api.CT_OOD: ct_ood, api.RGB_OOD: rgb_ood}
 
 
 class LocalInspector:

@@ -25,8 +25,8 @@ PARITY_ATOL = 1e-4
 PARITY_BATCHES = (1, 5)
 # The tensor names inside the graphs are the ensemble's, so the repository maps them 1:1.
 IO = {
-    "ct_classifier": {"name": api.CT_CLASSIFIER, "inputs": (api.CT_TENSOR, api.CT_META), "outputs": (api.CT_PROBS, api.CT_CAM)},
-    "rgb_autoencoder": {"name": api.RGB_AUTOENCODER, "inputs": (api.RGB_TENSOR,), "outputs": (api.RGB_SCORE, api.RGB_ERROR_MAP)},
+    "ct_classifier": {"name": api.CT_CLASSIFIER, "inputs": (api.CT_TENSOR, api.CT_META), "outputs": (api.CT_PROBS, api.CT_CAM, api.CT_OOD)},
+    "rgb_autoencoder": {"name": api.RGB_AUTOENCODER, "inputs": (api.RGB_TENSOR,), "outputs": (api.RGB_SCORE, api.RGB_ERROR_MAP, api.RGB_OOD)},
 }
 # checkpoint facts that serving needs (the rest, e.g. training history, stays in the run)
 SERVING_KEYS = ("kind", "arch", "arch_args", "input_size", "in_chans", "normalization", "class_names", "meta_spec",
@@ -79,11 +79,19 @@ def check_parity(graph: torch.nn.Module, path: Path, info: dict, batches=PARITY_
     return report
 
 
+def ood_summary(gate: dict | None) -> dict | None:
+    """What serving reports about a checkpoint's out-of-distribution gate (not its matrices); None: no gate."""
+    if not gate:
+        return None
+    return {k: gate[k] for k in ("threshold", "quantile", "margin", "validation", "fitted_on") if k in gate}
+
+
 def export_run(run: str | Path, out: str | Path, check: bool = True) -> Exported:
     """Export one training run (a CT or RGB checkpoint) into `out`."""
     model, info = load_checkpoint(run)
     names = IO[info["kind"]]
     facts = {k: info[k] for k in SERVING_KEYS if k in info}
+    facts["ood_gate"] = ood_summary(info.get("ood"))
     facts["source_run"] = str(Path(run))
     facts["inputs"], facts["outputs"] = list(names["inputs"]), list(names["outputs"])
     graph = inference_graph(model, info)

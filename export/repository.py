@@ -153,6 +153,8 @@ def model_specs(ct: dict, rgb: dict, rule_json: str, runtime: str, tuning: Tunin
         api.VERDICT: Tensor(api.VERDICT, "INT32", (1,)),
         api.CONFIDENCE: Tensor(api.CONFIDENCE, "FP32", (1,)),
         api.RGB_THRESHOLD: Tensor(api.RGB_THRESHOLD, "FP32", (1,)),
+        api.CT_OOD: Tensor(api.CT_OOD, "FP32", (1,)),
+        api.RGB_OOD: Tensor(api.RGB_OOD, "FP32", (1,)),
     }
 
     def ts(*names):
@@ -162,10 +164,10 @@ def model_specs(ct: dict, rgb: dict, rule_json: str, runtime: str, tuning: Tunin
         return {n: n for n in names}
 
     ct_pre = Step(api.CT_PREPROCESS, identity(api.CT_IMAGE, api.CT_META), identity(api.CT_TENSOR))
-    ct_net = Step(api.CT_CLASSIFIER, identity(api.CT_TENSOR, api.CT_META), identity(api.CT_PROBS, api.CT_CAM))
+    ct_net = Step(api.CT_CLASSIFIER, identity(api.CT_TENSOR, api.CT_META), identity(api.CT_PROBS, api.CT_CAM, api.CT_OOD))
     rgb_pre = Step(api.RGB_PREPROCESS, identity(api.RGB_IMAGE), identity(api.RGB_TENSOR))
     both_pre = Step(api.PREPROCESS, identity(api.CT_IMAGE, api.CT_META, api.RGB_IMAGE), identity(api.CT_TENSOR, api.RGB_TENSOR))
-    rgb_net = Step(api.RGB_AUTOENCODER, identity(api.RGB_TENSOR), identity(api.RGB_SCORE, api.RGB_ERROR_MAP))
+    rgb_net = Step(api.RGB_AUTOENCODER, identity(api.RGB_TENSOR), identity(api.RGB_SCORE, api.RGB_ERROR_MAP, api.RGB_OOD))
     mb = tuning.max_batch_size
     return [
         ModelSpec(api.PREPROCESS, ts(api.CT_IMAGE, api.CT_META, api.RGB_IMAGE), ts(api.CT_TENSOR, api.RGB_TENSOR), batching=batching,
@@ -173,20 +175,22 @@ def model_specs(ct: dict, rgb: dict, rule_json: str, runtime: str, tuning: Tunin
                   parameters={"ct_serving_info": json.dumps(ct), "rgb_serving_info": json.dumps(rgb), **limits}),
         ModelSpec(api.CT_PREPROCESS, ts(api.CT_IMAGE, api.CT_META), ts(api.CT_TENSOR), batching=batching,
                   instances=tuning.preprocess_instances, parameters={"serving_info": json.dumps(ct), **limits}),
-        _network(api.CT_CLASSIFIER, runtime, ts(api.CT_TENSOR, api.CT_META), ts(api.CT_PROBS, api.CT_CAM), tuning),
+        _network(api.CT_CLASSIFIER, runtime, ts(api.CT_TENSOR, api.CT_META), ts(api.CT_PROBS, api.CT_CAM, api.CT_OOD), tuning),
         ModelSpec(api.RGB_PREPROCESS, ts(api.RGB_IMAGE), ts(api.RGB_TENSOR), batching=batching,
                   instances=tuning.preprocess_instances, parameters={"serving_info": json.dumps(rgb), **limits}),
-        _network(api.RGB_AUTOENCODER, runtime, ts(api.RGB_TENSOR), ts(api.RGB_SCORE, api.RGB_ERROR_MAP), tuning),
+        _network(api.RGB_AUTOENCODER, runtime, ts(api.RGB_TENSOR), ts(api.RGB_SCORE, api.RGB_ERROR_MAP, api.RGB_OOD), tuning),
         ModelSpec(api.VERDICT_MODEL, (Tensor(api.CT_PROBS, "FP32", (n_classes,), optional=True), t[api.RGB_SCORE],
-                                      Tensor(api.CT_META, "FP32", (2,), optional=True)),
+                                      Tensor(api.CT_META, "FP32", (2,), optional=True), Tensor(api.CT_OOD, "FP32", (1,), optional=True),
+                                      Tensor(api.RGB_OOD, "FP32", (1,), optional=True)),
                   ts(api.VERDICT, api.CONFIDENCE, api.RGB_THRESHOLD), batching=batching, parameters={"rule": rule_json}),
         EnsembleSpec(api.INSPECT, ts(api.CT_IMAGE, api.CT_META, api.RGB_IMAGE), ts(*api.INSPECT_OUTPUTS), (
             both_pre, ct_net, rgb_net,
-            Step(api.VERDICT_MODEL, identity(api.CT_PROBS, api.RGB_SCORE, api.CT_META), identity(api.VERDICT, api.CONFIDENCE, api.RGB_THRESHOLD)),
+            Step(api.VERDICT_MODEL, identity(api.CT_PROBS, api.RGB_SCORE, api.CT_META, api.CT_OOD, api.RGB_OOD),
+                 identity(api.VERDICT, api.CONFIDENCE, api.RGB_THRESHOLD)),
         ), mb),
         EnsembleSpec(api.INSPECT_CT, ts(api.CT_IMAGE, api.CT_META), ts(*api.INSPECT_CT_OUTPUTS), (ct_pre, ct_net), mb),
         EnsembleSpec(api.INSPECT_RGB, ts(api.RGB_IMAGE), ts(*api.INSPECT_RGB_OUTPUTS), (
-            rgb_pre, rgb_net, Step(api.VERDICT_MODEL, identity(api.RGB_SCORE), identity(api.RGB_THRESHOLD)),
+            rgb_pre, rgb_net, Step(api.VERDICT_MODEL, identity(api.RGB_SCORE, api.RGB_OOD), identity(api.RGB_THRESHOLD)),
         ), mb),
     ]
 
@@ -242,6 +246,9 @@ def build_repository(runs, runtime: str, out: str | Path, rule_path: str | Path 
             e = export_run(run, staging / "_onnx")
             worst = max((v for diffs in e.parity.values() for v in diffs.values()), default=0.0)
             progress(f"  {e.name}: max |ONNX Runtime - PyTorch| {worst:.1e} on batches {sorted(e.parity)}")
+            if e.info.get("ood_gate") is None:
+                progress(f"  warning: {run} has no out-of-distribution gate, so {e.name} refuses nothing (its OOD score is 0); "
+                         f"fit one with 'python -m training.ood {run}'")
             exported[kind] = e
         ct, rgb = exported["ct_classifier"].info, exported["rgb_autoencoder"].info
         if tuning.precision != "fp32":

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 
 from ensemble import interface as api
-from ensemble.rule import VerdictRule, decide, rgb_anomalous, rgb_confidence
+from ensemble.rule import VerdictRule, apply_ood, decide, rgb_anomalous, rgb_confidence, worst_ood
 from training.data.labels import BATTERY_TYPES, SLICE_AXES
 from training.decode import ImageError, Limits
 from training.preprocess import encoded_ct_input, encoded_rgb_input
@@ -158,15 +158,26 @@ class OrtRunner:
             return RequestError(f"inference failed: {e}")
 
 
-def verdict_outputs(rule: VerdictRule, probs: list[np.ndarray | None], scores: list[np.ndarray]) -> list[dict[str, np.ndarray]]:
+def verdict_outputs(rule: VerdictRule, probs: list[np.ndarray | None], scores: list[np.ndarray],
+                    ct_oods: list[np.ndarray | None] | None = None, rgb_oods: list[np.ndarray | None] | None = None
+                    ) -> list[dict[str, np.ndarray]]:
     """The `verdict` model's answer for each request of a dynamic batch, decided in one call.
 
     A request without CT_PROBS (from `inspect_rgb`) gets the RGB half only: verdict 0 or 2,
-    the RGB confidence, the threshold; the batch may mix both kinds.
+    the RGB confidence, the threshold; the batch may mix both kinds. Where a request carries
+    out-of-distribution scores (CT_OOD, RGB_OOD), one >= 1 makes its verdict 4.
     """
     scores = [np.asarray(s, np.float32).reshape(-1) for s in scores]
     bounds = np.cumsum([0, *(len(s) for s in scores)])
     score = np.concatenate(scores)
+    n = len(score)
+    ct_oods = ct_oods or [None] * len(scores)
+    rgb_oods = rgb_oods or [None] * len(scores)
+
+    def joined(parts):  # per-request scores -> (N,), 0 for a request without them
+        return np.concatenate([np.zeros(len(s), np.float32) if p is None else np.asarray(p, np.float32).reshape(-1)
+                               for p, s in zip(parts, scores)])
+
     if all(p is not None for p in probs):
         d = decide(rule, np.concatenate(probs), score)
         verdict, confidence = d.verdict, d.confidence
@@ -177,6 +188,7 @@ def verdict_outputs(rule: VerdictRule, probs: list[np.ndarray | None], scores: l
             if p is not None:
                 part = decide(rule, p, s)
                 verdict[a:b], confidence[a:b] = part.verdict, part.confidence
+    verdict, confidence, _ = apply_ood(verdict, confidence, worst_ood(n, joined(ct_oods), joined(rgb_oods)))
     return [{api.VERDICT: verdict[a:b, None], api.CONFIDENCE: confidence[a:b, None],
              api.RGB_THRESHOLD: np.full((b - a, 1), rule.rgb_threshold, np.float32)} for a, b in zip(bounds[:-1], bounds[1:])]
 
@@ -190,19 +202,23 @@ def score_buckets(rule: VerdictRule) -> list[float]:
 
 
 def verdict_tally(rule: VerdictRule, probs: list[np.ndarray | None], metas: list[np.ndarray | None],
-                  outputs: list[dict[str, np.ndarray]], scores: list[np.ndarray]) -> dict[str, list]:
+                  outputs: list[dict[str, np.ndarray]], scores: list[np.ndarray], ct_oods: list | None = None,
+                  rgb_oods: list | None = None) -> dict[str, list]:
     """What the `verdict` model's metrics count for one batch of requests.
 
     verdicts: (verdict name, battery type) per cell (battery type "unknown" without CT_META,
     as from `inspect_rgb`); ct_classes: the top CT class per cell that has CT_PROBS;
-    scores: every RGB anomaly score.
+    scores: every RGB anomaly score; refused: "ct" / "rgb" per input out of distribution.
     """
-    verdicts, classes, values = [], [], []
-    for p, m, out, s in zip(probs, metas, outputs, scores):
+    verdicts, classes, values, refused = [], [], [], []
+    for i, (p, m, out, s) in enumerate(zip(probs, metas, outputs, scores)):
         codes = np.asarray(out[api.VERDICT]).reshape(-1)
         types = ["unknown"] * len(codes) if m is None else [BATTERY_TYPES[int(v)] for v in np.asarray(m).reshape(-1, 2)[:, 0]]
         verdicts += [(api.VERDICT_NAMES[int(c)], t) for c, t in zip(codes, types)]
         if p is not None:
             classes += [rule.class_names[int(i)] for i in np.asarray(p).argmax(axis=1)]
         values += [float(v) for v in np.asarray(s).reshape(-1)]
-    return {"verdicts": verdicts, "ct_classes": classes, "scores": values}
+        for source, oods in (("ct", ct_oods), ("rgb", rgb_oods)):
+            if oods and oods[i] is not None:
+                refused += [source] * int((~(np.asarray(oods[i], np.float32).reshape(-1) < 1.0)).sum())
+    return {"verdicts": verdicts, "ct_classes": classes, "scores": values, "refused": refused}

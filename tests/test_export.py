@@ -27,7 +27,7 @@ from training.data.labels import CT_CLASSES
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     root = tmp_path_factory.mktemp("runs")
-    return {"ct": make_ct_run(root / "ct", size=64), "rgb": make_rgb_run(root / "rgb", size=64, threshold=0.3),
+    return {"ct": make_ct_run(root / "ct", size=64, gate=True), "rgb": make_rgb_run(root / "rgb", size=64, threshold=0.3, gate=True),
             "ct_avg": make_ct_run(root / "ct_avg", size=64, pool="avg", seed=1),
             "ct_early": make_ct_run(root / "ct_early", size=64, arch="resnet18_early_fusion", seed=2),
             "rgb_recon": make_rgb_run(root / "rgb_recon", size=64, segment=0, threshold=0.01)}
@@ -59,7 +59,7 @@ def test_ct_graph_outputs_calibrated_probabilities_and_a_cam_per_image(runs, tmp
     assert exported.info["class_names"] == list(CT_CLASSES)
     model, info = load_checkpoint(runs["ct"])
     image, meta = example_inputs(info, 4)
-    probs, cam = ort.InferenceSession(str(exported.onnx_path)).run(None, {api.CT_TENSOR: image.numpy(), api.CT_META: meta.numpy()})
+    probs, cam, _ = ort.InferenceSession(str(exported.onnx_path)).run(None, {api.CT_TENSOR: image.numpy(), api.CT_META: meta.numpy()})
     with torch.no_grad():
         logits = model(image, meta)
     np.testing.assert_allclose(probs, torch.softmax(logits / info["temperature"], 1).numpy(), atol=1e-5)
@@ -75,7 +75,7 @@ def test_in_graph_cam_matches_pytorch_grad_cam_per_image(runs, tmp_path, name):
     model, info = load_checkpoint(runs[name])
     image, meta = example_inputs(info, 6, seed=11)
     exported = export_run(runs[name], tmp_path)
-    _, cam = ort.InferenceSession(str(exported.onnx_path)).run(None, {api.CT_TENSOR: image.numpy(), api.CT_META: meta.numpy()})
+    _, cam, _ = ort.InferenceSession(str(exported.onnx_path)).run(None, {api.CT_TENSOR: image.numpy(), api.CT_META: meta.numpy()})
     reference = GradCAM(model=WithMeta(model, meta), target_layers=[target_layer(model)])(input_tensor=image, targets=None)
     compared = 0
     for ours, theirs in zip(cam, reference):
@@ -383,8 +383,8 @@ def test_int8_and_fp16_repositories_keep_the_interface_and_the_decisions(runs, t
     from export.quantize import calibration_tensors
 
     feeds = calibration_tensors(data, load_checkpoint(runs["ct"])[1], None)  # real slices, as the server prepares them
-    p32, cam32 = ort.InferenceSession(str(fp32 / api.CT_CLASSIFIER / "1" / "model.onnx")).run(None, feeds)
-    p8, cam8 = ort.InferenceSession(str(int8 / api.CT_CLASSIFIER / "1" / "model.onnx")).run(None, feeds)
+    p32, cam32, _ = ort.InferenceSession(str(fp32 / api.CT_CLASSIFIER / "1" / "model.onnx")).run(None, feeds)
+    p8, cam8, _ = ort.InferenceSession(str(int8 / api.CT_CLASSIFIER / "1" / "model.onnx")).run(None, feeds)
     assert np.abs(p8 - p32).max() < 0.05 and np.mean(p8.argmax(1) == p32.argmax(1)) >= 0.9
     assert cam8.shape == cam32.shape
     _int8_cannot_saturate(int8 / api.CT_CLASSIFIER / "1" / "model.onnx")
@@ -401,7 +401,7 @@ def test_int8_and_fp16_repositories_keep_the_interface_and_the_decisions(runs, t
     model = onnx.load(str(half / api.CT_CLASSIFIER / "1" / "model.onnx"))
     assert any(t.data_type == onnx.TensorProto.FLOAT16 for t in model.graph.initializer)
     assert [i.type.tensor_type.elem_type for i in model.graph.input] == [onnx.TensorProto.FLOAT] * 2  # the interface stays float32
-    p16, _ = ort.InferenceSession(str(half / api.CT_CLASSIFIER / "1" / "model.onnx")).run(None, feeds)
+    p16, *_ = ort.InferenceSession(str(half / api.CT_CLASSIFIER / "1" / "model.onnx")).run(None, feeds)
     assert np.abs(p16 - p32).max() < 5e-3
     p16_avx2 = _on_avx2_only(half / api.CT_CLASSIFIER / "1" / "model.onnx", feeds, tmp_path)
     if p16_avx2 is not None:

@@ -9,7 +9,26 @@ import torch
 from training.checkpoint import save_checkpoint
 from training.data.labels import BATTERY_TYPES, CT_CLASSES, SLICE_AXES
 from training.models import create_model
+from training.ood import calibrate, ct_feature_array, distances, fit_gaussian, rgb_feature_array
 from training.preprocess import CT_MEAN, CT_STD
+
+CLASS_GROUPS = [BATTERY_TYPES.index(name.split("_", 1)[0]) for name in CT_CLASSES]
+
+
+def ct_gate(model, images, meta) -> dict:
+    """An out-of-distribution gate fitted and calibrated on `images` (as training does on its splits),
+    every image counted as the class of its battery type's normal class."""
+    images, meta = np.asarray(images, np.float32), np.asarray(meta, np.float32)
+    labels = np.where(meta[:, 0] == 0, CT_CLASSES.index("cell_normal"), CT_CLASSES.index("module_normal"))
+    features = ct_feature_array(model, images, meta)
+    gate = fit_gaussian(features, labels, len(CT_CLASSES)) | {"class_groups": CLASS_GROUPS}
+    return calibrate(gate, distances(gate, features, meta[:, 0]), {"quantile": 1.0, "margin": 1.5})
+
+
+def rgb_gate(model, images) -> dict:
+    features = rgb_feature_array(model, np.asarray(images, np.float32))
+    gate = fit_gaussian(features)
+    return calibrate(gate, distances(gate, features), {"quantile": 1.0, "margin": 1.5})
 
 CT_ARGS = {"hidden": 32, "dropout": 0.2, "pool": "max"}
 RGB_ARGS = {"base": 8, "latent": 16, "depth": 3, "skips": 1, "segment": 8, "segment_depth": 3}
@@ -41,7 +60,9 @@ def settle_batchnorm(model: torch.nn.Module, *inputs) -> torch.nn.Module:
     return model.eval()
 
 
-def make_ct_run(run: Path, size: int = 64, arch: str = "resnet18_late_fusion", seed: int = 0, images=None, meta=None, **args) -> Path:
+def make_ct_run(run: Path, size: int = 64, arch: str = "resnet18_late_fusion", seed: int = 0, images=None, meta=None, gate: bool = False,
+                **args) -> Path:
+    """A CT run; with `gate`, an out-of-distribution gate calibrated on the images (default: none, CT_OOD is 0)."""
     torch.manual_seed(seed)
     arch_args = CT_ARGS | args
     model = create_model(arch, **arch_args)
@@ -50,12 +71,15 @@ def make_ct_run(run: Path, size: int = 64, arch: str = "resnet18_late_fusion", s
         images = torch.randn(16, 1, size, size, generator=g)
         meta = torch.tensor([[i % 2, i % 3] for i in range(16)], dtype=torch.float32)
     settle_batchnorm(model, torch.as_tensor(images), torch.as_tensor(meta))
-    save_checkpoint(run, model, ct_info(size, arch, arch_args))
+    info = ct_info(size, arch, arch_args)
+    if gate:
+        info["ood"] = ct_gate(model, images, meta)
+    save_checkpoint(run, model, info)
     return Path(run)
 
 
 def make_rgb_run(run: Path, size: int = 64, seed: int = 0, threshold: float = 0.5, score: dict | None = None, images=None,
-                 **args) -> Path:
+                 gate: bool = False, **args) -> Path:
     torch.manual_seed(seed)
     arch_args = RGB_ARGS | args
     model = create_model("conv_autoencoder", **arch_args)
@@ -68,9 +92,12 @@ def make_rgb_run(run: Path, size: int = 64, seed: int = 0, threshold: float = 0.
             x = torch.as_tensor(images)
             model.segment_logits(x, model(x))
             model.eval()
-    save_checkpoint(run, model, rgb_info(size, arch_args, score or (RGB_SCORE if arch_args.get("segment") else
-                                                                     {"error": "squared_error_channel_mean", "smooth_sigma": 1.5,
-                                                                      "top_fraction": 0.01, "border": 0.06}), threshold))
+    info = rgb_info(size, arch_args, score or (RGB_SCORE if arch_args.get("segment") else
+                                               {"error": "squared_error_channel_mean", "smooth_sigma": 1.5, "top_fraction": 0.01,
+                                                "border": 0.06}), threshold)
+    if gate:
+        info["ood"] = rgb_gate(model, images)
+    save_checkpoint(run, model, info)
     return Path(run)
 
 

@@ -27,13 +27,14 @@ from training.augment import augment, synthetic_anomalies
 from training.checkpoint import save_checkpoint
 from training.config import load_config
 from training.data.aihub import Dataset, scan
-from training.data.labels import BATTERY_TYPES, CT_CLASSES, SLICE_AXES
+from training.data.labels import BATTERY_TYPES, CT_CLASSES, SLICE_AXES, class_type
 from training.data.split import read_split, split_dataset, write_split
 from training.datasets import load_ct, load_rgb
 from training.losses import FocalLoss, ReconstructionLoss, binary_focal_loss
 from training.metrics import f1_optimal_threshold, fit_temperature, macro_f1, roc_optimal_threshold
 from training.models import create_model
 from training.models.autoencoder import AnomalyScorer, scorer_from
+from training.ood import describe, fit_ct_gate, fit_rgb_gate
 from training.preprocess import CT_MEAN, CT_STD
 
 
@@ -289,6 +290,9 @@ def train_ct(data: Path, cfg: dict, run: Path, splits: Path | None = None, progr
     model.cpu()
     logits = ct_logits(model, val.images, val.meta)
     temperature = fit_temperature(logits, val.labels)
+    gate = fit_ct_gate(model, train, val, [BATTERY_TYPES.index(class_type(name)) for name in CT_CLASSES], c["ood"])
+    if progress:
+        print(f"ct {describe(gate)}")
     info = {
         "kind": "ct_classifier",
         "arch": c["model"]["name"],
@@ -300,6 +304,7 @@ def train_ct(data: Path, cfg: dict, run: Path, splits: Path | None = None, progr
         "preprocess": "training.preprocess.encoded_ct_input",
         "meta_spec": {"names": ["battery_type", "slice_axis"], "battery_type": list(BATTERY_TYPES), "slice_axis": list(SLICE_AXES)},
         "temperature": temperature,
+        "ood": gate,
         "val_macro_f1": best,
     }
     return _save_run(run, model, info, history, start, data, c)
@@ -388,6 +393,9 @@ def train_rgb(data: Path, cfg: dict, run: Path, splits: Path | None = None, prog
     best = stopper.best_value
     scorer.cpu().eval()  # wraps the model, now holding its best weights
     scores, _ = rgb_scores(scorer, val.images)
+    gate = fit_rgb_gate(model, train.images, val.images, c["ood"])
+    if progress:
+        print(f"rgb {describe(gate)}")
     thresholds = {}
     if val.anomalous.any():
         thresholds["f1"], f1 = f1_optimal_threshold(val.anomalous, scores)
@@ -411,6 +419,7 @@ def train_rgb(data: Path, cfg: dict, run: Path, splits: Path | None = None, prog
         "threshold_method": method,
         "thresholds": thresholds,
         "calibration": calibration,
+        "ood": gate,
         "val_loss": best,
     }
     return _save_run(run, model, info, history, start, data, c)

@@ -104,7 +104,7 @@ class RGBErrorMap:
 
 
 def flagged_sides(case: Case) -> list[str]:
-    """The modalities the verdict flags: internal -> ct, external -> rgb, combined -> both."""
+    """The modalities the verdict flags: internal -> ct, external -> rgb, combined and not_inspectable -> both."""
     code = case.inspection.verdict_code
     return [s for s, bit in (("ct", 1), ("rgb", 2)) if code & bit] or ["ct", "rgb"]
 

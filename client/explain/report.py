@@ -34,6 +34,8 @@ def cell_record(case, parts) -> dict:
         "ct": {"class": inspection.ct_class, "probs": {k: round(v, 6) for k, v in inspection.ct_probs.items()},
                "defect_probability": round(inspection.ct_defect_probability, 6)},
         "rgb": {"score": inspection.rgb_score, "threshold": inspection.rgb_threshold, "anomalous": inspection.rgb_anomalous},
+        "ood": {"ct": round(inspection.ct_ood, 6), "rgb": round(inspection.rgb_ood, 6), "inspectable": inspection.inspectable,
+                "refusal": inspection.refusal},
         "explanations": {p.name: p.to_dict() for p in parts},
         "source": case.extra,
         "written": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
@@ -49,7 +51,8 @@ def write_cell_report(case, parts, folder: Path, root: Path) -> dict:
     (folder / "report.html").write_text(html)
     rel = folder.relative_to(root).as_posix()
     return {"cell_id": case.cell_id, "verdict": record["verdict"], "confidence": record["confidence"], "ct_class": record["ct"]["class"],
-            "rgb_score": record["rgb"]["score"], "rgb_anomalous": record["rgb"]["anomalous"], "report": f"{rel}/report.html",
+            "rgb_score": record["rgb"]["score"], "rgb_anomalous": record["rgb"]["anomalous"], "refusal": record["ood"]["refusal"],
+            "report": f"{rel}/report.html",
             "json": f"{rel}/report.json", "parts": {p.name: p.status for p in parts},
             "reasons": {p.name: p.reason for p in parts if p.status != "ok"}}
 

@@ -280,8 +280,8 @@ class Gateway:
         following = (int(counter or 0) + 1) % COUNTER_MODULUS
         self.outbox.writing(row.id, following)
         values = [(n["result_cell_id"], row.cell_id), (n["verdict"], row.verdict), (n["confidence"], row.confidence)]
-        if "error" in n:
-            values.append((n["error"], row.error or ""))
+        if "error" in n:  # a refused request's reason, or why a cell is not inspectable (verdict 4)
+            values.append((n["error"], row.error or row.answer_dict.get("refusal", "")))
         await self.plc.write(values)
         await self.plc.write([(n["result_counter"], following)])
         self._written(st, self.outbox.get(row.id))

@@ -102,23 +102,30 @@ class ConvAutoencoder(nn.Module):
         self.decoder = nn.Sequential(*dec)
         self.multiple = 2 ** max(depth, segment_depth if segment else 0)  # input sides must be a multiple of this
 
-    def _decode(self, x: torch.Tensor) -> torch.Tensor:
+    def _decode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         stages = []
         for block in self.encoder[:-1]:
             x = block(x)
             stages.append(x)
-        y = self.decoder[1](self.decoder[0](self.encoder[-1](x)))
+        code = self.encoder[-1](x)
+        y = self.decoder[1](self.decoder[0](code))
         for j, up in enumerate(self.decoder[2:-1]):
             if 1 <= j <= self.skips:
                 y = torch.cat([y, stages[len(stages) - 1 - j]], dim=1)
             y = up(y)
-        return self.decoder[-1](y)
+        return self.decoder[-1](y), stages + [code]
+
+    def reconstruct(self, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """(reconstruction (B, C, H, W), the encoder's feature maps, its bottleneck code last) in one pass."""
+        if not self.center:
+            out, maps = self._decode(x)
+            return torch.sigmoid(out), maps
+        mean = x.mean(dim=(2, 3), keepdim=True)
+        out, maps = self._decode(x - mean)
+        return torch.clamp(out + mean, 0.0, 1.0), maps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not self.center:
-            return torch.sigmoid(self._decode(x))
-        mean = x.mean(dim=(2, 3), keepdim=True)
-        return torch.clamp(self._decode(x - mean) + mean, 0.0, 1.0)
+        return self.reconstruct(x)[0]
 
     def segment_logits(self, image: torch.Tensor, recon: torch.Tensor) -> torch.Tensor:
         """Per-pixel anomaly logits (B, 1, H, W) from the segmentation head."""
@@ -190,3 +197,9 @@ class AnomalyScorer(nn.Module):
     def forward(self, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         emap = self.error_map(image, self.autoencoder(image))
         return self.score(emap), emap
+
+    def score_with_features(self, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[torch.Tensor]]:
+        """(score (B,), error map (B, H, W), reconstruction, the encoder's feature maps) from one pass of the autoencoder."""
+        recon, maps = self.autoencoder.reconstruct(image)
+        emap = self.error_map(image, recon)
+        return self.score(emap), emap, recon, maps

@@ -306,10 +306,25 @@ def render_rgb_photo(spec: RGBPhotoSpec, with_defects: bool = True) -> RGBPhoto:
                 if d is not None:
                     defects.append(d)
                     placed += 1
+    image = _camera(ph, spec)
+    return RGBPhoto(image=image, defects=defects, outline=raster.to_int_polygon(outline, (h, w)), distance=round(distance, 1), degree=(round(elev, 1), round(azim, 1)))
+
+
+def _camera(ph: _Photo, spec: RGBPhotoSpec) -> np.ndarray:
+    """The scene as the camera records it: lens blur, white balance, exposure, vignetting, noise."""
     cam = spec.rng(4)
     img = ndimage.gaussian_filter(ph.img, (0.6, 0.6, 0))
     img *= cam.uniform(0.95, 1.05, 3).astype(np.float32) * cam.uniform(0.85, 1.1)  # white balance, exposure
-    vignette = 1 - 0.25 * (((ph.xx - w / 2) / w) ** 2 + ((ph.yy - h / 2) / h) ** 2) * 2
+    vignette = 1 - 0.25 * (((ph.xx - ph.w / 2) / ph.w) ** 2 + ((ph.yy - ph.h / 2) / ph.h) ** 2) * 2
     img = img * vignette[..., None] + cam.normal(0, cam.uniform(1.5, 4.0), img.shape).astype(np.float32)
-    image = np.clip(np.rint(img), 0, 255).astype(np.uint8)
-    return RGBPhoto(image=image, defects=defects, outline=raster.to_int_polygon(outline, (h, w)), distance=round(distance, 1), degree=(round(elev, 1), round(azim, 1)))
+    return np.clip(np.rint(img), 0, 255).astype(np.uint8)
+
+
+def render_empty_bench(spec: RGBPhotoSpec) -> np.ndarray:
+    """(H, W, 3) uint8: the photo `spec` would give with no battery on the bench (an empty fixture)."""
+    ph = _Photo(spec.height, spec.width)
+    rng = spec.rng(1)
+    rng.uniform(250, 450), rng.uniform(10, 45), rng.uniform(0, 360), rng.uniform(-0.9, 0.9)  # same light as the full photo
+    light = (spec.width * rng.uniform(0.2, 0.8), spec.height * rng.uniform(-0.2, 0.3))
+    _bench(ph, rng, light)
+    return _camera(ph, spec)

@@ -1,0 +1,362 @@
+"""python -m benchmarks ood [--runs runs/quick] [--data TEST_DATA]
+
+Does the out-of-distribution gate refuse what is not an inspectable cell, and only that?
+
+In distribution: every cell of a fresh test set (another seed than training), as the line
+would send it. Its false rejections (CT_OOD or RGB_OOD >= 1) must stay <= 1%.
+
+Out of distribution, per kind and input (each must be >= 95% rejected):
+
+  natural     photos shipped with scikit-image, scikit-learn and matplotlib (people, a cat,
+              coffee, a rocket, a motorcycle, a landscape, the Hubble deep field...)
+  medical     DICOM files shipped with pydicom (a CT, an MR, a liver CT) sent as they are,
+              the Shepp-Logan phantom, an MRI slice from matplotlib, microscopy and retina images
+  documents   a scanned page, text, logos, a chessboard, a colour chart
+  textures    brick, grass, gravel
+  noise       uniform, Gaussian, salt-and-pepper and smooth noise at the line's image size
+  gradients   linear and radial ramps, a flat grey frame, a black frame
+  swapped     the cell's photo on the CT input, the CT slice on the photo input
+  ct_cut_off  test slices shifted so that most of the battery is outside the frame
+  ct_half     test slices whose lower half did not reconstruct (black)
+  meta_swap   test slices with the battery type in CT_META contradicting the image
+  empty_bench the bench and lighting of the generator's photos with no battery on it
+
+No kind is used to calibrate the gate: its thresholds come from the validation split of
+the training data alone (training/ood.py). An image the decoder refuses outright (too
+small, say) counts as rejected and is shown apart. Each kind also gets the AUROC of its
+score against the in-distribution cells' scores.
+
+Results: a table on stdout, JSON and Markdown in --out. Exit status 1 when a target is missed.
+"""
+from __future__ import annotations
+
+import argparse
+import gzip
+import io
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+FALSE_REJECTION_TARGET = 0.01
+REJECTION_TARGET = 0.95
+
+
+# --- images that ship inside installed packages ------------------------------------------
+
+def _skimage(name: str, item: int | None = None) -> np.ndarray:
+    import skimage.data
+
+    out = getattr(skimage.data, name)()
+    return np.asarray(out if item is None else out[item])
+
+
+def _file_image(path: Path) -> np.ndarray:
+    return np.asarray(Image.open(path).convert("RGB"))
+
+
+def _u8(a: np.ndarray) -> np.ndarray:
+    a = np.asarray(a, np.float64)
+    lo, hi = np.percentile(a, 0.5), np.percentile(a, 99.5)
+    return np.clip((a - lo) / max(hi - lo, 1e-9) * 255, 0, 255).astype(np.uint8)
+
+
+def _dicom(name: str) -> bytes:
+    from pydicom.data import get_testdata_file
+
+    return Path(get_testdata_file(name)).read_bytes()
+
+
+def _dicom_pixels(name: str) -> np.ndarray:
+    import pydicom
+    from pydicom.data import get_testdata_file
+
+    return _u8(pydicom.dcmread(get_testdata_file(name)).pixel_array)
+
+
+def _mpl_mri() -> np.ndarray:
+    import matplotlib
+
+    raw = gzip.decompress((Path(matplotlib.get_data_path()) / "sample_data" / "s1045.ima.gz").read_bytes())
+    return _u8(np.frombuffer(raw, np.uint16).reshape(256, 256))
+
+
+def library_sources() -> dict[str, list[tuple[str, object]]]:
+    """kind -> [(name, image array or encoded bytes)] from files installed with the project's dependencies."""
+    import matplotlib
+    import sklearn.datasets
+
+    mpl = Path(matplotlib.get_data_path()) / "sample_data"
+    skl = Path(sklearn.datasets.__file__).parent / "images"
+    return {
+        "natural": [(n, _skimage(n)) for n in ("astronaut", "coffee", "chelsea", "rocket", "camera", "moon", "hubble_deep_field")]
+                   + [("motorcycle", _skimage("stereo_motorcycle", 0))]
+                   + [("china", _file_image(skl / "china.jpg")), ("flower", _file_image(skl / "flower.jpg")),
+                      ("grace_hopper", _file_image(mpl / "grace_hopper.jpg"))],
+        "medical": [("CT_small.dcm", "dicom:CT_small.dcm"), ("MR_small.dcm", "dicom:MR_small.dcm"),
+                    ("liver_1frame.dcm", "dicom:liver_1frame.dcm"), ("phantom", _skimage("shepp_logan_phantom")),
+                    ("mri_s1045", _mpl_mri()), ("cell", _skimage("cell")), ("retina", _skimage("retina")),
+                    ("microaneurysms", _skimage("microaneurysms")), ("ihc", _skimage("immunohistochemistry"))],
+        "documents": [(n, _skimage(n)) for n in ("page", "text", "logo", "checkerboard", "colorwheel")]
+                     + [("matplotlib_logo", _file_image(mpl / "logo2.png")), ("present", _file_image(mpl / "Minduka_Present_Blue_Pack.png"))],
+        "textures": [(n, _skimage(n)) for n in ("brick", "grass", "gravel")],
+    }
+
+
+def synthetic_sources(size: tuple[int, int], seed: int = 0) -> dict[str, list[tuple[str, np.ndarray]]]:
+    """Noise and gradients at an image size (h, w)."""
+    from scipy import ndimage
+
+    rng = np.random.default_rng(seed)
+    h, w = size
+    yy, xx = np.mgrid[0:h, 0:w].astype(np.float64)
+    r = np.hypot(yy - h / 2, xx - w / 2) / np.hypot(h / 2, w / 2)
+    smooth = ndimage.gaussian_filter(rng.normal(size=(h, w)), max(h, w) / 40)
+    salt = np.where(rng.random((h, w)) < 0.5, 0, 255)
+    return {
+        "noise": [("uniform", rng.integers(0, 256, (h, w), dtype=np.uint8)),
+                  ("uniform_rgb", rng.integers(0, 256, (h, w, 3), dtype=np.uint8)),
+                  ("gaussian", np.clip(rng.normal(128, 40, (h, w)), 0, 255).astype(np.uint8)),
+                  ("salt_and_pepper", salt.astype(np.uint8)), ("smooth", _u8(smooth))],
+        "gradients": [("horizontal", _u8(xx)), ("vertical", _u8(yy)), ("radial", _u8(1 - r)),
+                      ("flat_grey", np.full((h, w), 128, np.uint8)), ("black", np.zeros((h, w), np.uint8))],
+    }
+
+
+def _encode(image, fmt: str = "PNG") -> bytes:
+    if isinstance(image, bytes):
+        return image
+    if isinstance(image, str) and image.startswith("dicom:"):
+        return _dicom(image[len("dicom:"):])
+    a = np.asarray(image)
+    if a.dtype == bool:
+        a = a.astype(np.uint8) * 255
+    if a.dtype != np.uint8:
+        a = _u8(a)
+    if a.ndim == 3 and a.shape[2] == 4:
+        a = a[..., :3]
+    buf = io.BytesIO()
+    Image.fromarray(a).save(buf, format=fmt, **({"quality": 92} if fmt == "JPEG" else {}))
+    return buf.getvalue()
+
+
+def _as_photo(image) -> bytes:
+    """A photo input is PNG or JPEG: a DICOM's pixels are rendered first."""
+    if isinstance(image, str) and image.startswith("dicom:"):
+        image = _dicom_pixels(image[len("dicom:"):])
+    a = np.asarray(image)
+    if a.ndim == 2 or a.dtype == bool:
+        a = np.repeat(_u8(a.astype(np.float64))[..., None] if a.dtype != np.uint8 else a[..., None], 3, axis=2)
+    return _encode(a, "JPEG")
+
+
+# --- inputs derived from test cells ---------------------------------------------------------
+
+def _decoded(path: Path) -> np.ndarray:
+    from training.decode import decode_ct
+
+    return np.asarray(decode_ct(path.read_bytes()))
+
+
+def cut_off(path: Path, share: float = 0.65) -> bytes:
+    """The slice shifted right and down by `share` of its size, the corner's background filling in."""
+    a = _decoded(path)
+    a8 = _u8(a) if a.dtype != np.uint8 else a
+    h, w = a8.shape[:2]
+    fill = int(np.median(a8[: h // 10, : w // 10]))
+    out = np.full_like(a8, fill)
+    dy, dx = int(h * share), int(w * share)
+    out[dy:, dx:] = a8[: h - dy, : w - dx]
+    return _encode(out)
+
+
+def half_reconstructed(path: Path) -> bytes:
+    a = _decoded(path)
+    a8 = (_u8(a) if a.dtype != np.uint8 else a).copy()
+    a8[a8.shape[0] // 2 :] = 0
+    return _encode(a8)
+
+
+def empty_benches(n: int, size: tuple[int, int], seed: int = 77) -> list[tuple[str, bytes]]:
+    from training.synth.rgb import RGBPhotoSpec, render_empty_bench
+
+    w, h = size
+    return [(f"bench{i}", _encode(render_empty_bench(RGBPhotoSpec(i, "cell", "pouch", 0, (), w, h, seed)), "JPEG")) for i in range(n)]
+
+
+# --- scoring ----------------------------------------------------------------------------------
+
+class Scorer:
+    """The served networks in process (the exported graphs, the server's decoding): OOD scores per input."""
+
+    def __init__(self, runs):
+        import torch
+
+        from export.local import TorchPipeline
+
+        self.torch = torch
+        self.pipeline = TorchPipeline(runs)
+        for kind, info in (("CT", self.pipeline.ct_info), ("RGB", self.pipeline.rgb_info)):
+            if not info.get("ood"):
+                raise SystemExit(f"error: the {kind} run has no out-of-distribution gate; fit one with 'python -m training.ood RUN'")
+
+    def _batched(self, graph, tensors: list, extra: list | None = None) -> list[float | None]:
+        torch = self.torch
+        kept = [i for i, t in enumerate(tensors) if t is not None]
+        out: list[float | None] = [None] * len(tensors)
+        for a in range(0, len(kept), 32):
+            part = kept[a : a + 32]
+            args = [torch.from_numpy(np.stack([tensors[i] for i in part]))]
+            if extra is not None:
+                args.append(torch.tensor([extra[i] for i in part], dtype=torch.float32))
+            with torch.no_grad():
+                scores = graph(*args)[2][:, 0].numpy()
+            for i, v in zip(part, scores):
+                out[i] = float(v)
+        return out
+
+    def ct(self, items: list[tuple[bytes, tuple]]) -> list[float | None]:
+        """CT_OOD per (slice bytes, meta); None where the server would refuse the bytes outright."""
+        from export.serving import ct_tensor
+
+        tensors = []
+        for data, _ in items:
+            try:
+                tensors.append(ct_tensor(data, self.pipeline.ct_info))
+            except ValueError:
+                tensors.append(None)
+        return self._batched(self.pipeline.ct_graph, tensors, [m for _, m in items])
+
+    def rgb(self, items: list[bytes]) -> list[float | None]:
+        from export.serving import rgb_tensor
+
+        tensors = []
+        for data in items:
+            try:
+                tensors.append(rgb_tensor(data, self.pipeline.rgb_info))
+            except ValueError:
+                tensors.append(None)
+        return self._batched(self.pipeline.rgb_graph, tensors)
+
+
+def _auroc(inside: np.ndarray, outside: np.ndarray) -> float | None:
+    from training.metrics import binary_auc
+
+    outside = np.where(np.isnan(outside), np.inf, outside)
+    big = max(float(np.max(inside, initial=0)), float(np.max(outside[np.isfinite(outside)], initial=0))) * 10 + 1
+    scores = np.concatenate([inside, np.where(np.isfinite(outside), outside, big)])
+    return binary_auc(np.r_[np.zeros(len(inside), bool), np.ones(len(outside), bool)], scores)
+
+
+def evaluate(runs, data: Path, progress: bool = True, limit: int | None = None) -> dict:
+    from tqdm import tqdm
+
+    from client.dataset import pair_cells
+
+    scorer = Scorer(runs)
+    cells, _ = pair_cells(data, progress=False)
+    if limit:
+        cells = cells[:limit]
+    if not cells:
+        raise SystemExit(f"error: no cells in {data}")
+    ct_in = scorer.ct([(c.ct_path.read_bytes(), c.meta) for c in tqdm(cells, desc="test slices", disable=not progress)])
+    rgb_in = scorer.rgb([c.rgb_path.read_bytes() for c in tqdm(cells, desc="test photos", disable=not progress)])
+    ct_in = np.array([np.inf if v is None else v for v in ct_in])
+    rgb_in = np.array([np.inf if v is None else v for v in rgb_in])
+    refused = (ct_in >= 1) | (rgb_in >= 1)
+    inside = {"cells": len(cells), "false_rejection": float(refused.mean()), "ct_false_rejection": float((ct_in >= 1).mean()),
+              "rgb_false_rejection": float((rgb_in >= 1).mean()), "ct_median": float(np.median(ct_in)), "rgb_median": float(np.median(rgb_in)),
+              "ct_p99": float(np.quantile(ct_in, 0.99)), "rgb_p99": float(np.quantile(rgb_in, 0.99))}
+
+    slice_size = Image.open(cells[0].ct_path).size if cells[0].ct_path.suffix.lower() != ".dcm" else (512, 512)
+    photo_size = Image.open(cells[0].rgb_path).size
+    lib = library_sources()
+    synth = synthetic_sources((photo_size[1], photo_size[0]))
+    synth_ct = synthetic_sources((slice_size[1], slice_size[0]), seed=1)
+    sample = cells[:: max(1, len(cells) // 24)][:24]
+    metas = [c.meta for c in sample]
+    kinds: list[tuple[str, str, list[tuple[str, bytes, tuple]]]] = []  # (kind, input, [(name, bytes, meta)])
+    for kind in ("natural", "medical", "documents", "textures"):
+        kinds.append((kind, "ct", [(n, _encode(img), metas[i % len(metas)]) for i, (n, img) in enumerate(lib[kind])]))
+        kinds.append((kind, "rgb", [(n, _as_photo(img), None) for n, img in lib[kind]]))
+    for kind in ("noise", "gradients"):
+        kinds.append((kind, "ct", [(n, _encode(img), metas[i % len(metas)]) for i, (n, img) in enumerate(synth_ct[kind])]))
+        kinds.append((kind, "rgb", [(n, _as_photo(img), None) for n, img in synth[kind]]))
+    kinds.append(("swapped", "ct", [(c.cell_id, c.rgb_path.read_bytes(), c.meta) for c in sample]))
+    kinds.append(("swapped", "rgb", [(c.cell_id, _as_photo(_decoded(c.ct_path)), None) for c in sample]))
+    kinds.append(("ct_cut_off", "ct", [(c.cell_id, cut_off(c.ct_path), c.meta) for c in sample]))
+    kinds.append(("ct_half", "ct", [(c.cell_id, half_reconstructed(c.ct_path), c.meta) for c in sample]))
+    kinds.append(("meta_swap", "ct", [(c.cell_id, c.ct_path.read_bytes(), (1.0 - c.meta[0], c.meta[1])) for c in sample]))
+    kinds.append(("empty_bench", "rgb", [(n, b, None) for n, b in empty_benches(len(sample), photo_size)]))
+
+    rows = []
+    for kind, side, items in tqdm(kinds, desc="out-of-distribution kinds", unit="kind", disable=not progress):
+        scores = scorer.ct([(b, m) for _, b, m in items]) if side == "ct" else scorer.rgb([b for _, b, _ in items])
+        decoder = sum(s is None for s in scores)
+        s = np.array([np.inf if v is None else v for v in scores])
+        rejected = s >= 1
+        rows.append({"kind": kind, "input": side, "images": len(items), "rejected": float(rejected.mean()),
+                     "refused_by_decoder": decoder, "auroc": _auroc(ct_in if side == "ct" else rgb_in, s),
+                     "median_score": float(np.median(s)), "missed": [n for (n, _, _), r in zip(items, rejected) if not r]})
+    total = sum(r["images"] for r in rows)
+    overall = sum(r["rejected"] * r["images"] for r in rows) / total
+    return {"data": str(data), "runs": [str(r) for r in runs], "in_distribution": inside, "kinds": rows,
+            "overall_rejection": overall, "images": total,
+            "targets": {"false_rejection_max": FALSE_REJECTION_TARGET, "rejection_min": REJECTION_TARGET},
+            "met": inside["false_rejection"] <= FALSE_REJECTION_TARGET and all(r["rejected"] >= REJECTION_TARGET for r in rows)}
+
+
+def markdown(result: dict) -> str:
+    i = result["in_distribution"]
+    lines = [f"In distribution ({i['cells']} fresh test cells): false rejection {i['false_rejection']:.1%} "
+             f"(CT {i['ct_false_rejection']:.1%}, photo {i['rgb_false_rejection']:.1%}; target <= {FALSE_REJECTION_TARGET:.0%})", "",
+             "| kind | input | images | rejected | AUROC | median score |", "|---|---|---|---|---|---|"]
+    for r in result["kinds"]:
+        auroc = "n/a" if r["auroc"] is None else f"{r['auroc']:.3f}"
+        extra = f" ({r['refused_by_decoder']} by the decoder)" if r["refused_by_decoder"] else ""
+        lines.append(f"| {r['kind']} | {r['input']} | {r['images']} | {r['rejected']:.0%}{extra} | {auroc} | {r['median_score']:.2f} |")
+    lines.append(f"| **all** | | {result['images']} | **{result['overall_rejection']:.1%}** | | |")
+    return "\n".join(lines)
+
+
+def _default_runs_and_data() -> tuple[list[Path], Path | None]:
+    for preset in ("standard", "quick"):
+        summary = Path("runs") / preset / "summary.json"
+        if summary.exists():
+            return [summary.parent], Path(json.loads(summary.read_text())["test_data"])
+    return [Path("runs/quick")], None
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m benchmarks ood", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--runs", type=Path, nargs="+", help="CT and RGB runs, or a preset folder (default runs/standard, else runs/quick)")
+    p.add_argument("--data", type=Path, help="fresh test data in the AI Hub layout (default: the preset's test set from its summary.json)")
+    p.add_argument("--limit", type=int, help="use only the first N test cells")
+    p.add_argument("--out", type=Path, default=Path("benchmarks/results"), help="results folder (default benchmarks/results)")
+    p.add_argument("--quiet", action="store_true")
+    args = p.parse_args(argv)
+    runs, data = _default_runs_and_data()
+    runs, data = args.runs or runs, args.data or data
+    if data is None or not Path(data).is_dir():
+        p.error("no test data: pass --data (a fresh test set, e.g. data/quick_test from 'python -m training.preset quick')")
+    result = evaluate(runs, Path(data), progress=not args.quiet, limit=args.limit)
+    text = markdown(result)
+    print("\n" + text)
+    print(f"\n{'all targets met' if result['met'] else 'TARGET MISSED'}: false rejection <= {FALSE_REJECTION_TARGET:.0%}, "
+          f">= {REJECTION_TARGET:.0%} of every kind rejected")
+    for r in result["kinds"]:
+        if r["missed"]:
+            print(f"  {r['kind']} ({r['input']}) passed the gate: {', '.join(r['missed'][:6])}{' ...' if len(r['missed']) > 6 else ''}")
+    args.out.mkdir(parents=True, exist_ok=True)
+    stem = args.out / time.strftime("ood-%Y%m%d-%H%M%S")
+    stem.with_suffix(".json").write_text(json.dumps(result, indent=1) + "\n")
+    stem.with_suffix(".md").write_text(text + "\n")
+    print(f"wrote {stem}.json and .md")
+    return 0 if result["met"] else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,242 @@
+"""Out-of-distribution gates: is this input a battery cell of a kind the models know?
+
+A classifier always answers with one of its classes and an autoencoder always gives a
+score, so on an MRI slice, a portrait, noise, the photo sent on the CT input or an empty
+bench they answer confidently and wrongly. Each served network therefore also computes a
+score of how far its input lies from what it was trained on, scaled so that the
+threshold calibrated on validation data is 1.0 (`CT_OOD`, `RGB_OOD`; >= 1 means not
+inspectable, verdict 4).
+
+The score is a Mahalanobis distance in the network's own feature space (Lee et al.,
+NeurIPS 2018), with a covariance shared by the classes and shrunk (Ledoit-Wolf) so that a
+few hundred training images suffice for hundreds of dimensions:
+
+- CT: the classifier's pooled features. The distance is to the nearest class mean among
+  the classes of the battery type the metadata names, so a module slice labelled as a
+  cell (or the reverse) lies far from every class it may be.
+- RGB: the autoencoder's bottleneck code (mean and spread over the image), the photo's
+  own colour statistics (the autoencoder centres colour away) and the log of its mean
+  reconstruction error; one Gaussian of normal training photos. Defects are local and
+  move these little; a photo of something else moves them all.
+
+Features are standardised by their spread within the training classes; a dimension that
+never varied in training gets a twentieth of the median spread, so a feature that only
+wakes up on foreign inputs counts fully.
+
+Calibration: the threshold is the `quantile` of the validation distances (defective
+validation cells included: they must not be refused) times `margin`. Both are the
+training config's (`ct.ood`, `rgb.ood`), and the resulting gate is stored in the
+checkpoint under `ood`. `python -m training.ood RUN --data DIR` recalibrates a run.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+GATE_DEFAULTS = {"quantile": 0.995, "margin": 1.3}
+LOG_ERROR_EPS = 1e-6
+
+
+def fit_gaussian(features: np.ndarray, labels: np.ndarray | None = None, n_classes: int = 1) -> dict:
+    """Class means and one shared, shrunk precision matrix of features (N, D), standardised by
+    the within-class spread (a dimension that never varied gets 5% of the median spread)."""
+    from sklearn.covariance import LedoitWolf
+
+    features = np.asarray(features, np.float64)
+    labels = np.zeros(len(features), np.int64) if labels is None else np.asarray(labels, np.int64)
+    present = [int(k) for k in range(n_classes) if (labels == k).any()]
+    center = features.mean(axis=0)
+    raw_means = np.zeros((n_classes, features.shape[1]))
+    for k in present:
+        raw_means[k] = features[labels == k].mean(axis=0)
+    residuals = features - raw_means[labels]
+    std = residuals.std(axis=0)
+    scale = 1.0 / np.maximum(std, max(float(np.median(std)), 1e-6) * 0.05)
+    means = (raw_means - center) * scale
+    lw = LedoitWolf(assume_centered=True).fit(residuals * scale)
+    return {"center": center.tolist(), "scale": scale.tolist(), "means": means.tolist(), "precision": lw.precision_.tolist(),
+            "present": present, "shrinkage": float(lw.shrinkage_), "fitted_on": int(len(features))}
+
+
+def distances(gate: dict, features: np.ndarray, groups: np.ndarray | None = None) -> np.ndarray:
+    """Mahalanobis distance (N,) of each feature row to the nearest allowed class mean (reference in numpy)."""
+    z = (np.asarray(features, np.float64) - np.asarray(gate["center"])) * np.asarray(gate["scale"])
+    means, precision = np.asarray(gate["means"]), np.asarray(gate["precision"])
+    d = z[:, None, :] - means[None]
+    q = np.einsum("nkd,de,nke->nk", d, precision, d)
+    allowed = np.zeros(q.shape, bool)
+    allowed[:, gate["present"]] = True
+    if groups is not None and gate.get("class_groups") is not None:
+        allowed &= np.asarray(gate["class_groups"])[None, :] == np.asarray(groups).reshape(-1, 1)
+    return np.sqrt(np.maximum(np.where(allowed, q, np.inf).min(axis=1), 0.0))
+
+
+def calibrate(gate: dict, val_distances: np.ndarray, cfg: dict) -> dict:
+    """The gate with its threshold: the `quantile` of validation distances times `margin`."""
+    cfg = GATE_DEFAULTS | dict(cfg or {})
+    if not (0 < cfg["quantile"] <= 1 and cfg["margin"] > 0):
+        raise ValueError(f"ood needs 0 < quantile <= 1 and margin > 0, got {cfg}")
+    v = np.asarray(val_distances, np.float64)
+    if not len(v):
+        raise ValueError("no validation images to calibrate the out-of-distribution threshold on")
+    threshold = float(np.quantile(v, cfg["quantile"]) * cfg["margin"])
+    return gate | {"threshold": threshold, "quantile": float(cfg["quantile"]), "margin": float(cfg["margin"]),
+                   "validation": {"count": int(len(v)), "median": float(np.median(v)), "max": float(v.max()),
+                                  "rejected": float((v >= threshold).mean())}}
+
+
+class GaussianGate(nn.Module):
+    """features (B, D) [, group (B,)] -> distance / threshold (B,): the gate in an exported graph."""
+
+    def __init__(self, gate: dict):
+        super().__init__()
+        f32 = torch.float32
+        self.register_buffer("center", torch.tensor(gate["center"], dtype=f32))
+        self.register_buffer("scale", torch.tensor(gate["scale"], dtype=f32))
+        self.register_buffer("means", torch.tensor(gate["means"], dtype=f32))
+        self.register_buffer("precision", torch.tensor(gate["precision"], dtype=f32))
+        k = len(gate["means"])
+        present = torch.zeros(k, dtype=torch.bool)
+        present[list(gate["present"])] = True
+        self.register_buffer("present", present)
+        groups = gate.get("class_groups")
+        self.register_buffer("class_groups", torch.tensor(groups if groups is not None else [0] * k, dtype=f32))
+        self.grouped = groups is not None
+        self.register_buffer("inv_threshold", torch.tensor(1.0 / float(gate["threshold"]), dtype=f32))
+
+    def forward(self, features: torch.Tensor, group: torch.Tensor | None = None) -> torch.Tensor:
+        z = (features - self.center) * self.scale
+        d = z[:, None, :] - self.means[None]  # (B, K, D)
+        q = ((d @ self.precision) * d).sum(dim=-1)  # (B, K)
+        allowed = self.present[None, :].expand_as(q)
+        if self.grouped and group is not None:
+            allowed = allowed & (self.class_groups[None, :] == group[:, None])
+        q = torch.where(allowed, q, torch.full_like(q, 1e12))
+        return torch.sqrt(torch.clamp(q.min(dim=1).values, min=0.0)) * self.inv_threshold
+
+
+# --- the features each gate reads -------------------------------------------------------
+
+def border_contrast(image: torch.Tensor, band: float = 0.1) -> torch.Tensor:
+    """(B, C): mean of the frame's outer band minus the mean of its centre, per channel. A
+    battery centred in the crop leaves the band as background; one cut off by the frame's
+    edge, or an image that fills the frame, does not."""
+    h, w = int(image.shape[-2]), int(image.shape[-1])
+    by, bx = max(1, int(round(h * band))), max(1, int(round(w * band)))
+    total = image.sum(dim=(2, 3))
+    centre = image[:, :, by : h - by, bx : w - bx]
+    inner = centre.sum(dim=(2, 3))
+    n_band = h * w - centre.shape[-2] * centre.shape[-1]
+    return (total - inner) / n_band - inner / (centre.shape[-2] * centre.shape[-1])
+
+
+def ct_gate_features(fmap: torch.Tensor, pooled: torch.Tensor, image: torch.Tensor) -> torch.Tensor:
+    """(B, 2 C + 1): the classifier's pooled features (what its head reads), the feature map's
+    mean (the slice's overall look, which max pooling ignores) and the border contrast of the input."""
+    return torch.cat([pooled, fmap.mean(dim=(2, 3)), border_contrast(image)], dim=1)
+
+
+def ct_features(classifier: nn.Module, image: torch.Tensor, meta: torch.Tensor) -> torch.Tensor:
+    fmap = classifier.feature_maps(image, meta)
+    return ct_gate_features(fmap, classifier.pool(fmap).flatten(1), image)
+
+
+def rgb_features(image: torch.Tensor, recon: torch.Tensor, maps: list[torch.Tensor]) -> torch.Tensor:
+    """The mean and spread of every encoder stage and of the bottleneck code, the photo's colour
+    mean and spread, and the log of the mean squared reconstruction error."""
+    error = (image - recon).pow(2).mean(dim=(1, 2, 3))
+    stats = [t for m in maps for t in (m.mean(dim=(2, 3)), m.std(dim=(2, 3)))]
+    return torch.cat(stats + [image.mean(dim=(2, 3)), image.std(dim=(2, 3)), border_contrast(image),
+                              torch.log(error + LOG_ERROR_EPS)[:, None]], dim=1)
+
+
+@torch.no_grad()
+def ct_feature_array(classifier: nn.Module, images: np.ndarray, meta: np.ndarray, batch_size: int = 64) -> np.ndarray:
+    classifier.eval()
+    out = [ct_features(classifier, torch.from_numpy(images[i : i + batch_size].astype(np.float32)),
+                       torch.from_numpy(meta[i : i + batch_size].astype(np.float32))).numpy() for i in range(0, len(images), batch_size)]
+    return np.concatenate(out) if out else np.zeros((0, 0), np.float32)
+
+
+@torch.no_grad()
+def rgb_feature_array(autoencoder: nn.Module, images: np.ndarray, batch_size: int = 32) -> np.ndarray:
+    autoencoder.eval()
+    out = []
+    for i in range(0, len(images), batch_size):
+        x = torch.from_numpy(images[i : i + batch_size].astype(np.float32))
+        recon, maps = autoencoder.reconstruct(x)
+        out.append(rgb_features(x, recon, maps).numpy())
+    return np.concatenate(out) if out else np.zeros((0, 0), np.float32)
+
+
+def fit_ct_gate(classifier: nn.Module, train, val, class_groups: list[int], cfg: dict) -> dict:
+    """The CT gate from the training slices (class means, covariance) and the validation slices (threshold).
+
+    `train` and `val` are `training.datasets.CTArrays`; `class_groups[k]` is the battery type of class k."""
+    gate = fit_gaussian(ct_feature_array(classifier, train.images, train.meta), train.labels, len(class_groups))
+    gate["class_groups"] = list(class_groups)
+    return calibrate(gate, distances(gate, ct_feature_array(classifier, val.images, val.meta), val.meta[:, 0]), cfg)
+
+
+def fit_rgb_gate(autoencoder: nn.Module, train_images: np.ndarray, val_images: np.ndarray, cfg: dict) -> dict:
+    """The RGB gate from normal training photos and all validation photos (threshold)."""
+    gate = fit_gaussian(rgb_feature_array(autoencoder, train_images))
+    return calibrate(gate, distances(gate, rgb_feature_array(autoencoder, val_images)), cfg)
+
+
+def describe(gate: dict) -> str:
+    v = gate["validation"]
+    return (f"out-of-distribution threshold {gate['threshold']:.2f} (validation distances: median {v['median']:.2f}, "
+            f"max {v['max']:.2f}; {v['rejected']:.1%} of {v['count']} would be refused)")
+
+
+def recalibrate(run: Path, data: Path | None = None, progress: bool = True) -> dict:
+    """Fit a run's gate again on its training data (or `data`), with its split and config."""
+    from training.checkpoint import load_checkpoint, save_checkpoint
+    from training.data.aihub import scan
+    from training.data.labels import BATTERY_TYPES, CT_CLASSES, class_type
+    from training.data.split import read_split, split_dataset
+    from training.datasets import load_ct, load_rgb
+
+    model, info = load_checkpoint(run)
+    data = Path(data or info.get("data") or "")
+    if not data.is_dir():
+        raise SystemExit(f"error: no data folder to calibrate on ({data}); pass --data")
+    ds = scan(data, progress=progress)
+    same = Path(info.get("data", "")).resolve() == data.resolve() and (run / "split").exists()
+    assignment = read_split(run / "split") if same else split_dataset(ds, seed=info.get("config", {}).get("split_seed", 0))
+    cfg = info.get("config", {}).get("ood") or {}
+    if info["kind"] == "ct_classifier":
+        parts = {n: [r for r in ds.ct if assignment.get(r.battery_key) == n] for n in ("train", "val")}
+        norm = info["normalization"]
+        train, val = (load_ct(parts[n], info["input_size"], norm["mean"], norm["std"], progress=progress) for n in ("train", "val"))
+        groups = [BATTERY_TYPES.index(class_type(c)) for c in CT_CLASSES]
+        info["ood"] = fit_ct_gate(model, train, val, groups, cfg)
+    else:
+        train = load_rgb([r for r in ds.rgb if assignment.get(r.battery_key) == "train" and r.is_normal], info["input_size"],
+                         progress=progress)
+        val = load_rgb([r for r in ds.rgb if assignment.get(r.battery_key) == "val"], info["input_size"], progress=progress)
+        info["ood"] = fit_rgb_gate(model, train.images, val.images, cfg)
+    save_checkpoint(run, model, info)
+    return info["ood"]
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m training.ood", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("runs", type=Path, nargs="+", help="run folders (CT or RGB) whose out-of-distribution gate to fit again")
+    p.add_argument("--data", type=Path, help="data set (AI Hub layout; default: the data each run was trained on)")
+    p.add_argument("--quiet", action="store_true")
+    args = p.parse_args(argv)
+    for run in args.runs:
+        gate = recalibrate(run, args.data, progress=not args.quiet)
+        print(f"{run}: {describe(gate)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
