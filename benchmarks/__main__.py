@@ -1,4 +1,4 @@
-"""python -m benchmarks serving|decode|ood|int8|soak|gateway|synth ...
+"""python -m benchmarks serving|decode|ood|robustness|int8|soak|gateway|synth ...
 
 Cells are line-size by default (CT 4000 x 4000 with some 16-bit TIFF and DICOM slices,
 photos 1920 x 1080), generated once into build/bench_data/; each command's --help says more.
@@ -10,6 +10,9 @@ photos 1920 x 1080), generated once into build/bench_data/; each command's --hel
   ood       the out-of-distribution gate: false rejections of fresh test cells, and per kind
             of foreign input (photos, medical images, documents, noise, swapped inputs, an
             empty bench...) the share refused, with the AUROC of its score
+  robustness  acquisition drift (CT window and level, gamma, noise, blur, rings, JPEG,
+            rotation; photo exposure, white balance, blur, noise, JPEG, framing, background)
+            at three strengths: CT macro-F1, RGB AUROC and the gate's refusals
   int8      INT8 against FP32 for the CT classifier: throughput and macro-F1 on a test split
   soak      hours at 80% of saturation (failures, server memory growth), then a burst at 3x
   gateway   trigger-to-answer latency through the line gateway (simulated OPC UA PLC) at a line rate
@@ -35,6 +38,10 @@ def main() -> int:
         from benchmarks.ood import main as ood
 
         return ood(rest)
+    if command == "robustness":
+        from benchmarks.robustness import main as robustness
+
+        return robustness(rest)
     if command == "int8":
         from benchmarks.quantized import main as int8
 

@@ -21,7 +21,7 @@ import pytest
 import torch
 import tritonclient.grpc as grpcclient
 from PIL import Image
-from tiny_models import gap_threshold, make_ct_run, make_rgb_run
+from tiny_models import ct_gate, gap_threshold, make_ct_run, make_rgb_run, rgb_gate
 from tritonclient.utils import InferenceServerException
 
 from client.dataset import pair_cells
@@ -58,6 +58,7 @@ def _craft_runs(root, cells):
         bias[1] = bias[0] + 0.0
         bias[0] = bias[0] + boundary  # porosity wins where l1 - l0 > boundary
         bias[2:] -= 50.0
+    info["ood"] = ct_gate(model, ct_x, meta)  # every fixture cell is in distribution; noise is not
     save_checkpoint(ct_run, model, info)
     rgb_run = make_rgb_run(root / "rgb", size=SIZE, images=torch.from_numpy(rgb_x[:16]))
     pipeline = TorchPipeline([ct_run, rgb_run])
@@ -66,6 +67,7 @@ def _craft_runs(root, cells):
     model, info = load_checkpoint(rgb_run)
     threshold, _ = gap_threshold(scores)
     info["threshold"] = info["thresholds"]["f1"] = threshold
+    info["ood"] = rgb_gate(model, rgb_x)
     save_checkpoint(rgb_run, model, info)
     return ct_run, rgb_run
 
@@ -140,7 +142,8 @@ def test_every_ensemble_answers_real_encoded_images_batched_and_unbatched(servic
 def test_all_four_verdicts_occur_and_heatmaps_have_the_documented_shapes_and_ranges(service, client):
     results = client.inspect_many([c.load() for c in service["cells"]], concurrency=6)
     assert all(isinstance(r, Inspection) for r in results)
-    assert {r.verdict for r in results} == set(api.VERDICT_NAMES)
+    assert {r.verdict for r in results} == set(api.VERDICT_NAMES[: api.NOT_INSPECTABLE])  # every cell here is inspectable
+    assert all(r.ct_ood < 1 and r.rgb_ood < 1 and r.refusal == "" for r in results)
     for r in results:
         assert r.ct_cam.shape == (SIZE, SIZE) and r.rgb_error_map.shape == (SIZE, SIZE)
         assert 0.0 <= r.ct_cam.min() and r.ct_cam.max() <= 1.0 + 1e-6
@@ -152,6 +155,37 @@ def test_all_four_verdicts_occur_and_heatmaps_have_the_documented_shapes_and_ran
     stats = grpcclient.InferenceServerClient(service["url"]).get_inference_statistics(api.CT_CLASSIFIER, as_json=True)
     sizes = [int(b["batch_size"]) for b in stats["model_stats"][0]["batch_stats"]]
     assert max(sizes) > 1, sizes
+
+
+def _png(array: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(array).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def test_what_is_not_a_cell_is_refused_as_not_inspectable_with_the_input_named(service, reference, client):
+    rng = np.random.default_rng(0)
+    cell = service["cells"][0].load()
+    noise_ct = _png(rng.integers(0, 256, (96, 96), dtype=np.uint8))
+    noise_photo = _png(rng.integers(0, 256, (90, 160, 3), dtype=np.uint8))
+    cases = {"noise as the CT slice": (noise_ct, cell.rgb, "CT slice"), "noise as the photo": (cell.ct, noise_photo, "photo")}
+    pipeline, _ = reference
+    for what, (ct, rgb, refused) in cases.items():
+        r = client.inspect(ct, cell.meta, rgb, cell_id=what)
+        assert r.verdict == "not_inspectable" and r.verdict_code == 4 and not r.inspectable, (what, r.to_dict())
+        assert refused in r.refusal and r.flagged
+        score = r.ct_ood if refused == "CT slice" else r.rgb_ood
+        assert score >= 1.0 and r.confidence == pytest.approx(min(1.0, 0.6 + 0.4 * (max(r.ct_ood, r.rgb_ood) - 1.0)), abs=1e-5)
+        assert abs(sum(r.ct_probs.values()) - 1.0) < 1e-5 and r.ct_cam is not None  # what the models would have said is still there
+        expected = pipeline.run([ct], [cell.meta], [rgb])
+        assert int(expected[api.VERDICT][0, 0]) == 4
+        np.testing.assert_allclose([r.ct_ood, r.rgb_ood], [expected[api.CT_OOD][0, 0], expected[api.RGB_OOD][0, 0]], rtol=1e-4)
+    # the halves refuse on their own input
+    ct_only = _infer(service["url"], api.INSPECT_CT, {api.CT_IMAGE: np.array([[noise_ct]], dtype=object),
+                                                      api.CT_META: np.array([cell.meta], np.float32)})
+    assert ct_only.as_numpy(api.CT_OOD)[0, 0] >= 1.0
+    rgb_only = _infer(service["url"], api.INSPECT_RGB, {api.RGB_IMAGE: np.array([[noise_photo]], dtype=object)})
+    assert rgb_only.as_numpy(api.RGB_OOD)[0, 0] >= 1.0
 
 
 def test_triton_gives_the_verdicts_of_the_in_process_pytorch_pipeline_over_200_cells(service, reference, client):
@@ -169,6 +203,7 @@ def test_triton_gives_the_verdicts_of_the_in_process_pytorch_pipeline_over_200_c
     np.testing.assert_allclose([r.rgb_score for r in results], expected[api.RGB_SCORE][:, 0], atol=1e-4)
     np.testing.assert_allclose([r.confidence for r in results], expected[api.CONFIDENCE][:, 0], atol=1e-4)
     np.testing.assert_allclose(np.stack([r.ct_cam for r in results]), expected[api.CT_CAM], atol=1e-3)
+    np.testing.assert_allclose([[r.ct_ood, r.rgb_ood] for r in results], np.c_[expected[api.CT_OOD], expected[api.RGB_OOD]], atol=1e-4)
 
 
 def test_the_asyncio_client_gives_the_same_answers_in_order(service, client):

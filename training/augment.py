@@ -93,3 +93,53 @@ def synthetic_anomalies(x: torch.Tensor, cfg: dict, gen: torch.Generator, with_m
     if with_mask:
         return out, ((out - x).abs().amax(dim=1, keepdim=True) > VISIBLE_CHANGE).to(x.dtype)
     return out
+
+
+def _gaussian_blur(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+    """Each sample of (B, C, H, W) blurred with its own sigma (pixels; 0 leaves it as it is)."""
+    radius = max(1, int(math.ceil(3 * float(sigma.max()))))
+    coords = torch.arange(-radius, radius + 1, dtype=x.dtype)
+    s = sigma.clamp(min=1e-3).to(x.dtype)[:, None]
+    k = torch.exp(-(coords[None] ** 2) / (2 * s**2))
+    k = torch.where(sigma[:, None] > 0, k / k.sum(1, keepdim=True), (coords[None] == 0).to(x.dtype))  # (B, K)
+    b, c, h, w = x.shape
+    y = F.pad(x.reshape(1, b * c, h, w), [radius] * 4, mode="replicate")
+    kernel = k.repeat_interleave(c, 0)
+    y = F.conv2d(y, kernel[:, None, None, :], groups=b * c)
+    y = F.conv2d(y, kernel[:, None, :, None], groups=b * c)
+    return y.reshape(b, c, h, w)
+
+
+def acquisition(x: torch.Tensor, cfg: dict | None, gen: torch.Generator, mean: float = 0.0, std: float = 1.0) -> torch.Tensor:
+    """Random acquisition changes, as a station drifts over months, on (B, C, H, W) images that
+    are `(pixels in 0..1 - mean) / std`: gain and offset (CT window and level, exposure), gamma,
+    per-channel gain (white balance; photos), blur (focus, reconstruction filter) and noise.
+
+    cfg (each optional): probability, gain [lo, hi], offset (+-), gamma [lo, hi],
+    channel_gain (+-), blur (max sigma in pixels), noise (max sigma, 0..1 scale).
+    """
+    if not cfg or not cfg.get("probability"):
+        return x
+    b, c = x.shape[:2]
+    v = x * std + mean
+
+    def uniform(lo: float, hi: float, *shape) -> torch.Tensor:
+        return lo + (hi - lo) * torch.rand(b, *shape, generator=gen)
+
+    on = (torch.rand(b, generator=gen) < cfg["probability"]).to(x.dtype)[:, None, None, None]
+    out = v
+    if "gain" in cfg or "offset" in cfg:
+        lo, hi = cfg.get("gain", [1.0, 1.0])
+        out = (out - 0.5) * uniform(lo, hi, 1, 1, 1) + 0.5 + uniform(-1, 1, 1, 1, 1) * cfg.get("offset", 0.0)
+    if "channel_gain" in cfg and c > 1:
+        out = out * (1 + uniform(-1, 1, c, 1, 1) * cfg["channel_gain"])
+    if "gamma" in cfg:
+        lo, hi = cfg["gamma"]
+        out = out.clamp(0, 1) ** uniform(lo, hi, 1, 1, 1)
+    if cfg.get("blur"):
+        sigma = uniform(0, cfg["blur"]) * (torch.rand(b, generator=gen) < 0.5)
+        out = _gaussian_blur(out, sigma)
+    if cfg.get("noise"):
+        out = out + torch.randn(out.shape, generator=gen) * uniform(0, cfg["noise"], 1, 1, 1)
+    out = out.clamp(0, 1)
+    return ((on * out + (1 - on) * v) - mean) / std

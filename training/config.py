@@ -26,6 +26,8 @@ DEFAULTS = {
         "scheduler": dict(_SCHED),
         "loss": {"focal_gamma": 2.0, "label_smoothing": 0.05, "class_weights": "balanced"},
         "augment": {"hflip": True, "vflip": True, "rot90": False, "affine": {"degrees": 8.0, "scale": [0.92, 1.08], "translate": 0.04}},
+        # random acquisition drift in training (training/augment.py `acquisition`; probability 0: none)
+        "acquisition": {"probability": 0.0},
         "weighted_sampling": False,
         # Weight of the training-only defect-map loss (0: train on slice labels alone).
         "defect_map_weight": 1.0,
@@ -48,6 +50,7 @@ DEFAULTS = {
         # segment_weight: the segmentation head's focal loss (only with model.segment > 0)
         "loss": {"ssim_weight": 0.5, "segment_weight": 1.0},
         "augment": {"hflip": True},
+        "acquisition": {"probability": 0.0},
         # Random blemishes painted on the input, clean image as the target (0: plain autoencoder).
         "anomalies": {"probability": 0.5, "max_blobs": 2, "radius": [0.03, 0.12]},
         "early_stopping": {"patience": 8},
@@ -63,7 +66,8 @@ DEFAULTS = {
 }
 
 # Sub-dictionaries whose keys are free (passed through as keyword arguments).
-_FREE = {("ct", "model"), ("rgb", "model"), ("ct", "augment", "affine"), ("data", "visibility")}
+_FREE = {("ct", "model"), ("rgb", "model"), ("ct", "augment", "affine"), ("data", "visibility"), ("ct", "acquisition"),
+         ("rgb", "acquisition")}
 
 
 def _merge(base: dict, override: dict, path: tuple = ()) -> dict:

@@ -45,6 +45,7 @@ from training.metrics import (  # noqa: E402
     softmax,
 )
 from training.models.autoencoder import scorer_from  # noqa: E402
+from training.ood import ct_feature_array, distances, rgb_feature_array  # noqa: E402
 from training.train import ct_logits, rgb_scores  # noqa: E402
 
 DEFECT_IDX = [CT_CLASSES.index(c) for c in CT_DEFECT_CLASSES]
@@ -114,6 +115,11 @@ def evaluate_ct(model, info: dict, records, out_png: Path, progress: bool = True
     }
     roc = [v for v in result["roc_auc_ovr"].values() if v is not None]
     result["roc_auc_macro"] = float(np.mean(roc)) if roc else None
+    if info.get("ood"):  # the gate as served: a refused slice counts as an error
+        refused = distances(info["ood"], ct_feature_array(model, arrays.images, arrays.meta), arrays.meta[:, 0]) >= info["ood"]["threshold"]
+        gated = np.where(refused, -1, pred)
+        result["gate"] = {"refused": float(refused.mean()), "refused_count": int(refused.sum()),
+                          "macro_f1_refusals_as_errors": macro_f1(y, gated, n), "accuracy_refusals_as_errors": float((gated == y).mean())}
     fig, ax = plt.subplots(figsize=(6.5, 5.5))
     norm = cm / np.maximum(cm.sum(axis=1, keepdims=True), 1)
     ax.imshow(norm, cmap="Blues", vmin=0, vmax=1)
@@ -160,6 +166,11 @@ def evaluate_rgb(model, info: dict, records, out_png: Path, progress: bool = Tru
         "flat_mean_colour_mse_normal": flat_mse,
         "score_definition": info["score"],
     }
+    if info.get("ood"):  # the gate as served: a refused photo counts as an error (a miss or a false alarm)
+        refused = distances(info["ood"], rgb_feature_array(model, images)) >= info["ood"]["threshold"]
+        worst = np.where(labels, scores.min() - 1.0, scores.max() + 1.0)
+        result["gate"] = {"refused": float(refused.mean()), "refused_count": int(refused.sum()),
+                          "image_roc_auc_refusals_as_errors": binary_auc(labels, np.where(refused, worst, scores))}
     _recon_preview(images, recon, maps, masks, labels, scores, out_png)
     return result
 
@@ -222,6 +233,10 @@ def summary(result: dict) -> str:
                   f"{result['best_possible_macro_f1']:.4f}",
                   f"  per battery ({result['per_battery']['batteries']}): accuracy {result['per_battery']['accuracy']:.4f}  "
                   f"macro-F1 {result['per_battery']['macro_f1']:.4f}"]
+        if "gate" in result:
+            g = result["gate"]
+            lines.append(f"  out-of-distribution gate: {g['refused_count']} of {result['slices']} slices refused ({g['refused']:.1%}); "
+                         f"macro-F1 counting them as errors {g['macro_f1_refusals_as_errors']:.4f}")
         return "\n".join(lines)
     t = result["thresholds_applied"]
     lines = [f"RGB {result['split']}: {result['photos']} photos ({result['anomalous']} defective)  image ROC-AUC "
@@ -230,6 +245,10 @@ def summary(result: dict) -> str:
              f"  reconstruction MSE {result['reconstruction_mse_normal']:.5f} vs flat mean colour {result['flat_mean_colour_mse_normal']:.5f}"]
     for name, m in t.items():
         lines.append(f"  threshold {name} = {m['threshold']:.6f}: F1 {m['f1']:.4f}  precision {m['precision']:.4f}  recall {m['recall']:.4f}")
+    if "gate" in result:
+        g = result["gate"]
+        lines.append(f"  out-of-distribution gate: {g['refused_count']} of {result['photos']} photos refused ({g['refused']:.1%}); "
+                     f"image ROC-AUC counting them as errors {g['image_roc_auc_refusals_as_errors'] or float('nan'):.4f}")
     return "\n".join(lines)
 
 

@@ -23,7 +23,7 @@ from torch import nn
 from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
-from training.augment import augment, synthetic_anomalies
+from training.augment import acquisition, augment, synthetic_anomalies
 from training.checkpoint import save_checkpoint
 from training.config import load_config
 from training.data.aihub import Dataset, scan
@@ -258,7 +258,9 @@ def train_ct(data: Path, cfg: dict, run: Path, splits: Path | None = None, progr
         x = torch.from_numpy(train.images[idx].astype(np.float32))
         if train.masks is not None:  # image and defect mask go through the same random flips and warps
             x = torch.cat([x, torch.from_numpy(train.masks[idx]).float()[:, None]], 1)
-        x = augment(x, c["augment"], gen, fill=torch.tensor([fill, 0.0][: x.shape[1]]).view(1, -1, 1, 1)).to(device)
+        x = augment(x, c["augment"], gen, fill=torch.tensor([fill, 0.0][: x.shape[1]]).view(1, -1, 1, 1))
+        x[:, :1] = acquisition(x[:, :1], c["acquisition"], gen, CT_MEAN, CT_STD)  # the slice, not its defect mask
+        x = x.to(device)
         loss = loss_fn(model(x[:, :1], torch.from_numpy(train.meta[idx]).to(device)), torch.from_numpy(train.labels[idx]).to(device))
         return loss if train.masks is None else loss + defect_map.loss(x[:, 1:])
 
@@ -355,7 +357,7 @@ def train_rgb(data: Path, cfg: dict, run: Path, splits: Path | None = None, prog
         return loss
 
     def batch_loss(idx):
-        x = augment(torch.from_numpy(train.images[idx].astype(np.float32)), c["augment"], gen)
+        x = acquisition(augment(torch.from_numpy(train.images[idx].astype(np.float32)), c["augment"], gen), c["acquisition"], gen)
         blemished, mask = synthetic_anomalies(x, c["anomalies"], gen, with_mask=True)  # denoising: clean target
         return rgb_loss(x.to(device), blemished.to(device), mask.to(device))
 
