@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from training.models.autoencoder import scorer_from
-from training.ood import GaussianGate, ct_gate_features, rgb_features
+from training.ood import CT_FEATURES, RGB_FEATURES, GaussianGate, ct_gate_features, rgb_features
 
 CAM_EPS = 1e-7  # pytorch-grad-cam's scale_cam_image adds the same to the max
 
@@ -40,8 +40,13 @@ def _head_layers(head: nn.Module) -> tuple[nn.Linear, nn.BatchNorm1d, nn.Linear]
     return layers[0], layers[1], layers[4]
 
 
-def _gate(gate: dict | None) -> nn.Module | None:
-    return GaussianGate(gate) if gate else None
+def _gate(gate: dict | None, features: str) -> nn.Module | None:
+    if not gate:
+        return None
+    if gate.get("features") != features:
+        raise ValueError(f"the checkpoint's out-of-distribution gate was fitted on features {gate.get('features')!r}, "
+                         f"this version computes {features!r}: refit it with 'python -m training.ood RUN'")
+    return GaussianGate(gate)
 
 
 class CTInference(nn.Module):
@@ -49,7 +54,7 @@ class CTInference(nn.Module):
 
     def __init__(self, classifier: nn.Module, temperature: float = 1.0, gate: dict | None = None):
         super().__init__()
-        self.gate = _gate(gate)
+        self.gate = _gate(gate, CT_FEATURES)
         if not hasattr(classifier, "feature_maps"):
             raise ValueError(f"{type(classifier).__name__} has no feature_maps(); it cannot be exported with Grad-CAM")
         self.classifier = classifier.eval()
@@ -87,11 +92,11 @@ class RGBInference(nn.Module):
     def __init__(self, autoencoder: nn.Module, score: dict, gate: dict | None = None):
         super().__init__()
         self.scorer = scorer_from(autoencoder.eval(), score).eval()
-        self.gate = _gate(gate)
+        self.gate = _gate(gate, RGB_FEATURES)
 
     def forward(self, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         score, emap, recon, maps = self.scorer.score_with_features(image)
-        ood = self.gate(rgb_features(image, recon, maps)) if self.gate is not None else torch.zeros_like(score)
+        ood = self.gate(rgb_features(image, recon, maps, emap)) if self.gate is not None else torch.zeros_like(score)
         return score[:, None], emap, ood[:, None]
 
 

@@ -19,14 +19,14 @@ def probs(top: str, p: float = 0.7) -> np.ndarray:
     return out
 
 
-def test_the_four_verdicts_follow_the_table():
+def test_the_verdicts_follow_the_table():
     d = decide(rule(), np.stack([probs("cell_normal"), probs("cell_porosity"), probs("module_normal"), probs("module_resin_overflow")]),
                np.array([0.1, 0.1, 0.3, 0.3]))
     assert d.names == ["normal", "internal_defect", "external_defect", "combined_defect"]
     assert d.verdict.tolist() == [0, 1, 2, 3] and d.verdict.dtype == np.int32
     assert d.ct_defective.tolist() == [False, True, False, True]
     assert d.rgb_anomalous.tolist() == [False, False, True, True]
-    assert VERDICT_NAMES == ("normal", "internal_defect", "external_defect", "combined_defect")
+    assert VERDICT_NAMES == ("normal", "internal_defect", "external_defect", "combined_defect", "not_inspectable")
 
 
 def test_a_score_equal_to_the_threshold_is_not_anomalous():

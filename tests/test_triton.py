@@ -67,7 +67,7 @@ def _craft_runs(root, cells):
     model, info = load_checkpoint(rgb_run)
     threshold, _ = gap_threshold(scores)
     info["threshold"] = info["thresholds"]["f1"] = threshold
-    info["ood"] = rgb_gate(model, rgb_x)
+    info["ood"] = rgb_gate(model, rgb_x, info["score"])
     save_checkpoint(rgb_run, model, info)
     return ct_run, rgb_run
 

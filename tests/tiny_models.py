@@ -9,7 +9,7 @@ import torch
 from training.checkpoint import save_checkpoint
 from training.data.labels import BATTERY_TYPES, CT_CLASSES, SLICE_AXES
 from training.models import create_model
-from training.ood import calibrate, ct_feature_array, distances, fit_gaussian, rgb_feature_array
+from training.ood import CT_FEATURES, RGB_FEATURES, calibrate, ct_feature_array, distances, fit_gaussian, rgb_feature_array
 from training.preprocess import CT_MEAN, CT_STD
 
 CLASS_GROUPS = [BATTERY_TYPES.index(name.split("_", 1)[0]) for name in CT_CLASSES]
@@ -21,13 +21,17 @@ def ct_gate(model, images, meta) -> dict:
     images, meta = np.asarray(images, np.float32), np.asarray(meta, np.float32)
     labels = np.where(meta[:, 0] == 0, CT_CLASSES.index("cell_normal"), CT_CLASSES.index("module_normal"))
     features = ct_feature_array(model, images, meta)
-    gate = fit_gaussian(features, labels, len(CT_CLASSES)) | {"class_groups": CLASS_GROUPS}
+    gate = fit_gaussian(features, labels, len(CT_CLASSES)) | {"class_groups": CLASS_GROUPS, "features": CT_FEATURES}
     return calibrate(gate, distances(gate, features, meta[:, 0]), {"quantile": 1.0, "margin": 1.5})
 
 
-def rgb_gate(model, images) -> dict:
-    features = rgb_feature_array(model, np.asarray(images, np.float32))
-    gate = fit_gaussian(features)
+def rgb_gate(model, images, score: dict | None = None) -> dict:
+    from training.models.autoencoder import scorer_from
+
+    score = score or (RGB_SCORE if getattr(model, "segmenter", None) is not None else
+                      {"error": "squared_error_channel_mean", "smooth_sigma": 1.5, "top_fraction": 0.01, "border": 0.06})
+    features = rgb_feature_array(scorer_from(model, score), np.asarray(images, np.float32))
+    gate = fit_gaussian(features) | {"features": RGB_FEATURES}
     return calibrate(gate, distances(gate, features), {"quantile": 1.0, "margin": 1.5})
 
 CT_ARGS = {"hidden": 32, "dropout": 0.2, "pool": "max"}
@@ -96,7 +100,7 @@ def make_rgb_run(run: Path, size: int = 64, seed: int = 0, threshold: float = 0.
                                                {"error": "squared_error_channel_mean", "smooth_sigma": 1.5, "top_fraction": 0.01,
                                                 "border": 0.06}), threshold)
     if gate:
-        info["ood"] = rgb_gate(model, images)
+        info["ood"] = rgb_gate(model, images, info["score"])
     save_checkpoint(run, model, info)
     return Path(run)
 

@@ -167,7 +167,7 @@ def evaluate_rgb(model, info: dict, records, out_png: Path, progress: bool = Tru
         "score_definition": info["score"],
     }
     if info.get("ood"):  # the gate as served: a refused photo counts as an error (a miss or a false alarm)
-        refused = distances(info["ood"], rgb_feature_array(model, images)) >= info["ood"]["threshold"]
+        refused = distances(info["ood"], rgb_feature_array(scorer, images)) >= info["ood"]["threshold"]
         worst = np.where(labels, scores.min() - 1.0, scores.max() + 1.0)
         result["gate"] = {"refused": float(refused.mean()), "refused_count": int(refused.sum()),
                           "image_roc_auc_refusals_as_errors": binary_auc(labels, np.where(refused, worst, scores))}

@@ -14,10 +14,11 @@ few hundred training images suffice for hundreds of dimensions:
 - CT: the classifier's pooled features. The distance is to the nearest class mean among
   the classes of the battery type the metadata names, so a module slice labelled as a
   cell (or the reverse) lies far from every class it may be.
-- RGB: the autoencoder's bottleneck code (mean and spread over the image), the photo's
-  own colour statistics (the autoencoder centres colour away) and the log of its mean
-  reconstruction error; one Gaussian of normal training photos. Defects are local and
-  move these little; a photo of something else moves them all.
+- RGB: the autoencoder's encoder stages and bottleneck code (mean and spread over the
+  image), the photo's own colour statistics (the autoencoder centres colour away), the log
+  of its mean reconstruction error and the error map's mean, spread and hot share; one
+  Gaussian of normal training photos. Defects are local and move these little; a photo of
+  something else moves them all.
 
 Features are standardised by their spread within the training classes; a dimension that
 never varied in training gets a twentieth of the median spread, so a feature that only
@@ -38,7 +39,10 @@ import numpy as np
 import torch
 from torch import nn
 
-GATE_DEFAULTS = {"quantile": 0.995, "margin": 1.3}
+GATE_DEFAULTS = {"quantile": 0.995, "margin": 1.2}
+# What each gate reads; a gate fitted on other features cannot be used (refit it: python -m training.ood RUN)
+CT_FEATURES = "ct/pooled+mean+border/1"
+RGB_FEATURES = "rgb/stages+colour+border+error+error-map/1"
 LOG_ERROR_EPS = 1e-6
 
 
@@ -146,13 +150,18 @@ def ct_features(classifier: nn.Module, image: torch.Tensor, meta: torch.Tensor) 
     return ct_gate_features(fmap, classifier.pool(fmap).flatten(1), image)
 
 
-def rgb_features(image: torch.Tensor, recon: torch.Tensor, maps: list[torch.Tensor]) -> torch.Tensor:
+def rgb_features(image: torch.Tensor, recon: torch.Tensor, maps: list[torch.Tensor], error_map: torch.Tensor) -> torch.Tensor:
     """The mean and spread of every encoder stage and of the bottleneck code, the photo's colour
-    mean and spread, and the log of the mean squared reconstruction error."""
+    mean, spread and border contrast, the log of the mean squared reconstruction error, and the
+    error map's mean, spread and share above 0.5 (a defect lights a small part of it, a foreign
+    photo much of it)."""
     error = (image - recon).pow(2).mean(dim=(1, 2, 3))
     stats = [t for m in maps for t in (m.mean(dim=(2, 3)), m.std(dim=(2, 3)))]
+    emap = error_map
     return torch.cat(stats + [image.mean(dim=(2, 3)), image.std(dim=(2, 3)), border_contrast(image),
-                              torch.log(error + LOG_ERROR_EPS)[:, None]], dim=1)
+                              torch.log(error + LOG_ERROR_EPS)[:, None], emap.mean(dim=(1, 2))[:, None], emap.std(dim=(1, 2))[:, None],
+                              torch.log(emap.mean(dim=(1, 2)) + LOG_ERROR_EPS)[:, None], (emap > 0.5).to(emap.dtype).mean(dim=(1, 2))[:, None]],
+                     dim=1)
 
 
 @torch.no_grad()
@@ -164,13 +173,14 @@ def ct_feature_array(classifier: nn.Module, images: np.ndarray, meta: np.ndarray
 
 
 @torch.no_grad()
-def rgb_feature_array(autoencoder: nn.Module, images: np.ndarray, batch_size: int = 32) -> np.ndarray:
-    autoencoder.eval()
+def rgb_feature_array(scorer: nn.Module, images: np.ndarray, batch_size: int = 32) -> np.ndarray:
+    """`rgb_features` of images (N, 3, S, S) through an `AnomalyScorer` (the checkpoint's score definition)."""
+    scorer.eval()
     out = []
     for i in range(0, len(images), batch_size):
         x = torch.from_numpy(images[i : i + batch_size].astype(np.float32))
-        recon, maps = autoencoder.reconstruct(x)
-        out.append(rgb_features(x, recon, maps).numpy())
+        _, emap, recon, maps = scorer.score_with_features(x)
+        out.append(rgb_features(x, recon, maps, emap).numpy())
     return np.concatenate(out) if out else np.zeros((0, 0), np.float32)
 
 
@@ -179,14 +189,15 @@ def fit_ct_gate(classifier: nn.Module, train, val, class_groups: list[int], cfg:
 
     `train` and `val` are `training.datasets.CTArrays`; `class_groups[k]` is the battery type of class k."""
     gate = fit_gaussian(ct_feature_array(classifier, train.images, train.meta), train.labels, len(class_groups))
-    gate["class_groups"] = list(class_groups)
+    gate |= {"class_groups": list(class_groups), "features": CT_FEATURES}
     return calibrate(gate, distances(gate, ct_feature_array(classifier, val.images, val.meta), val.meta[:, 0]), cfg)
 
 
-def fit_rgb_gate(autoencoder: nn.Module, train_images: np.ndarray, val_images: np.ndarray, cfg: dict) -> dict:
-    """The RGB gate from normal training photos and all validation photos (threshold)."""
-    gate = fit_gaussian(rgb_feature_array(autoencoder, train_images))
-    return calibrate(gate, distances(gate, rgb_feature_array(autoencoder, val_images)), cfg)
+def fit_rgb_gate(scorer: nn.Module, train_images: np.ndarray, val_images: np.ndarray, cfg: dict) -> dict:
+    """The RGB gate from normal training photos and all validation photos (threshold); `scorer` is
+    the checkpoint's `AnomalyScorer`."""
+    gate = fit_gaussian(rgb_feature_array(scorer, train_images)) | {"features": RGB_FEATURES}
+    return calibrate(gate, distances(gate, rgb_feature_array(scorer, val_images)), cfg)
 
 
 def describe(gate: dict) -> str:
@@ -202,6 +213,7 @@ def recalibrate(run: Path, data: Path | None = None, progress: bool = True) -> d
     from training.data.labels import BATTERY_TYPES, CT_CLASSES, class_type
     from training.data.split import read_split, split_dataset
     from training.datasets import load_ct, load_rgb
+    from training.models.autoencoder import scorer_from
 
     model, info = load_checkpoint(run)
     data = Path(data or info.get("data") or "")
@@ -221,7 +233,7 @@ def recalibrate(run: Path, data: Path | None = None, progress: bool = True) -> d
         train = load_rgb([r for r in ds.rgb if assignment.get(r.battery_key) == "train" and r.is_normal], info["input_size"],
                          progress=progress)
         val = load_rgb([r for r in ds.rgb if assignment.get(r.battery_key) == "val"], info["input_size"], progress=progress)
-        info["ood"] = fit_rgb_gate(model, train.images, val.images, cfg)
+        info["ood"] = fit_rgb_gate(scorer_from(model, info["score"]), train.images, val.images, cfg)
     save_checkpoint(run, model, info)
     return info["ood"]
 

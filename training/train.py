@@ -395,7 +395,7 @@ def train_rgb(data: Path, cfg: dict, run: Path, splits: Path | None = None, prog
     best = stopper.best_value
     scorer.cpu().eval()  # wraps the model, now holding its best weights
     scores, _ = rgb_scores(scorer, val.images)
-    gate = fit_rgb_gate(model, train.images, val.images, c["ood"])
+    gate = fit_rgb_gate(scorer, train.images, val.images, c["ood"])
     if progress:
         print(f"rgb {describe(gate)}")
     thresholds = {}
