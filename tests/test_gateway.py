@@ -18,8 +18,11 @@ import urllib.request
 from collections import Counter
 from pathlib import Path
 
+import numpy as np
 import pytest
+import torch
 import yaml
+from PIL import Image
 from tcp_proxy import TcpProxy
 from tiny_models import make_ct_run, make_rgb_run
 
@@ -32,6 +35,7 @@ from client.gateway.simulator import PlcSimulator, run_line
 from client.service import InspectionClient
 from export.repository import build_repository
 from export.server import Ports, TritonServer, free_ports
+from training.preprocess import encoded_ct_input
 
 ERROR = -1
 
@@ -39,7 +43,12 @@ ERROR = -1
 @pytest.fixture(scope="module")
 def service(tmp_path_factory, small_dataset):
     root = tmp_path_factory.mktemp("gateway")
-    runs = [make_ct_run(root / "ct", size=64), make_rgb_run(root / "rgb", size=64, threshold=0.05)]
+    every, _ = pair_cells(small_dataset[0], progress=False)
+    ct_x = np.stack([encoded_ct_input(c.ct_path.read_bytes(), 64)[0] for c in every])
+    meta = np.array([c.meta for c in every], np.float32)
+    # an out-of-distribution gate calibrated on the data set's cells: they pass, noise does not
+    runs = [make_ct_run(root / "ct", size=64, images=torch.from_numpy(ct_x), meta=torch.from_numpy(meta), gate=True),
+            make_rgb_run(root / "rgb", size=64, threshold=0.05)]
     repo = root / "model_repository"
     build_repository(runs, "python-ort", repo, progress=lambda *_: None)
     server = TritonServer(repo, Ports(*free_ports(3)), log_path=root / "tritonserver.log")
@@ -131,13 +140,15 @@ def test_normal_flow_gives_each_cell_the_services_verdict_once_and_refused_cells
     before = {s: _value(metrics.TRIGGERS, s) for s in ("s1", "s2")}
 
     (tmp_path / "not-an-image.png").write_bytes(b"these bytes are no image")
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (96, 96), dtype=np.uint8)).save(tmp_path / "noise.png")
 
     async def body(sim, cfg):
         n = await run_line(sim, _sent(cells), rate=20)
         await sim.send("s1", "broken-ct", str(tmp_path / "not-an-image.png"), str(cells[0].rgb_path), (0, 2))
         await sim.send("s2", "missing", str(tmp_path / "nowhere.png"), str(cells[0].rgb_path), (0, 2))
         await sim.send("s1", "", str(cells[0].ct_path), str(cells[0].rgb_path), (0, 2))  # no cell id
-        results = await sim.wait_for(n + 3, timeout=60)
+        await sim.send("s2", "noise-ct", str(tmp_path / "noise.png"), str(cells[0].rgb_path), (0, 2))  # not a cell
+        results = await sim.wait_for(n + 4, timeout=60)
         await _until(lambda: _waiting_explanation(tmp_path / "outbox.sqlite") == 0, timeout=60)
         return results
 
@@ -151,13 +162,15 @@ def test_normal_flow_gives_each_cell_the_services_verdict_once_and_refused_cells
     assert bad["missing"].verdict == ERROR and "cannot read" in bad["missing"].error and "nowhere.png" in bad["missing"].error
     unnamed = [r for r in bad.values() if r.cell_id.startswith("unnamed-")]
     assert len(unnamed) == 1 and unnamed[0].verdict == ERROR and unnamed[0].error == "empty CellId"
-    assert sum(_value(metrics.TRIGGERS, s) - before[s] for s in ("s1", "s2")) == len(cells) + 3
+    # not a cell: verdict 4 on the PLC, the reason in Error
+    assert bad["noise-ct"].verdict == 4 and "CT slice out of distribution" in bad["noise-ct"].error, bad["noise-ct"]
+    assert sum(_value(metrics.TRIGGERS, s) - before[s] for s in ("s1", "s2")) == len(cells) + 4
     outbox = Outbox(tmp_path / "outbox.sqlite")
-    assert outbox.depth() == {"pending": 0, "answered": 0, "writing": 0, "written": len(cells) + 3}
+    assert outbox.depth() == {"pending": 0, "answered": 0, "writing": 0, "written": len(cells) + 4}
     # flagged cells were explained off the PLC's path: a report each, with the service's heatmaps
     index = json.loads((tmp_path / "explain" / "index.json").read_text())
-    flagged = {r.cell_id for r in good if r.verdict != 0}
-    assert flagged and {e["cell_id"] for e in index["entries"]} == flagged
+    flagged = {r.cell_id for r in good if r.verdict != 0} | {"noise-ct"}
+    assert {e["cell_id"] for e in index["entries"]} == flagged
     for entry in index["entries"]:
         assert set(entry["parts"].values()) == {"ok"}, entry
         report = json.loads((tmp_path / "explain" / entry["json"]).read_text())
