@@ -164,6 +164,10 @@ def inspect_page(cfg: dict) -> None:
         c.metric("RGB anomaly score", f"{r['rgb_score']:.4f}",
                  delta=f"{'above' if r['rgb_anomalous'] else 'below'} threshold {r['rgb_threshold']:.4f}",
                  delta_color="inverse" if r["rgb_anomalous"] else "normal")
+        if r.get("refusal"):
+            st.warning(f"Not inspectable: {r['refusal']}. Send the cell to a person; below is what the models would have said.")
+        st.caption(f"Out-of-distribution scores (1.0 or more: not inspectable): CT {r.get('ct_ood', 0.0):.2f}, "
+                   f"photo {r.get('rgb_ood', 0.0):.2f}")
         st.dataframe({"CT class": list(r["ct_probs"]), "probability": [round(p, 4) for p in r["ct_probs"].values()]},
                      hide_index=True)
         show_parts(shown["report"])
@@ -204,6 +208,7 @@ def review_page(cfg: dict) -> None:
             done = reviews.get(cell)
             st.markdown(f"**{cell}**: {r['verdict']} (confidence {r['confidence']:.3f}); CT {r['ct_class']}, "
                         f"RGB score {r['rgb_score']:.4f} vs {r['rgb_threshold']:.4f}"
+                        + (f" · **not inspectable**: {r['refusal']}" if r.get("refusal") else "")
                         + (f" · reviewed: **{done.decision.replace('_', ' ')}**" if done else ""))
             report = run.reports.get(cell)
             if report and report.exists():
