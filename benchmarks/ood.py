@@ -251,7 +251,7 @@ def _auroc(inside: np.ndarray, outside: np.ndarray) -> float | None:
     return binary_auc(np.r_[np.zeros(len(inside), bool), np.ones(len(outside), bool)], scores)
 
 
-def evaluate(runs, data: Path, progress: bool = True, limit: int | None = None) -> dict:
+def evaluate(runs, data: Path, progress: bool = True, limit: int | None = None, inputs=("ct", "rgb")) -> dict:
     from tqdm import tqdm
 
     from client.dataset import pair_cells
@@ -266,6 +266,10 @@ def evaluate(runs, data: Path, progress: bool = True, limit: int | None = None) 
     rgb_in = scorer.rgb([c.rgb_path.read_bytes() for c in tqdm(cells, desc="test photos", disable=not progress)])
     ct_in = np.array([np.inf if v is None else v for v in ct_in])
     rgb_in = np.array([np.inf if v is None else v for v in rgb_in])
+    if "ct" not in inputs:
+        ct_in = np.zeros_like(ct_in)
+    if "rgb" not in inputs:
+        rgb_in = np.zeros_like(rgb_in)
     refused = (ct_in >= 1) | (rgb_in >= 1)
     inside = {"cells": len(cells), "false_rejection": float(refused.mean()), "ct_false_rejection": float((ct_in >= 1).mean()),
               "rgb_false_rejection": float((rgb_in >= 1).mean()), "ct_median": float(np.median(ct_in)), "rgb_median": float(np.median(rgb_in)),
@@ -292,6 +296,7 @@ def evaluate(runs, data: Path, progress: bool = True, limit: int | None = None) 
     kinds.append(("meta_swap", "ct", [(c.cell_id, c.ct_path.read_bytes(), (1.0 - c.meta[0], c.meta[1])) for c in sample]))
     kinds.append(("empty_bench", "rgb", [(n, b, None) for n, b in empty_benches(len(sample), photo_size)]))
 
+    kinds = [k for k in kinds if k[1] in inputs]
     rows = []
     for kind, side, items in tqdm(kinds, desc="out-of-distribution kinds", unit="kind", disable=not progress):
         scores = scorer.ct([(b, m) for _, b, m in items]) if side == "ct" else scorer.rgb([b for _, b, _ in items])
@@ -335,6 +340,7 @@ def main(argv=None) -> int:
     p.add_argument("--runs", type=Path, nargs="+", help="CT and RGB runs, or a preset folder (default runs/standard, else runs/quick)")
     p.add_argument("--data", type=Path, help="fresh test data in the AI Hub layout (default: the preset's test set from its summary.json)")
     p.add_argument("--limit", type=int, help="use only the first N test cells")
+    p.add_argument("--inputs", choices=["ct", "rgb", "both"], default="both", help="which input's gate to measure (default both)")
     p.add_argument("--out", type=Path, default=Path("benchmarks/results"), help="results folder (default benchmarks/results)")
     p.add_argument("--quiet", action="store_true")
     args = p.parse_args(argv)
@@ -342,7 +348,8 @@ def main(argv=None) -> int:
     runs, data = args.runs or runs, args.data or data
     if data is None or not Path(data).is_dir():
         p.error("no test data: pass --data (a fresh test set, e.g. data/quick_test from 'python -m training.preset quick')")
-    result = evaluate(runs, Path(data), progress=not args.quiet, limit=args.limit)
+    result = evaluate(runs, Path(data), progress=not args.quiet, limit=args.limit,
+                      inputs=("ct", "rgb") if args.inputs == "both" else (args.inputs,))
     text = markdown(result)
     print("\n" + text)
     print(f"\n{'all targets met' if result['met'] else 'TARGET MISSED'}: false rejection <= {FALSE_REJECTION_TARGET:.0%}, "

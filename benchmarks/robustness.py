@@ -136,7 +136,7 @@ def _ct_pixels(path: Path) -> np.ndarray:
     return a / 257.0 if a.max() > 255 else a
 
 
-def evaluate(runs, data: Path, progress: bool = True, limit: int | None = None, seed: int = 0) -> dict:
+def evaluate(runs, data: Path, progress: bool = True, limit: int | None = None, seed: int = 0, inputs=("ct", "rgb")) -> dict:
     import torch
     from tqdm import tqdm
 
@@ -180,12 +180,15 @@ def evaluate(runs, data: Path, progress: bool = True, limit: int | None = None, 
                 ood.append(o.numpy()[:, 0])
         return binary_auc(anomalous, np.concatenate(scores)), float((np.concatenate(ood) >= 1).mean())
 
-    base_f1, base_ct_refused = run_ct([_encode(a) for a in ct_px])
-    base_auc, base_rgb_refused = run_rgb([_encode(a) for a in rgb_px])
-    rows = [{"input": "ct", "family": "none", "strength": "-", "metric": base_f1, "loss": 0.0, "refused": base_ct_refused},
-            {"input": "rgb", "family": "none", "strength": "-", "metric": base_auc, "loss": 0.0, "refused": base_rgb_refused}]
-    jobs = [("ct", f, s, p) for f, ps in CT_FAMILIES.items() for s, p in zip(STRENGTHS, ps)]
-    jobs += [("rgb", f, s, p) for f, ps in RGB_FAMILIES.items() for s, p in zip(STRENGTHS, ps)]
+    rows, jobs = [], []
+    if "ct" in inputs:
+        base_f1, base_ct_refused = run_ct([_encode(a) for a in ct_px])
+        rows.append({"input": "ct", "family": "none", "strength": "-", "metric": base_f1, "loss": 0.0, "refused": base_ct_refused})
+        jobs += [("ct", f, s, p) for f, ps in CT_FAMILIES.items() for s, p in zip(STRENGTHS, ps)]
+    if "rgb" in inputs:
+        base_auc, base_rgb_refused = run_rgb([_encode(a) for a in rgb_px])
+        rows.append({"input": "rgb", "family": "none", "strength": "-", "metric": base_auc, "loss": 0.0, "refused": base_rgb_refused})
+        jobs += [("rgb", f, s, p) for f, ps in RGB_FAMILIES.items() for s, p in zip(STRENGTHS, ps)]
     for side, family, strength, p in tqdm(jobs, desc="shifts", unit="shift", disable=not progress):
         rng = np.random.default_rng(seed)
         if side == "ct":
@@ -235,6 +238,7 @@ def main(argv=None) -> int:
     p.add_argument("--runs", type=Path, nargs="+", help="CT and RGB runs, or a preset folder (default runs/standard, else runs/quick)")
     p.add_argument("--data", type=Path, help="fresh test data in the AI Hub layout (default: the preset's test set from its summary.json)")
     p.add_argument("--limit", type=int, help="use only the first N slices and N photos")
+    p.add_argument("--inputs", choices=["ct", "rgb", "both"], default="both", help="which input to change (default both)")
     p.add_argument("--out", type=Path, default=Path("benchmarks/results"), help="results folder (default benchmarks/results)")
     p.add_argument("--quiet", action="store_true")
     args = p.parse_args(argv)
@@ -242,7 +246,8 @@ def main(argv=None) -> int:
     runs, data = args.runs or runs, args.data or data
     if data is None or not Path(data).is_dir():
         p.error("no test data: pass --data (a fresh test set, e.g. data/quick_test from 'python -m training.preset quick')")
-    result = evaluate(runs, Path(data), progress=not args.quiet, limit=args.limit)
+    result = evaluate(runs, Path(data), progress=not args.quiet, limit=args.limit,
+                      inputs=("ct", "rgb") if args.inputs == "both" else (args.inputs,))
     text = markdown(result)
     print("\n" + text)
     missed = [f"{r['input']} {r['family']}" for r in result["rows"] if r.get("met") is False]

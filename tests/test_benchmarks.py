@@ -146,3 +146,38 @@ def test_gateway_benchmark_times_every_cell_from_trigger_to_answer(tmp_path):
     assert 0 < r["cpu_cores"]["gateway"] < 4 and 0 < r["cpu_cores"]["plc"] < 4
     summary = (folder / "summary.md").read_text()
     assert "trigger -> result on the PLC" in summary and "OPC UA requests to the PLC" in summary and "watching by subscribe" in summary
+
+
+def test_the_ood_and_robustness_evaluations_run_on_a_data_set_and_say_when_a_target_is_missed(small_dataset, tmp_path):
+    """Tiny random networks whose gates are fitted on the data set's own images: the in-distribution
+    cells pass (calibrated on them), so the reports' numbers are real and their verdicts follow them."""
+    import numpy as np
+    import torch
+
+    from benchmarks import ood, robustness
+    from client.dataset import pair_cells
+    from training.preprocess import encoded_ct_input, encoded_rgb_input
+
+    cells, _ = pair_cells(small_dataset[0], progress=False)
+    ct_x = torch.from_numpy(np.stack([encoded_ct_input(c.ct_path.read_bytes(), 64)[0] for c in cells]))
+    meta = torch.tensor([c.meta for c in cells], dtype=torch.float32)
+    rgb_x = torch.from_numpy(np.stack([encoded_rgb_input(c.rgb_path.read_bytes(), 64)[0] for c in cells]))
+    runs = [make_ct_run(tmp_path / "ct", size=64, images=ct_x, meta=meta, gate=True),
+            make_rgb_run(tmp_path / "rgb", size=64, images=rgb_x, gate=True)]
+    result = ood.evaluate(runs, small_dataset[0], progress=False)
+    assert result["in_distribution"]["cells"] == len(cells) and result["in_distribution"]["false_rejection"] == 0.0
+    kinds = {(r["kind"], r["input"]) for r in result["kinds"]}
+    assert {("natural", "ct"), ("medical", "rgb"), ("swapped", "ct"), ("meta_swap", "ct"), ("empty_bench", "rgb")} <= kinds
+    for r in result["kinds"]:
+        assert 0.0 <= r["rejected"] <= 1.0 and r["images"] > 0 and (r["auroc"] is None or 0.0 <= r["auroc"] <= 1.0)
+    assert result["met"] == all(r["rejected"] >= ood.REJECTION_TARGET for r in result["kinds"])
+    assert "| **all** |" in ood.markdown(result)
+
+    rob = robustness.evaluate(runs, small_dataset[0], progress=False, limit=16)
+    families = {(r["input"], r["family"]) for r in rob["rows"]}
+    assert len(families) == 2 + len(robustness.CT_FAMILIES) + len(robustness.RGB_FAMILIES)
+    unchanged = {r["input"]: r for r in rob["rows"] if r["family"] == "none"}
+    assert unchanged["ct"]["loss"] == 0.0 and unchanged["rgb"]["refused"] == 0.0
+    moderate = [r for r in rob["rows"] if r["strength"] == "moderate"]
+    assert rob["met"] == all(r["met"] for r in moderate)
+    assert all(r["met"] == (r["loss"] <= 0.03 and r["refused"] <= 0.05) for r in moderate)
