@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from training.models.autoencoder import scorer_from
-from training.ood import CT_FEATURES, RGB_FEATURES, GaussianGate, ct_gate_features, rgb_features
+from training.ood import CT_FEATURES, RGB_FEATURES, GaussianGate, ct_gate_features, ct_group, rgb_features
 
 CAM_EPS = 1e-7  # pytorch-grad-cam's scale_cam_image adds the same to the max
 
@@ -82,7 +82,7 @@ class CTInference(nn.Module):
         cam = nn.functional.interpolate(cam, size=image.shape[-2:], mode="bilinear", align_corners=False)[:, 0]
         cam = cam - cam.flatten(1).min(dim=1).values[:, None, None]
         cam = cam / (cam.flatten(1).max(dim=1).values[:, None, None] + CAM_EPS)
-        ood = self.gate(ct_gate_features(fmap, pooled, image), meta[:, 0]) if self.gate is not None else torch.zeros_like(probs[:, 0])
+        ood = self.gate(ct_gate_features(fmap, pooled, image), ct_group(meta)) if self.gate is not None else torch.zeros_like(probs[:, 0])
         return probs, cam, ood[:, None]
 
 

@@ -9,7 +9,7 @@ import torch
 from training.checkpoint import save_checkpoint
 from training.data.labels import BATTERY_TYPES, CT_CLASSES, SLICE_AXES
 from training.models import create_model
-from training.ood import CT_FEATURES, RGB_FEATURES, calibrate, ct_feature_array, distances, fit_gaussian, rgb_feature_array
+from training.ood import RGB_FEATURES, calibrate, ct_feature_array, distances, fit_ct_gate_on, fit_gaussian, rgb_feature_array
 from training.preprocess import CT_MEAN, CT_STD
 
 CLASS_GROUPS = [BATTERY_TYPES.index(name.split("_", 1)[0]) for name in CT_CLASSES]
@@ -21,8 +21,7 @@ def ct_gate(model, images, meta) -> dict:
     images, meta = np.asarray(images, np.float32), np.asarray(meta, np.float32)
     labels = np.where(meta[:, 0] == 0, CT_CLASSES.index("cell_normal"), CT_CLASSES.index("module_normal"))
     features = ct_feature_array(model, images, meta)
-    gate = fit_gaussian(features, labels, len(CT_CLASSES)) | {"class_groups": CLASS_GROUPS, "features": CT_FEATURES}
-    return calibrate(gate, distances(gate, features, meta[:, 0]), {"quantile": 1.0, "margin": 1.5})
+    return fit_ct_gate_on(features, labels, meta, features, meta, CLASS_GROUPS, {"quantile": 1.0, "margin": 1.5})
 
 
 def rgb_gate(model, images, score: dict | None = None) -> dict:

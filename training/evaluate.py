@@ -45,7 +45,7 @@ from training.metrics import (  # noqa: E402
     softmax,
 )
 from training.models.autoencoder import scorer_from  # noqa: E402
-from training.ood import ct_feature_array, distances, rgb_feature_array  # noqa: E402
+from training.ood import ct_feature_array, ct_group, distances, rgb_feature_array  # noqa: E402
 from training.train import ct_logits, rgb_scores  # noqa: E402
 
 DEFECT_IDX = [CT_CLASSES.index(c) for c in CT_DEFECT_CLASSES]
@@ -116,7 +116,7 @@ def evaluate_ct(model, info: dict, records, out_png: Path, progress: bool = True
     roc = [v for v in result["roc_auc_ovr"].values() if v is not None]
     result["roc_auc_macro"] = float(np.mean(roc)) if roc else None
     if info.get("ood"):  # the gate as served: a refused slice counts as an error
-        refused = distances(info["ood"], ct_feature_array(model, arrays.images, arrays.meta), arrays.meta[:, 0]) >= info["ood"]["threshold"]
+        refused = distances(info["ood"], ct_feature_array(model, arrays.images, arrays.meta), ct_group(arrays.meta)) >= info["ood"]["threshold"]
         gated = np.where(refused, -1, pred)
         result["gate"] = {"refused": float(refused.mean()), "refused_count": int(refused.sum()),
                           "macro_f1_refusals_as_errors": macro_f1(y, gated, n), "accuracy_refusals_as_errors": float((gated == y).mean())}

@@ -11,9 +11,10 @@ The score is a Mahalanobis distance in the network's own feature space (Lee et a
 NeurIPS 2018), with a covariance shared by the classes and shrunk (Ledoit-Wolf) so that a
 few hundred training images suffice for hundreds of dimensions:
 
-- CT: the classifier's pooled features. The distance is to the nearest class mean among
-  the classes of the battery type the metadata names, so a module slice labelled as a
-  cell (or the reverse) lies far from every class it may be.
+- CT: the classifier's pooled features, the mean of its last feature map and the crop's
+  border contrast. Each class has a mean per slice axis, and the distance is to the
+  nearest mean of the battery type and axis the metadata names, so a module slice labelled
+  as a cell (or the reverse) lies far from every class it may be.
 - RGB: the autoencoder's encoder stages and bottleneck code (mean and spread over the
   image), the photo's own colour statistics (the autoencoder centres colour away), the log
   of its mean reconstruction error and the error map's mean, spread and hot share; one
@@ -41,7 +42,8 @@ from torch import nn
 
 GATE_DEFAULTS = {"quantile": 0.995, "margin": 1.2}
 # What each gate reads; a gate fitted on other features cannot be used (refit it: python -m training.ood RUN)
-CT_FEATURES = "ct/pooled+mean+border/1"
+CT_FEATURES = "ct/pooled+mean+border/class-and-axis/2"
+N_AXES = 3  # slice_axis values x, y, z
 RGB_FEATURES = "rgb/stages+colour+border+error+error-map/1"
 LOG_ERROR_EPS = 1e-6
 
@@ -184,13 +186,31 @@ def rgb_feature_array(scorer: nn.Module, images: np.ndarray, batch_size: int = 3
     return np.concatenate(out) if out else np.zeros((0, 0), np.float32)
 
 
-def fit_ct_gate(classifier: nn.Module, train, val, class_groups: list[int], cfg: dict) -> dict:
-    """The CT gate from the training slices (class means, covariance) and the validation slices (threshold).
+def ct_group(meta):
+    """The group a slice may be compared with, from its metadata (N, 2): battery type x slice axis
+    (numpy or torch)."""
+    return meta[:, 0] * N_AXES + meta[:, 1]
 
-    `train` and `val` are `training.datasets.CTArrays`; `class_groups[k]` is the battery type of class k."""
-    gate = fit_gaussian(ct_feature_array(classifier, train.images, train.meta), train.labels, len(class_groups))
-    gate |= {"class_groups": list(class_groups), "features": CT_FEATURES}
-    return calibrate(gate, distances(gate, ct_feature_array(classifier, val.images, val.meta), val.meta[:, 0]), cfg)
+
+def fit_ct_gate_on(train_features: np.ndarray, labels: np.ndarray, train_meta: np.ndarray, val_features: np.ndarray,
+                   val_meta: np.ndarray, class_types: list[int], cfg: dict) -> dict:
+    """The CT gate from features: one mean per (class, slice axis), compared only with slices of
+    the battery type and axis their metadata names; calibrated on the validation features."""
+    axes = np.asarray(train_meta)[:, 1].astype(np.int64)
+    components = np.asarray(labels, np.int64) * N_AXES + axes
+    gate = fit_gaussian(train_features, components, len(class_types) * N_AXES)
+    gate |= {"class_groups": [class_types[k // N_AXES] * N_AXES + k % N_AXES for k in range(len(class_types) * N_AXES)],
+             "features": CT_FEATURES}
+    return calibrate(gate, distances(gate, val_features, ct_group(np.asarray(val_meta))), cfg)
+
+
+def fit_ct_gate(classifier: nn.Module, train, val, class_types: list[int], cfg: dict) -> dict:
+    """The CT gate from the training slices (means, covariance) and the validation slices (threshold).
+
+    `train` and `val` are `training.datasets.CTArrays`; `class_types[k]` is the battery type of class k.
+    A CT slice looks different along each axis, so each class has a mean per axis."""
+    return fit_ct_gate_on(ct_feature_array(classifier, train.images, train.meta), train.labels, train.meta,
+                          ct_feature_array(classifier, val.images, val.meta), val.meta, class_types, cfg)
 
 
 def fit_rgb_gate(scorer: nn.Module, train_images: np.ndarray, val_images: np.ndarray, cfg: dict) -> dict:
