@@ -330,7 +330,7 @@ def markdown(result: dict) -> str:
 def _default_runs_and_data() -> tuple[list[Path], Path | None]:
     for preset in ("standard", "quick"):
         summary = Path("runs") / preset / "summary.json"
-        if summary.exists():
+        if summary.exists() and all((summary.parent / kind / "checkpoint.pt").exists() for kind in ("ct", "rgb")):
             return [summary.parent], Path(json.loads(summary.read_text())["test_data"])
     return [Path("runs/quick")], None
 
