@@ -335,21 +335,40 @@ def _default_runs_and_data() -> tuple[list[Path], Path | None]:
     return [Path("runs/quick")], None
 
 
-def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m benchmarks ood", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def add_test_set_arguments(p: argparse.ArgumentParser, limit_help: str, inputs_help: str) -> None:
+    """The options `ood` and `robustness` share: which runs, which fresh test set, which input."""
     p.add_argument("--runs", type=Path, nargs="+", help="CT and RGB runs, or a preset folder (default runs/standard, else runs/quick)")
     p.add_argument("--data", type=Path, help="fresh test data in the AI Hub layout (default: the preset's test set from its summary.json)")
-    p.add_argument("--limit", type=int, help="use only the first N test cells")
-    p.add_argument("--inputs", choices=["ct", "rgb", "both"], default="both", help="which input's gate to measure (default both)")
+    p.add_argument("--limit", type=int, help=limit_help)
+    p.add_argument("--inputs", choices=["ct", "rgb", "both"], default="both", help=inputs_help)
     p.add_argument("--out", type=Path, default=Path("benchmarks/results"), help="results folder (default benchmarks/results)")
     p.add_argument("--quiet", action="store_true")
-    args = p.parse_args(argv)
+
+
+def test_set(p: argparse.ArgumentParser, args) -> tuple[list[Path], Path, tuple[str, ...]]:
+    """(runs, test data, inputs) from the shared options, the defaults filled in."""
     runs, data = _default_runs_and_data()
     runs, data = args.runs or runs, args.data or data
     if data is None or not Path(data).is_dir():
         p.error("no test data: pass --data (a fresh test set, e.g. data/quick_test from 'python -m training.preset quick')")
-    result = evaluate(runs, Path(data), progress=not args.quiet, limit=args.limit,
-                      inputs=("ct", "rgb") if args.inputs == "both" else (args.inputs,))
+    return runs, Path(data), ("ct", "rgb") if args.inputs == "both" else (args.inputs,)
+
+
+def write_results(out: Path, name: str, result: dict, text: str) -> None:
+    """OUT/NAME-<time>.json and .md."""
+    out.mkdir(parents=True, exist_ok=True)
+    stem = out / time.strftime(f"{name}-%Y%m%d-%H%M%S")
+    stem.with_suffix(".json").write_text(json.dumps(result, indent=1, default=str) + "\n")
+    stem.with_suffix(".md").write_text(text + "\n")
+    print(f"wrote {stem}.json and .md")
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m benchmarks ood", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_test_set_arguments(p, "use only the first N test cells", "which input's gate to measure (default both)")
+    args = p.parse_args(argv)
+    runs, data, inputs = test_set(p, args)
+    result = evaluate(runs, data, progress=not args.quiet, limit=args.limit, inputs=inputs)
     text = markdown(result)
     print("\n" + text)
     print(f"\n{'all targets met' if result['met'] else 'TARGET MISSED'}: false rejection <= {FALSE_REJECTION_TARGET:.0%}, "
@@ -357,11 +376,7 @@ def main(argv=None) -> int:
     for r in result["kinds"]:
         if r["missed"]:
             print(f"  {r['kind']} ({r['input']}) passed the gate: {', '.join(r['missed'][:6])}{' ...' if len(r['missed']) > 6 else ''}")
-    args.out.mkdir(parents=True, exist_ok=True)
-    stem = args.out / time.strftime("ood-%Y%m%d-%H%M%S")
-    stem.with_suffix(".json").write_text(json.dumps(result, indent=1) + "\n")
-    stem.with_suffix(".md").write_text(text + "\n")
-    print(f"wrote {stem}.json and .md")
+    write_results(args.out, "ood", result, text)
     return 0 if result["met"] else 1
 
 

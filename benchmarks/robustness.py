@@ -20,9 +20,7 @@ from __future__ import annotations
 
 import argparse
 import io
-import json
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -231,34 +229,20 @@ def markdown(result: dict) -> str:
 
 
 def main(argv=None) -> int:
-    from benchmarks.ood import _default_runs_and_data
+    from benchmarks.ood import add_test_set_arguments, test_set, write_results
 
     p = argparse.ArgumentParser(prog="python -m benchmarks robustness", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--runs", type=Path, nargs="+", help="CT and RGB runs, or a preset folder (default runs/standard, else runs/quick)")
-    p.add_argument("--data", type=Path, help="fresh test data in the AI Hub layout (default: the preset's test set from its summary.json)")
-    p.add_argument("--limit", type=int, help="use only the first N slices and N photos")
-    p.add_argument("--inputs", choices=["ct", "rgb", "both"], default="both", help="which input to change (default both)")
-    p.add_argument("--out", type=Path, default=Path("benchmarks/results"), help="results folder (default benchmarks/results)")
-    p.add_argument("--quiet", action="store_true")
+    add_test_set_arguments(p, "use only the first N slices and N photos", "which input to change (default both)")
     args = p.parse_args(argv)
-    runs, data = _default_runs_and_data()
-    runs, data = args.runs or runs, args.data or data
-    if data is None or not Path(data).is_dir():
-        p.error("no test data: pass --data (a fresh test set, e.g. data/quick_test from 'python -m training.preset quick')")
-    result = evaluate(runs, Path(data), progress=not args.quiet, limit=args.limit,
-                      inputs=("ct", "rgb") if args.inputs == "both" else (args.inputs,))
+    runs, data, inputs = test_set(p, args)
+    result = evaluate(runs, data, progress=not args.quiet, limit=args.limit, inputs=inputs)
     text = markdown(result)
     print("\n" + text)
     missed = [f"{r['input']} {r['family']}" for r in result["rows"] if r.get("met") is False]
     print(f"\n{'all targets met' if result['met'] else 'TARGET MISSED at the moderate strength: ' + ', '.join(missed)}")
-    args.out.mkdir(parents=True, exist_ok=True)
-    stem = args.out / time.strftime("robustness-%Y%m%d-%H%M%S")
-    stem.with_suffix(".json").write_text(json.dumps(result, indent=1, default=str) + "\n")
-    stem.with_suffix(".md").write_text(text + "\n")
-    print(f"wrote {stem}.json and .md")
+    write_results(args.out, "robustness", result, text)
     return 0 if result["met"] else 1
-
 
 if __name__ == "__main__":
     sys.exit(main())

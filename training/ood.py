@@ -159,10 +159,10 @@ def rgb_features(image: torch.Tensor, recon: torch.Tensor, maps: list[torch.Tens
     photo much of it)."""
     error = (image - recon).pow(2).mean(dim=(1, 2, 3))
     stats = [t for m in maps for t in (m.mean(dim=(2, 3)), m.std(dim=(2, 3)))]
-    emap = error_map
+    mean_error = error_map.mean(dim=(1, 2))
     return torch.cat(stats + [image.mean(dim=(2, 3)), image.std(dim=(2, 3)), border_contrast(image),
-                              torch.log(error + LOG_ERROR_EPS)[:, None], emap.mean(dim=(1, 2))[:, None], emap.std(dim=(1, 2))[:, None],
-                              torch.log(emap.mean(dim=(1, 2)) + LOG_ERROR_EPS)[:, None], (emap > 0.5).to(emap.dtype).mean(dim=(1, 2))[:, None]],
+                              torch.log(error + LOG_ERROR_EPS)[:, None], mean_error[:, None], error_map.std(dim=(1, 2))[:, None],
+                              torch.log(mean_error + LOG_ERROR_EPS)[:, None], (error_map > 0.5).to(error_map.dtype).mean(dim=(1, 2))[:, None]],
                      dim=1)
 
 
