@@ -4,18 +4,25 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: setup serve test synth preview bench bench-synth train-quick train-standard review clean
+.PHONY: setup system-packages serve test test-unit lint format synth preview bench bench-synth train-quick train-standard review clean
 
 # serve: ports and runs are configurable, e.g. make serve GRPC_PORT=9001 RUNS="runs/standard"
 GRPC_PORT    ?= 8001
 HTTP_PORT    ?= 8000
 METRICS_PORT ?= 8002
 RUNS         ?=
+# any other option of `python -m export serve`, e.g. make serve SERVE_ARGS="--precision int8"
+SERVE_ARGS   ?=
 # gRPC over TLS: make serve TLS_CERT=server.pem TLS_KEY=server.key; the admin key comes from $TRITON_ADMIN_KEY
 TLS_CERT     ?=
 TLS_KEY      ?=
 
-setup: $(STAMP)
+setup: system-packages $(STAMP)
+
+# Debian packages beyond Python (libpython3.11 for Triton's Python backend; chromium, prometheus,
+# libb64-0d, libjemalloc2, qemu-user for some tests): installed as root, else one line says which.
+system-packages:
+	@bash scripts/debian-packages.sh
 
 # Re-install only when the dependency list changes; a no-op otherwise.
 $(STAMP): pyproject.toml
@@ -28,10 +35,24 @@ $(STAMP): pyproject.toml
 # in the foreground (Ctrl-C stops it).
 serve: setup
 	$(PY) -m export serve --grpc-port $(GRPC_PORT) --http-port $(HTTP_PORT) --metrics-port $(METRICS_PORT) $(if $(RUNS),--runs $(RUNS)) \
-	  $(if $(TLS_CERT),--tls-cert $(TLS_CERT) --tls-key $(TLS_KEY))
+	  $(if $(TLS_CERT),--tls-cert $(TLS_CERT) --tls-key $(TLS_KEY)) $(SERVE_ARGS)
 
+# Everything: tests/unit and tests/integration (tritonserver, Prometheus, browsers), about 9 min on 2 cores.
 test: setup
 	$(PY) -m pytest -n 2 $(PYTEST_ARGS)
+
+# No servers: contracts, data, models, export, the layers (about 2 min on 2 cores).
+test-unit: setup
+	$(PY) -m pytest -n 2 tests/unit $(PYTEST_ARGS)
+
+# ruff: lint and format check (pyproject.toml); `make format` rewrites.
+lint: setup
+	$(PY) -m ruff check .
+	$(PY) -m ruff format --check .
+
+format: setup
+	$(PY) -m ruff check --fix .
+	$(PY) -m ruff format .
 
 # Demo data: a small synthetic AI Hub tree and its contact sheet.
 synth: setup

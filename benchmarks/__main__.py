@@ -18,7 +18,17 @@ photos 1920 x 1080), generated once into build/bench_data/; each command's --hel
   gateway   trigger-to-answer latency through the line gateway (simulated OPC UA PLC) at a line rate
   synth     how long the synthetic data generator takes (`make bench-synth`)
 """
+
 import sys
+
+from benchmarks.decode import main as decode
+from benchmarks.gateway import main as gateway
+from benchmarks.ood import main as ood
+from benchmarks.quantized import main as int8
+from benchmarks.robustness import main as robustness
+from benchmarks.serving import main as serving
+from benchmarks.soak import main as soak
+from benchmarks.synth_speed import main as synth
 
 
 def main() -> int:
@@ -27,36 +37,20 @@ def main() -> int:
         return 0 if len(sys.argv) >= 2 else 2
     command, rest = sys.argv[1], sys.argv[2:]
     if command == "serving":
-        from benchmarks.serving import main as serving
-
         return serving(rest)
     if command == "decode":
-        from benchmarks.decode import main as decode
-
         return decode(rest)
     if command == "ood":
-        from benchmarks.ood import main as ood
-
         return ood(rest)
     if command == "robustness":
-        from benchmarks.robustness import main as robustness
-
         return robustness(rest)
     if command == "int8":
-        from benchmarks.quantized import main as int8
-
         return int8(rest)
     if command == "soak":
-        from benchmarks.soak import main as soak
-
         return soak(rest)
     if command == "gateway":
-        from benchmarks.gateway import main as gateway
-
         return gateway(rest)
     if command == "synth":
-        from benchmarks.synth_speed import main as synth
-
         sys.argv = [f"{sys.argv[0]} synth", *rest]
         synth()
         return 0

@@ -14,37 +14,61 @@ and the simulated PLC used: on a small machine they take it from Triton.
 
 Results: benchmarks/results/gateway-<time>/ (gateway.json, summary.md).
 """
+
 from __future__ import annotations
 
 import argparse
 import asyncio
 import json
+import os
 import signal
 import subprocess
 import sys
 import time
+import urllib.request
 from pathlib import Path
 
 import numpy as np
 import yaml
+from prometheus_client.parser import text_string_to_metric_families
+
+from benchmarks.serving import add_cell_arguments, prepare, results_folder_and_server
+from client.dataset import pair_cells
+from client.gateway.config import load_config
+from client.gateway.simulator import PlcSimulator, run_line
+from export.options import add_tuning_arguments
+from serving.server import free_ports
 
 
 def parser() -> argparse.ArgumentParser:
-    from benchmarks.serving import add_cell_arguments
 
-    p = argparse.ArgumentParser(prog="python -m benchmarks gateway", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="python -m benchmarks gateway", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--rate", type=float, default=4.0, help="cells per second over all stations (default 4)")
     p.add_argument("--seconds", type=float, default=60.0, help="how long cells are triggered (default 60)")
     p.add_argument("--stations", type=int, default=2, help="stations, each with its own trigger (default 2)")
     p.add_argument("--takt-ms", type=float, default=2000.0, help="each station's takt budget (default 2000)")
-    p.add_argument("--images", choices=("path", "bytes"), default="path", help="images as file paths or in ByteString nodes (default path)")
-    p.add_argument("--watch", choices=("subscribe", "poll"), default="subscribe",
-                   help="the gateway's plc.watch: OPC UA subscription or polling (default subscribe)")
+    p.add_argument(
+        "--images",
+        choices=("path", "bytes"),
+        default="path",
+        help="images as file paths or in ByteString nodes (default path)",
+    )
+    p.add_argument(
+        "--watch",
+        choices=("subscribe", "poll"),
+        default="subscribe",
+        help="the gateway's plc.watch: OPC UA subscription or polling (default subscribe)",
+    )
     p.add_argument("--poll-ms", type=float, default=10.0, help="the gateway's plc.poll_ms (default 10)")
     add_cell_arguments(p)
-    p.add_argument("--repository", type=Path, default=Path("build/bench_repository"), help="repository to build and serve")
-    p.add_argument("--out", type=Path, default=Path("benchmarks/results"), help="results folder (default benchmarks/results)")
-    from export.__main__ import add_tuning_arguments
+    p.add_argument(
+        "--repository", type=Path, default=Path("build/bench_repository"), help="repository to build and serve"
+    )
+    p.add_argument(
+        "--out", type=Path, default=Path("benchmarks/results"), help="results folder (default benchmarks/results)"
+    )
 
     add_tuning_arguments(p)
     return p
@@ -52,29 +76,33 @@ def parser() -> argparse.ArgumentParser:
 
 def _plc_requests(metrics_port: int) -> float:
     """The gateway's battery_gateway_plc_requests_total, reads and writes together, from its metrics port."""
-    import urllib.request
-
-    from prometheus_client.parser import text_string_to_metric_families
 
     with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=5) as r:
         families = text_string_to_metric_families(r.read().decode())
-    return sum(s.value for f in families if f.name == "battery_gateway_plc_requests" for s in f.samples if s.name.endswith("_total"))
+    return sum(
+        s.value
+        for f in families
+        if f.name == "battery_gateway_plc_requests"
+        for s in f.samples
+        if s.name.endswith("_total")
+    )
 
 
 def _cpu_seconds(pid: int) -> float:
     """User + system CPU time a process has used so far (Linux /proc)."""
-    import os
 
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 async def _drive(args, cfg_path: Path, cfg, sent, log: Path) -> dict:
-    from client.gateway.simulator import PlcSimulator, run_line
 
     async with PlcSimulator(cfg.stations, cfg.plc.url) as sim:
-        gateway = subprocess.Popen([sys.executable, "-m", "client", "gateway", "--config", str(cfg_path), "--log-level", "WARNING"],
-                                   stdout=open(log, "wb"), stderr=subprocess.STDOUT)
+        gateway = subprocess.Popen(
+            [sys.executable, "-m", "client", "gateway", "--config", str(cfg_path), "--log-level", "WARNING"],
+            stdout=open(log, "wb"),
+            stderr=subprocess.STDOUT,
+        )
         try:
             # warm-up: a few cells through the whole path before the clock starts
             warm = await run_line(sim, [(f"warm-{c[0]}", *c[1:]) for c in sent[:4]], rate=args.rate, count=4)
@@ -98,35 +126,57 @@ async def _drive(args, cfg_path: Path, cfg, sent, log: Path) -> dict:
         finally:
             gateway.send_signal(signal.SIGTERM)
             gateway.wait(30)
-    return {"sent": n, "answered": len(results), "elapsed_s": elapsed, "results": results, "ack_waits": waits,
-            "plc_requests_per_s": requests / elapsed, "cpu_cores": {k: v / elapsed for k, v in cpu.items()}}
+    return {
+        "sent": n,
+        "answered": len(results),
+        "elapsed_s": elapsed,
+        "results": results,
+        "ack_waits": waits,
+        "plc_requests_per_s": requests / elapsed,
+        "cpu_cores": {k: v / elapsed for k, v in cpu.items()},
+    }
 
 
 def run(args) -> Path:
-    from benchmarks.serving import prepare, results_folder_and_server
-    from client.gateway.config import load_config
-    from export.server import free_ports
 
     runs, data, cells, _ = prepare(args)
     folder, server = results_folder_and_server(args, "gateway")
     try:
         plc_port, metrics_port = free_ports(2)
-        config = {"plc": {"url": f"opc.tcp://127.0.0.1:{plc_port}/line/", "watch": args.watch, "poll_ms": args.poll_ms},
-                  "triton": {"url": server.grpc_url}, "outbox": str((folder / "outbox.sqlite").resolve()), "metrics_port": metrics_port,
-                  "stations": [{"name": f"station{i + 1}", "prefix": f"ns=2;s=Line1.Station{i + 1}.", "images": args.images,
-                                "takt_ms": args.takt_ms} for i in range(args.stations)]}
+        config = {
+            "plc": {"url": f"opc.tcp://127.0.0.1:{plc_port}/line/", "watch": args.watch, "poll_ms": args.poll_ms},
+            "triton": {"url": server.grpc_url},
+            "outbox": str((folder / "outbox.sqlite").resolve()),
+            "metrics_port": metrics_port,
+            "stations": [
+                {
+                    "name": f"station{i + 1}",
+                    "prefix": f"ns=2;s=Line1.Station{i + 1}.",
+                    "images": args.images,
+                    "takt_ms": args.takt_ms,
+                }
+                for i in range(args.stations)
+            ],
+        }
         cfg_path = folder / "gateway.yaml"
         cfg_path.write_text(yaml.safe_dump(config))
         cfg = load_config(cfg_path)
-        from client.dataset import pair_cells
-
         paired, _ = pair_cells(data, progress=False)
         step = max(1, len(paired) // args.cells)
         chosen = paired[::step][: args.cells]
-        sent = [(c.cell_id, str(c.ct_path.resolve()) if args.images == "path" else c.ct_path.read_bytes(),
-                 str(c.rgb_path.resolve()) if args.images == "path" else c.rgb_path.read_bytes(), c.meta) for c in chosen]
-        print(f"gateway: {args.stations} station(s), {args.rate:g} cells/s for {args.seconds:g} s, takt {args.takt_ms:g} ms, "
-              f"watching by {args.watch}")
+        sent = [
+            (
+                c.cell_id,
+                str(c.ct_path.resolve()) if args.images == "path" else c.ct_path.read_bytes(),
+                str(c.rgb_path.resolve()) if args.images == "path" else c.rgb_path.read_bytes(),
+                c.meta,
+            )
+            for c in chosen
+        ]
+        print(
+            f"gateway: {args.stations} station(s), {args.rate:g} cells/s for {args.seconds:g} s, takt {args.takt_ms:g} ms, "
+            f"watching by {args.watch}"
+        )
         out = asyncio.run(_drive(args, cfg_path, cfg, sent, folder / "gateway.log"))
     finally:
         server.stop()
@@ -134,16 +184,26 @@ def run(args) -> Path:
     counts: dict[tuple, int] = {}
     for r in out["results"]:
         counts[(r.station, r.cell_id)] = counts.get((r.station, r.cell_id), 0) + 1
-    result = {"started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "runs": [str(r) for r in runs], "data": str(data),
-              "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k != "func"},
-              "sent": out["sent"], "answered": out["answered"], "elapsed_s": out["elapsed_s"],
-              "duplicates": sum(n - 1 for n in counts.values() if n > 1),
-              "errors": sum(1 for r in out["results"] if r.error),
-              "plc_requests_per_s": out["plc_requests_per_s"], "cpu_cores": out["cpu_cores"],
-              "within_takt": float(np.mean(lat <= args.takt_ms)) if len(lat) else 0.0,
-              "latency_ms": {f"p{q}": float(np.percentile(lat, q)) for q in (50, 90, 99)} | {"max": float(lat.max())} if len(lat) else {},
-              "ack_wait_ms": {f"p{q}": float(np.percentile(np.array(out["ack_waits"]) * 1000, q)) for q in (50, 99)}
-              if out["ack_waits"] else {}}
+    result = {
+        "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "runs": [str(r) for r in runs],
+        "data": str(data),
+        "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k != "func"},
+        "sent": out["sent"],
+        "answered": out["answered"],
+        "elapsed_s": out["elapsed_s"],
+        "duplicates": sum(n - 1 for n in counts.values() if n > 1),
+        "errors": sum(1 for r in out["results"] if r.error),
+        "plc_requests_per_s": out["plc_requests_per_s"],
+        "cpu_cores": out["cpu_cores"],
+        "within_takt": float(np.mean(lat <= args.takt_ms)) if len(lat) else 0.0,
+        "latency_ms": {f"p{q}": float(np.percentile(lat, q)) for q in (50, 90, 99)} | {"max": float(lat.max())}
+        if len(lat)
+        else {},
+        "ack_wait_ms": {f"p{q}": float(np.percentile(np.array(out["ack_waits"]) * 1000, q)) for q in (50, 99)}
+        if out["ack_waits"]
+        else {},
+    }
     (folder / "gateway.json").write_text(json.dumps(result, indent=1, default=str))
     (folder / "summary.md").write_text(summary(result))
     return folder
@@ -151,21 +211,32 @@ def run(args) -> Path:
 
 def summary(r: dict) -> str:
     s, lat, ack = r["settings"], r["latency_ms"], r["ack_wait_ms"]
-    lines = [f"# Gateway: trigger to answer, {r['started']}", "",
-             f"{s['stations']} station(s), {s['rate']:g} cells/s for {s['seconds']:g} s, images as {s['images']}, takt "
-             f"{s['takt_ms']:g} ms, watching by {s['watch']} ({s['poll_ms']:g} ms); runs {', '.join(r['runs'])}.", "",
-             "| measure | value |", "|---|---|",
-             f"| cells triggered / answered / duplicates / errors | {r['sent']} / {r['answered']} / {r['duplicates']} / {r['errors']} |"]
+    lines = [
+        f"# Gateway: trigger to answer, {r['started']}",
+        "",
+        f"{s['stations']} station(s), {s['rate']:g} cells/s for {s['seconds']:g} s, images as {s['images']}, takt "
+        f"{s['takt_ms']:g} ms, watching by {s['watch']} ({s['poll_ms']:g} ms); runs {', '.join(r['runs'])}.",
+        "",
+        "| measure | value |",
+        "|---|---|",
+        f"| cells triggered / answered / duplicates / errors | {r['sent']} / {r['answered']} / {r['duplicates']} / {r['errors']} |",
+    ]
     if lat:
-        lines += [f"| trigger -> result on the PLC, p50 / p90 / p99 / max | {lat['p50']:.0f} / {lat['p90']:.0f} / {lat['p99']:.0f} / "
-                  f"{lat['max']:.0f} ms |",
-                  f"| answered within takt ({s['takt_ms']:g} ms) | {r['within_takt']:.1%} |"]
+        lines += [
+            f"| trigger -> result on the PLC, p50 / p90 / p99 / max | {lat['p50']:.0f} / {lat['p90']:.0f} / {lat['p99']:.0f} / "
+            f"{lat['max']:.0f} ms |",
+            f"| answered within takt ({s['takt_ms']:g} ms) | {r['within_takt']:.1%} |",
+        ]
     if ack:
-        lines.append(f"| PLC's wait for the previous trigger's acknowledgement, p50 / p99 | {ack['p50']:.0f} / {ack['p99']:.0f} ms |")
+        lines.append(
+            f"| PLC's wait for the previous trigger's acknowledgement, p50 / p99 | {ack['p50']:.0f} / {ack['p99']:.0f} ms |"
+        )
     lines.append(f"| OPC UA requests to the PLC (reads + writes) | {r['plc_requests_per_s']:.0f} /s |")
     cores = r["cpu_cores"]
-    lines.append(f"| CPU used by the gateway / the simulated PLC (cores; Triton had the rest) | {cores['gateway']:.2f} / "
-                 f"{cores['plc']:.2f} |")
+    lines.append(
+        f"| CPU used by the gateway / the simulated PLC (cores; Triton had the rest) | {cores['gateway']:.2f} / "
+        f"{cores['plc']:.2f} |"
+    )
     return "\n".join(lines) + "\n"
 
 

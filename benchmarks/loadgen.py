@@ -4,6 +4,7 @@ Each request is one cell (encoded CT + metadata + encoded photo) to `inspect`, a
 line sends it; latency is measured end to end, from before the request is built to the
 decoded answer. Reports cells/s and latency percentiles per concurrency.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -44,20 +45,34 @@ async def _drive(url: str, cells: list[Cell], concurrency: int, seconds: float, 
         elapsed = time.perf_counter() - measure_from
         client_cpu = time.process_time() - (cpu_start if cpu_start is not None else time.process_time())
     lat = np.array(latencies) * 1000
-    out = {"concurrency": concurrency, "cells": len(latencies), "errors": errors, "seconds": round(elapsed, 3),
-           "cells_per_s": len(latencies) / elapsed if elapsed > 0 else 0.0,
-           "client_cores": client_cpu / elapsed if elapsed > 0 else 0.0}  # CPU the load generator itself used, in cores
+    out = {
+        "concurrency": concurrency,
+        "cells": len(latencies),
+        "errors": errors,
+        "seconds": round(elapsed, 3),
+        "cells_per_s": len(latencies) / elapsed if elapsed > 0 else 0.0,
+        "client_cores": client_cpu / elapsed if elapsed > 0 else 0.0,
+    }  # CPU the load generator itself used, in cores
     if len(lat):
         out |= {f"p{q}_ms": float(np.percentile(lat, q)) for q in (50, 90, 99)} | {"mean_ms": float(lat.mean())}
     return out
 
 
-def sweep(url: str, cells: list[Cell], concurrencies, seconds: float, heatmaps: bool = False, warmup: float = 1.0,
-          progress=print) -> list[dict]:
+def sweep(
+    url: str,
+    cells: list[Cell],
+    concurrencies,
+    seconds: float,
+    heatmaps: bool = False,
+    warmup: float = 1.0,
+    progress=print,
+) -> list[dict]:
     rows = []
     for c in concurrencies:
         row = asyncio.run(_drive(url, cells, c, seconds, heatmaps, warmup))
-        progress(f"  loadgen concurrency {c:>3}: {row['cells_per_s']:7.1f} cells/s  p50 {row.get('p50_ms', float('nan')):7.1f} ms  "
-                 f"p99 {row.get('p99_ms', float('nan')):7.1f} ms  errors {row['errors']}  client {row['client_cores']:.2f} cores")
+        progress(
+            f"  loadgen concurrency {c:>3}: {row['cells_per_s']:7.1f} cells/s  p50 {row.get('p50_ms', float('nan')):7.1f} ms  "
+            f"p99 {row.get('p99_ms', float('nan')):7.1f} ms  errors {row['errors']}  client {row['client_cores']:.2f} cores"
+        )
         rows.append(row)
     return rows

@@ -9,14 +9,27 @@
   PyTorch from the encoded images, Grad-CAM recomputed with a backward pass by
   pytorch-grad-cam, then the autoencoder).
 """
+
 from __future__ import annotations
 
+import io
+import multiprocessing as mp
 import os
 import platform
 import time
 
 import numpy as np
+import onnxruntime as ort
 import torch
+from PIL import Image
+from torch.utils.flop_counter import FlopCounterMode
+from torchvision import transforms as T
+
+from client.explain.gradcam import WithMeta, target_layer
+from core import interface as api
+from core.decode import decode_ct, sniff
+from core.facts import ServingFacts
+from serving.runtime import available_cores, ct_tensor, rgb_tensor
 
 
 def timed(fn, min_seconds: float, min_calls: int = 2) -> tuple[float, int]:
@@ -31,7 +44,9 @@ def timed(fn, min_seconds: float, min_calls: int = 2) -> tuple[float, int]:
 
 def _cpuinfo() -> tuple[str, set[str]]:
     lines = open("/proc/cpuinfo").read().splitlines() if os.path.exists("/proc/cpuinfo") else []
-    model = next((line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")), platform.processor())
+    model = next(
+        (line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")), platform.processor()
+    )
     flags = next((line.split(":", 1)[1] for line in lines if line.startswith("flags")), "")
     return model, set(flags.split())
 
@@ -49,9 +64,17 @@ def instruction_set() -> str:
 
 def machine() -> dict:
     model, flags = _cpuinfo()
-    return {"cpu": model, "cores": os.cpu_count(), "instruction_set": instruction_set(), "avx2": "avx2" in flags,
-            "avx512f": "avx512f" in flags, "vnni": "avx512_vnni" in flags or "avx_vnni" in flags,
-            "python": platform.python_version(), "torch": torch.__version__, "torch_threads": torch.get_num_threads()}
+    return {
+        "cpu": model,
+        "cores": os.cpu_count(),
+        "instruction_set": instruction_set(),
+        "avx2": "avx2" in flags,
+        "avx512f": "avx512f" in flags,
+        "vnni": "avx512_vnni" in flags or "avx_vnni" in flags,
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "torch_threads": torch.get_num_threads(),
+    }
 
 
 def sgemm_gflops(n: int = 2048, seconds: float = 2.0) -> float:
@@ -62,7 +85,6 @@ def sgemm_gflops(n: int = 2048, seconds: float = 2.0) -> float:
 
 
 def flops_per_image(graph: torch.nn.Module, inputs: tuple) -> float:
-    from torch.utils.flop_counter import FlopCounterMode
 
     with torch.no_grad(), FlopCounterMode(display=False) as counter:
         graph(*inputs)
@@ -74,12 +96,17 @@ def _batches(array: np.ndarray, batch: int) -> list[np.ndarray]:
     return np.concatenate([array] * reps)[:batch]
 
 
-def ort_cells_per_s(ct_onnx, rgb_onnx, ct_x: np.ndarray, meta: np.ndarray, rgb_x: np.ndarray, batch: int, seconds: float,
-                    threads: int = 0) -> dict:
+def ort_cells_per_s(
+    ct_onnx,
+    rgb_onnx,
+    ct_x: np.ndarray,
+    meta: np.ndarray,
+    rgb_x: np.ndarray,
+    batch: int,
+    seconds: float,
+    threads: int = 0,
+) -> dict:
     """ONNX Runtime on preprocessed tensors: one CT run and one RGB run per batch of cells."""
-    import onnxruntime as ort
-
-    from ensemble import interface as api
 
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = threads
@@ -89,7 +116,12 @@ def ort_cells_per_s(ct_onnx, rgb_onnx, ct_x: np.ndarray, meta: np.ndarray, rgb_x
     feeds_rgb = {api.RGB_TENSOR: _batches(rgb_x, batch)}
     t_ct, _ = timed(lambda: ct.run(None, feeds_ct), seconds / 2)
     t_rgb, _ = timed(lambda: rgb.run(None, feeds_rgb), seconds / 2)
-    return {"batch": batch, "cells_per_s": batch / (t_ct + t_rgb), "ct_images_per_s": batch / t_ct, "rgb_images_per_s": batch / t_rgb}
+    return {
+        "batch": batch,
+        "cells_per_s": batch / (t_ct + t_rgb),
+        "ct_images_per_s": batch / t_ct,
+        "rgb_images_per_s": batch / t_rgb,
+    }
 
 
 def torch_cells_per_s(pipeline, ct_x, meta, rgb_x, batch: int, seconds: float) -> dict:
@@ -98,7 +130,12 @@ def torch_cells_per_s(pipeline, ct_x, meta, rgb_x, batch: int, seconds: float) -
     with torch.no_grad():
         t_ct, _ = timed(lambda: pipeline.ct_graph(ct, m), seconds / 2)
         t_rgb, _ = timed(lambda: pipeline.rgb_graph(rgb), seconds / 2)
-    return {"batch": batch, "cells_per_s": batch / (t_ct + t_rgb), "ct_images_per_s": batch / t_ct, "rgb_images_per_s": batch / t_rgb}
+    return {
+        "batch": batch,
+        "cells_per_s": batch / (t_ct + t_rgb),
+        "ct_images_per_s": batch / t_ct,
+        "rgb_images_per_s": batch / t_rgb,
+    }
 
 
 def original_cells_per_s(pipeline, cells, seconds: float, threads: int = 2) -> dict:
@@ -114,20 +151,14 @@ def original_cells_per_s(pipeline, cells, seconds: float, threads: int = 2) -> d
 
     No crop: the original resized the whole image. Returns cells/s and the seconds per step.
     """
-    import io
 
-    from PIL import Image
-    from pytorch_grad_cam import GradCAM
-    from torchvision import transforms as T
-
-    from client.explain.gradcam import WithMeta, target_layer
-    from training.decode import decode_ct, sniff
+    from pytorch_grad_cam import GradCAM  # noqa: PLC0415 - optional heavy dependency, only for the audit path
 
     model = pipeline.ct_graph.classifier
     rgb_model = pipeline.rgb_graph
-    ct_size, rgb_size = int(pipeline.ct_info["input_size"]), int(pipeline.rgb_info["input_size"])
-    norm = pipeline.ct_info["normalization"]
-    ct_tf = T.Compose([T.Resize((ct_size, ct_size), antialias=True), T.Normalize([norm["mean"]], [norm["std"]])])
+    ct_size, rgb_size = pipeline.ct_facts.input_size, pipeline.rgb_facts.input_size
+    norm = pipeline.ct_facts.normalization
+    ct_tf = T.Compose([T.Resize((ct_size, ct_size), antialias=True), T.Normalize([norm.mean], [norm.std])])
     rgb_tf = T.Resize((rgb_size, rgb_size), antialias=True)
     to_tensor = T.ToTensor()
     steps = {"decode": 0.0, "resize": 0.0, "ct_network_and_gradcam": 0.0, "rgb_network": 0.0}
@@ -170,17 +201,18 @@ def original_cells_per_s(pipeline, cells, seconds: float, threads: int = 2) -> d
     finally:
         torch.set_num_threads(before)
     done = calls + 1  # timed() makes one warm-up call, counted in steps too
-    return {"batch": 1, "threads": threads, "cells_per_s": 1 / per_cell, "cells": calls,
-            "seconds_per_step": {k: v / done for k, v in steps.items()}}
+    return {
+        "batch": 1,
+        "threads": threads,
+        "cells_per_s": 1 / per_cell,
+        "cells": calls,
+        "seconds_per_step": {k: v / done for k, v in steps.items()},
+    }
 
 
 def _e2e_worker(args):
     """One process of `inprocess_cells_per_s`: its own ONNX Runtime sessions (one thread), its cells."""
     ct_onnx, rgb_onnx, cells, ct_info, rgb_info, batch, seconds, barrier = args
-    import onnxruntime as ort
-
-    from ensemble import interface as api
-    from export.serving import ct_tensor, rgb_tensor
 
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = opts.inter_op_num_threads = 1
@@ -189,8 +221,10 @@ def _e2e_worker(args):
 
     def one_batch(k):
         chosen = [cells[(k + j) % len(cells)] for j in range(batch)]
-        feeds = {api.CT_TENSOR: np.stack([ct_tensor(c.ct, ct_info) for c in chosen]),
-                 api.CT_META: np.array([c.meta for c in chosen], np.float32)}
+        feeds = {
+            api.CT_TENSOR: np.stack([ct_tensor(c.ct, ct_info) for c in chosen]),
+            api.CT_META: np.array([c.meta for c in chosen], np.float32),
+        }
         ct.run(None, feeds)
         rgb.run(None, {api.RGB_TENSOR: np.stack([rgb_tensor(c.rgb, rgb_info) for c in chosen])})
 
@@ -204,30 +238,36 @@ def _e2e_worker(args):
     return done, time.perf_counter() - start
 
 
-def inprocess_cells_per_s(ct_onnx, rgb_onnx, cells, ct_info: dict, rgb_info: dict, seconds: float, batch: int = 8,
-                          processes: int | None = None) -> dict:
+def inprocess_cells_per_s(
+    ct_onnx,
+    rgb_onnx,
+    cells,
+    ct_info: ServingFacts,
+    rgb_info: ServingFacts,
+    seconds: float,
+    batch: int = 8,
+    processes: int | None = None,
+) -> dict:
     """The best in-process end-to-end pipeline on these cores, to compare Triton against: one
     process per core, each decoding, preprocessing and running both networks (ONNX Runtime,
     one thread) on batches of `batch` cells from the encoded images, all at once."""
-    import multiprocessing as mp
-
-    from export.serving import available_cores
 
     processes = processes or available_cores()
     context = mp.get_context("spawn")
     with context.Manager() as manager, context.Pool(processes) as pool:
         barrier = manager.Barrier(processes)  # all start together, once each has loaded and warmed up
-        jobs = [(ct_onnx, rgb_onnx, cells[p::processes] or cells, ct_info, rgb_info, batch, seconds, barrier)
-                for p in range(processes)]
+        jobs = [
+            (ct_onnx, rgb_onnx, cells[p::processes] or cells, ct_info, rgb_info, batch, seconds, barrier)
+            for p in range(processes)
+        ]
         results = pool.map(_e2e_worker, jobs)
     cells_done = sum(n for n, _ in results)
     wall = max(t for _, t in results)
     return {"processes": processes, "batch": batch, "cells": cells_done, "cells_per_s": cells_done / wall}
 
 
-def preprocess_cells_per_s(cells, ct_info: dict, rgb_info: dict, seconds: float) -> dict:
+def preprocess_cells_per_s(cells, ct_info: ServingFacts, rgb_info: ServingFacts, seconds: float) -> dict:
     """Decoding and preprocessing alone (what the server does before the networks), per image kind."""
-    from export.serving import ct_tensor, rgb_tensor
 
     i, j = [0], [0]
 
@@ -241,5 +281,11 @@ def preprocess_cells_per_s(cells, ct_info: dict, rgb_info: dict, seconds: float)
 
     t_ct, _ = timed(ct, seconds / 2)
     t_rgb, _ = timed(rgb, seconds / 2)
-    return {"batch": 1, "cells_per_s": 1 / (t_ct + t_rgb), "ct_images_per_s": 1 / t_ct, "rgb_images_per_s": 1 / t_rgb,
-            "ct_bytes": sum(len(c.ct) for c in cells) // len(cells), "rgb_bytes": sum(len(c.rgb) for c in cells) // len(cells)}
+    return {
+        "batch": 1,
+        "cells_per_s": 1 / (t_ct + t_rgb),
+        "ct_images_per_s": 1 / t_ct,
+        "rgb_images_per_s": 1 / t_rgb,
+        "ct_bytes": sum(len(c.ct) for c in cells) // len(cells),
+        "rgb_bytes": sum(len(c.rgb) for c in cells) // len(cells),
+    }

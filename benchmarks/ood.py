@@ -28,6 +28,7 @@ score against the in-distribution cells' scores.
 
 Results: a table on stdout, JSON and Markdown in --out. Exit status 1 when a target is missed.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -38,8 +39,23 @@ import sys
 import time
 from pathlib import Path
 
+import matplotlib
 import numpy as np
+import pydicom
+import skimage.data
+import sklearn.datasets
+import torch
 from PIL import Image
+from pydicom.data import get_testdata_file
+from scipy import ndimage
+from tqdm import tqdm
+
+from client.dataset import pair_cells
+from core.decode import decode_ct
+from export.local import TorchPipeline
+from serving.runtime import ct_tensor, rgb_tensor
+from training.metrics import binary_auc
+from training.synth.rgb import RGBPhotoSpec, render_empty_bench
 
 FALSE_REJECTION_TARGET = 0.01
 REJECTION_TARGET = 0.95
@@ -47,8 +63,8 @@ REJECTION_TARGET = 0.95
 
 # --- images that ship inside installed packages ------------------------------------------
 
+
 def _skimage(name: str, item: int | None = None) -> np.ndarray:
-    import skimage.data
 
     out = getattr(skimage.data, name)()
     return np.asarray(out if item is None else out[item])
@@ -65,20 +81,16 @@ def _u8(a: np.ndarray) -> np.ndarray:
 
 
 def _dicom(name: str) -> bytes:
-    from pydicom.data import get_testdata_file
 
     return Path(get_testdata_file(name)).read_bytes()
 
 
 def _dicom_pixels(name: str) -> np.ndarray:
-    import pydicom
-    from pydicom.data import get_testdata_file
 
     return _u8(pydicom.dcmread(get_testdata_file(name)).pixel_array)
 
 
 def _mpl_mri() -> np.ndarray:
-    import matplotlib
 
     raw = gzip.decompress((Path(matplotlib.get_data_path()) / "sample_data" / "s1045.ima.gz").read_bytes())
     return _u8(np.frombuffer(raw, np.uint16).reshape(256, 256))
@@ -86,29 +98,42 @@ def _mpl_mri() -> np.ndarray:
 
 def library_sources() -> dict[str, list[tuple[str, object]]]:
     """kind -> [(name, image array or encoded bytes)] from files installed with the project's dependencies."""
-    import matplotlib
-    import sklearn.datasets
 
     mpl = Path(matplotlib.get_data_path()) / "sample_data"
     skl = Path(sklearn.datasets.__file__).parent / "images"
     return {
-        "natural": [(n, _skimage(n)) for n in ("astronaut", "coffee", "chelsea", "rocket", "camera", "moon", "hubble_deep_field")]
-                   + [("motorcycle", _skimage("stereo_motorcycle", 0))]
-                   + [("china", _file_image(skl / "china.jpg")), ("flower", _file_image(skl / "flower.jpg")),
-                      ("grace_hopper", _file_image(mpl / "grace_hopper.jpg"))],
-        "medical": [("CT_small.dcm", "dicom:CT_small.dcm"), ("MR_small.dcm", "dicom:MR_small.dcm"),
-                    ("liver_1frame.dcm", "dicom:liver_1frame.dcm"), ("phantom", _skimage("shepp_logan_phantom")),
-                    ("mri_s1045", _mpl_mri()), ("cell", _skimage("cell")), ("retina", _skimage("retina")),
-                    ("microaneurysms", _skimage("microaneurysms")), ("ihc", _skimage("immunohistochemistry"))],
+        "natural": [
+            (n, _skimage(n))
+            for n in ("astronaut", "coffee", "chelsea", "rocket", "camera", "moon", "hubble_deep_field")
+        ]
+        + [("motorcycle", _skimage("stereo_motorcycle", 0))]
+        + [
+            ("china", _file_image(skl / "china.jpg")),
+            ("flower", _file_image(skl / "flower.jpg")),
+            ("grace_hopper", _file_image(mpl / "grace_hopper.jpg")),
+        ],
+        "medical": [
+            ("CT_small.dcm", "dicom:CT_small.dcm"),
+            ("MR_small.dcm", "dicom:MR_small.dcm"),
+            ("liver_1frame.dcm", "dicom:liver_1frame.dcm"),
+            ("phantom", _skimage("shepp_logan_phantom")),
+            ("mri_s1045", _mpl_mri()),
+            ("cell", _skimage("cell")),
+            ("retina", _skimage("retina")),
+            ("microaneurysms", _skimage("microaneurysms")),
+            ("ihc", _skimage("immunohistochemistry")),
+        ],
         "documents": [(n, _skimage(n)) for n in ("page", "text", "logo", "checkerboard", "colorwheel")]
-                     + [("matplotlib_logo", _file_image(mpl / "logo2.png")), ("present", _file_image(mpl / "Minduka_Present_Blue_Pack.png"))],
+        + [
+            ("matplotlib_logo", _file_image(mpl / "logo2.png")),
+            ("present", _file_image(mpl / "Minduka_Present_Blue_Pack.png")),
+        ],
         "textures": [(n, _skimage(n)) for n in ("brick", "grass", "gravel")],
     }
 
 
 def synthetic_sources(size: tuple[int, int], seed: int = 0) -> dict[str, list[tuple[str, np.ndarray]]]:
     """Noise and gradients at an image size (h, w)."""
-    from scipy import ndimage
 
     rng = np.random.default_rng(seed)
     h, w = size
@@ -117,12 +142,20 @@ def synthetic_sources(size: tuple[int, int], seed: int = 0) -> dict[str, list[tu
     smooth = ndimage.gaussian_filter(rng.normal(size=(h, w)), max(h, w) / 40)
     salt = np.where(rng.random((h, w)) < 0.5, 0, 255)
     return {
-        "noise": [("uniform", rng.integers(0, 256, (h, w), dtype=np.uint8)),
-                  ("uniform_rgb", rng.integers(0, 256, (h, w, 3), dtype=np.uint8)),
-                  ("gaussian", np.clip(rng.normal(128, 40, (h, w)), 0, 255).astype(np.uint8)),
-                  ("salt_and_pepper", salt.astype(np.uint8)), ("smooth", _u8(smooth))],
-        "gradients": [("horizontal", _u8(xx)), ("vertical", _u8(yy)), ("radial", _u8(1 - r)),
-                      ("flat_grey", np.full((h, w), 128, np.uint8)), ("black", np.zeros((h, w), np.uint8))],
+        "noise": [
+            ("uniform", rng.integers(0, 256, (h, w), dtype=np.uint8)),
+            ("uniform_rgb", rng.integers(0, 256, (h, w, 3), dtype=np.uint8)),
+            ("gaussian", np.clip(rng.normal(128, 40, (h, w)), 0, 255).astype(np.uint8)),
+            ("salt_and_pepper", salt.astype(np.uint8)),
+            ("smooth", _u8(smooth)),
+        ],
+        "gradients": [
+            ("horizontal", _u8(xx)),
+            ("vertical", _u8(yy)),
+            ("radial", _u8(1 - r)),
+            ("flat_grey", np.full((h, w), 128, np.uint8)),
+            ("black", np.zeros((h, w), np.uint8)),
+        ],
     }
 
 
@@ -130,7 +163,7 @@ def _encode(image, fmt: str = "PNG") -> bytes:
     if isinstance(image, bytes):
         return image
     if isinstance(image, str) and image.startswith("dicom:"):
-        return _dicom(image[len("dicom:"):])
+        return _dicom(image[len("dicom:") :])
     a = np.asarray(image)
     if a.dtype == bool:
         a = a.astype(np.uint8) * 255
@@ -146,7 +179,7 @@ def _encode(image, fmt: str = "PNG") -> bytes:
 def _as_photo(image) -> bytes:
     """A photo input is PNG or JPEG: a DICOM's pixels are rendered first."""
     if isinstance(image, str) and image.startswith("dicom:"):
-        image = _dicom_pixels(image[len("dicom:"):])
+        image = _dicom_pixels(image[len("dicom:") :])
     a = np.asarray(image)
     if a.ndim == 2 or a.dtype == bool:
         a = np.repeat(_u8(a.astype(np.float64))[..., None] if a.dtype != np.uint8 else a[..., None], 3, axis=2)
@@ -155,8 +188,8 @@ def _as_photo(image) -> bytes:
 
 # --- inputs derived from test cells ---------------------------------------------------------
 
+
 def _decoded(path: Path) -> np.ndarray:
-    from training.decode import decode_ct
 
     return np.asarray(decode_ct(path.read_bytes()))
 
@@ -181,27 +214,29 @@ def half_reconstructed(path: Path) -> bytes:
 
 
 def empty_benches(n: int, size: tuple[int, int], seed: int = 77) -> list[tuple[str, bytes]]:
-    from training.synth.rgb import RGBPhotoSpec, render_empty_bench
 
     w, h = size
-    return [(f"bench{i}", _encode(render_empty_bench(RGBPhotoSpec(i, "cell", "pouch", 0, (), w, h, seed)), "JPEG")) for i in range(n)]
+    return [
+        (f"bench{i}", _encode(render_empty_bench(RGBPhotoSpec(i, "cell", "pouch", 0, (), w, h, seed)), "JPEG"))
+        for i in range(n)
+    ]
 
 
 # --- scoring ----------------------------------------------------------------------------------
+
 
 class Scorer:
     """The served networks in process (the exported graphs, the server's decoding): OOD scores per input."""
 
     def __init__(self, runs):
-        import torch
-
-        from export.local import TorchPipeline
 
         self.torch = torch
         self.pipeline = TorchPipeline(runs)
         for kind, info in (("CT", self.pipeline.ct_info), ("RGB", self.pipeline.rgb_info)):
             if not info.get("ood"):
-                raise SystemExit(f"error: the {kind} run has no out-of-distribution gate; fit one with 'python -m training.ood RUN'")
+                raise SystemExit(
+                    f"error: the {kind} run has no out-of-distribution gate; fit one with 'python -m training.ood RUN'"
+                )
 
     def _batched(self, graph, tensors: list, extra: list | None = None) -> list[float | None]:
         torch = self.torch
@@ -220,30 +255,27 @@ class Scorer:
 
     def ct(self, items: list[tuple[bytes, tuple]]) -> list[float | None]:
         """CT_OOD per (slice bytes, meta); None where the server would refuse the bytes outright."""
-        from export.serving import ct_tensor
 
         tensors = []
         for data, _ in items:
             try:
-                tensors.append(ct_tensor(data, self.pipeline.ct_info))
+                tensors.append(ct_tensor(data, self.pipeline.ct_facts))
             except ValueError:
                 tensors.append(None)
         return self._batched(self.pipeline.ct_graph, tensors, [m for _, m in items])
 
     def rgb(self, items: list[bytes]) -> list[float | None]:
-        from export.serving import rgb_tensor
 
         tensors = []
         for data in items:
             try:
-                tensors.append(rgb_tensor(data, self.pipeline.rgb_info))
+                tensors.append(rgb_tensor(data, self.pipeline.rgb_facts))
             except ValueError:
                 tensors.append(None)
         return self._batched(self.pipeline.rgb_graph, tensors)
 
 
 def _auroc(inside: np.ndarray, outside: np.ndarray) -> float | None:
-    from training.metrics import binary_auc
 
     outside = np.where(np.isnan(outside), np.inf, outside)
     big = max(float(np.max(inside, initial=0)), float(np.max(outside[np.isfinite(outside)], initial=0))) * 10 + 1
@@ -252,9 +284,6 @@ def _auroc(inside: np.ndarray, outside: np.ndarray) -> float | None:
 
 
 def evaluate(runs, data: Path, progress: bool = True, limit: int | None = None, inputs=("ct", "rgb")) -> dict:
-    from tqdm import tqdm
-
-    from client.dataset import pair_cells
 
     scorer = Scorer(runs)
     cells, _ = pair_cells(data, progress=False)
@@ -271,9 +300,16 @@ def evaluate(runs, data: Path, progress: bool = True, limit: int | None = None, 
     if "rgb" not in inputs:
         rgb_in = np.zeros_like(rgb_in)
     refused = (ct_in >= 1) | (rgb_in >= 1)
-    inside = {"cells": len(cells), "false_rejection": float(refused.mean()), "ct_false_rejection": float((ct_in >= 1).mean()),
-              "rgb_false_rejection": float((rgb_in >= 1).mean()), "ct_median": float(np.median(ct_in)), "rgb_median": float(np.median(rgb_in)),
-              "ct_p99": float(np.quantile(ct_in, 0.99)), "rgb_p99": float(np.quantile(rgb_in, 0.99))}
+    inside = {
+        "cells": len(cells),
+        "false_rejection": float(refused.mean()),
+        "ct_false_rejection": float((ct_in >= 1).mean()),
+        "rgb_false_rejection": float((rgb_in >= 1).mean()),
+        "ct_median": float(np.median(ct_in)),
+        "rgb_median": float(np.median(rgb_in)),
+        "ct_p99": float(np.quantile(ct_in, 0.99)),
+        "rgb_p99": float(np.quantile(rgb_in, 0.99)),
+    }
 
     slice_size = Image.open(cells[0].ct_path).size if cells[0].ct_path.suffix.lower() != ".dcm" else (512, 512)
     photo_size = Image.open(cells[0].rgb_path).size
@@ -287,13 +323,17 @@ def evaluate(runs, data: Path, progress: bool = True, limit: int | None = None, 
         kinds.append((kind, "ct", [(n, _encode(img), metas[i % len(metas)]) for i, (n, img) in enumerate(lib[kind])]))
         kinds.append((kind, "rgb", [(n, _as_photo(img), None) for n, img in lib[kind]]))
     for kind in ("noise", "gradients"):
-        kinds.append((kind, "ct", [(n, _encode(img), metas[i % len(metas)]) for i, (n, img) in enumerate(synth_ct[kind])]))
+        kinds.append(
+            (kind, "ct", [(n, _encode(img), metas[i % len(metas)]) for i, (n, img) in enumerate(synth_ct[kind])])
+        )
         kinds.append((kind, "rgb", [(n, _as_photo(img), None) for n, img in synth[kind]]))
     kinds.append(("swapped", "ct", [(c.cell_id, c.rgb_path.read_bytes(), c.meta) for c in sample]))
     kinds.append(("swapped", "rgb", [(c.cell_id, _as_photo(_decoded(c.ct_path)), None) for c in sample]))
     kinds.append(("ct_cut_off", "ct", [(c.cell_id, cut_off(c.ct_path), c.meta) for c in sample]))
     kinds.append(("ct_half", "ct", [(c.cell_id, half_reconstructed(c.ct_path), c.meta) for c in sample]))
-    kinds.append(("meta_swap", "ct", [(c.cell_id, c.ct_path.read_bytes(), (1.0 - c.meta[0], c.meta[1])) for c in sample]))
+    kinds.append(
+        ("meta_swap", "ct", [(c.cell_id, c.ct_path.read_bytes(), (1.0 - c.meta[0], c.meta[1])) for c in sample])
+    )
     kinds.append(("empty_bench", "rgb", [(n, b, None) for n, b in empty_benches(len(sample), photo_size)]))
 
     kinds = [k for k in kinds if k[1] in inputs]
@@ -303,26 +343,48 @@ def evaluate(runs, data: Path, progress: bool = True, limit: int | None = None, 
         decoder = sum(s is None for s in scores)
         s = np.array([np.inf if v is None else v for v in scores])
         rejected = s >= 1
-        rows.append({"kind": kind, "input": side, "images": len(items), "rejected": float(rejected.mean()),
-                     "refused_by_decoder": decoder, "auroc": _auroc(ct_in if side == "ct" else rgb_in, s),
-                     "median_score": float(np.median(s)), "missed": [n for (n, _, _), r in zip(items, rejected) if not r]})
+        rows.append(
+            {
+                "kind": kind,
+                "input": side,
+                "images": len(items),
+                "rejected": float(rejected.mean()),
+                "refused_by_decoder": decoder,
+                "auroc": _auroc(ct_in if side == "ct" else rgb_in, s),
+                "median_score": float(np.median(s)),
+                "missed": [n for (n, _, _), r in zip(items, rejected) if not r],
+            }
+        )
     total = sum(r["images"] for r in rows)
     overall = sum(r["rejected"] * r["images"] for r in rows) / total
-    return {"data": str(data), "runs": [str(r) for r in runs], "in_distribution": inside, "kinds": rows,
-            "overall_rejection": overall, "images": total,
-            "targets": {"false_rejection_max": FALSE_REJECTION_TARGET, "rejection_min": REJECTION_TARGET},
-            "met": inside["false_rejection"] <= FALSE_REJECTION_TARGET and all(r["rejected"] >= REJECTION_TARGET for r in rows)}
+    return {
+        "data": str(data),
+        "runs": [str(r) for r in runs],
+        "in_distribution": inside,
+        "kinds": rows,
+        "overall_rejection": overall,
+        "images": total,
+        "targets": {"false_rejection_max": FALSE_REJECTION_TARGET, "rejection_min": REJECTION_TARGET},
+        "met": inside["false_rejection"] <= FALSE_REJECTION_TARGET
+        and all(r["rejected"] >= REJECTION_TARGET for r in rows),
+    }
 
 
 def markdown(result: dict) -> str:
     i = result["in_distribution"]
-    lines = [f"In distribution ({i['cells']} fresh test cells): false rejection {i['false_rejection']:.1%} "
-             f"(CT {i['ct_false_rejection']:.1%}, photo {i['rgb_false_rejection']:.1%}; target <= {FALSE_REJECTION_TARGET:.0%})", "",
-             "| kind | input | images | rejected | AUROC | median score |", "|---|---|---|---|---|---|"]
+    lines = [
+        f"In distribution ({i['cells']} fresh test cells): false rejection {i['false_rejection']:.1%} "
+        f"(CT {i['ct_false_rejection']:.1%}, photo {i['rgb_false_rejection']:.1%}; target <= {FALSE_REJECTION_TARGET:.0%})",
+        "",
+        "| kind | input | images | rejected | AUROC | median score |",
+        "|---|---|---|---|---|---|",
+    ]
     for r in result["kinds"]:
         auroc = "n/a" if r["auroc"] is None else f"{r['auroc']:.3f}"
         extra = f" ({r['refused_by_decoder']} by the decoder)" if r["refused_by_decoder"] else ""
-        lines.append(f"| {r['kind']} | {r['input']} | {r['images']} | {r['rejected']:.0%}{extra} | {auroc} | {r['median_score']:.2f} |")
+        lines.append(
+            f"| {r['kind']} | {r['input']} | {r['images']} | {r['rejected']:.0%}{extra} | {auroc} | {r['median_score']:.2f} |"
+        )
     lines.append(f"| **all** | | {result['images']} | **{result['overall_rejection']:.1%}** | | |")
     return "\n".join(lines)
 
@@ -337,11 +399,22 @@ def _default_runs_and_data() -> tuple[list[Path], Path | None]:
 
 def add_test_set_arguments(p: argparse.ArgumentParser, limit_help: str, inputs_help: str) -> None:
     """The options `ood` and `robustness` share: which runs, which fresh test set, which input."""
-    p.add_argument("--runs", type=Path, nargs="+", help="CT and RGB runs, or a preset folder (default runs/standard, else runs/quick)")
-    p.add_argument("--data", type=Path, help="fresh test data in the AI Hub layout (default: the preset's test set from its summary.json)")
+    p.add_argument(
+        "--runs",
+        type=Path,
+        nargs="+",
+        help="CT and RGB runs, or a preset folder (default runs/standard, else runs/quick)",
+    )
+    p.add_argument(
+        "--data",
+        type=Path,
+        help="fresh test data in the AI Hub layout (default: the preset's test set from its summary.json)",
+    )
     p.add_argument("--limit", type=int, help=limit_help)
     p.add_argument("--inputs", choices=["ct", "rgb", "both"], default="both", help=inputs_help)
-    p.add_argument("--out", type=Path, default=Path("benchmarks/results"), help="results folder (default benchmarks/results)")
+    p.add_argument(
+        "--out", type=Path, default=Path("benchmarks/results"), help="results folder (default benchmarks/results)"
+    )
     p.add_argument("--quiet", action="store_true")
 
 
@@ -350,7 +423,9 @@ def test_set(p: argparse.ArgumentParser, args) -> tuple[list[Path], Path, tuple[
     runs, data = _default_runs_and_data()
     runs, data = args.runs or runs, args.data or data
     if data is None or not Path(data).is_dir():
-        p.error("no test data: pass --data (a fresh test set, e.g. data/quick_test from 'python -m training.preset quick')")
+        p.error(
+            "no test data: pass --data (a fresh test set, e.g. data/quick_test from 'python -m training.preset quick')"
+        )
     return runs, Path(data), ("ct", "rgb") if args.inputs == "both" else (args.inputs,)
 
 
@@ -364,18 +439,24 @@ def write_results(out: Path, name: str, result: dict, text: str) -> None:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m benchmarks ood", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="python -m benchmarks ood", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     add_test_set_arguments(p, "use only the first N test cells", "which input's gate to measure (default both)")
     args = p.parse_args(argv)
     runs, data, inputs = test_set(p, args)
     result = evaluate(runs, data, progress=not args.quiet, limit=args.limit, inputs=inputs)
     text = markdown(result)
     print("\n" + text)
-    print(f"\n{'all targets met' if result['met'] else 'TARGET MISSED'}: false rejection <= {FALSE_REJECTION_TARGET:.0%}, "
-          f">= {REJECTION_TARGET:.0%} of every kind rejected")
+    print(
+        f"\n{'all targets met' if result['met'] else 'TARGET MISSED'}: false rejection <= {FALSE_REJECTION_TARGET:.0%}, "
+        f">= {REJECTION_TARGET:.0%} of every kind rejected"
+    )
     for r in result["kinds"]:
         if r["missed"]:
-            print(f"  {r['kind']} ({r['input']}) passed the gate: {', '.join(r['missed'][:6])}{' ...' if len(r['missed']) > 6 else ''}")
+            print(
+                f"  {r['kind']} ({r['input']}) passed the gate: {', '.join(r['missed'][:6])}{' ...' if len(r['missed']) > 6 else ''}"
+            )
     write_results(args.out, "ood", result, text)
     return 0 if result["met"] else 1
 

@@ -4,6 +4,7 @@ encoded images as input data and the server's metrics collected.
 perf_analyzer needs libb64 (Debian package libb64-0d) and libcudart (PyPI package
 nvidia-cuda-runtime-cu12, no GPU needed); `available()` says what is missing.
 """
+
 from __future__ import annotations
 
 import base64
@@ -16,9 +17,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-
 from client.inspection import Cell
-from ensemble import interface as api
+from core import interface as api
 
 
 def binary() -> Path | None:
@@ -28,7 +28,7 @@ def binary() -> Path | None:
 
 def _cudart_dir() -> str | None:
     try:
-        import nvidia.cuda_runtime
+        import nvidia.cuda_runtime  # noqa: PLC0415 - only to locate libcudart for perf_analyzer
 
         return str(Path(list(nvidia.cuda_runtime.__path__)[0]) / "lib")
     except ImportError:
@@ -54,7 +54,10 @@ def available() -> str | None:
         return f"perf_analyzer does not start: {e}"
     if "error while loading shared libraries" in run.stderr:
         lib = run.stderr.split("error while loading shared libraries:")[1].split(":")[0].strip()
-        hint = {"libb64.so.0d": "apt-get install libb64-0d", "libcudart.so.12": "pip install nvidia-cuda-runtime-cu12"}.get(lib, "")
+        hint = {
+            "libb64.so.0d": "apt-get install libb64-0d",
+            "libcudart.so.12": "pip install nvidia-cuda-runtime-cu12",
+        }.get(lib, "")
         return f"perf_analyzer needs {lib}" + (f" ({hint})" if hint else "")
     return None
 
@@ -62,6 +65,7 @@ def available() -> str | None:
 def input_data(cells: list[Cell], model: str, path: Path) -> Path:
     """perf_analyzer's --input-data JSON: one entry per cell, images as base64 of the raw BYTES
     tensor content (each element prefixed by its 4-byte little-endian length, as on the wire)."""
+
     def b64(data: bytes) -> dict:
         return {"b64": base64.b64encode(struct.pack("<I", len(data)) + data).decode()}
 
@@ -78,8 +82,16 @@ def input_data(cells: list[Cell], model: str, path: Path) -> Path:
     return path
 
 
-def run(url: str, metrics_url: str, model: str, cells: list[Cell], concurrencies, interval_ms: int, work: Path,
-        progress=print) -> list[dict]:
+def run(
+    url: str,
+    metrics_url: str,
+    model: str,
+    cells: list[Cell],
+    concurrencies,
+    interval_ms: int,
+    work: Path,
+    progress=print,
+) -> list[dict]:
     """One perf_analyzer sweep of `model`; a row per concurrency with throughput, latency and server-side times."""
     work.mkdir(parents=True, exist_ok=True)
     data = input_data(cells, model, work / f"{model}_input.json")
@@ -87,20 +99,57 @@ def run(url: str, metrics_url: str, model: str, cells: list[Cell], concurrencies
     steps = sorted(set(concurrencies))
     rows = []
     for c in steps:  # one call per level: perf_analyzer's range takes a fixed step only
-        cmd = [str(binary()), "-m", model, "-u", url, "-i", "grpc", "--input-data", str(data), "--concurrency-range", f"{c}:{c}",
-               "--measurement-interval", str(interval_ms), "--stability-percentage", "50", "--max-trials", "6", "-f", str(report),
-               "--collect-metrics", "--metrics-url", metrics_url, "--metrics-interval", str(max(100, interval_ms // 2))]
-        done = subprocess.run(cmd, capture_output=True, text=True, env=environment(), timeout=max(120, 20 * interval_ms / 1000))
+        cmd = [
+            str(binary()),
+            "-m",
+            model,
+            "-u",
+            url,
+            "-i",
+            "grpc",
+            "--input-data",
+            str(data),
+            "--concurrency-range",
+            f"{c}:{c}",
+            "--measurement-interval",
+            str(interval_ms),
+            "--stability-percentage",
+            "50",
+            "--max-trials",
+            "6",
+            "-f",
+            str(report),
+            "--collect-metrics",
+            "--metrics-url",
+            metrics_url,
+            "--metrics-interval",
+            str(max(100, interval_ms // 2)),
+        ]
+        done = subprocess.run(
+            cmd, capture_output=True, text=True, env=environment(), timeout=max(120, 20 * interval_ms / 1000)
+        )
         if done.returncode != 0:
-            raise RuntimeError(f"perf_analyzer failed on {model} at concurrency {c}: {(done.stderr or done.stdout).strip()[-600:]}")
+            raise RuntimeError(
+                f"perf_analyzer failed on {model} at concurrency {c}: {(done.stderr or done.stdout).strip()[-600:]}"
+            )
         with open(report) as f:
             row = next(csv.DictReader(f))
-        parsed = {"model": model, "concurrency": c, "cells_per_s": float(row["Inferences/Second"]),
-                  **{f"p{q}_ms": float(row[f"p{q} latency"]) / 1000 for q in (50, 90, 99)},
-                  "server_queue_ms": float(row["Server Queue"]) / 1000,
-                  "server_compute_ms": (float(row["Server Compute Input"]) + float(row["Server Compute Infer"])
-                                        + float(row["Server Compute Output"])) / 1000}
-        progress(f"  perf_analyzer {model:<12} concurrency {c:>3}: {parsed['cells_per_s']:7.1f}/s  p50 {parsed['p50_ms']:7.1f} ms  "
-                 f"p99 {parsed['p99_ms']:7.1f} ms")
+        parsed = {
+            "model": model,
+            "concurrency": c,
+            "cells_per_s": float(row["Inferences/Second"]),
+            **{f"p{q}_ms": float(row[f"p{q} latency"]) / 1000 for q in (50, 90, 99)},
+            "server_queue_ms": float(row["Server Queue"]) / 1000,
+            "server_compute_ms": (
+                float(row["Server Compute Input"])
+                + float(row["Server Compute Infer"])
+                + float(row["Server Compute Output"])
+            )
+            / 1000,
+        }
+        progress(
+            f"  perf_analyzer {model:<12} concurrency {c:>3}: {parsed['cells_per_s']:7.1f}/s  p50 {parsed['p50_ms']:7.1f} ms  "
+            f"p99 {parsed['p99_ms']:7.1f} ms"
+        )
         rows.append(parsed)
     return rows

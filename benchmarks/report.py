@@ -1,4 +1,5 @@
 """Benchmark results: JSON, a flat CSV, two plots and a Markdown summary whose headline is ratios."""
+
 from __future__ import annotations
 
 import csv
@@ -6,7 +7,10 @@ import json
 import time
 from pathlib import Path
 
-from ensemble import interface as api
+import matplotlib
+import matplotlib.pyplot as plt
+
+from core import interface as api
 
 # Triton end to end against the best in-process end-to-end pipeline on the same cores (the
 # serving overhead), and against the original system's per-cell path (the product's gain).
@@ -25,8 +29,15 @@ def headline(r: dict) -> dict:
         clients += [("perf_analyzer", row["cells_per_s"]) for row in pa]
     client, triton = max(clients, key=lambda c: c[1], default=("none", 0.0))
     gflop = r["models"]["gflop_per_cell"]
-    h = {"triton_cells_per_s": triton, "triton_client": client, "onnxruntime_cells_per_s": ort, "triton_vs_onnxruntime": triton / ort,
-         "sgemm_gflops": r["machine"]["sgemm_gflops"], "onnxruntime_gflops": ort * gflop, "triton_gflops": triton * gflop}
+    h = {
+        "triton_cells_per_s": triton,
+        "triton_client": client,
+        "onnxruntime_cells_per_s": ort,
+        "triton_vs_onnxruntime": triton / ort,
+        "sgemm_gflops": r["machine"]["sgemm_gflops"],
+        "onnxruntime_gflops": ort * gflop,
+        "triton_gflops": triton * gflop,
+    }
     h["onnxruntime_vs_sgemm"] = h["onnxruntime_gflops"] / h["sgemm_gflops"]
     h["triton_vs_sgemm"] = h["triton_gflops"] / h["sgemm_gflops"]
     if r["in_process"].get("torch"):
@@ -43,29 +54,70 @@ def headline(r: dict) -> dict:
 def _rows(r: dict) -> list[dict]:
     rows = []
     for kind, entries in r["in_process"].items():
-        rows += [{"path": f"in-process {kind}", "model": "cell", "batch": e["batch"], "concurrency": "", "cells_per_s": e["cells_per_s"]}
-                 for e in entries]
-    rows += [{"path": "triton loadgen", "model": "inspect", "batch": 1, **{k: e.get(k, "") for k in
-              ("concurrency", "cells_per_s", "p50_ms", "p90_ms", "p99_ms", "errors")}} for e in r["loadgen"]]
+        rows += [
+            {
+                "path": f"in-process {kind}",
+                "model": "cell",
+                "batch": e["batch"],
+                "concurrency": "",
+                "cells_per_s": e["cells_per_s"],
+            }
+            for e in entries
+        ]
+    rows += [
+        {
+            "path": "triton loadgen",
+            "model": "inspect",
+            "batch": 1,
+            **{k: e.get(k, "") for k in ("concurrency", "cells_per_s", "p50_ms", "p90_ms", "p99_ms", "errors")},
+        }
+        for e in r["loadgen"]
+    ]
     for model, entries in r["perf_analyzer"].items():
         if isinstance(entries, list):
-            rows += [{"path": "triton perf_analyzer", "model": model, "batch": 1, **{k: e[k] for k in
-                      ("concurrency", "cells_per_s", "p50_ms", "p90_ms", "p99_ms", "server_queue_ms", "server_compute_ms")}} for e in entries]
+            rows += [
+                {
+                    "path": "triton perf_analyzer",
+                    "model": model,
+                    "batch": 1,
+                    **{
+                        k: e[k]
+                        for k in (
+                            "concurrency",
+                            "cells_per_s",
+                            "p50_ms",
+                            "p90_ms",
+                            "p99_ms",
+                            "server_queue_ms",
+                            "server_compute_ms",
+                        )
+                    },
+                }
+                for e in entries
+            ]
     return rows
 
 
 def _plots(r: dict, h: dict, folder: Path) -> None:
-    import matplotlib
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
     lg = r["loadgen"]
-    ax.plot([e["concurrency"] for e in lg], [e["cells_per_s"] for e in lg], "o-", label="Triton inspect (asyncio load generator)")
+    ax.plot(
+        [e["concurrency"] for e in lg],
+        [e["cells_per_s"] for e in lg],
+        "o-",
+        label="Triton inspect (asyncio load generator)",
+    )
     for model, entries in r["perf_analyzer"].items():
         if isinstance(entries, list):
-            ax.plot([e["concurrency"] for e in entries], [e["cells_per_s"] for e in entries], "s--", label=f"perf_analyzer {model}")
+            ax.plot(
+                [e["concurrency"] for e in entries],
+                [e["cells_per_s"] for e in entries],
+                "s--",
+                label=f"perf_analyzer {model}",
+            )
     ax.axhline(h["onnxruntime_cells_per_s"], color="k", lw=1, label="in-process ONNX Runtime (best batch)")
     if "original_cells_per_s" in h:
         ax.axhline(h["original_cells_per_s"], color="r", lw=1, label="original-style path")
@@ -82,7 +134,13 @@ def _plots(r: dict, h: dict, folder: Path) -> None:
     for q in (50, 90, 99):
         ax.plot([e["cells_per_s"] for e in lg], [e.get(f"p{q}_ms", float("nan")) for e in lg], "o-", label=f"p{q}")
     for e in lg:
-        ax.annotate(str(e["concurrency"]), (e["cells_per_s"], e.get("p50_ms", 0)), fontsize=7, textcoords="offset points", xytext=(3, -9))
+        ax.annotate(
+            str(e["concurrency"]),
+            (e["cells_per_s"], e.get("p50_ms", 0)),
+            fontsize=7,
+            textcoords="offset points",
+            xytext=(3, -9),
+        )
     ax.set_xlabel("cells / s (Triton inspect, load generator)")
     ax.set_ylabel("latency per cell, ms")
     ax.set_title("Latency percentiles against throughput (labels: requests in flight)")
@@ -100,16 +158,22 @@ def diagnosis(r: dict, h: dict) -> str:
     pre = r["in_process"]["preprocess"][0]
     instances = r.get("tuning", {}).get("preprocess_instances", 1)
     cores = r["machine"]["cores"]
-    ceiling = 1 / (1 / pre["cells_per_s"] + cores / h["onnxruntime_cells_per_s"]) * cores  # both on all cores, CPU-seconds per cell
-    text = (f"decoding and preprocessing, which the in-process ONNX Runtime figure leaves out, run at {pre['cells_per_s']:.1f} cells/s "
-            f"per core (CT {pre['ct_images_per_s']:.0f}/s, RGB {pre['rgb_images_per_s']:.0f}/s) against {h['onnxruntime_cells_per_s']:.0f} "
-            f"cells/s for the networks on all {cores} cores; with {instances} preprocessing instance(s), a cell costs "
-            f"{1000 / pre['cells_per_s']:.1f} ms of one core before its networks, so this machine can give at most about "
-            f"{ceiling:.0f} cells/s end to end (Triton reached {h['triton_cells_per_s']:.1f}, "
-            f"{h['triton_cells_per_s'] / ceiling:.0%} of that).")
+    ceiling = (
+        1 / (1 / pre["cells_per_s"] + cores / h["onnxruntime_cells_per_s"]) * cores
+    )  # both on all cores, CPU-seconds per cell
+    text = (
+        f"decoding and preprocessing, which the in-process ONNX Runtime figure leaves out, run at {pre['cells_per_s']:.1f} cells/s "
+        f"per core (CT {pre['ct_images_per_s']:.0f}/s, RGB {pre['rgb_images_per_s']:.0f}/s) against {h['onnxruntime_cells_per_s']:.0f} "
+        f"cells/s for the networks on all {cores} cores; with {instances} preprocessing instance(s), a cell costs "
+        f"{1000 / pre['cells_per_s']:.1f} ms of one core before its networks, so this machine can give at most about "
+        f"{ceiling:.0f} cells/s end to end (Triton reached {h['triton_cells_per_s']:.1f}, "
+        f"{h['triton_cells_per_s'] / ceiling:.0%} of that)."
+    )
     if "triton_vs_original" in h and h["triton_vs_original"] < TARGETS["triton_vs_original"]:
-        text += (" The original-style path pays the same decoding and preprocessing per cell; the served path saves on the "
-                 "networks (batching, the in-graph Grad-CAM, lower precision) but not on that share.")
+        text += (
+            " The original-style path pays the same decoding and preprocessing per cell; the served path saves on the "
+            "networks (batching, the in-graph Grad-CAM, lower precision) but not on that share."
+        )
     return text
 
 
@@ -119,43 +183,69 @@ def _verdict(value: float, target: float) -> str:
 
 def summary(r: dict, h: dict) -> str:
     m, mod = r["machine"], r["models"]
-    lines = [f"# Serving benchmark, {r['started']}", "",
-             f"Machine: {m['cpu']}, {m['cores']} cores, {m.get('instruction_set', 'instruction set not recorded')}; "
-             f"runs {', '.join(r['runs'])}" + (f" (the {r['untrained']} preset's networks with random weights: speed only)"
-                                                 if r.get("untrained") else "") + f"; {r['cells']} cells of {r['data']}; CT {mod['ct_input']} px, RGB {mod['rgb_input']} px, "
-             f"{mod['gflop_per_cell']:.2f} GFLOP per cell.", "",
-             "Serving tuning: " + ", ".join(f"{k} {v}" for k, v in r.get("tuning", {}).items()) + ".", "",
-             "| ratio | value | target |", "|---|---|---|"]
+    lines = [
+        f"# Serving benchmark, {r['started']}",
+        "",
+        f"Machine: {m['cpu']}, {m['cores']} cores, {m.get('instruction_set', 'instruction set not recorded')}; "
+        f"runs {', '.join(r['runs'])}"
+        + (f" (the {r['untrained']} preset's networks with random weights: speed only)" if r.get("untrained") else "")
+        + f"; {r['cells']} cells of {r['data']}; CT {mod['ct_input']} px, RGB {mod['rgb_input']} px, "
+        f"{mod['gflop_per_cell']:.2f} GFLOP per cell.",
+        "",
+        "Serving tuning: " + ", ".join(f"{k} {v}" for k, v in r.get("tuning", {}).items()) + ".",
+        "",
+        "| ratio | value | target |",
+        "|---|---|---|",
+    ]
     if "triton_vs_original" in h:
-        lines.append(f"| Triton `inspect`{' with heatmaps' if r['settings'].get('heatmaps') else ''} ({h['triton_client']}) / the original system's "
-                     f"per-cell path | **{h['triton_vs_original']:.1f}** ({h['triton_cells_per_s']:.2f} / "
-                     f"{h['original_cells_per_s']:.3f} cells/s) | >= {TARGETS['triton_vs_original']:g} "
-                     f"({_verdict(h['triton_vs_original'], TARGETS['triton_vs_original'])}) |")
+        lines.append(
+            f"| Triton `inspect`{' with heatmaps' if r['settings'].get('heatmaps') else ''} ({h['triton_client']}) / the original system's "
+            f"per-cell path | **{h['triton_vs_original']:.1f}** ({h['triton_cells_per_s']:.2f} / "
+            f"{h['original_cells_per_s']:.3f} cells/s) | >= {TARGETS['triton_vs_original']:g} "
+            f"({_verdict(h['triton_vs_original'], TARGETS['triton_vs_original'])}) |"
+        )
     if "triton_vs_inprocess" in h:
         e2e = max(r["in_process"]["end_to_end"], key=lambda row: row["cells_per_s"])
-        lines.append(f"| Triton end to end / best in-process end-to-end pipeline ({e2e['processes']} processes, batch "
-                     f"{e2e['batch']}) | **{h['triton_vs_inprocess']:.2f}** ({h['triton_cells_per_s']:.2f} / "
-                     f"{h['inprocess_cells_per_s']:.2f} cells/s) | >= {TARGETS['triton_vs_inprocess']} "
-                     f"({_verdict(h['triton_vs_inprocess'], TARGETS['triton_vs_inprocess'])}) |")
-    lines.append(f"| Triton end to end / in-process ONNX Runtime on preprocessed tensors (networks only) | "
-                 f"**{h['triton_vs_onnxruntime']:.2f}** ({h['triton_cells_per_s']:.2f} / {h['onnxruntime_cells_per_s']:.2f} cells/s) | |")
-    lines += [f"| in-process ONNX Runtime GFLOP/s / SGEMM GFLOP/s | **{h['onnxruntime_vs_sgemm']:.2f}** "
-              f"({h['onnxruntime_gflops']:.1f} / {h['sgemm_gflops']:.1f}) | |",
-              f"| Triton GFLOP/s / SGEMM GFLOP/s | **{h['triton_vs_sgemm']:.2f}** ({h['triton_gflops']:.1f} / {h['sgemm_gflops']:.1f}) | |",
-              "", "| path | batch / in flight | cells/s | p50 ms | p99 ms |", "|---|---|---|---|---|"]
+        lines.append(
+            f"| Triton end to end / best in-process end-to-end pipeline ({e2e['processes']} processes, batch "
+            f"{e2e['batch']}) | **{h['triton_vs_inprocess']:.2f}** ({h['triton_cells_per_s']:.2f} / "
+            f"{h['inprocess_cells_per_s']:.2f} cells/s) | >= {TARGETS['triton_vs_inprocess']} "
+            f"({_verdict(h['triton_vs_inprocess'], TARGETS['triton_vs_inprocess'])}) |"
+        )
+    lines.append(
+        f"| Triton end to end / in-process ONNX Runtime on preprocessed tensors (networks only) | "
+        f"**{h['triton_vs_onnxruntime']:.2f}** ({h['triton_cells_per_s']:.2f} / {h['onnxruntime_cells_per_s']:.2f} cells/s) | |"
+    )
+    lines += [
+        f"| in-process ONNX Runtime GFLOP/s / SGEMM GFLOP/s | **{h['onnxruntime_vs_sgemm']:.2f}** "
+        f"({h['onnxruntime_gflops']:.1f} / {h['sgemm_gflops']:.1f}) | |",
+        f"| Triton GFLOP/s / SGEMM GFLOP/s | **{h['triton_vs_sgemm']:.2f}** ({h['triton_gflops']:.1f} / {h['sgemm_gflops']:.1f}) | |",
+        "",
+        "| path | batch / in flight | cells/s | p50 ms | p99 ms |",
+        "|---|---|---|---|---|",
+    ]
     for row in _rows(r):
         b = row["concurrency"] if row["concurrency"] != "" else row["batch"]
         p50, p99 = row.get("p50_ms", ""), row.get("p99_ms", "")
-        lines.append(f"| {row['path']} {row['model'] if row['model'] != 'cell' else ''} | {b} | {row['cells_per_s']:.1f} | "
-                     f"{p50 if p50 == '' else f'{p50:.1f}'} | {p99 if p99 == '' else f'{p99:.1f}'} |")
+        lines.append(
+            f"| {row['path']} {row['model'] if row['model'] != 'cell' else ''} | {b} | {row['cells_per_s']:.1f} | "
+            f"{p50 if p50 == '' else f'{p50:.1f}'} | {p99 if p99 == '' else f'{p99:.1f}'} |"
+        )
     steps = [s for s in r.get("server_steps", []) if s["executions"]]
     if steps:
-        lines += ["", "Server time per cell by model over the load generator's run (Triton's statistics; compute amortised over "
-                  "each dynamic batch; input and output are the tensors' copies into and out of the backend):", "",
-                  "| model | requests | mean batch | queue ms | input ms | compute ms | output ms | copies share |",
-                  "|---|---|---|---|---|---|---|---|"]
-        lines += [f"| {s['model']} | {s['requests']} | {s['mean_batch']:.2f} | {s['queue_ms']:.2f} | {s['compute_input_ms']:.3f} | "
-                  f"{s['compute_infer_ms']:.2f} | {s['compute_output_ms']:.3f} | {s['copy_share']:.1%} |" for s in steps]
+        lines += [
+            "",
+            "Server time per cell by model over the load generator's run (Triton's statistics; compute amortised over "
+            "each dynamic batch; input and output are the tensors' copies into and out of the backend):",
+            "",
+            "| model | requests | mean batch | queue ms | input ms | compute ms | output ms | copies share |",
+            "|---|---|---|---|---|---|---|---|",
+        ]
+        lines += [
+            f"| {s['model']} | {s['requests']} | {s['mean_batch']:.2f} | {s['queue_ms']:.2f} | {s['compute_input_ms']:.3f} | "
+            f"{s['compute_infer_ms']:.2f} | {s['compute_output_ms']:.3f} | {s['copy_share']:.1%} |"
+            for s in steps
+        ]
     why = diagnosis(r, h)
     if why:
         lines += ["", "Why: " + why]
@@ -171,8 +261,19 @@ def write_results(r: dict, out: Path) -> Path:
     r = {**r, "headline": h}
     (folder / "results.json").write_text(json.dumps(r, indent=1, default=str))
     rows = _rows(r)
-    fields = ["path", "model", "batch", "concurrency", "cells_per_s", "p50_ms", "p90_ms", "p99_ms", "errors", "server_queue_ms",
-              "server_compute_ms"]
+    fields = [
+        "path",
+        "model",
+        "batch",
+        "concurrency",
+        "cells_per_s",
+        "p50_ms",
+        "p90_ms",
+        "p99_ms",
+        "errors",
+        "server_queue_ms",
+        "server_compute_ms",
+    ]
     with open(folder / "results.csv", "w", newline="") as f:
         w = csv.DictWriter(f, fields, extrasaction="ignore")
         w.writeheader()

@@ -16,6 +16,7 @@ A heavy change may be refused: that is the gate doing its work, and the table sa
 
 Results: a table on stdout, JSON and Markdown in --out. Exit status 1 when a target is missed.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -24,8 +25,18 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import torch
 from PIL import Image, ImageDraw
 from scipy import ndimage
+from tqdm import tqdm
+
+from benchmarks.ood import add_test_set_arguments, test_set, write_results
+from core.aihub import scan
+from core.decode import decode_ct
+from core.labels import CT_CLASSES
+from export.local import TorchPipeline
+from serving.runtime import ct_tensor, rgb_tensor
+from training.metrics import binary_auc, macro_f1
 
 STRENGTHS = ("mild", "moderate", "heavy")
 F1_LOSS_MAX, AUROC_LOSS_MAX, REFUSED_MAX = 0.03, 0.03, 0.05
@@ -70,7 +81,9 @@ def _affine(a: np.ndarray, degrees: float, zoom: float, shift: tuple[float, floa
     offset = c - m @ c - m @ np.asarray(shift)
     if a.ndim == 2:
         return ndimage.affine_transform(a, m, offset, order=1, mode="nearest")
-    return np.stack([ndimage.affine_transform(a[..., k], m, offset, order=1, mode="nearest") for k in range(a.shape[2])], -1)
+    return np.stack(
+        [ndimage.affine_transform(a[..., k], m, offset, order=1, mode="nearest") for k in range(a.shape[2])], -1
+    )
 
 
 def shift_ct(a: np.ndarray, family: str, p, rng: np.random.Generator) -> tuple[np.ndarray, int | None]:
@@ -97,7 +110,9 @@ def shift_ct(a: np.ndarray, family: str, p, rng: np.random.Generator) -> tuple[n
     raise ValueError(family)
 
 
-def shift_rgb(a: np.ndarray, family: str, p, rng: np.random.Generator, outline: np.ndarray | None) -> tuple[np.ndarray, int | None]:
+def shift_rgb(
+    a: np.ndarray, family: str, p, rng: np.random.Generator, outline: np.ndarray | None
+) -> tuple[np.ndarray, int | None]:
     a = a.astype(np.float64)
     size = a.shape[1] / 480
     if family == "exposure":
@@ -128,21 +143,14 @@ def shift_rgb(a: np.ndarray, family: str, p, rng: np.random.Generator, outline: 
 
 
 def _ct_pixels(path: Path) -> np.ndarray:
-    from training.decode import decode_ct
 
     a = np.asarray(decode_ct(path.read_bytes()), np.float64)
     return a / 257.0 if a.max() > 255 else a
 
 
-def evaluate(runs, data: Path, progress: bool = True, limit: int | None = None, seed: int = 0, inputs=("ct", "rgb")) -> dict:
-    import torch
-    from tqdm import tqdm
-
-    from export.local import TorchPipeline
-    from export.serving import ct_tensor, rgb_tensor
-    from training.data.aihub import scan
-    from training.data.labels import CT_CLASSES
-    from training.metrics import binary_auc, macro_f1
+def evaluate(
+    runs, data: Path, progress: bool = True, limit: int | None = None, seed: int = 0, inputs=("ct", "rgb")
+) -> dict:
 
     pipeline = TorchPipeline(runs)
     ds = scan(data, progress=False)
@@ -159,17 +167,19 @@ def evaluate(runs, data: Path, progress: bool = True, limit: int | None = None, 
     anomalous = np.array([not r.is_normal for r in photos])
 
     def run_ct(encoded: list[bytes]) -> tuple[float, float]:
-        x = torch.from_numpy(np.stack([ct_tensor(b, pipeline.ct_info) for b in encoded]))
+        x = torch.from_numpy(np.stack([ct_tensor(b, pipeline.ct_facts) for b in encoded]))
         probs, ood = [], []
         with torch.no_grad():
             for i in range(0, len(x), 32):
                 p, _, o = pipeline.ct_graph(x[i : i + 32], meta[i : i + 32])
                 probs.append(p.numpy())
                 ood.append(o.numpy()[:, 0])
-        return macro_f1(labels, np.concatenate(probs).argmax(1), len(CT_CLASSES)), float((np.concatenate(ood) >= 1).mean())
+        return macro_f1(labels, np.concatenate(probs).argmax(1), len(CT_CLASSES)), float(
+            (np.concatenate(ood) >= 1).mean()
+        )
 
     def run_rgb(encoded: list[bytes]) -> tuple[float, float]:
-        x = torch.from_numpy(np.stack([rgb_tensor(b, pipeline.rgb_info) for b in encoded]))
+        x = torch.from_numpy(np.stack([rgb_tensor(b, pipeline.rgb_facts) for b in encoded]))
         scores, ood = [], []
         with torch.no_grad():
             for i in range(0, len(x), 32):
@@ -181,11 +191,29 @@ def evaluate(runs, data: Path, progress: bool = True, limit: int | None = None, 
     rows, jobs = [], []
     if "ct" in inputs:
         base_f1, base_ct_refused = run_ct([_encode(a) for a in ct_px])
-        rows.append({"input": "ct", "family": "none", "strength": "-", "metric": base_f1, "loss": 0.0, "refused": base_ct_refused})
+        rows.append(
+            {
+                "input": "ct",
+                "family": "none",
+                "strength": "-",
+                "metric": base_f1,
+                "loss": 0.0,
+                "refused": base_ct_refused,
+            }
+        )
         jobs += [("ct", f, s, p) for f, ps in CT_FAMILIES.items() for s, p in zip(STRENGTHS, ps)]
     if "rgb" in inputs:
         base_auc, base_rgb_refused = run_rgb([_encode(a) for a in rgb_px])
-        rows.append({"input": "rgb", "family": "none", "strength": "-", "metric": base_auc, "loss": 0.0, "refused": base_rgb_refused})
+        rows.append(
+            {
+                "input": "rgb",
+                "family": "none",
+                "strength": "-",
+                "metric": base_auc,
+                "loss": 0.0,
+                "refused": base_rgb_refused,
+            }
+        )
         jobs += [("rgb", f, s, p) for f, ps in RGB_FAMILIES.items() for s, p in zip(STRENGTHS, ps)]
     for side, family, strength, p in tqdm(jobs, desc="shifts", unit="shift", disable=not progress):
         rng = np.random.default_rng(seed)
@@ -197,20 +225,43 @@ def evaluate(runs, data: Path, progress: bool = True, limit: int | None = None, 
             encoded = [_encode(*shift_rgb(a, family, p, rng, o)) for a, o in zip(rgb_px, outlines)]
             metric, refused = run_rgb(encoded)
             loss = base_auc - metric
-        rows.append({"input": side, "family": family, "strength": strength, "parameter": p, "metric": metric, "loss": loss,
-                     "refused": refused})
+        rows.append(
+            {
+                "input": side,
+                "family": family,
+                "strength": strength,
+                "parameter": p,
+                "metric": metric,
+                "loss": loss,
+                "refused": refused,
+            }
+        )
     moderate = [r for r in rows if r["strength"] == "moderate"]
     for r in moderate:
         r["met"] = r["loss"] <= (F1_LOSS_MAX if r["input"] == "ct" else AUROC_LOSS_MAX) and r["refused"] <= REFUSED_MAX
-    return {"data": str(data), "runs": [str(r) for r in runs], "slices": len(slices), "photos": len(photos), "rows": rows,
-            "targets": {"ct_macro_f1_loss_max": F1_LOSS_MAX, "rgb_auroc_loss_max": AUROC_LOSS_MAX, "refused_max": REFUSED_MAX},
-            "met": all(r["met"] for r in moderate)}
+    return {
+        "data": str(data),
+        "runs": [str(r) for r in runs],
+        "slices": len(slices),
+        "photos": len(photos),
+        "rows": rows,
+        "targets": {
+            "ct_macro_f1_loss_max": F1_LOSS_MAX,
+            "rgb_auroc_loss_max": AUROC_LOSS_MAX,
+            "refused_max": REFUSED_MAX,
+        },
+        "met": all(r["met"] for r in moderate),
+    }
 
 
 def markdown(result: dict) -> str:
-    lines = [f"{result['slices']} CT slices and {result['photos']} photos of {result['data']}; CT: macro-F1, photo: image AUROC; "
-             "loss against the unchanged images; refused: share the gate turns away", "",
-             "| input | family | mild: metric / loss / refused | moderate | heavy |", "|---|---|---|---|---|"]
+    lines = [
+        f"{result['slices']} CT slices and {result['photos']} photos of {result['data']}; CT: macro-F1, photo: image AUROC; "
+        "loss against the unchanged images; refused: share the gate turns away",
+        "",
+        "| input | family | mild: metric / loss / refused | moderate | heavy |",
+        "|---|---|---|---|---|",
+    ]
     by = {}
     for r in result["rows"]:
         by.setdefault((r["input"], r["family"]), {})[r["strength"]] = r
@@ -229,10 +280,12 @@ def markdown(result: dict) -> str:
 
 
 def main(argv=None) -> int:
-    from benchmarks.ood import add_test_set_arguments, test_set, write_results
 
-    p = argparse.ArgumentParser(prog="python -m benchmarks robustness", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="python -m benchmarks robustness",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     add_test_set_arguments(p, "use only the first N slices and N photos", "which input to change (default both)")
     args = p.parse_args(argv)
     runs, data, inputs = test_set(p, args)
@@ -243,6 +296,7 @@ def main(argv=None) -> int:
     print(f"\n{'all targets met' if result['met'] else 'TARGET MISSED at the moderate strength: ' + ', '.join(missed)}")
     write_results(args.out, "robustness", result, text)
     return 0 if result["met"] else 1
+
 
 if __name__ == "__main__":
     sys.exit(main())

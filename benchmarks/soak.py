@@ -12,8 +12,9 @@
    be alive and answer normally afterwards.
 
 Clients do not retry here, so every refusal is counted. Results: benchmarks/results/soak-<time>/
-(soak.json, summary.md). Not part of `make test`; `tests/test_benchmarks.py` runs it for seconds.
+(soak.json, summary.md). Not part of `make test`; `tests/integration/test_benchmarks.py` runs it for seconds.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -26,6 +27,13 @@ from collections import Counter
 from pathlib import Path
 
 import numpy as np
+
+from benchmarks import loadgen
+from benchmarks.serving import add_cell_arguments, prepare, results_folder_and_server
+from client.inspection import CellError
+from client.service import AsyncInspectionClient, Backoff
+from export.options import add_tuning_arguments
+from serving.server import malloc_library
 
 TARGET_FAILURES = 0
 TARGET_MEMORY_GROWTH = 0.05
@@ -62,12 +70,11 @@ def memory_by_process(pid: int) -> dict[str, int]:
 
 async def open_loop(url: str, cells, rate: float, seconds: float, on_tick=None, timeout: float = 30.0) -> dict:
     """Send cells at `rate` per second for `seconds` (not waiting for answers); per-cell outcome and latency."""
-    from client.inspection import CellError
-    from client.service import AsyncInspectionClient, Backoff
 
     latencies, errors = [], Counter()
     examples: dict[str, str] = {}
     async with AsyncInspectionClient(url, heatmaps=False, timeout=timeout, backoff=Backoff(retries=0)) as client:
+
         async def one(cell):
             t0 = time.perf_counter()
             r = (await client.inspect_many([cell], concurrency=1))[0]
@@ -94,41 +101,55 @@ async def open_loop(url: str, cells, rate: float, seconds: float, on_tick=None, 
         await asyncio.gather(*tasks)
         elapsed = time.perf_counter() - start
     lat = np.array(latencies) * 1000
-    out = {"rate": rate, "seconds": round(elapsed, 2), "sent": i, "answered": len(latencies), "errors": dict(errors),
-           "error_examples": examples, "answered_per_s": len(latencies) / elapsed}
+    out = {
+        "rate": rate,
+        "seconds": round(elapsed, 2),
+        "sent": i,
+        "answered": len(latencies),
+        "errors": dict(errors),
+        "error_examples": examples,
+        "answered_per_s": len(latencies) / elapsed,
+    }
     if len(lat):
         out |= {f"p{q}_ms": float(np.percentile(lat, q)) for q in (50, 99)} | {"max_ms": float(lat.max())}
     return out
 
 
 def parser() -> argparse.ArgumentParser:
-    from benchmarks.serving import add_cell_arguments
-    from export.__main__ import add_tuning_arguments
 
-    p = argparse.ArgumentParser(prog="python -m benchmarks soak", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="python -m benchmarks soak", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     add_cell_arguments(p)
-    p.add_argument("--repository", type=Path, default=Path("build/bench_repository"), help="repository to build and serve")
+    p.add_argument(
+        "--repository", type=Path, default=Path("build/bench_repository"), help="repository to build and serve"
+    )
     p.add_argument("--minutes", type=float, default=10.0, help="soak length (default 10)")
     p.add_argument("--fraction", type=float, default=0.8, help="soak rate as a fraction of saturation (default 0.8)")
     p.add_argument("--saturation", type=float, help="cells/s at saturation, if known (default: measured first)")
     p.add_argument("--saturation-seconds", type=float, default=15.0, help="seconds to measure saturation (default 15)")
     p.add_argument("--burst", type=float, default=3.0, help="burst rate as a multiple of saturation (default 3)")
     p.add_argument("--burst-seconds", type=float, default=20.0, help="burst length (default 20)")
-    p.add_argument("--out", type=Path, default=Path("benchmarks/results"), help="results folder (default benchmarks/results)")
+    p.add_argument(
+        "--out", type=Path, default=Path("benchmarks/results"), help="results folder (default benchmarks/results)"
+    )
     add_tuning_arguments(p)
     return p
 
 
 def run(args) -> Path:
-    from benchmarks import loadgen
-    from benchmarks.serving import prepare, results_folder_and_server
-    from export.server import malloc_library
 
     runs, data, cells, tuning = prepare(args)
     folder, server = results_folder_and_server(args, "soak")
-    result = {"started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "runs": [str(r) for r in runs], "data": str(data), "cells": len(cells),
-              "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k != "func"},
-              "tuning": {k: v for k, v in vars(tuning).items() if k != "limits"}, "allocator": str(malloc_library() or "glibc malloc")}
+    result = {
+        "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "runs": [str(r) for r in runs],
+        "data": str(data),
+        "cells": len(cells),
+        "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k != "func"},
+        "tuning": {k: v for k, v in vars(tuning).items() if k != "limits"},
+        "allocator": str(malloc_library() or "glibc malloc"),
+    }
     try:
         if args.saturation:
             saturation = args.saturation
@@ -157,10 +178,16 @@ def run(args) -> Path:
         by_process["end"] = memory_by_process(pid)
         memory.append((seconds, sum(by_process["end"].values())))
         base = next((m for t, m in memory if t >= min(60.0, seconds / 4)), memory[0][1])
-        result["memory"] = {"samples": memory, "baseline_bytes": base, "end_bytes": memory[-1][1],
-                            "growth": memory[-1][1] / base - 1 if base else 0.0,
-                            "by_process": {name: {"baseline": by_process.get("baseline", {}).get(name, 0), "end": end}
-                                           for name, end in by_process["end"].items()}}
+        result["memory"] = {
+            "samples": memory,
+            "baseline_bytes": base,
+            "end_bytes": memory[-1][1],
+            "growth": memory[-1][1] / base - 1 if base else 0.0,
+            "by_process": {
+                name: {"baseline": by_process.get("baseline", {}).get(name, 0), "end": end}
+                for name, end in by_process["end"].items()
+            },
+        }
         burst_rate = args.burst * saturation
         print(f"burst: {burst_rate:.1f} cells/s for {args.burst_seconds:.0f} s")
         result["burst"] = asyncio.run(open_loop(server.grpc_url, cells, burst_rate, args.burst_seconds))
@@ -176,27 +203,35 @@ def run(args) -> Path:
 def summary(r: dict) -> str:
     soak, burst, after, mem = r["soak"], r["burst"], r["after_burst"], r["memory"]
     failures = sum(soak["errors"].values())
-    lines = [f"# Soak and burst, {r['started']}", "", f"Runs {', '.join(r['runs'])}; {r['cells']} cells of {r['data']}; allocator {r.get('allocator', '?')}; "
-             f"warm-up at load: {'on' if r['tuning'].get('warmup', False) else 'off'}.", "",
-             "| check | value | target |", "|---|---|---|",
-             f"| failed cells in the soak ({soak['sent']} sent at {soak['rate']:.1f}/s for {soak['seconds']:.0f} s, "
-             f"{r['settings']['fraction']:.0%} of saturation {r['saturation_cells_per_s']:.1f}/s) | **{failures}** | "
-             f"{TARGET_FAILURES} ({'met' if failures <= TARGET_FAILURES else 'missed'}) |",
-             f"| server memory growth (end of the first minute -> end) | **{mem['growth']:+.1%}** "
-             f"({mem['baseline_bytes'] / 2**20:.0f} -> {mem['end_bytes'] / 2**20:.0f} MiB) | < {TARGET_MEMORY_GROWTH:.0%} "
-             f"({'met' if mem['growth'] < TARGET_MEMORY_GROWTH else 'missed'}) |",
-             f"| soak latency p50 / p99 / max | {soak.get('p50_ms', float('nan')):.0f} / {soak.get('p99_ms', float('nan')):.0f} / "
-             f"{soak.get('max_ms', float('nan')):.0f} ms | |",
-             f"| burst ({burst['sent']} sent at {burst['rate']:.1f}/s for {burst['seconds']:.0f} s): answered / refused | "
-             f"{burst['answered']} / {sum(burst['errors'].values())} {dict(burst['errors'])} | every cell answered or refused |",
-             f"| after the burst: server alive, ready, cells answered | {after['server_alive']}, {after['ready']}, "
-             f"{after['answered']} of {after['sent']} | all |"]
+    lines = [
+        f"# Soak and burst, {r['started']}",
+        "",
+        f"Runs {', '.join(r['runs'])}; {r['cells']} cells of {r['data']}; allocator {r.get('allocator', '?')}; "
+        f"warm-up at load: {'on' if r['tuning'].get('warmup', False) else 'off'}.",
+        "",
+        "| check | value | target |",
+        "|---|---|---|",
+        f"| failed cells in the soak ({soak['sent']} sent at {soak['rate']:.1f}/s for {soak['seconds']:.0f} s, "
+        f"{r['settings']['fraction']:.0%} of saturation {r['saturation_cells_per_s']:.1f}/s) | **{failures}** | "
+        f"{TARGET_FAILURES} ({'met' if failures <= TARGET_FAILURES else 'missed'}) |",
+        f"| server memory growth (end of the first minute -> end) | **{mem['growth']:+.1%}** "
+        f"({mem['baseline_bytes'] / 2**20:.0f} -> {mem['end_bytes'] / 2**20:.0f} MiB) | < {TARGET_MEMORY_GROWTH:.0%} "
+        f"({'met' if mem['growth'] < TARGET_MEMORY_GROWTH else 'missed'}) |",
+        f"| soak latency p50 / p99 / max | {soak.get('p50_ms', float('nan')):.0f} / {soak.get('p99_ms', float('nan')):.0f} / "
+        f"{soak.get('max_ms', float('nan')):.0f} ms | |",
+        f"| burst ({burst['sent']} sent at {burst['rate']:.1f}/s for {burst['seconds']:.0f} s): answered / refused | "
+        f"{burst['answered']} / {sum(burst['errors'].values())} {dict(burst['errors'])} | every cell answered or refused |",
+        f"| after the burst: server alive, ready, cells answered | {after['server_alive']}, {after['ready']}, "
+        f"{after['answered']} of {after['sent']} | all |",
+    ]
     growth = sorted(mem.get("by_process", {}).items(), key=lambda kv: kv[1]["baseline"] - kv[1]["end"])
     if growth:
         lines += ["", "Server memory by process (end of the first minute -> end):", ""]
         lines += [f"- {name}: {v['baseline'] / 2**20:.0f} -> {v['end'] / 2**20:.0f} MiB" for name, v in growth]
     if burst["error_examples"]:
-        lines += ["", "Burst refusals, one message per kind:", ""] + [f"- `{k}`: {v}" for k, v in burst["error_examples"].items()]
+        lines += ["", "Burst refusals, one message per kind:", ""] + [
+            f"- `{k}`: {v}" for k, v in burst["error_examples"].items()
+        ]
     return "\n".join(lines) + "\n"
 
 
@@ -206,8 +241,12 @@ def main(argv=None) -> int:
     print((folder / "summary.md").read_text())
     print(f"results in {folder}")
     r = json.loads((folder / "soak.json").read_text())
-    ok = (sum(r["soak"]["errors"].values()) <= TARGET_FAILURES and r["after_burst"]["server_alive"] and r["after_burst"]["ready"]
-          and r["burst"]["answered"] + sum(r["burst"]["errors"].values()) == r["burst"]["sent"])
+    ok = (
+        sum(r["soak"]["errors"].values()) <= TARGET_FAILURES
+        and r["after_burst"]["server_alive"]
+        and r["after_burst"]["ready"]
+        and r["burst"]["answered"] + sum(r["burst"]["errors"].values()) == r["burst"]["sent"]
+    )
     return 0 if ok else 1
 
 

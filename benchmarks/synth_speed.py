@@ -1,7 +1,8 @@
 """How long the synthetic generator takes for a data set at default sizes.
 
-  python -m benchmarks.synth_speed [--batteries 100] [--workers N] [--keep DIR]
+python -m benchmarks.synth_speed [--batteries 100] [--workers N] [--keep DIR]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -31,8 +32,10 @@ def main() -> None:
     size = sum(f.stat().st_size for f in out.rglob("*") if f.is_file())
     print(f"batteries {args.batteries}  workers {args.workers}  cores {os.cpu_count()}")
     print(f"CT slices {n_ct} ({cfg.ct_size}x{cfg.ct_size})  RGB photos {n_rgb} ({cfg.rgb_width}x{cfg.rgb_height})")
-    print(f"wall {elapsed:.1f} s  = {(n_ct + n_rgb) / elapsed:.2f} images/s  = {elapsed / args.batteries:.2f} s/battery  "
-          f"({size / 1e6:.0f} MB written)")
+    print(
+        f"wall {elapsed:.1f} s  = {(n_ct + n_rgb) / elapsed:.2f} images/s  = {elapsed / args.batteries:.2f} s/battery  "
+        f"({size / 1e6:.0f} MB written)"
+    )
     if not args.keep:
         shutil.rmtree(out)
 

@@ -15,59 +15,98 @@
 
 The service is `make serve` (tritonserver on localhost:8001 by default).
 """
+
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from collections import Counter
 from pathlib import Path
 
 import numpy as np
+from PIL import Image
+from tqdm import tqdm
 
+from client import metrics
+from client.dataset import load_cells, pair_cells
+from client.explain import Case
 from client.explain.cli import add_arguments as add_explain_arguments
+from client.explain.cli import build_pipeline
+from client.gateway.cli import add_parsers as add_gateway_parsers
 from client.inspection import CellError, InspectionFailed, parse_meta
-from ensemble.interface import NOT_INSPECTABLE, VERDICT_NAMES
+from client.probe import probe_grpc
+from client.service import InspectionClient
+from core.interface import NOT_INSPECTABLE, VERDICT_NAMES
 
 EXPLAIN_BESIDE_OUT = "<folder of --out>/explain"
 
 
 def _client(args):
-    from client.service import InspectionClient
 
     heatmaps = getattr(args, "heatmaps", None) is not None or getattr(args, "explain", None) is not None
     tls = getattr(args, "tls_ca", None)
     if tls is not None and not tls.is_file():
         raise SystemExit(f"error: --tls-ca {tls} does not exist")
-    client = InspectionClient(args.url, timeout=args.timeout, heatmaps=heatmaps, ssl=tls is not None,
-                              root_certificates=str(tls) if tls else None)
+    client = InspectionClient(
+        args.url,
+        timeout=args.timeout,
+        heatmaps=heatmaps,
+        ssl=tls is not None,
+        root_certificates=str(tls) if tls else None,
+    )
     if not client.ready():
         raise SystemExit(f"error: no ready inspection service at {args.url} (start it with 'make serve')")
     return client
 
 
 def cmd_review(args) -> int:
-    import os
 
-    env = dict(os.environ, BATTERY_REVIEW_URL=args.url, BATTERY_REVIEW_METRICS=args.metrics_url, BATTERY_REVIEW_RUN=str(args.run),
-               BATTERY_REVIEW_EXPLAIN=args.explain_options, BATTERY_REVIEW_TLS_CA=str(args.tls_ca or ""))
+    env = dict(
+        os.environ,
+        BATTERY_REVIEW_URL=args.url,
+        BATTERY_REVIEW_METRICS=args.metrics_url,
+        BATTERY_REVIEW_RUN=str(args.run),
+        BATTERY_REVIEW_EXPLAIN=args.explain_options,
+        BATTERY_REVIEW_TLS_CA=str(args.tls_ca or ""),
+    )
     app = Path(__file__).with_name("review") / "app.py"
     print(f"review station on http://{args.address}:{args.port} (service {args.url}); Ctrl-C stops it", flush=True)
-    cmd = [sys.executable, "-m", "streamlit", "run", str(app), "--server.port", str(args.port), "--server.address", args.address,
-           "--server.headless", "true", "--browser.gatherUsageStats", "false", "--client.toolbarMode", "minimal"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "streamlit",
+        "run",
+        str(app),
+        "--server.port",
+        str(args.port),
+        "--server.address",
+        args.address,
+        "--server.headless",
+        "true",
+        "--browser.gatherUsageStats",
+        "false",
+        "--client.toolbarMode",
+        "minimal",
+    ]
     # streamlit takes this process's place, so a stop signal (Ctrl-C, a service manager's
     # SIGTERM) reaches the server itself rather than leaving it running behind a launcher
     os.execve(sys.executable, cmd, env)
 
 
 def cmd_probe(args) -> int:
-    from client.probe import probe_grpc
 
     tls = args.tls_ca
-    reason, seconds = probe_grpc(args.url, args.timeout, ssl=tls is not None, root_certificates=str(tls) if tls else None)
+    reason, seconds = probe_grpc(
+        args.url, args.timeout, ssl=tls is not None, root_certificates=str(tls) if tls else None
+    )
     if reason:
-        print(f"FAILED: inspect at {args.url} did not answer the probe cell soundly ({seconds * 1000:.0f} ms): {reason}", file=sys.stderr)
+        print(
+            f"FAILED: inspect at {args.url} did not answer the probe cell soundly ({seconds * 1000:.0f} ms): {reason}",
+            file=sys.stderr,
+        )
         return 1
     print(f"ok: inspect at {args.url} answered the probe cell in {seconds * 1000:.0f} ms")
     return 0
@@ -104,18 +143,17 @@ def cmd_inspect(args) -> int:
 
 
 def _explain_one(args, client, result, ct: bytes, meta, rgb: bytes) -> dict:
-    from client.explain import Case
-    from client.explain.cli import build_pipeline
 
     info = client.serving_info()
     pipeline = build_pipeline(args, title=result.cell_id)
-    future = pipeline.submit(Case(result, ct, meta, rgb, info["ct"], info["rgb"], {"ct_path": str(args.ct), "rgb_path": str(args.rgb)}))
+    future = pipeline.submit(
+        Case(result, ct, meta, rgb, info["ct"], info["rgb"], {"ct_path": str(args.ct), "rgb_path": str(args.rgb)})
+    )
     pipeline.close()
     return future.result()
 
 
 def _save_heatmaps(result, folder: Path) -> None:
-    from PIL import Image
 
     folder.mkdir(parents=True, exist_ok=True)
     cam = np.clip(result.ct_cam, 0, 1)
@@ -126,9 +164,6 @@ def _save_heatmaps(result, folder: Path) -> None:
 
 
 def cmd_inspect_dir(args) -> int:
-    from tqdm import tqdm
-
-    from client.dataset import load_cells, pair_cells
 
     if not args.dir.is_dir():
         print(f"error: {args.dir} is not a folder", file=sys.stderr)
@@ -137,14 +172,17 @@ def cmd_inspect_dir(args) -> int:
     if args.limit:
         cells = cells[: args.limit]
     if not cells:
-        print(f"error: no cells in {args.dir}: {report['ct_slices']} CT slices, {report['photos']} photos "
-              "(a cell is a CT slice with a photo of the same battery)", file=sys.stderr)
+        print(
+            f"error: no cells in {args.dir}: {report['ct_slices']} CT slices, {report['photos']} photos "
+            "(a cell is a CT slice with a photo of the same battery)",
+            file=sys.stderr,
+        )
         return 2
     with_labels = all(c.ct_label for c in cells)
     verdicts, errors, confusion = Counter(), Counter(), np.zeros((len(VERDICT_NAMES),) * 2, int)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     if args.local:
-        from export.local import LocalInspector
+        from client.offline import LocalInspector  # noqa: PLC0415 - torch and the trained runs: only for --local
 
         connect = LocalInspector(args.local)
     else:
@@ -153,20 +191,25 @@ def cmd_inspect_dir(args) -> int:
     if args.explain == Path(EXPLAIN_BESIDE_OUT):
         args.explain = args.out.parent / "explain"
     if args.explain:
-        from client.explain import Case
-        from client.explain.cli import build_pipeline
-
         explain = build_pipeline(args, title=str(args.dir))
         info = connect.serving_info()
     with connect as client, open(args.out, "w") as out:
         start = time.perf_counter()
         bar = tqdm(total=len(cells), unit="cell", desc="inspect", disable=args.quiet)
         for cell, result in zip(cells, client.iter_inspect(load_cells(cells), concurrency=args.concurrency)):
-            row = {"cell_id": cell.cell_id, "ct_path": str(cell.ct_path), "rgb_path": str(cell.rgb_path), "meta": list(cell.meta)}
+            row = {
+                "cell_id": cell.cell_id,
+                "ct_path": str(cell.ct_path),
+                "rgb_path": str(cell.rgb_path),
+                "meta": list(cell.meta),
+            }
             row |= result.to_dict()
             if with_labels:
-                row["label"] = {"ct_class": cell.ct_label, "rgb_anomalous": cell.rgb_anomalous,
-                                "expected_verdict": VERDICT_NAMES[cell.expected_verdict]}
+                row["label"] = {
+                    "ct_class": cell.ct_label,
+                    "rgb_anomalous": cell.rgb_anomalous,
+                    "expected_verdict": VERDICT_NAMES[cell.expected_verdict],
+                }
             out.write(json.dumps(row) + "\n")
             if isinstance(result, CellError):
                 errors[result.kind] += 1
@@ -177,8 +220,17 @@ def cmd_inspect_dir(args) -> int:
                     extra = {"ct_path": str(cell.ct_path), "rgb_path": str(cell.rgb_path)}
                     if with_labels:
                         extra["expected_verdict"] = row["label"]["expected_verdict"]
-                    explain.submit(Case(result, cell.ct_path.read_bytes(), cell.meta, cell.rgb_path.read_bytes(),
-                                        info["ct"], info["rgb"], extra))
+                    explain.submit(
+                        Case(
+                            result,
+                            cell.ct_path.read_bytes(),
+                            cell.meta,
+                            cell.rgb_path.read_bytes(),
+                            info["ct"],
+                            info["rgb"],
+                            extra,
+                        )
+                    )
             bar.update()
         bar.close()
         seconds = time.perf_counter() - start
@@ -192,8 +244,10 @@ def cmd_inspect_dir(args) -> int:
     if with_labels and answered:
         agree = int(np.trace(confusion))
         refused = int(confusion[:, NOT_INSPECTABLE].sum())
-        print(f"agreement with the labels: {agree}/{answered} = {agree / answered:.3f}  (rows: expected, columns: verdict; "
-              f"the {refused} cells refused as not inspectable count as disagreement)")
+        print(
+            f"agreement with the labels: {agree}/{answered} = {agree / answered:.3f}  (rows: expected, columns: verdict; "
+            f"the {refused} cells refused as not inspectable count as disagreement)"
+        )
         print("  " + " " * 16 + "".join(f"{n[:8]:>10}" for n in VERDICT_NAMES))
         for i, name in enumerate(VERDICT_NAMES[:NOT_INSPECTABLE]):  # a labelled cell is never expected to be refused
             print(f"  {name:<16}" + "".join(f"{v:>10}" for v in confusion[i]))
@@ -212,11 +266,15 @@ def _print_explained(entries: list[dict], folder: Path) -> None:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m client", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="python -m client", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--url", default="localhost:8001", help="Triton gRPC address (default localhost:8001)")
     common.add_argument("--timeout", type=float, default=60.0, help="seconds per request (default 60)")
-    common.add_argument("--tls-ca", type=Path, metavar="PEM", help="connect over TLS, trusting this CA (or self-signed) certificate")
+    common.add_argument(
+        "--tls-ca", type=Path, metavar="PEM", help="connect over TLS, trusting this CA (or self-signed) certificate"
+    )
     sub = p.add_subparsers(dest="command", required=True)
     i = sub.add_parser("inspect", parents=[common], help="inspect one cell")
     i.add_argument("--ct", type=Path, required=True, help="CT slice: PNG, JPEG, TIFF (8/16-bit) or DICOM")
@@ -227,39 +285,67 @@ def main(argv=None) -> int:
     add_explain_arguments(i, "explain")
     i.set_defaults(func=cmd_inspect, local=None)
     d = sub.add_parser("inspect-dir", parents=[common], help="inspect every cell of a data set folder")
-    d.add_argument("dir", type=Path, help="AI-Hub-layout folder (Training/Validation trees or flat images + JSON labels)")
-    d.add_argument("--out", type=Path, default=Path("results/results.jsonl"), help="JSONL output (default results/results.jsonl)")
+    d.add_argument(
+        "dir", type=Path, help="AI-Hub-layout folder (Training/Validation trees or flat images + JSON labels)"
+    )
+    d.add_argument(
+        "--out", type=Path, default=Path("results/results.jsonl"), help="JSONL output (default results/results.jsonl)"
+    )
     d.add_argument("--concurrency", type=int, default=8, help="requests in flight (default 8)")
     d.add_argument("--limit", type=int, help="inspect only the first N cells")
     d.add_argument("--quiet", action="store_true", help="no progress bars")
-    d.add_argument("--metrics-port", type=int, metavar="PORT",
-                   help="serve this run's Prometheus metrics (requests, errors, latency, verdicts, explanation backlog) on PORT")
-    d.add_argument("--local", nargs="+", type=Path, metavar="RUN",
-                   help="no server: run these checkpoints in-process with PyTorch (same decoding, preprocessing and rule)")
+    d.add_argument(
+        "--metrics-port",
+        type=int,
+        metavar="PORT",
+        help="serve this run's Prometheus metrics (requests, errors, latency, verdicts, explanation backlog) on PORT",
+    )
+    d.add_argument(
+        "--local",
+        nargs="+",
+        type=Path,
+        metavar="RUN",
+        help="no server: run these checkpoints in-process with PyTorch (same decoding, preprocessing and rule)",
+    )
     add_explain_arguments(d, EXPLAIN_BESIDE_OUT)
     d.set_defaults(func=cmd_inspect_dir, heatmaps=None)
-    rv = sub.add_parser("review", parents=[common], help="the review station: a web page to inspect cells and review a run (Streamlit)")
-    rv.add_argument("--run", type=Path, default=Path("results"), help="run folder to review, where inspect-dir wrote results.jsonl "
-                                                                      "(default results)")
-    rv.add_argument("--metrics-url", default="http://localhost:8002/metrics", help="Triton's metrics (default http://localhost:8002/metrics)")
+    rv = sub.add_parser(
+        "review", parents=[common], help="the review station: a web page to inspect cells and review a run (Streamlit)"
+    )
+    rv.add_argument(
+        "--run",
+        type=Path,
+        default=Path("results"),
+        help="run folder to review, where inspect-dir wrote results.jsonl (default results)",
+    )
+    rv.add_argument(
+        "--metrics-url",
+        default="http://localhost:8002/metrics",
+        help="Triton's metrics (default http://localhost:8002/metrics)",
+    )
     rv.add_argument("--port", type=int, default=8501, help="web page port (default 8501)")
-    rv.add_argument("--address", default="127.0.0.1", help="address to listen on (default 127.0.0.1; 0.0.0.0 for the network)")
-    rv.add_argument("--explain-options", default="", metavar="'OPTIONS'",
-                    help="explanation backends as for --explain, e.g. \"--vlm gemini\" or \"--grounding transformers --grounding-weights DIR\"")
+    rv.add_argument(
+        "--address", default="127.0.0.1", help="address to listen on (default 127.0.0.1; 0.0.0.0 for the network)"
+    )
+    rv.add_argument(
+        "--explain-options",
+        default="",
+        metavar="'OPTIONS'",
+        help='explanation backends as for --explain, e.g. "--vlm gemini" or "--grounding transformers --grounding-weights DIR"',
+    )
     rv.set_defaults(func=cmd_review)
-    pr = sub.add_parser("probe", parents=[common], help="send one synthetic cell through inspect: exit 0 if answered soundly, 1 if not")
+    pr = sub.add_parser(
+        "probe", parents=[common], help="send one synthetic cell through inspect: exit 0 if answered soundly, 1 if not"
+    )
     pr.set_defaults(func=cmd_probe)
-    from client.gateway.cli import add_parsers as add_gateway_parsers
 
     add_gateway_parsers(sub)
     args = p.parse_args(argv)
     if getattr(args, "metrics_port", None):
-        from client import metrics
-
         try:
             metrics.serve(args.metrics_port)
         except OSError as e:
-            raise SystemExit(f"error: cannot serve metrics on port {args.metrics_port}: {e}")
+            raise SystemExit(f"error: cannot serve metrics on port {args.metrics_port}: {e}") from None
     return args.func(args)
 
 

@@ -7,16 +7,17 @@ and every photo is used. Where labels are present, the expected verdict follows 
 CT defective when the battery's class is a defect class (labels are per battery), RGB
 anomalous when the photo's label has a defect.
 """
+
 from __future__ import annotations
 
 from collections import defaultdict
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
 
 from client.inspection import Cell
+from core.aihub import scan
 from ensemble.rule import read_rule_file, verdict_code
-from training.data.aihub import scan
 
 
 @dataclass(frozen=True)
@@ -33,7 +34,9 @@ class LabelledCell:
         return Cell(self.ct_path.read_bytes(), self.meta, self.rgb_path.read_bytes(), self.cell_id)
 
 
-def pair_cells(root: str | Path, progress: bool = True, rule_path: str | Path | None = None) -> tuple[list[LabelledCell], dict]:
+def pair_cells(
+    root: str | Path, progress: bool = True, rule_path: str | Path | None = None
+) -> tuple[list[LabelledCell], dict]:
     """(cells, report) for a data set folder; the report counts what could not be paired."""
     ds = scan(root, progress=progress)
     rule = read_rule_file(rule_path)
@@ -51,10 +54,24 @@ def pair_cells(root: str | Path, progress: bool = True, rule_path: str | Path | 
         photo = group[seen[ct.battery_key] % len(group)]
         seen[ct.battery_key] += 1
         ct_bad, rgb_bad = ct.label in defect_classes, not photo.is_normal
-        cells.append(LabelledCell(f"{ct.battery_key}/{ct.path.stem}", ct.path, photo.path, ct.meta, ct.label, rgb_bad,
-                                  int(verdict_code([ct_bad], [rgb_bad], policy)[0])))
-    report = {"ct_slices": len(ds.ct), "photos": len(ds.rgb), "cells": len(cells), "slices_without_photo": unpaired,
-              "problems": len(ds.report.problems)}
+        cells.append(
+            LabelledCell(
+                f"{ct.battery_key}/{ct.path.stem}",
+                ct.path,
+                photo.path,
+                ct.meta,
+                ct.label,
+                rgb_bad,
+                int(verdict_code([ct_bad], [rgb_bad], policy)[0]),
+            )
+        )
+    report = {
+        "ct_slices": len(ds.ct),
+        "photos": len(ds.rgb),
+        "cells": len(cells),
+        "slices_without_photo": unpaired,
+        "problems": len(ds.report.problems),
+    }
     return cells, report
 
 

@@ -1,13 +1,15 @@
 """What the client sends (`Cell`) and gets back (`Inspection`, or `CellError` for a cell that failed)."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+from tritonclient.utils import InferenceServerException
 
-from ensemble import interface as api
-from training.data.labels import BATTERY_TYPES, CT_CLASSES, CT_DEFECT_CLASSES, SLICE_AXES
+from core import interface as api
+from core.labels import BATTERY_TYPES, CT_CLASSES, CT_DEFECT_CLASSES, SLICE_AXES
 
 
 def parse_meta(text: str | tuple | list) -> tuple[float, float]:
@@ -40,8 +42,10 @@ class Cell:
     cell_id: str = ""
 
     @classmethod
-    def from_files(cls, ct_path, meta, rgb_path, cell_id: str | None = None) -> "Cell":
-        return cls(Path(ct_path).read_bytes(), parse_meta(meta), Path(rgb_path).read_bytes(), cell_id or Path(ct_path).stem)
+    def from_files(cls, ct_path, meta, rgb_path, cell_id: str | None = None) -> Cell:
+        return cls(
+            Path(ct_path).read_bytes(), parse_meta(meta), Path(rgb_path).read_bytes(), cell_id or Path(ct_path).stem
+        )
 
 
 @dataclass
@@ -83,12 +87,15 @@ class Inspection:
     @property
     def refusal(self) -> str:
         """Why the cell is not inspectable ("" when it is): which input was out of distribution."""
-        parts = [f"{what} out of distribution (score {v:.2f} >= 1)" for what, v in (("CT slice", self.ct_ood), ("photo", self.rgb_ood))
-                 if not v < 1.0]
+        parts = [
+            f"{what} out of distribution (score {v:.2f} >= 1)"
+            for what, v in (("CT slice", self.ct_ood), ("photo", self.rgb_ood))
+            if not v < 1.0
+        ]
         return "; ".join(parts) if not self.inspectable else ""
 
     @classmethod
-    def from_outputs(cls, outputs: dict[str, np.ndarray], row: int, cell_id: str = "") -> "Inspection":
+    def from_outputs(cls, outputs: dict[str, np.ndarray], row: int, cell_id: str = "") -> Inspection:
         code = int(outputs[api.VERDICT][row].reshape(-1)[0])
         cam, emap = outputs.get(api.CT_CAM), outputs.get(api.RGB_ERROR_MAP)
 
@@ -97,21 +104,37 @@ class Inspection:
             return 0.0 if value is None else float(value[row].reshape(-1)[0])
 
         return cls(
-            cell_id=cell_id, verdict=api.VERDICT_NAMES[code], verdict_code=code,
+            cell_id=cell_id,
+            verdict=api.VERDICT_NAMES[code],
+            verdict_code=code,
             confidence=float(outputs[api.CONFIDENCE][row].reshape(-1)[0]),
             ct_probs={c: float(p) for c, p in zip(CT_CLASSES, outputs[api.CT_PROBS][row])},
             rgb_score=float(outputs[api.RGB_SCORE][row].reshape(-1)[0]),
             rgb_threshold=float(outputs[api.RGB_THRESHOLD][row].reshape(-1)[0]),
-            ct_cam=None if cam is None else cam[row], rgb_error_map=None if emap is None else emap[row],
-            ct_ood=scalar(api.CT_OOD), rgb_ood=scalar(api.RGB_OOD))
+            ct_cam=None if cam is None else cam[row],
+            rgb_error_map=None if emap is None else emap[row],
+            ct_ood=scalar(api.CT_OOD),
+            rgb_ood=scalar(api.RGB_OOD),
+        )
 
     def to_dict(self) -> dict:
         """JSON-ready, without the heatmaps."""
-        return {"cell_id": self.cell_id, "verdict": self.verdict, "verdict_code": self.verdict_code, "confidence": round(self.confidence, 6),
-                "ct_class": self.ct_class, "ct_defect_probability": round(self.ct_defect_probability, 6),
-                "ct_probs": {k: round(v, 6) for k, v in self.ct_probs.items()}, "rgb_score": self.rgb_score,
-                "rgb_threshold": self.rgb_threshold, "rgb_anomalous": self.rgb_anomalous, "ct_ood": round(self.ct_ood, 6),
-                "rgb_ood": round(self.rgb_ood, 6), "inspectable": self.inspectable, "refusal": self.refusal}
+        return {
+            "cell_id": self.cell_id,
+            "verdict": self.verdict,
+            "verdict_code": self.verdict_code,
+            "confidence": round(self.confidence, 6),
+            "ct_class": self.ct_class,
+            "ct_defect_probability": round(self.ct_defect_probability, 6),
+            "ct_probs": {k: round(v, 6) for k, v in self.ct_probs.items()},
+            "rgb_score": self.rgb_score,
+            "rgb_threshold": self.rgb_threshold,
+            "rgb_anomalous": self.rgb_anomalous,
+            "ct_ood": round(self.ct_ood, 6),
+            "rgb_ood": round(self.rgb_ood, 6),
+            "inspectable": self.inspectable,
+            "refusal": self.refusal,
+        }
 
     def describe(self) -> str:
         others = ", ".join(f"{c} {p:.3f}" for c, p in sorted(self.ct_probs.items(), key=lambda kv: -kv[1])[1:])
@@ -119,12 +142,15 @@ class Inspection:
         lines = [f"verdict     {self.verdict} (code {self.verdict_code}), confidence {self.confidence:.3f}"]
         if not self.inspectable:
             lines.append(f"refused     {self.refusal}: send the cell to a person; what the models would have said:")
-        return "\n".join(lines + [
-            f"CT          {self.ct_class} {self.ct_probs[self.ct_class]:.3f} (then {others}); defect probability {self.ct_defect_probability:.3f}",
-            f"RGB         anomaly score {self.rgb_score:.4f}, {side} the threshold {self.rgb_threshold:.4f} -> "
-            f"{'anomalous' if self.rgb_anomalous else 'normal'}",
-            f"in range    CT {self.ct_ood:.2f}, photo {self.rgb_ood:.2f} (out-of-distribution scores; 1.0 or more is not inspectable)",
-        ])
+        return "\n".join(
+            lines
+            + [
+                f"CT          {self.ct_class} {self.ct_probs[self.ct_class]:.3f} (then {others}); defect probability {self.ct_defect_probability:.3f}",
+                f"RGB         anomaly score {self.rgb_score:.4f}, {side} the threshold {self.rgb_threshold:.4f} -> "
+                f"{'anomalous' if self.rgb_anomalous else 'normal'}",
+                f"in range    CT {self.ct_ood:.2f}, photo {self.rgb_ood:.2f} (out-of-distribution scores; 1.0 or more is not inspectable)",
+            ]
+        )
 
 
 @dataclass(frozen=True)
@@ -147,3 +173,12 @@ class InspectionFailed(RuntimeError):
     def __init__(self, error: CellError):
         super().__init__(f"{error.cell_id + ': ' if error.cell_id else ''}{error.kind}: {error.message}")
         self.error = error
+
+
+def error_kind(exc: Exception) -> str:
+    """A failure's kind: the gRPC status in lower case (invalid_argument, unavailable, ...), else the exception's type."""
+    if isinstance(exc, InspectionFailed):
+        return exc.error.kind
+    if isinstance(exc, InferenceServerException):
+        return (exc.status() or "StatusCode.UNKNOWN").rsplit(".", 1)[-1].lower()
+    return type(exc).__name__

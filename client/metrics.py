@@ -16,6 +16,7 @@
 One process-wide registry (prometheus-client's default), so every client and pipeline in a
 process adds to the same series.
 """
+
 from __future__ import annotations
 
 import time
@@ -23,24 +24,34 @@ from contextlib import contextmanager
 
 from prometheus_client import Counter, Gauge, Histogram, start_http_server
 
+from client.inspection import error_kind
+
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 
 REQUESTS = Counter("battery_client_requests", "Inspection requests sent", ["model"])
 ERRORS = Counter("battery_client_errors", "Failed inspection requests, by kind (gRPC status)", ["model", "kind"])
-RETRIES = Counter("battery_client_retries", "Requests sent again after a service fault (unavailable, restarting)", ["model"])
-LATENCY = Histogram("battery_client_request_seconds", "End-to-end latency of an inspection request", ["model"], buckets=LATENCY_BUCKETS)
+RETRIES = Counter(
+    "battery_client_retries", "Requests sent again after a service fault (unavailable, restarting)", ["model"]
+)
+LATENCY = Histogram(
+    "battery_client_request_seconds", "End-to-end latency of an inspection request", ["model"], buckets=LATENCY_BUCKETS
+)
 CELLS = Counter("battery_client_cells", "Cells answered, by verdict", ["verdict"])
 EXPLAIN_BACKLOG = Gauge("battery_explain_backlog", "Flagged cells waiting for or in explanation")
-EXPLAIN_PARTS = Counter("battery_explain_parts", "Explanation parts written, by explainer and status", ["part", "status"])
-EXPLAIN_SECONDS = Histogram("battery_explain_seconds", "Time one explainer took for one cell", ["part"],
-                            buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0))
+EXPLAIN_PARTS = Counter(
+    "battery_explain_parts", "Explanation parts written, by explainer and status", ["part", "status"]
+)
+EXPLAIN_SECONDS = Histogram(
+    "battery_explain_seconds",
+    "Time one explainer took for one cell",
+    ["part"],
+    buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0),
+)
 
 
 @contextmanager
 def request(model: str):
     """Count and time one request; an exception leaving the block is counted as an error of its kind."""
-    from client.service import error_kind
-
     REQUESTS.labels(model).inc()
     start = time.perf_counter()
     try:

@@ -1,29 +1,31 @@
 """gRPC clients of the inspection service: `InspectionClient` (sync) and `AsyncInspectionClient`.
 
-    with InspectionClient("localhost:8001") as client:
-        result = client.inspect(ct_bytes, "cell,z", rgb_bytes)
-        print(result.verdict, result.confidence)
-        results = client.inspect_many(cells, concurrency=8)   # one Inspection or CellError per cell, in order
+with InspectionClient("localhost:8001") as client:
+    result = client.inspect(ct_bytes, "cell,z", rgb_bytes)
+    print(result.verdict, result.confidence)
+    results = client.inspect_many(cells, concurrency=8)   # one Inspection or CellError per cell, in order
 """
+
 from __future__ import annotations
 
 import asyncio
 import collections
 import dataclasses
-import json
 import random
 import re
 import time
+from collections.abc import Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from typing import Iterable, Iterator
 
 import numpy as np
 import tritonclient.grpc as grpcclient
+import tritonclient.grpc.aio as aio
 from tritonclient.utils import InferenceServerException
 
 from client import metrics
-from client.inspection import Cell, CellError, Inspection, InspectionFailed, parse_meta
-from ensemble import interface as api
+from client.inspection import Cell, CellError, Inspection, InspectionFailed, error_kind, parse_meta
+from core import interface as api
+from core.facts import CONFIG_KEY, ServingFacts
 
 HEATMAPS = (api.CT_CAM, api.RGB_ERROR_MAP)
 
@@ -42,15 +44,6 @@ def build_inputs(cells: list[Cell]) -> list[grpcclient.InferInput]:
 
 def requested_outputs(heatmaps: bool) -> list[grpcclient.InferRequestedOutput]:
     return [grpcclient.InferRequestedOutput(n) for n in api.INSPECT_OUTPUTS if heatmaps or n not in HEATMAPS]
-
-
-def error_kind(exc: Exception) -> str:
-    """A failure's kind: the gRPC status in lower case (invalid_argument, unavailable, ...), else the exception's type."""
-    if isinstance(exc, InspectionFailed):
-        return exc.error.kind
-    if isinstance(exc, InferenceServerException):
-        return (exc.status() or "StatusCode.UNKNOWN").rsplit(".", 1)[-1].lower()
-    return type(exc).__name__
 
 
 def cell_error(exc: Exception, cell_id: str) -> CellError:
@@ -82,7 +75,7 @@ def _refused_cell(error: CellError, n: int) -> tuple[int, CellError] | None:
     m = _CELL_NAMED.search(error.message)
     if error.kind != "invalid_argument" or m is None or not 0 <= int(m.group(1)) < n:
         return None
-    return int(m.group(1)), dataclasses.replace(error, message=error.message[m.end():])
+    return int(m.group(1)), dataclasses.replace(error, message=error.message[m.end() :])
 
 
 def retryable(error: CellError) -> bool:
@@ -111,8 +104,16 @@ def _cell(ct_bytes, meta, rgb_bytes, cell_id) -> Cell:
 class InspectionClient:
     """Synchronous client (thread-safe: `inspect_many` runs requests from a thread pool)."""
 
-    def __init__(self, url: str = "localhost:8001", model: str = api.INSPECT, timeout: float = 60.0, heatmaps: bool = True,
-                 ssl: bool = False, root_certificates: str | None = None, backoff: Backoff | None = None):
+    def __init__(
+        self,
+        url: str = "localhost:8001",
+        model: str = api.INSPECT,
+        timeout: float = 60.0,
+        heatmaps: bool = True,
+        ssl: bool = False,
+        root_certificates: str | None = None,
+        backoff: Backoff | None = None,
+    ):
         self.url, self.model, self.timeout, self.heatmaps = url, model, timeout, heatmaps
         self.backoff = backoff or Backoff()
         self._client = grpcclient.InferenceServerClient(url, ssl=ssl, root_certificates=root_certificates)
@@ -124,8 +125,18 @@ class InspectionClient:
         except InferenceServerException:
             return False
 
-    def models_ready(self, names=(api.INSPECT, api.INSPECT_CT, api.INSPECT_RGB, api.PREPROCESS, api.CT_CLASSIFIER,
-                                  api.RGB_AUTOENCODER, api.VERDICT_MODEL)) -> dict[str, bool]:
+    def models_ready(
+        self,
+        names=(
+            api.INSPECT,
+            api.INSPECT_CT,
+            api.INSPECT_RGB,
+            api.PREPROCESS,
+            api.CT_CLASSIFIER,
+            api.RGB_AUTOENCODER,
+            api.VERDICT_MODEL,
+        ),
+    ) -> dict[str, bool]:
         """Whether each model of the service is loaded and ready (False where the server cannot say)."""
         out = {}
         for name in names:
@@ -135,14 +146,14 @@ class InspectionClient:
                 out[name] = False
         return out
 
-    def serving_info(self) -> dict[str, dict]:
+    def serving_info(self) -> dict[str, ServingFacts]:
         """The models' serving facts (input size, normalisation, classes, score definition) as
         the repository's preprocessing models hold them: {"ct": {...}, "rgb": {...}}. Explanations
         use them to draw the heatmaps on the same view of the image the models saw."""
         out = {}
         for side, model in (("ct", api.CT_PREPROCESS), ("rgb", api.RGB_PREPROCESS)):
             config = self._client.get_model_config(model, as_json=True)["config"]
-            out[side] = json.loads(config["parameters"]["serving_info"]["string_value"])
+            out[side] = ServingFacts.from_json(config["parameters"][CONFIG_KEY]["string_value"])
         return out
 
     def inspect(self, ct_bytes: bytes, meta, rgb_bytes: bytes, cell_id: str = "") -> Inspection:
@@ -167,8 +178,12 @@ class InspectionClient:
     def _inspect_batch_once(self, cells: list[Cell]) -> list[Inspection]:
         with metrics.request(self.model):
             try:
-                result = self._client.infer(self.model, build_inputs(cells), outputs=requested_outputs(self.heatmaps),
-                                            client_timeout=self.timeout)
+                result = self._client.infer(
+                    self.model,
+                    build_inputs(cells),
+                    outputs=requested_outputs(self.heatmaps),
+                    client_timeout=self.timeout,
+                )
             except InferenceServerException as e:
                 raise _failed(e, cells) from None
             results = _results(result, cells, self.heatmaps)
@@ -210,6 +225,7 @@ class InspectionClient:
         Cells are read from the iterable only as the window moves, so a generator of cells
         over a large folder never holds more than a window of images in memory.
         """
+
         def one(cell: Cell) -> Inspection | CellError:
             try:
                 return self.inspect_batch([cell])[0]
@@ -241,9 +257,16 @@ class InspectionClient:
 class AsyncInspectionClient:
     """asyncio client over tritonclient.grpc.aio."""
 
-    def __init__(self, url: str = "localhost:8001", model: str = api.INSPECT, timeout: float = 60.0, heatmaps: bool = True,
-                 ssl: bool = False, root_certificates: str | None = None, backoff: Backoff | None = None):
-        import tritonclient.grpc.aio as aio
+    def __init__(
+        self,
+        url: str = "localhost:8001",
+        model: str = api.INSPECT,
+        timeout: float = 60.0,
+        heatmaps: bool = True,
+        ssl: bool = False,
+        root_certificates: str | None = None,
+        backoff: Backoff | None = None,
+    ):
 
         self.url, self.model, self.timeout, self.heatmaps = url, model, timeout, heatmaps
         self.backoff = backoff or Backoff()
@@ -272,8 +295,12 @@ class AsyncInspectionClient:
     async def _inspect_batch_once(self, cells: list[Cell]) -> list[Inspection]:
         with metrics.request(self.model):
             try:
-                result = await self._client.infer(self.model, build_inputs(cells), outputs=requested_outputs(self.heatmaps),
-                                                  client_timeout=self.timeout)
+                result = await self._client.infer(
+                    self.model,
+                    build_inputs(cells),
+                    outputs=requested_outputs(self.heatmaps),
+                    client_timeout=self.timeout,
+                )
             except InferenceServerException as e:
                 raise _failed(e, cells) from None
             results = _results(result, cells, self.heatmaps)

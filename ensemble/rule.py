@@ -27,6 +27,7 @@ Confidence, as in the original system:
 Everything here is vectorised over a batch of cells (numpy), so the Triton `verdict`
 model decides a whole dynamic batch in one call.
 """
+
 from __future__ import annotations
 
 import json
@@ -36,7 +37,8 @@ from pathlib import Path
 import numpy as np
 import yaml
 
-from ensemble.interface import NOT_INSPECTABLE, VERDICT_NAMES
+from core.facts import ServingFacts
+from core.interface import NOT_INSPECTABLE, VERDICT_NAMES
 
 RULE_FILE = Path(__file__).with_name("rule.yaml")
 POLICIES = ("or", "and")
@@ -63,7 +65,9 @@ class VerdictRule:
             raise ValueError(f"ct_decision must be one of {CT_DECISIONS}, got {self.ct_decision!r}")
         unknown = [c for c in self.ct_defect_classes if c not in self.class_names]
         if unknown or not self.ct_defect_classes:
-            raise ValueError(f"ct_defect_classes {list(self.ct_defect_classes)} must be a non-empty subset of {list(self.class_names)}")
+            raise ValueError(
+                f"ct_defect_classes {list(self.ct_defect_classes)} must be a non-empty subset of {list(self.class_names)}"
+            )
         if not np.isfinite(self.rgb_threshold):
             raise ValueError(f"rgb_threshold must be a finite number, got {self.rgb_threshold}")
         if not 0.0 <= self.ct_threshold <= 1.0:
@@ -78,7 +82,7 @@ class VerdictRule:
         return json.dumps(d, sort_keys=True)
 
     @classmethod
-    def from_json(cls, text: str) -> "VerdictRule":
+    def from_json(cls, text: str) -> VerdictRule:
         return cls(**json.loads(text))
 
 
@@ -90,26 +94,37 @@ def read_rule_file(path: str | Path | None = None, **overrides) -> dict:
     cfg = yaml.safe_load(Path(path or RULE_FILE).read_text()) or {}
     cfg.update({k: v for k, v in overrides.items() if v is not None})
     if set(cfg) - RULE_KEYS:
-        raise ValueError(f"unknown keys in the verdict rule: {sorted(set(cfg) - RULE_KEYS)}; known: {sorted(RULE_KEYS)}")
+        raise ValueError(
+            f"unknown keys in the verdict rule: {sorted(set(cfg) - RULE_KEYS)}; known: {sorted(RULE_KEYS)}"
+        )
     return cfg
 
 
-def load_rule(rgb_info: dict, class_names, path: str | Path | None = None, **overrides) -> VerdictRule:
-    """Resolve the rule file against a checkpoint: the RGB threshold comes from `rgb_info`
-    (the autoencoder checkpoint's info) unless the file or `overrides` set a number."""
+def load_rule(rgb: ServingFacts, class_names, path: str | Path | None = None, **overrides) -> VerdictRule:
+    """Resolve the rule file against the autoencoder: the RGB threshold comes from its serving
+    facts (`rgb`) unless the file or `overrides` set a number."""
     cfg = read_rule_file(path, **overrides)
     threshold = cfg.get("rgb_threshold")
     if threshold is None:
         method = cfg.get("rgb_threshold_method")
         if method is None:
-            threshold = rgb_info["threshold"]
-        elif method in rgb_info.get("thresholds", {}):
-            threshold = rgb_info["thresholds"][method]
+            threshold = rgb.threshold
+        elif method in rgb.thresholds:
+            threshold = rgb.thresholds[method]
         else:
-            raise ValueError(f"rgb_threshold_method {method!r} is not in the checkpoint; it has {sorted(rgb_info.get('thresholds', {}))}")
-    return VerdictRule(class_names=tuple(class_names), ct_defect_classes=tuple(cfg.get("ct_defect_classes") or ()),
-                       rgb_threshold=float(threshold), policy=cfg.get("policy", "or"), ct_decision=cfg.get("ct_decision", "argmax"),
-                       ct_threshold=float(cfg.get("ct_threshold", 0.5)))
+            raise ValueError(
+                f"rgb_threshold_method {method!r} is not in the checkpoint; it has {sorted(rgb.thresholds)}"
+            )
+    if threshold is None:
+        raise ValueError("the autoencoder has no calibrated threshold and the rule file sets none")
+    return VerdictRule(
+        class_names=tuple(class_names),
+        ct_defect_classes=tuple(cfg.get("ct_defect_classes") or ()),
+        rgb_threshold=float(threshold),
+        policy=cfg.get("policy", "or"),
+        ct_decision=cfg.get("ct_decision", "argmax"),
+        ct_threshold=float(cfg.get("ct_threshold", 0.5)),
+    )
 
 
 @dataclass(frozen=True)
@@ -178,7 +193,9 @@ def worst_ood(n: int, *scores) -> np.ndarray:
     return worst
 
 
-def apply_ood(verdict: np.ndarray, confidence: np.ndarray, worst: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def apply_ood(
+    verdict: np.ndarray, confidence: np.ndarray, worst: np.ndarray
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Verdict 4 where the worst score is >= 1, with its confidence; (verdict, confidence, refused)."""
     refused = worst >= np.float32(1.0)
     verdict = np.where(refused, np.int32(NOT_INSPECTABLE), verdict).astype(np.int32)
@@ -186,8 +203,13 @@ def apply_ood(verdict: np.ndarray, confidence: np.ndarray, worst: np.ndarray) ->
     return verdict, confidence, refused
 
 
-def decide(rule: VerdictRule, ct_probs: np.ndarray, rgb_score: np.ndarray, ct_ood: np.ndarray | None = None,
-           rgb_ood: np.ndarray | None = None) -> Decision:
+def decide(
+    rule: VerdictRule,
+    ct_probs: np.ndarray,
+    rgb_score: np.ndarray,
+    ct_ood: np.ndarray | None = None,
+    rgb_ood: np.ndarray | None = None,
+) -> Decision:
     """Verdicts for N cells from their CT probabilities (N, C), RGB scores (N,) and, when given,
     the out-of-distribution scores (N,) of each input."""
     defect_prob, ct_bad = ct_defect(rule, ct_probs)
@@ -202,6 +224,15 @@ def decide(rule: VerdictRule, ct_probs: np.ndarray, rgb_score: np.ndarray, ct_oo
         [(1.0 - defect_prob + conf_rgb) / 2.0, defect_prob, conf_rgb],
         (defect_prob + conf_rgb) / 2.0,
     )
-    verdict, confidence, refused = apply_ood(verdict, np.clip(confidence, 0.0, 1.0), worst_ood(len(score), ct_ood, rgb_ood))
-    return Decision(verdict=verdict, confidence=confidence, ct_defect_probability=defect_prob, ct_defective=ct_bad,
-                    rgb_anomalous=rgb_bad, rgb_confidence=conf_rgb, out_of_distribution=refused)
+    verdict, confidence, refused = apply_ood(
+        verdict, np.clip(confidence, 0.0, 1.0), worst_ood(len(score), ct_ood, rgb_ood)
+    )
+    return Decision(
+        verdict=verdict,
+        confidence=confidence,
+        ct_defect_probability=defect_prob,
+        ct_defective=ct_bad,
+        rgb_anomalous=rgb_bad,
+        rgb_confidence=conf_rgb,
+        out_of_distribution=refused,
+    )

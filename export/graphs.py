@@ -20,6 +20,7 @@ threshold calibrated on validation data (`training/ood.py`), from the features o
 same forward pass. A checkpoint without a calibrated gate (trained before gates existed)
 exports with a score of 0: nothing is refused until `python -m training.ood RUN` fits one.
 """
+
 from __future__ import annotations
 
 import torch
@@ -35,8 +36,10 @@ def _head_layers(head: nn.Module) -> tuple[nn.Linear, nn.BatchNorm1d, nn.Linear]
     layers = list(head) if isinstance(head, nn.Sequential) else []
     kinds = [type(m) for m in layers]
     if kinds != [nn.Linear, nn.BatchNorm1d, nn.ReLU, nn.Dropout, nn.Linear]:
-        raise ValueError("in-graph Grad-CAM needs the fusion head Linear, BatchNorm1d, ReLU, Dropout, Linear; "
-                         f"this model's head is {[k.__name__ for k in kinds] or type(head).__name__}")
+        raise ValueError(
+            "in-graph Grad-CAM needs the fusion head Linear, BatchNorm1d, ReLU, Dropout, Linear; "
+            f"this model's head is {[k.__name__ for k in kinds] or type(head).__name__}"
+        )
     return layers[0], layers[1], layers[4]
 
 
@@ -44,8 +47,10 @@ def _gate(gate: dict | None, features: str) -> nn.Module | None:
     if not gate:
         return None
     if gate.get("features") != features:
-        raise ValueError(f"the checkpoint's out-of-distribution gate was fitted on features {gate.get('features')!r}, "
-                         f"this version computes {features!r}: refit it with 'python -m training.ood RUN'")
+        raise ValueError(
+            f"the checkpoint's out-of-distribution gate was fitted on features {gate.get('features')!r}, "
+            f"this version computes {features!r}: refit it with 'python -m training.ood RUN'"
+        )
     return GaussianGate(gate)
 
 
@@ -82,7 +87,11 @@ class CTInference(nn.Module):
         cam = nn.functional.interpolate(cam, size=image.shape[-2:], mode="bilinear", align_corners=False)[:, 0]
         cam = cam - cam.flatten(1).min(dim=1).values[:, None, None]
         cam = cam / (cam.flatten(1).max(dim=1).values[:, None, None] + CAM_EPS)
-        ood = self.gate(ct_gate_features(fmap, pooled, image), ct_group(meta)) if self.gate is not None else torch.zeros_like(probs[:, 0])
+        ood = (
+            self.gate(ct_gate_features(fmap, pooled, image), ct_group(meta))
+            if self.gate is not None
+            else torch.zeros_like(probs[:, 0])
+        )
         return probs, cam, ood[:, None]
 
 

@@ -4,6 +4,7 @@ Each model is written as `<name>.onnx` with the checkpoint's serving facts (clas
 input size, normalisation, temperature, score definition, thresholds) both in the ONNX
 metadata and in `<name>.json` beside it, so nothing downstream reads the checkpoint again.
 """
+
 from __future__ import annotations
 
 import json
@@ -16,7 +17,8 @@ import onnx
 import onnxruntime as ort
 import torch
 
-from ensemble import interface as api
+from core import interface as api
+from core.facts import CONFIG_KEY, ServingFacts
 from export.graphs import inference_graph
 from training.checkpoint import load_checkpoint
 
@@ -25,12 +27,33 @@ PARITY_ATOL = 1e-4
 PARITY_BATCHES = (1, 5)
 # The tensor names inside the graphs are the ensemble's, so the repository maps them 1:1.
 IO = {
-    "ct_classifier": {"name": api.CT_CLASSIFIER, "inputs": (api.CT_TENSOR, api.CT_META), "outputs": (api.CT_PROBS, api.CT_CAM, api.CT_OOD)},
-    "rgb_autoencoder": {"name": api.RGB_AUTOENCODER, "inputs": (api.RGB_TENSOR,), "outputs": (api.RGB_SCORE, api.RGB_ERROR_MAP, api.RGB_OOD)},
+    "ct_classifier": {
+        "name": api.CT_CLASSIFIER,
+        "inputs": (api.CT_TENSOR, api.CT_META),
+        "outputs": (api.CT_PROBS, api.CT_CAM, api.CT_OOD),
+    },
+    "rgb_autoencoder": {
+        "name": api.RGB_AUTOENCODER,
+        "inputs": (api.RGB_TENSOR,),
+        "outputs": (api.RGB_SCORE, api.RGB_ERROR_MAP, api.RGB_OOD),
+    },
 }
 # checkpoint facts that serving needs (the rest, e.g. training history, stays in the run)
-SERVING_KEYS = ("kind", "arch", "arch_args", "input_size", "in_chans", "normalization", "class_names", "meta_spec",
-                "temperature", "score", "threshold", "threshold_method", "thresholds")
+SERVING_KEYS = (
+    "kind",
+    "arch",
+    "arch_args",
+    "input_size",
+    "in_chans",
+    "normalization",
+    "class_names",
+    "meta_spec",
+    "temperature",
+    "score",
+    "threshold",
+    "threshold_method",
+    "thresholds",
+)
 
 
 @dataclass(frozen=True)
@@ -38,7 +61,7 @@ class Exported:
     kind: str
     name: str
     onnx_path: Path
-    info: dict  # the serving facts, also in <name>.json
+    facts: ServingFacts  # also in <name>.json
     parity: dict  # batch size -> max abs difference per output
 
 
@@ -48,7 +71,9 @@ def example_inputs(info: dict, batch: int, seed: int = 0) -> tuple[torch.Tensor,
     size, chans = int(info["input_size"]), int(info.get("in_chans", 1 if info["kind"] == "ct_classifier" else 3))
     if info["kind"] == "ct_classifier":
         image = torch.randn(batch, chans, size, size, generator=g)
-        meta = torch.stack([torch.randint(0, 2, (batch,), generator=g), torch.randint(0, 3, (batch,), generator=g)], 1).float()
+        meta = torch.stack(
+            [torch.randint(0, 2, (batch,), generator=g), torch.randint(0, 3, (batch,), generator=g)], 1
+        ).float()
         return image, meta
     return (torch.rand(batch, chans, size, size, generator=g),)
 
@@ -57,11 +82,22 @@ def _export(graph: torch.nn.Module, inputs: tuple, path: Path, names: dict) -> N
     dynamic = {n: {0: "batch"} for n in (*names["inputs"], *names["outputs"])}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # tracer warnings about shape-derived Python ints: sizes are fixed per model
-        torch.onnx.export(graph, inputs, str(path), input_names=list(names["inputs"]), output_names=list(names["outputs"]),
-                          dynamic_axes=dynamic, opset_version=OPSET, do_constant_folding=True, dynamo=False)
+        torch.onnx.export(
+            graph,
+            inputs,
+            str(path),
+            input_names=list(names["inputs"]),
+            output_names=list(names["outputs"]),
+            dynamic_axes=dynamic,
+            opset_version=OPSET,
+            do_constant_folding=True,
+            dynamo=False,
+        )
 
 
-def check_parity(graph: torch.nn.Module, path: Path, info: dict, batches=PARITY_BATCHES, atol: float = PARITY_ATOL) -> dict:
+def check_parity(
+    graph: torch.nn.Module, path: Path, info: dict, batches=PARITY_BATCHES, atol: float = PARITY_ATOL
+) -> dict:
     """Max |ONNX Runtime - PyTorch| per output for each batch size; raises if any exceeds atol."""
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     names = [i.name for i in session.get_inputs()]
@@ -75,7 +111,9 @@ def check_parity(graph: torch.nn.Module, path: Path, info: dict, batches=PARITY_
         report[batch] = diffs
         worst = max(diffs.values())
         if worst > atol:
-            raise AssertionError(f"{path.name}: ONNX Runtime differs from PyTorch by {worst:.2e} (> {atol:.0e}) at batch {batch}: {diffs}")
+            raise AssertionError(
+                f"{path.name}: ONNX Runtime differs from PyTorch by {worst:.2e} (> {atol:.0e}) at batch {batch}: {diffs}"
+            )
     return report
 
 
@@ -90,10 +128,15 @@ def export_run(run: str | Path, out: str | Path, check: bool = True) -> Exported
     """Export one training run (a CT or RGB checkpoint) into `out`."""
     model, info = load_checkpoint(run)
     names = IO[info["kind"]]
-    facts = {k: info[k] for k in SERVING_KEYS if k in info}
-    facts["ood_gate"] = ood_summary(info.get("ood"))
-    facts["source_run"] = str(Path(run))
-    facts["inputs"], facts["outputs"] = list(names["inputs"]), list(names["outputs"])
+    facts = ServingFacts.from_dict(
+        {k: info[k] for k in SERVING_KEYS if k in info}
+        | {
+            "ood_gate": ood_summary(info.get("ood")),
+            "source_run": str(Path(run)),
+            "inputs": names["inputs"],
+            "outputs": names["outputs"],
+        }
+    )
     graph = inference_graph(model, info)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -101,19 +144,19 @@ def export_run(run: str | Path, out: str | Path, check: bool = True) -> Exported
     _export(graph, example_inputs(info, 2), path, names)
     proto = onnx.load(str(path))
     onnx.checker.check_model(proto)
-    for key, value in (("serving_info", json.dumps(facts)), ("producer", "battery-inspection export")):
+    for key, value in ((CONFIG_KEY, facts.to_json()), ("producer", "battery-inspection export")):
         entry = proto.metadata_props.add()
         entry.key, entry.value = key, value
     onnx.save(proto, str(path))
     parity = check_parity(graph, path, info) if check else {}
-    (out / f"{names['name']}.json").write_text(json.dumps(facts, indent=1) + "\n")
+    (out / f"{names['name']}.json").write_text(json.dumps(facts.to_dict(), indent=1) + "\n")
     return Exported(info["kind"], names["name"], path, facts, parity)
 
 
-def read_info(onnx_path: str | Path) -> dict:
+def read_facts(onnx_path: str | Path) -> ServingFacts:
     """The serving facts stored in an exported model."""
     proto = onnx.load(str(onnx_path), load_external_data=False)
     for entry in proto.metadata_props:
-        if entry.key == "serving_info":
-            return json.loads(entry.value)
+        if entry.key == CONFIG_KEY:
+            return ServingFacts.from_json(entry.value)
     raise ValueError(f"{onnx_path} was not exported by this project (no serving_info metadata)")

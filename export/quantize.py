@@ -13,24 +13,32 @@ the head, the in-graph Grad-CAM and the autoencoder's score stay in float32. The
 format is chosen so that the INT8 network computes the same numbers on every x86-64 CPU;
 `quantize_int8` says how and why.
 """
+
 from __future__ import annotations
 
 import tempfile
 from pathlib import Path
 
 import numpy as np
+import onnx
+from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+from onnxruntime.quantization.shape_inference import quant_pre_process
+from onnxruntime.transformers.float16 import convert_float_to_float16
 
-from ensemble import interface as api
+from core import interface as api
+from core.aihub import scan
+from core.facts import ServingFacts
+from serving.runtime import ct_tensor, rgb_tensor
 
 CALIBRATION_CELLS = 64
 
 
-def calibration_tensors(data_root: str | Path, ct_info: dict | None, rgb_info: dict | None, n: int = CALIBRATION_CELLS) -> dict[str, np.ndarray]:
-    """Preprocessed CT (when ct_info is given) and RGB (when rgb_info is given) inputs of up to n
+def calibration_tensors(
+    data_root: str | Path, ct: ServingFacts | None, rgb: ServingFacts | None, n: int = CALIBRATION_CELLS
+) -> dict[str, np.ndarray]:
+    """Preprocessed CT (when `ct` is given) and RGB (when `rgb` is given) inputs of up to n
     images each from the Validation tree of `data_root` (all images where there is none), spread
     evenly over the set."""
-    from export.serving import ct_tensor, rgb_tensor
-    from training.data.aihub import scan
 
     root = Path(data_root)
     if not root.is_dir():
@@ -44,27 +52,24 @@ def calibration_tensors(data_root: str | Path, ct_info: dict | None, rgb_info: d
         return chosen[:: max(1, len(chosen) // n)][:n]
 
     out = {}
-    if ct_info is not None:
+    if ct is not None:
         cts = pick(ds.ct)
-        out[api.CT_TENSOR] = np.stack([ct_tensor(r.path.read_bytes(), ct_info) for r in cts])
+        out[api.CT_TENSOR] = np.stack([ct_tensor(r.path.read_bytes(), ct) for r in cts])
         out[api.CT_META] = np.array([r.meta for r in cts], np.float32)
-    if rgb_info is not None:
-        out[api.RGB_TENSOR] = np.stack([rgb_tensor(r.path.read_bytes(), rgb_info) for r in pick(ds.rgb)])
+    if rgb is not None:
+        out[api.RGB_TENSOR] = np.stack([rgb_tensor(r.path.read_bytes(), rgb) for r in pick(ds.rgb)])
     return out
 
 
 def quantize_int8(src: str | Path, dst: str | Path, feeds: dict[str, np.ndarray]) -> Path:
     """Write the INT8 (QDQ) model of `src` to `dst`, calibrated on `feeds` (the model's inputs)."""
-    import onnx
-    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, quantize_static
-    from onnxruntime.quantization.shape_inference import quant_pre_process
 
     class Reader(CalibrationDataReader):
         """The calibration inputs in batches of 8."""
 
         def __init__(self):
             n = len(next(iter(feeds.values())))
-            self.batches = iter([{k: v[i:i + 8] for k, v in feeds.items()} for i in range(0, n, 8)])
+            self.batches = iter([{k: v[i : i + 8] for k, v in feeds.items()} for i in range(0, n, 8)])
 
         def get_next(self):
             return next(self.batches, None)
@@ -73,8 +78,15 @@ def quantize_int8(src: str | Path, dst: str | Path, feeds: dict[str, np.ndarray]
     with tempfile.TemporaryDirectory() as tmp:
         prepared = Path(tmp) / "prepared.onnx"
         quant_pre_process(str(src), str(prepared), skip_symbolic_shape=True)  # ONNX shape inference suffices for CNNs
-        quantize_static(str(prepared), str(dst), reader, quant_format=QuantFormat.QDQ, op_types_to_quantize=["Conv"],
-                        per_channel=True, **_integer_format(onnx.load(str(prepared))))
+        quantize_static(
+            str(prepared),
+            str(dst),
+            reader,
+            quant_format=QuantFormat.QDQ,
+            op_types_to_quantize=["Conv"],
+            per_channel=True,
+            **_integer_format(onnx.load(str(prepared))),
+        )
     return Path(dst)
 
 
@@ -100,18 +112,22 @@ def _integer_format(model) -> dict:
     by running a model under an AVX2-only CPU emulation against a VNNI machine
     (docs/performance.md).
     """
-    from onnxruntime.quantization import QuantType
 
     first = next(n for n in model.graph.node if n.op_type == "Conv")
-    return {"activation_type": QuantType.QUInt8, "weight_type": QuantType.QInt8, "reduce_range": True,
-            "extra_options": {"TensorQuantOverrides": {first.input[1]: [{"axis": 0, "quant_type": QuantType.QUInt8,
-                                                                         "reduce_range": False}]}}}
+    return {
+        "activation_type": QuantType.QUInt8,
+        "weight_type": QuantType.QInt8,
+        "reduce_range": True,
+        "extra_options": {
+            "TensorQuantOverrides": {
+                first.input[1]: [{"axis": 0, "quant_type": QuantType.QUInt8, "reduce_range": False}]
+            }
+        },
+    }
 
 
 def to_fp16(src: str | Path, dst: str | Path) -> Path:
     """Write the half-precision model of `src` to `dst` (float32 inputs and outputs)."""
-    import onnx
-    from onnxruntime.transformers.float16 import convert_float_to_float16
 
     onnx.save(convert_float_to_float16(onnx.load(str(src)), keep_io_types=True), str(dst))
     return Path(dst)

@@ -10,13 +10,14 @@
 `inspect` prepares both images in one first step (`preprocess`) so that a bad cell is
 refused before anything else runs: an ensemble that fails in one branch while another
 branch is still in flight makes tritonserver 2.51 intermittently reject concurrent good
-requests (see export/triton_models/preprocess.py).
+requests (see serving/triton_models/preprocess.py).
 
 Runtimes: `python-ort` (each ONNX model in a Python-backend model that runs ONNX Runtime;
 what runs here and in CI), `onnxruntime` and `tensorrt` (native backends of the NGC
 container, GPU instances). The preprocessing, verdict and ensemble models are the same in
 all three. Every size, class name and threshold comes from the checkpoints.
 """
+
 from __future__ import annotations
 
 import datetime as _dt
@@ -24,59 +25,25 @@ import hashlib
 import json
 import shutil
 import tempfile
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+import onnxruntime as ort
+import torch
 
-from ensemble import interface as api
+from core import interface as api
+from core.facts import CONFIG_KEY, ServingFacts
+from core.labels import CT_CLASSES
 from ensemble.rule import RULE_FILE, load_rule
 from export.onnx_export import export_run
-from export.serving import available_cores, preprocess_instances_for
+from export.options import Tuning
+from export.quantize import calibration_tensors, quantize_int8, to_fp16
 from export.spec import MANIFEST, Batching, EnsembleSpec, ModelSpec, Step, Tensor, to_pbtxt
+from serving import triton_models
 from training.checkpoint import CHECKPOINT
-from training.data.labels import CT_CLASSES
-from training.decode import Limits
 
 RUNTIMES = ("python-ort", "onnxruntime", "tensorrt")
-SOURCES = Path(__file__).with_name("triton_models")
-
-
-PRECISIONS = ("fp32", "fp16", "int8")
-
-
-@dataclass(frozen=True)
-class Tuning:
-    """Serving knobs that are not facts of the models."""
-
-    max_batch_size: int = 16
-    max_queue_delay_us: int = 2000
-    # Requests waiting per model beyond which Triton refuses new ones at once ("Exceeds maximum
-    # queue size", UNAVAILABLE, which clients retry with backoff) instead of letting latency grow
-    # without bound in a burst.
-    max_queue_size: int = 256
-    # Decoding and preprocessing are single-threaded Python: one process per core for them.
-    # Each network may use every core, with ONNX Runtime's waiting threads asleep rather than
-    # spinning (export.serving.OrtRunner), so that whichever step has work takes the idle
-    # cores: measured on 2 cores at line size (`python -m benchmarks serving`), the full
-    # preset's networks gave 4.6 cells/s against 4.2 with one thread per network, the quick
-    # ones 16.5 against 17.1 (within the runs' noise). Cores are those this process may use
-    # (its CPU affinity and container quota), so a container follows the cores it is given.
-    preprocess_instances: int = field(default_factory=lambda: preprocess_instances_for(available_cores()))
-    network_instances: int = 1
-    intra_op_threads: int = field(default_factory=lambda: available_cores())  # per network instance (python-ort)
-    limits: Limits = Limits()
-    precision: str = "fp32"  # fp32 | fp16 (GPU) | int8 (static QDQ quantisation of the convolutions), export/quantize.py
-    calibration: str | None = None  # INT8 calibration images (AI-Hub folder); default: the CT run's training data
-    # Warm each network up at load with every batch size from max_batch_size down to 1. Measured
-    # (quick models, ONNX Runtime's CPU arena): memory stops growing only once every batch size
-    # has run; without warm-up a 20-minute soak grew 15-20% in steps as rushes made larger
-    # batches. Costs about a second of load time per network here.
-    warmup: bool = True
-
-    def __post_init__(self):
-        if self.precision not in PRECISIONS:
-            raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
+SOURCES = Path(triton_models.__file__).parent  # the Python-backend model sources
 
 
 def _checkpoint_digest(run: Path) -> str:
@@ -87,7 +54,7 @@ def _checkpoint_digest(run: Path) -> str:
     return h.hexdigest()
 
 
-def _build_digest(rule_path, tuning: "Tuning") -> str:
+def _build_digest(rule_path, tuning: Tuning) -> str:
     """What else a repository is built from: the adapters, the rule file and the tuning."""
     h = hashlib.sha256(repr(tuning).encode())
     for path in sorted(SOURCES.glob("*.py")) + [Path(rule_path or RULE_FILE)]:
@@ -98,7 +65,6 @@ def _build_digest(rule_path, tuning: "Tuning") -> str:
 def classify_runs(runs, required=("ct_classifier", "rgb_autoencoder")) -> dict[str, Path]:
     """{'ct_classifier': run, 'rgb_autoencoder': run} from run folders (or a preset folder holding ct/ and rgb/);
     raises when a `required` kind is missing."""
-    import torch
 
     found: dict[str, Path] = {}
     candidates = []
@@ -115,37 +81,61 @@ def classify_runs(runs, required=("ct_classifier", "rgb_autoencoder")) -> dict[s
         found[kind] = run
     missing = set(required) - set(found)
     if missing:
-        raise ValueError(f"no {' or '.join(sorted(missing))} checkpoint among {[str(r) for r in runs]}; "
-                         "train one with 'python -m training.preset quick'")
+        raise ValueError(
+            f"no {' or '.join(sorted(missing))} checkpoint among {[str(r) for r in runs]}; "
+            "train one with 'python -m training.preset quick'"
+        )
     return found
 
 
 def _network(name: str, runtime: str, inputs, outputs, tuning: Tuning) -> ModelSpec:
-    batching = Batching(tuning.max_batch_size, max_queue_delay_us=tuning.max_queue_delay_us, max_queue_size=tuning.max_queue_size)
+    batching = Batching(
+        tuning.max_batch_size, max_queue_delay_us=tuning.max_queue_delay_us, max_queue_size=tuning.max_queue_size
+    )
     warmup = tuple(range(tuning.max_batch_size, 0, -1)) if tuning.warmup else ()
     if runtime == "python-ort":
-        return ModelSpec(name, inputs, outputs, backend="python", batching=batching, instances=tuning.network_instances,
-                         parameters={"onnx_file": "model.onnx", "intra_op_threads": str(tuning.intra_op_threads)}, warmup=warmup)
+        return ModelSpec(
+            name,
+            inputs,
+            outputs,
+            backend="python",
+            batching=batching,
+            instances=tuning.network_instances,
+            parameters={"onnx_file": "model.onnx", "intra_op_threads": str(tuning.intra_op_threads)},
+            warmup=warmup,
+        )
     filename = "model.onnx" if runtime == "onnxruntime" else "model.plan"
-    return ModelSpec(name, inputs, outputs, backend=runtime, batching=batching, instances=tuning.network_instances, kind="gpu",
-                     default_model_filename=filename, warmup=warmup)
+    return ModelSpec(
+        name,
+        inputs,
+        outputs,
+        backend=runtime,
+        batching=batching,
+        instances=tuning.network_instances,
+        kind="gpu",
+        default_model_filename=filename,
+        warmup=warmup,
+    )
 
 
-def model_specs(ct: dict, rgb: dict, rule_json: str, runtime: str, tuning: Tuning = Tuning()) -> list[ModelSpec | EnsembleSpec]:
+def model_specs(
+    ct: ServingFacts, rgb: ServingFacts, rule_json: str, runtime: str, tuning: Tuning = Tuning()
+) -> list[ModelSpec | EnsembleSpec]:
     """Every model of the repository, from the exported models' serving facts."""
     if runtime not in RUNTIMES:
         raise ValueError(f"runtime must be one of {RUNTIMES}, got {runtime!r}")
-    cs, rs = int(ct["input_size"]), int(rgb["input_size"])
-    n_classes = len(ct["class_names"])
-    limits = {"max_image_bytes": str(tuning.limits.max_bytes), "max_image_pixels": str(tuning.limits.max_pixels),
-              "min_image_side": str(tuning.limits.min_side)}
-    batching = Batching(tuning.max_batch_size, max_queue_delay_us=tuning.max_queue_delay_us, max_queue_size=tuning.max_queue_size)
+    cs, rs = ct.input_size, rgb.input_size
+    n_classes = len(ct.class_names)
+    limits = tuning.limits.to_parameters()
+    batching = Batching(
+        tuning.max_batch_size, max_queue_delay_us=tuning.max_queue_delay_us, max_queue_size=tuning.max_queue_size
+    )
     t = {
         api.CT_IMAGE: Tensor(api.CT_IMAGE, "BYTES", (1,)),
         api.CT_META: Tensor(api.CT_META, "FP32", (2,)),
         api.RGB_IMAGE: Tensor(api.RGB_IMAGE, "BYTES", (1,)),
-        api.CT_TENSOR: Tensor(api.CT_TENSOR, "FP32", (int(ct.get("in_chans", 1)), cs, cs)),
-        api.RGB_TENSOR: Tensor(api.RGB_TENSOR, "FP32", (int(rgb.get("in_chans", 3)), rs, rs)),
+        api.CT_TENSOR: Tensor(api.CT_TENSOR, "FP32", (ct.in_chans, cs, cs)),
+        api.RGB_TENSOR: Tensor(api.RGB_TENSOR, "FP32", (rgb.in_chans, rs, rs)),
         api.CT_PROBS: Tensor(api.CT_PROBS, "FP32", (n_classes,)),
         api.CT_CAM: Tensor(api.CT_CAM, "FP32", (cs, cs)),
         api.RGB_SCORE: Tensor(api.RGB_SCORE, "FP32", (1,)),
@@ -164,38 +154,98 @@ def model_specs(ct: dict, rgb: dict, rule_json: str, runtime: str, tuning: Tunin
         return {n: n for n in names}
 
     ct_pre = Step(api.CT_PREPROCESS, identity(api.CT_IMAGE, api.CT_META), identity(api.CT_TENSOR))
-    ct_net = Step(api.CT_CLASSIFIER, identity(api.CT_TENSOR, api.CT_META), identity(api.CT_PROBS, api.CT_CAM, api.CT_OOD))
+    ct_net = Step(
+        api.CT_CLASSIFIER, identity(api.CT_TENSOR, api.CT_META), identity(api.CT_PROBS, api.CT_CAM, api.CT_OOD)
+    )
     rgb_pre = Step(api.RGB_PREPROCESS, identity(api.RGB_IMAGE), identity(api.RGB_TENSOR))
-    both_pre = Step(api.PREPROCESS, identity(api.CT_IMAGE, api.CT_META, api.RGB_IMAGE), identity(api.CT_TENSOR, api.RGB_TENSOR))
-    rgb_net = Step(api.RGB_AUTOENCODER, identity(api.RGB_TENSOR), identity(api.RGB_SCORE, api.RGB_ERROR_MAP, api.RGB_OOD))
+    both_pre = Step(
+        api.PREPROCESS, identity(api.CT_IMAGE, api.CT_META, api.RGB_IMAGE), identity(api.CT_TENSOR, api.RGB_TENSOR)
+    )
+    rgb_net = Step(
+        api.RGB_AUTOENCODER, identity(api.RGB_TENSOR), identity(api.RGB_SCORE, api.RGB_ERROR_MAP, api.RGB_OOD)
+    )
     mb = tuning.max_batch_size
     return [
-        ModelSpec(api.PREPROCESS, ts(api.CT_IMAGE, api.CT_META, api.RGB_IMAGE), ts(api.CT_TENSOR, api.RGB_TENSOR), batching=batching,
-                  instances=tuning.preprocess_instances,
-                  parameters={"ct_serving_info": json.dumps(ct), "rgb_serving_info": json.dumps(rgb), **limits}),
-        ModelSpec(api.CT_PREPROCESS, ts(api.CT_IMAGE, api.CT_META), ts(api.CT_TENSOR), batching=batching,
-                  instances=tuning.preprocess_instances, parameters={"serving_info": json.dumps(ct), **limits}),
-        _network(api.CT_CLASSIFIER, runtime, ts(api.CT_TENSOR, api.CT_META), ts(api.CT_PROBS, api.CT_CAM, api.CT_OOD), tuning),
-        ModelSpec(api.RGB_PREPROCESS, ts(api.RGB_IMAGE), ts(api.RGB_TENSOR), batching=batching,
-                  instances=tuning.preprocess_instances, parameters={"serving_info": json.dumps(rgb), **limits}),
-        _network(api.RGB_AUTOENCODER, runtime, ts(api.RGB_TENSOR), ts(api.RGB_SCORE, api.RGB_ERROR_MAP, api.RGB_OOD), tuning),
-        ModelSpec(api.VERDICT_MODEL, (Tensor(api.CT_PROBS, "FP32", (n_classes,), optional=True), t[api.RGB_SCORE],
-                                      Tensor(api.CT_META, "FP32", (2,), optional=True), Tensor(api.CT_OOD, "FP32", (1,), optional=True),
-                                      Tensor(api.RGB_OOD, "FP32", (1,), optional=True)),
-                  ts(api.VERDICT, api.CONFIDENCE, api.RGB_THRESHOLD), batching=batching, parameters={"rule": rule_json}),
-        EnsembleSpec(api.INSPECT, ts(api.CT_IMAGE, api.CT_META, api.RGB_IMAGE), ts(*api.INSPECT_OUTPUTS), (
-            both_pre, ct_net, rgb_net,
-            Step(api.VERDICT_MODEL, identity(api.CT_PROBS, api.RGB_SCORE, api.CT_META, api.CT_OOD, api.RGB_OOD),
-                 identity(api.VERDICT, api.CONFIDENCE, api.RGB_THRESHOLD)),
-        ), mb),
+        ModelSpec(
+            api.PREPROCESS,
+            ts(api.CT_IMAGE, api.CT_META, api.RGB_IMAGE),
+            ts(api.CT_TENSOR, api.RGB_TENSOR),
+            batching=batching,
+            instances=tuning.preprocess_instances,
+            parameters={f"ct_{CONFIG_KEY}": ct.to_json(), f"rgb_{CONFIG_KEY}": rgb.to_json(), **limits},
+        ),
+        ModelSpec(
+            api.CT_PREPROCESS,
+            ts(api.CT_IMAGE, api.CT_META),
+            ts(api.CT_TENSOR),
+            batching=batching,
+            instances=tuning.preprocess_instances,
+            parameters={CONFIG_KEY: ct.to_json(), **limits},
+        ),
+        _network(
+            api.CT_CLASSIFIER, runtime, ts(api.CT_TENSOR, api.CT_META), ts(api.CT_PROBS, api.CT_CAM, api.CT_OOD), tuning
+        ),
+        ModelSpec(
+            api.RGB_PREPROCESS,
+            ts(api.RGB_IMAGE),
+            ts(api.RGB_TENSOR),
+            batching=batching,
+            instances=tuning.preprocess_instances,
+            parameters={CONFIG_KEY: rgb.to_json(), **limits},
+        ),
+        _network(
+            api.RGB_AUTOENCODER, runtime, ts(api.RGB_TENSOR), ts(api.RGB_SCORE, api.RGB_ERROR_MAP, api.RGB_OOD), tuning
+        ),
+        ModelSpec(
+            api.VERDICT_MODEL,
+            (
+                Tensor(api.CT_PROBS, "FP32", (n_classes,), optional=True),
+                t[api.RGB_SCORE],
+                Tensor(api.CT_META, "FP32", (2,), optional=True),
+                Tensor(api.CT_OOD, "FP32", (1,), optional=True),
+                Tensor(api.RGB_OOD, "FP32", (1,), optional=True),
+            ),
+            ts(api.VERDICT, api.CONFIDENCE, api.RGB_THRESHOLD),
+            batching=batching,
+            parameters={"rule": rule_json},
+        ),
+        EnsembleSpec(
+            api.INSPECT,
+            ts(api.CT_IMAGE, api.CT_META, api.RGB_IMAGE),
+            ts(*api.INSPECT_OUTPUTS),
+            (
+                both_pre,
+                ct_net,
+                rgb_net,
+                Step(
+                    api.VERDICT_MODEL,
+                    identity(api.CT_PROBS, api.RGB_SCORE, api.CT_META, api.CT_OOD, api.RGB_OOD),
+                    identity(api.VERDICT, api.CONFIDENCE, api.RGB_THRESHOLD),
+                ),
+            ),
+            mb,
+        ),
         EnsembleSpec(api.INSPECT_CT, ts(api.CT_IMAGE, api.CT_META), ts(*api.INSPECT_CT_OUTPUTS), (ct_pre, ct_net), mb),
-        EnsembleSpec(api.INSPECT_RGB, ts(api.RGB_IMAGE), ts(*api.INSPECT_RGB_OUTPUTS), (
-            rgb_pre, rgb_net, Step(api.VERDICT_MODEL, identity(api.RGB_SCORE, api.RGB_OOD), identity(api.RGB_THRESHOLD)),
-        ), mb),
+        EnsembleSpec(
+            api.INSPECT_RGB,
+            ts(api.RGB_IMAGE),
+            ts(*api.INSPECT_RGB_OUTPUTS),
+            (
+                rgb_pre,
+                rgb_net,
+                Step(api.VERDICT_MODEL, identity(api.RGB_SCORE, api.RGB_OOD), identity(api.RGB_THRESHOLD)),
+            ),
+            mb,
+        ),
     ]
 
 
-PYTHON_SOURCES = {api.PREPROCESS: "preprocess.py", api.CT_PREPROCESS: "ct_preprocess.py", api.RGB_PREPROCESS: "rgb_preprocess.py", api.VERDICT_MODEL: "verdict.py"}
+PYTHON_SOURCES = {
+    api.PREPROCESS: "preprocess.py",
+    api.CT_PREPROCESS: "ct_preprocess.py",
+    api.RGB_PREPROCESS: "rgb_preprocess.py",
+    api.VERDICT_MODEL: "verdict.py",
+}
 
 
 KEPT_FILES = ("README.md",)
@@ -204,17 +254,17 @@ KEPT_FILES = ("README.md",)
 def _lower_precision(exported: dict, found: dict, tuning: Tuning, progress) -> None:
     """Replace each exported network by its FP16 or INT8 variant (INT8 calibrated on the runs' data),
     saying how far its answers moved on real inputs."""
-    import onnxruntime as ort
-    import torch
 
-    from export.quantize import calibration_tensors, quantize_int8, to_fp16
-
-    source = tuning.calibration or torch.load(found["ct_classifier"] / CHECKPOINT, map_location="cpu", weights_only=False,
-                                              mmap=True).get("data")
+    source = tuning.calibration or torch.load(
+        found["ct_classifier"] / CHECKPOINT, map_location="cpu", weights_only=False, mmap=True
+    ).get("data")
     if not source:
         raise ValueError(f"{tuning.precision} needs images to calibrate or check on: give --calibration DIR")
-    progress(f"converting the networks to {tuning.precision.upper()}" + (f", calibrated on {source}" if tuning.precision == "int8" else ""))
-    feeds = calibration_tensors(source, exported["ct_classifier"].info, exported["rgb_autoencoder"].info)
+    progress(
+        f"converting the networks to {tuning.precision.upper()}"
+        + (f", calibrated on {source}" if tuning.precision == "int8" else "")
+    )
+    feeds = calibration_tensors(source, exported["ct_classifier"].facts, exported["rgb_autoencoder"].facts)
     for kind, e in exported.items():
         names = (api.CT_TENSOR, api.CT_META) if kind == "ct_classifier" else (api.RGB_TENSOR,)
         inputs = {n: feeds[n] for n in names}
@@ -223,8 +273,10 @@ def _lower_precision(exported: dict, found: dict, tuning: Tuning, progress) -> N
             quantize_int8(e.onnx_path, lowered, inputs)
         else:
             to_fp16(e.onnx_path, lowered)
-        before, after = (ort.InferenceSession(str(f), providers=["CPUExecutionProvider"]).run(None, inputs)[0]
-                         for f in (e.onnx_path, lowered))
+        before, after = (
+            ort.InferenceSession(str(f), providers=["CPUExecutionProvider"]).run(None, inputs)[0]
+            for f in (e.onnx_path, lowered)
+        )
         change = f"max |{tuning.precision.upper()} - FP32| of the first output {np.abs(after - before).max():.2e}"
         if kind == "ct_classifier":
             change += f", same top class on {np.mean(after.argmax(1) == before.argmax(1)):.1%} of {len(before)} slices"
@@ -232,8 +284,9 @@ def _lower_precision(exported: dict, found: dict, tuning: Tuning, progress) -> N
         lowered.replace(e.onnx_path)
 
 
-def build_repository(runs, runtime: str, out: str | Path, rule_path: str | Path | None = None, tuning: Tuning = Tuning(),
-                     progress=print) -> dict:
+def build_repository(
+    runs, runtime: str, out: str | Path, rule_path: str | Path | None = None, tuning: Tuning = Tuning(), progress=print
+) -> dict:
     """Export the runs and write the whole repository to `out` (replaced only when all succeeded)."""
     out = Path(out)
     found = classify_runs(runs)
@@ -246,16 +299,20 @@ def build_repository(runs, runtime: str, out: str | Path, rule_path: str | Path 
             e = export_run(run, staging / "_onnx")
             worst = max((v for diffs in e.parity.values() for v in diffs.values()), default=0.0)
             progress(f"  {e.name}: max |ONNX Runtime - PyTorch| {worst:.1e} on batches {sorted(e.parity)}")
-            if e.info.get("ood_gate") is None:
-                progress(f"  warning: {run} has no out-of-distribution gate, so {e.name} refuses nothing (its OOD score is 0); "
-                         f"fit one with 'python -m training.ood {run}'")
+            if e.facts.ood_gate is None:
+                progress(
+                    f"  warning: {run} has no out-of-distribution gate, so {e.name} refuses nothing (its OOD score is 0); "
+                    f"fit one with 'python -m training.ood {run}'"
+                )
             exported[kind] = e
-        ct, rgb = exported["ct_classifier"].info, exported["rgb_autoencoder"].info
+        ct, rgb = exported["ct_classifier"].facts, exported["rgb_autoencoder"].facts
         if tuning.precision != "fp32":
             _lower_precision(exported, found, tuning, progress)
-        if tuple(ct["class_names"]) != CT_CLASSES:
-            raise ValueError(f"the CT checkpoint's classes {ct['class_names']} differ from the public order {list(CT_CLASSES)}")
-        rule = load_rule(rgb, ct["class_names"], rule_path)
+        if ct.class_names != CT_CLASSES:
+            raise ValueError(
+                f"the CT checkpoint's classes {list(ct.class_names)} differ from the public order {list(CT_CLASSES)}"
+            )
+        rule = load_rule(rgb, ct.class_names, rule_path)
         specs = model_specs(ct, rgb, rule.to_json(), runtime, tuning)
         for spec in specs:
             folder = staging / spec.name
@@ -264,21 +321,26 @@ def build_repository(runs, runtime: str, out: str | Path, rule_path: str | Path 
             if isinstance(spec, ModelSpec) and spec.backend == "python":
                 source = PYTHON_SOURCES.get(spec.name, "onnx_runner.py")
                 shutil.copy(SOURCES / source, folder / "1" / "model.py")
-        for kind, e in exported.items():
+        for e in exported.values():
             e.onnx_path.replace(staging / e.name / "1" / "model.onnx")
         shutil.rmtree(staging / "_onnx")
         manifest = {
             "runtime": runtime,
-            "runs": {kind: {"path": str(run.resolve()), "checkpoint_sha256": _checkpoint_digest(run)} for kind, run in found.items()},
+            "runs": {
+                kind: {"path": str(run.resolve()), "checkpoint_sha256": _checkpoint_digest(run)}
+                for kind, run in found.items()
+            },
             "rule": json.loads(rule.to_json()),
             "models": [s.name for s in specs],
             "build_sha256": _build_digest(rule_path, tuning),
             "precision": tuning.precision,
-            "built": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+            "built": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
         }
         if runtime == "tensorrt":
-            manifest["todo"] = ("TensorRT engines (model.plan) are not built yet: run 'python -m export tensorrt "
-                                f"{out}' on the GPU that will serve them")
+            manifest["todo"] = (
+                "TensorRT engines (model.plan) are not built yet: run 'python -m export tensorrt "
+                f"{out}' on the GPU that will serve them"
+            )
         (staging / MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n")
         if out.exists():
             for keep in KEPT_FILES:  # the folder's own documentation survives a rebuild
@@ -296,7 +358,9 @@ def build_repository(runs, runtime: str, out: str | Path, rule_path: str | Path 
         shutil.rmtree(staging, ignore_errors=True)
 
 
-def is_current(out: str | Path, runs, runtime: str, rule_path: str | Path | None = None, tuning: Tuning = Tuning()) -> bool:
+def is_current(
+    out: str | Path, runs, runtime: str, rule_path: str | Path | None = None, tuning: Tuning = Tuning()
+) -> bool:
     """Whether `out` was built from exactly these checkpoints, adapters, rule and tuning for this runtime."""
     path = Path(out) / MANIFEST
     if not path.exists():
@@ -307,5 +371,12 @@ def is_current(out: str | Path, runs, runtime: str, rule_path: str | Path | None
     except (ValueError, OSError, json.JSONDecodeError):
         return False
     recorded = manifest.get("runs", {})
-    return manifest.get("runtime") == runtime and manifest.get("build_sha256") == _build_digest(rule_path, tuning) and set(recorded) == set(found) and all(
-        recorded[k]["path"] == str(run.resolve()) and recorded[k]["checkpoint_sha256"] == _checkpoint_digest(run) for k, run in found.items())
+    return (
+        manifest.get("runtime") == runtime
+        and manifest.get("build_sha256") == _build_digest(rule_path, tuning)
+        and set(recorded) == set(found)
+        and all(
+            recorded[k]["path"] == str(run.resolve()) and recorded[k]["checkpoint_sha256"] == _checkpoint_digest(run)
+            for k, run in found.items()
+        )
+    )

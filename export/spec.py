@@ -2,6 +2,7 @@
 protobuf message (`model_config_pb2.ModelConfig`), so a wrong field fails here rather than
 at server start.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -10,8 +11,17 @@ from pathlib import Path
 from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2 as mc
 
+from core import interface as api
+from serving.runtime import available_cores, preprocess_instances_for
+
 MANIFEST = "manifest.json"  # what a built repository records about itself (export.repository writes it)
-DTYPES = {"FP32": mc.TYPE_FP32, "INT32": mc.TYPE_INT32, "BYTES": mc.TYPE_STRING, "FP16": mc.TYPE_FP16, "INT64": mc.TYPE_INT64}
+DTYPES = {
+    "FP32": mc.TYPE_FP32,
+    "INT32": mc.TYPE_INT32,
+    "BYTES": mc.TYPE_STRING,
+    "FP16": mc.TYPE_FP16,
+    "INT64": mc.TYPE_INT64,
+}
 KINDS = {"cpu": mc.ModelInstanceGroup.KIND_CPU, "gpu": mc.ModelInstanceGroup.KIND_GPU}
 
 
@@ -95,7 +105,9 @@ def to_config(spec: ModelSpec | EnsembleSpec) -> mc.ModelConfig:
         for step in spec.steps:
             missing = set(step.input_map.values()) - produced
             if missing:
-                raise ValueError(f"ensemble {spec.name}: step {step.model} reads {sorted(missing)} before any step produces it")
+                raise ValueError(
+                    f"ensemble {spec.name}: step {step.model} reads {sorted(missing)} before any step produces it"
+                )
             s = cfg.ensemble_scheduling.step.add(model_name=step.model, model_version=-1)
             s.input_map.update(step.input_map)
             s.output_map.update(step.output_map)
@@ -127,7 +139,9 @@ def to_config(spec: ModelSpec | EnsembleSpec) -> mc.ModelConfig:
         w = cfg.model_warmup.add(name=f"zeros_batch_{size}", batch_size=size, count=1)
         for t in spec.inputs:
             if t.dtype == "BYTES" or any(d < 0 for d in t.dims):
-                raise ValueError(f"model {spec.name}: cannot warm up on zeros with input {t.name} ({t.dtype}, dims {t.dims})")
+                raise ValueError(
+                    f"model {spec.name}: cannot warm up on zeros with input {t.name} ({t.dtype}, dims {t.dims})"
+                )
             w.inputs[t.name].CopyFrom(mc.ModelWarmup.Input(data_type=DTYPES[t.dtype], dims=t.dims, zero_data=True))
     if spec.accelerator:
         acc = cfg.optimization.execution_accelerators.gpu_execution_accelerator.add(name=spec.accelerator["name"])
@@ -149,8 +163,6 @@ def fit_to_cores(repository: str | Path, cores: int | None = None) -> list[str]:
     (at most 4), each python-ort network that many ONNX Runtime threads. A container built on
     one machine and started on another, or with --cpus, then serves with what it is given.
     Returns the names of the models changed."""
-    from ensemble import interface as api
-    from export.serving import available_cores, preprocess_instances_for
 
     cores = cores or available_cores()
     changed = []

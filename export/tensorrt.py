@@ -17,6 +17,7 @@ Engines are specific to a GPU model and TensorRT version: build them where they 
 container's entrypoint does, when the plans are missing). Without an NVIDIA GPU and the
 TensorRT Python package this stops with a message saying so.
 """
+
 from __future__ import annotations
 
 import json
@@ -48,21 +49,27 @@ def builder_flags(precision: str) -> list[str]:
 
 def _tensorrt():
     try:
-        import tensorrt as trt
+        import tensorrt as trt  # noqa: PLC0415 - only on a GPU machine
     except ImportError:
-        raise TensorRTUnavailable("TensorRT's Python package is not installed (pip install tensorrt-cu12, or use the NGC "
-                                  "tritonserver container via docker/Dockerfile); engines are built on the GPU that serves them") from None
+        raise TensorRTUnavailable(
+            "TensorRT's Python package is not installed (pip install tensorrt-cu12, or use the NGC "
+            "tritonserver container via docker/Dockerfile); engines are built on the GPU that serves them"
+        ) from None
     logger = trt.Logger(trt.Logger.WARNING)
     try:
         builder = trt.Builder(logger)
     except Exception as e:  # TensorRT raises when CUDA finds no device
-        raise TensorRTUnavailable(f"no usable NVIDIA GPU for TensorRT here ({e}); build the engines on the serving GPU") from None
+        raise TensorRTUnavailable(
+            f"no usable NVIDIA GPU for TensorRT here ({e}); build the engines on the serving GPU"
+        ) from None
     if builder is None:
         raise TensorRTUnavailable("no usable NVIDIA GPU for TensorRT here; build the engines on the serving GPU")
     return trt, logger, builder
 
 
-def build_engine(onnx_path: Path, plan_path: Path, max_batch: int, precision: str, workspace_gb: float = WORKSPACE_GB) -> Path:
+def build_engine(
+    onnx_path: Path, plan_path: Path, max_batch: int, precision: str, workspace_gb: float = WORKSPACE_GB
+) -> Path:
     trt, logger, builder = _tensorrt()
     network = builder.create_network(0)  # explicit batch (TensorRT 10's only mode)
     parser = trt.OnnxParser(network, logger)
@@ -85,16 +92,22 @@ def build_engine(onnx_path: Path, plan_path: Path, max_batch: int, precision: st
     return plan_path
 
 
-def build_repository_engines(repository: str | Path, workspace_gb: float = WORKSPACE_GB, force: bool = False, progress=print) -> list[Path]:
+def build_repository_engines(
+    repository: str | Path, workspace_gb: float = WORKSPACE_GB, force: bool = False, progress=print
+) -> list[Path]:
     """Build `model.plan` for every `tensorrt_plan` model of a repository that lacks one (all with force)."""
     repository = Path(repository)
     manifest_path = repository / MANIFEST
     if not manifest_path.exists():
-        raise FileNotFoundError(f"{repository} is not a model repository (no {MANIFEST}); write one with "
-                                "'python -m export repository --runtime tensorrt'")
+        raise FileNotFoundError(
+            f"{repository} is not a model repository (no {MANIFEST}); write one with "
+            "'python -m export repository --runtime tensorrt'"
+        )
     manifest = json.loads(manifest_path.read_text())
     if manifest.get("runtime") != "tensorrt":
-        raise ValueError(f"{repository} was written for the {manifest.get('runtime')} runtime; write it with --runtime tensorrt")
+        raise ValueError(
+            f"{repository} was written for the {manifest.get('runtime')} runtime; write it with --runtime tensorrt"
+        )
     precision = manifest.get("precision", "fp32")
     built = []
     for config_path in sorted(repository.glob("*/config.pbtxt")):

@@ -1,4 +1,5 @@
 """Shared fixtures: small synthetic data sets, generated once per test worker."""
+
 from __future__ import annotations
 
 import pytest

@@ -1,4 +1,5 @@
 """Batch augmentations on tensors: flips, 90-degree rotations, small affine warps."""
+
 from __future__ import annotations
 
 import math
@@ -38,8 +39,9 @@ def augment(x: torch.Tensor, cfg: dict, gen: torch.Generator, fill: float | torc
     return x
 
 
-def _blob_masks(b: int, h: int, w: int, gen: torch.Generator, radius: tuple[float, float],
-                minor: tuple[float, float] | None = None) -> torch.Tensor:
+def _blob_masks(
+    b: int, h: int, w: int, gen: torch.Generator, radius: tuple[float, float], minor: tuple[float, float] | None = None
+) -> torch.Tensor:
     """(B, 1, H, W) soft ellipses at random places, sizes (fraction of the side) and angles."""
     yy = torch.linspace(0, 1, h)[:, None].expand(h, w)
     xx = torch.linspace(0, 1, w)[None, :].expand(h, w)
@@ -86,9 +88,13 @@ def synthetic_anomalies(x: torch.Tensor, cfg: dict, gen: torch.Generator, with_m
         other = out[torch.roll(torch.arange(b), 1)]  # another photo's pixels at the same place
         gain = (0.4 + 1.2 * torch.rand(b, 1, 1, 1, generator=gen)) * out
         line_mask = _blob_masks(b, h, w, gen, (0.1, 0.3), minor=(1.0 / h, 2.5 / h)) * hit  # a scratch-like streak
-        fill = torch.where(kind == 0, colour, torch.where(kind == 1, other, torch.where(kind == 2, gain.clamp(0, 1), colour)))
+        fill = torch.where(
+            kind == 0, colour, torch.where(kind == 1, other, torch.where(kind == 2, gain.clamp(0, 1), colour))
+        )
         specks = (torch.rand(b, 1, h, w, generator=gen) < 0.2 + 0.4 * torch.rand(b, 1, 1, 1, generator=gen)).float()
-        m = torch.where(kind == 3, line_mask, torch.where(kind == 4, mask * specks, mask)) * (0.5 + 0.5 * torch.rand(b, 1, 1, 1, generator=gen))
+        m = torch.where(kind == 3, line_mask, torch.where(kind == 4, mask * specks, mask)) * (
+            0.5 + 0.5 * torch.rand(b, 1, 1, 1, generator=gen)
+        )
         out = out * (1 - m) + fill * m
     if with_mask:
         return out, ((out - x).abs().amax(dim=1, keepdim=True) > VISIBLE_CHANGE).to(x.dtype)
@@ -110,7 +116,9 @@ def _gaussian_blur(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
     return y.reshape(b, c, h, w)
 
 
-def acquisition(x: torch.Tensor, cfg: dict | None, gen: torch.Generator, mean: float = 0.0, std: float = 1.0) -> torch.Tensor:
+def acquisition(
+    x: torch.Tensor, cfg: dict | None, gen: torch.Generator, mean: float = 0.0, std: float = 1.0
+) -> torch.Tensor:
     """Random acquisition changes, as a station drifts over months, on (B, C, H, W) images that
     are `(pixels in 0..1 - mean) / std`: gain and offset (CT window and level, exposure), gamma,
     per-channel gain (white balance; photos), blur (focus, reconstruction filter) and noise.

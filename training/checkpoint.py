@@ -1,4 +1,5 @@
 """Checkpoints that carry everything export and serving need, not just weights."""
+
 from __future__ import annotations
 
 import datetime as _dt
@@ -21,8 +22,12 @@ def save_checkpoint(run_dir: str | Path, model: torch.nn.Module, info: dict) -> 
             raise ValueError(f"checkpoint info lacks {key!r}")
     path = Path(run_dir) / CHECKPOINT
     path.parent.mkdir(parents=True, exist_ok=True)
-    payload = dict(info, state_dict=model.state_dict(), saved=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-                   torch_version=torch.__version__)
+    payload = dict(
+        info,
+        state_dict=model.state_dict(),
+        saved=_dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
+        torch_version=torch.__version__,
+    )
     tmp = path.with_suffix(".tmp")
     torch.save(payload, tmp)
     tmp.replace(path)

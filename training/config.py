@@ -3,6 +3,7 @@
 A preset file has up to three sections: `data` (the synthetic set it is meant for), `ct`
 and `rgb`. Unknown keys are errors, so a typo never silently trains the default.
 """
+
 from __future__ import annotations
 
 import copy
@@ -15,8 +16,17 @@ from training.models.autoencoder import DEFAULT_SCORE
 _SCHED = {"T_0": 5, "T_mult": 2, "eta_min": 1e-5, "warmup_epochs": 1}
 
 DEFAULTS = {
-    "data": {"batteries": 60, "test_batteries": None, "seed": 0, "ct_size": 256, "rgb_size": [640, 360], "slices_per_axis": 2, "photos": 2,
-             "rgb_defect_rate": 0.4, "visibility": None},
+    "data": {
+        "batteries": 60,
+        "test_batteries": None,
+        "seed": 0,
+        "ct_size": 256,
+        "rgb_size": [640, 360],
+        "slices_per_axis": 2,
+        "photos": 2,
+        "rgb_defect_rate": 0.4,
+        "visibility": None,
+    },
     "ct": {
         "model": {"name": "resnet18_late_fusion", "hidden": 256, "dropout": 0.3},
         "input_size": 128,
@@ -25,7 +35,12 @@ DEFAULTS = {
         "optimizer": {"lr": 1e-3, "weight_decay": 1e-4},
         "scheduler": dict(_SCHED),
         "loss": {"focal_gamma": 2.0, "label_smoothing": 0.05, "class_weights": "balanced"},
-        "augment": {"hflip": True, "vflip": True, "rot90": False, "affine": {"degrees": 8.0, "scale": [0.92, 1.08], "translate": 0.04}},
+        "augment": {
+            "hflip": True,
+            "vflip": True,
+            "rot90": False,
+            "affine": {"degrees": 8.0, "scale": [0.92, 1.08], "translate": 0.04},
+        },
         # random acquisition drift in training (training/augment.py `acquisition`; probability 0: none)
         "acquisition": {"probability": 0.0},
         "weighted_sampling": False,
@@ -66,8 +81,14 @@ DEFAULTS = {
 }
 
 # Sub-dictionaries whose keys are free (passed through as keyword arguments).
-_FREE = {("ct", "model"), ("rgb", "model"), ("ct", "augment", "affine"), ("data", "visibility"), ("ct", "acquisition"),
-         ("rgb", "acquisition")}
+_FREE = {
+    ("ct", "model"),
+    ("rgb", "model"),
+    ("ct", "augment", "affine"),
+    ("data", "visibility"),
+    ("ct", "acquisition"),
+    ("rgb", "acquisition"),
+}
 
 
 def _merge(base: dict, override: dict, path: tuple = ()) -> dict:
@@ -93,7 +114,9 @@ def load_config(path: str | Path | None) -> dict:
         if named.exists():
             path = named
         else:
-            raise FileNotFoundError(f"no config {path} (presets: {', '.join(sorted(p.stem for p in (Path(__file__).parent / 'configs').glob('*.yaml')))})")
+            raise FileNotFoundError(
+                f"no config {path} (presets: {', '.join(sorted(p.stem for p in (Path(__file__).parent / 'configs').glob('*.yaml')))})"
+            )
     loaded = yaml.safe_load(path.read_text()) or {}
     if not isinstance(loaded, dict):
         raise ValueError(f"{path}: expected a mapping with data/ct/rgb sections")

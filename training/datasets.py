@@ -1,4 +1,5 @@
 """Turn reader records into model-ready arrays, preprocessed once (in parallel) and cached in memory."""
+
 from __future__ import annotations
 
 import multiprocessing as mp
@@ -9,8 +10,8 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from training.data.aihub import CTRecord, RGBRecord
-from training.preprocess import CT_MEAN, CT_STD, Crop, encoded_ct_input, encoded_rgb_input, polygon_mask_in_input
+from core.aihub import CTRecord, RGBRecord
+from core.preprocess import CT_MEAN, CT_STD, Crop, encoded_ct_input, encoded_rgb_input, polygon_mask_in_input
 
 
 @dataclass
@@ -46,7 +47,9 @@ def _map(fn, jobs, desc: str, workers: int | None, progress: bool):
     if workers == 1 or len(jobs) < 8:
         return [fn(j) for j in tqdm(jobs, desc=desc, unit="img", disable=not progress)]
     with mp.get_context("fork").Pool(workers) as pool:
-        return list(tqdm(pool.imap(fn, jobs, chunksize=4), total=len(jobs), desc=desc, unit="img", disable=not progress))
+        return list(
+            tqdm(pool.imap(fn, jobs, chunksize=4), total=len(jobs), desc=desc, unit="img", disable=not progress)
+        )
 
 
 def defect_masks(records, crops: list[Crop], size: int) -> np.ndarray:
@@ -58,17 +61,30 @@ def defect_masks(records, crops: list[Crop], size: int) -> np.ndarray:
     return masks
 
 
-def load_ct(records: list[CTRecord], size: int, mean: float = CT_MEAN, std: float = CT_STD,
-            workers: int | None = None, progress: bool = True, with_masks: bool = False) -> CTArrays:
+def load_ct(
+    records: list[CTRecord],
+    size: int,
+    mean: float = CT_MEAN,
+    std: float = CT_STD,
+    workers: int | None = None,
+    progress: bool = True,
+    with_masks: bool = False,
+) -> CTArrays:
     out = _map(_ct_one, [(r.path, size, mean, std) for r in records], f"preprocess CT {size}px", workers, progress)
     images = np.stack([x for x, _ in out]) if out else np.zeros((0, 1, size, size), np.float16)
     crops = [c for _, c in out]
-    return CTArrays(images=images, meta=np.array([r.meta for r in records], np.float32).reshape(-1, 2),
-                    labels=np.array([r.label_index for r in records], np.int64), crops=crops,
-                    masks=defect_masks(records, crops, size) if with_masks else None)
+    return CTArrays(
+        images=images,
+        meta=np.array([r.meta for r in records], np.float32).reshape(-1, 2),
+        labels=np.array([r.label_index for r in records], np.int64),
+        crops=crops,
+        masks=defect_masks(records, crops, size) if with_masks else None,
+    )
 
 
 def load_rgb(records: list[RGBRecord], size: int, workers: int | None = None, progress: bool = True) -> RGBArrays:
     out = _map(_rgb_one, [(r.path, size) for r in records], f"preprocess RGB {size}px", workers, progress)
     images = np.stack([x for x, _ in out]) if out else np.zeros((0, 3, size, size), np.float16)
-    return RGBArrays(images=images, anomalous=np.array([not r.is_normal for r in records], bool), crops=[c for _, c in out])
+    return RGBArrays(
+        images=images, anomalous=np.array([not r.is_normal for r in records], bool), crops=[c for _, c in out]
+    )

@@ -13,6 +13,7 @@ Evaluates a trained run on a data set and writes RUN/eval_<split>.json plus pict
   reconstruction error against a flat mean-colour image, and a preview PNG
   (input / reconstruction / error map).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -29,9 +30,9 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from sklearn.metrics import roc_auc_score  # noqa: E402
 
+from core.aihub import scan  # noqa: E402
+from core.labels import CT_CLASSES, CT_DEFECT_CLASSES  # noqa: E402
 from training.checkpoint import load_checkpoint  # noqa: E402
-from training.data.aihub import scan  # noqa: E402
-from training.data.labels import CT_CLASSES, CT_DEFECT_CLASSES  # noqa: E402
 from training.data.split import read_split, split_dataset  # noqa: E402
 from training.datasets import defect_masks, load_ct, load_rgb  # noqa: E402
 from training.metrics import (  # noqa: E402
@@ -69,13 +70,21 @@ def _binary(y_true: np.ndarray, y_pred: np.ndarray, score: np.ndarray) -> dict:
     fn = int((y_true & ~y_pred).sum())
     precision = tp / (tp + fp) if tp + fp else 0.0
     recall = tp / (tp + fn) if tp + fn else 0.0
-    return {"accuracy": float((y_true == y_pred).mean()) if len(y_true) else None, "precision": precision, "recall": recall,
-            "f1": 2 * precision * recall / (precision + recall) if precision + recall else 0.0, "roc_auc": binary_auc(y_true, score),
-            "positives": int(y_true.sum()), "count": int(len(y_true))}
+    return {
+        "accuracy": float((y_true == y_pred).mean()) if len(y_true) else None,
+        "precision": precision,
+        "recall": recall,
+        "f1": 2 * precision * recall / (precision + recall) if precision + recall else 0.0,
+        "roc_auc": binary_auc(y_true, score),
+        "positives": int(y_true.sum()),
+        "count": int(len(y_true)),
+    }
 
 
 def evaluate_ct(model, info: dict, records, out_png: Path, progress: bool = True) -> dict:
-    arrays = load_ct(records, info["input_size"], info["normalization"]["mean"], info["normalization"]["std"], progress=progress)
+    arrays = load_ct(
+        records, info["input_size"], info["normalization"]["mean"], info["normalization"]["std"], progress=progress
+    )
     logits = ct_logits(model, arrays.images, arrays.meta)
     y = arrays.labels
     n = len(CT_CLASSES)
@@ -98,8 +107,15 @@ def evaluate_ct(model, info: dict, records, out_png: Path, progress: bool = True
         "slices": int(len(y)),
         "accuracy": float((pred == y).mean()),
         "macro_f1": macro_f1(y, pred, n),
-        "per_class": {name: {"precision": float(prf["precision"][k]), "recall": float(prf["recall"][k]), "f1": float(prf["f1"][k]),
-                             "support": int(prf["support"][k])} for k, name in enumerate(CT_CLASSES)},
+        "per_class": {
+            name: {
+                "precision": float(prf["precision"][k]),
+                "recall": float(prf["recall"][k]),
+                "f1": float(prf["f1"][k]),
+                "support": int(prf["support"][k]),
+            }
+            for k, name in enumerate(CT_CLASSES)
+        },
         "roc_auc_ovr": dict(zip(CT_CLASSES, one_vs_rest_auc(cal, y, n))),
         "confusion_matrix": cm.tolist(),
         "temperature": info["temperature"],
@@ -111,15 +127,26 @@ def evaluate_ct(model, info: dict, records, out_png: Path, progress: bool = True
         "slices_of_defective_batteries_showing_no_defect": int(ambiguous.sum()),
         "macro_f1_without_those": macro_f1(y[~ambiguous], pred[~ambiguous], n),
         "best_possible_macro_f1": macro_f1(y, oracle, n),
-        "per_battery": {"batteries": int(len(b_true)), "accuracy": float((b_true == b_pred).mean()), "macro_f1": macro_f1(b_true, b_pred, n)},
+        "per_battery": {
+            "batteries": int(len(b_true)),
+            "accuracy": float((b_true == b_pred).mean()),
+            "macro_f1": macro_f1(b_true, b_pred, n),
+        },
     }
     roc = [v for v in result["roc_auc_ovr"].values() if v is not None]
     result["roc_auc_macro"] = float(np.mean(roc)) if roc else None
     if info.get("ood"):  # the gate as served: a refused slice counts as an error
-        refused = distances(info["ood"], ct_feature_array(model, arrays.images, arrays.meta), ct_group(arrays.meta)) >= info["ood"]["threshold"]
+        refused = (
+            distances(info["ood"], ct_feature_array(model, arrays.images, arrays.meta), ct_group(arrays.meta))
+            >= info["ood"]["threshold"]
+        )
         gated = np.where(refused, -1, pred)
-        result["gate"] = {"refused": float(refused.mean()), "refused_count": int(refused.sum()),
-                          "macro_f1_refusals_as_errors": macro_f1(y, gated, n), "accuracy_refusals_as_errors": float((gated == y).mean())}
+        result["gate"] = {
+            "refused": float(refused.mean()),
+            "refused_count": int(refused.sum()),
+            "macro_f1_refusals_as_errors": macro_f1(y, gated, n),
+            "accuracy_refusals_as_errors": float((gated == y).mean()),
+        }
     fig, ax = plt.subplots(figsize=(6.5, 5.5))
     norm = cm / np.maximum(cm.sum(axis=1, keepdims=True), 1)
     ax.imshow(norm, cmap="Blues", vmin=0, vmax=1)
@@ -169,8 +196,11 @@ def evaluate_rgb(model, info: dict, records, out_png: Path, progress: bool = Tru
     if info.get("ood"):  # the gate as served: a refused photo counts as an error (a miss or a false alarm)
         refused = distances(info["ood"], rgb_feature_array(scorer, images)) >= info["ood"]["threshold"]
         worst = np.where(labels, scores.min() - 1.0, scores.max() + 1.0)
-        result["gate"] = {"refused": float(refused.mean()), "refused_count": int(refused.sum()),
-                          "image_roc_auc_refusals_as_errors": binary_auc(labels, np.where(refused, worst, scores))}
+        result["gate"] = {
+            "refused": float(refused.mean()),
+            "refused_count": int(refused.sum()),
+            "image_roc_auc_refusals_as_errors": binary_auc(labels, np.where(refused, worst, scores)),
+        }
     _recon_preview(images, recon, maps, masks, labels, scores, out_png)
     return result
 
@@ -220,45 +250,63 @@ def evaluate(run: Path, data: Path, split: str = "test", splits: Path | None = N
 
 def summary(result: dict) -> str:
     if result["kind"] == "ct_classifier":
-        lines = [f"CT {result['split']}: {result['slices']} slices  accuracy {result['accuracy']:.4f}  macro-F1 {result['macro_f1']:.4f}  "
-                 f"ROC-AUC (macro OvR) {result['roc_auc_macro'] or float('nan'):.4f}",
-                 f"  {'class':<22} {'precision':>9} {'recall':>7} {'F1':>7} {'support':>8}"]
+        lines = [
+            f"CT {result['split']}: {result['slices']} slices  accuracy {result['accuracy']:.4f}  macro-F1 {result['macro_f1']:.4f}  "
+            f"ROC-AUC (macro OvR) {result['roc_auc_macro'] or float('nan'):.4f}",
+            f"  {'class':<22} {'precision':>9} {'recall':>7} {'F1':>7} {'support':>8}",
+        ]
         for name, m in result["per_class"].items():
             lines.append(f"  {name:<22} {m['precision']:>9.3f} {m['recall']:>7.3f} {m['f1']:>7.3f} {m['support']:>8}")
         b = result["binary_defect"]
-        lines += [f"  ECE {result['ece_before_temperature']:.4f} -> {result['ece_after_temperature']:.4f} after temperature {result['temperature']:.3f}",
-                  f"  defect vs normal: F1 {b['f1']:.4f}  recall {b['recall']:.4f}  precision {b['precision']:.4f}  ROC-AUC {b['roc_auc'] or float('nan'):.4f}",
-                  f"  {result['slices_of_defective_batteries_showing_no_defect']} slices of defective batteries show no defect; "
-                  f"macro-F1 without them {result['macro_f1_without_those']:.4f}; best possible macro-F1 on all slices "
-                  f"{result['best_possible_macro_f1']:.4f}",
-                  f"  per battery ({result['per_battery']['batteries']}): accuracy {result['per_battery']['accuracy']:.4f}  "
-                  f"macro-F1 {result['per_battery']['macro_f1']:.4f}"]
+        lines += [
+            f"  ECE {result['ece_before_temperature']:.4f} -> {result['ece_after_temperature']:.4f} after temperature {result['temperature']:.3f}",
+            f"  defect vs normal: F1 {b['f1']:.4f}  recall {b['recall']:.4f}  precision {b['precision']:.4f}  ROC-AUC {b['roc_auc'] or float('nan'):.4f}",
+            f"  {result['slices_of_defective_batteries_showing_no_defect']} slices of defective batteries show no defect; "
+            f"macro-F1 without them {result['macro_f1_without_those']:.4f}; best possible macro-F1 on all slices "
+            f"{result['best_possible_macro_f1']:.4f}",
+            f"  per battery ({result['per_battery']['batteries']}): accuracy {result['per_battery']['accuracy']:.4f}  "
+            f"macro-F1 {result['per_battery']['macro_f1']:.4f}",
+        ]
         if "gate" in result:
             g = result["gate"]
-            lines.append(f"  out-of-distribution gate: {g['refused_count']} of {result['slices']} slices refused ({g['refused']:.1%}); "
-                         f"macro-F1 counting them as errors {g['macro_f1_refusals_as_errors']:.4f}")
+            lines.append(
+                f"  out-of-distribution gate: {g['refused_count']} of {result['slices']} slices refused ({g['refused']:.1%}); "
+                f"macro-F1 counting them as errors {g['macro_f1_refusals_as_errors']:.4f}"
+            )
         return "\n".join(lines)
     t = result["thresholds_applied"]
-    lines = [f"RGB {result['split']}: {result['photos']} photos ({result['anomalous']} defective)  image ROC-AUC "
-             f"{result['image_roc_auc'] or float('nan'):.4f}  PR-AUC {result['image_pr_auc'] or float('nan'):.4f}  "
-             f"pixel AUROC {result['pixel_roc_auc'] or float('nan'):.4f}",
-             f"  reconstruction MSE {result['reconstruction_mse_normal']:.5f} vs flat mean colour {result['flat_mean_colour_mse_normal']:.5f}"]
+    lines = [
+        f"RGB {result['split']}: {result['photos']} photos ({result['anomalous']} defective)  image ROC-AUC "
+        f"{result['image_roc_auc'] or float('nan'):.4f}  PR-AUC {result['image_pr_auc'] or float('nan'):.4f}  "
+        f"pixel AUROC {result['pixel_roc_auc'] or float('nan'):.4f}",
+        f"  reconstruction MSE {result['reconstruction_mse_normal']:.5f} vs flat mean colour {result['flat_mean_colour_mse_normal']:.5f}",
+    ]
     for name, m in t.items():
-        lines.append(f"  threshold {name} = {m['threshold']:.6f}: F1 {m['f1']:.4f}  precision {m['precision']:.4f}  recall {m['recall']:.4f}")
+        lines.append(
+            f"  threshold {name} = {m['threshold']:.6f}: F1 {m['f1']:.4f}  precision {m['precision']:.4f}  recall {m['recall']:.4f}"
+        )
     if "gate" in result:
         g = result["gate"]
-        lines.append(f"  out-of-distribution gate: {g['refused_count']} of {result['photos']} photos refused ({g['refused']:.1%}); "
-                     f"image ROC-AUC counting them as errors {g['image_roc_auc_refusals_as_errors'] or float('nan'):.4f}")
+        lines.append(
+            f"  out-of-distribution gate: {g['refused_count']} of {result['photos']} photos refused ({g['refused']:.1%}); "
+            f"image ROC-AUC counting them as errors {g['image_roc_auc_refusals_as_errors'] or float('nan'):.4f}"
+        )
     return "\n".join(lines)
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m training.evaluate", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="python -m training.evaluate", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("run", type=Path, help="run folder (holds checkpoint.pt)")
     p.add_argument("--data", type=Path, required=True, help="data set folder (AI Hub layout)")
     p.add_argument("--split", default="test", choices=["train", "val", "test", "all"])
-    p.add_argument("--splits", type=Path, help="split files to use (default: the run's own split for its training data, "
-                   "else the data set split by battery with the run's split seed)")
+    p.add_argument(
+        "--splits",
+        type=Path,
+        help="split files to use (default: the run's own split for its training data, "
+        "else the data set split by battery with the run's split seed)",
+    )
     p.add_argument("--quiet", action="store_true")
     args = p.parse_args(argv)
     for path, what in ((args.run, "run folder"), (args.data, "data folder")):

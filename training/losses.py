@@ -1,5 +1,6 @@
 """Training losses: focal loss for the CT classifier, MSE + SSIM for the autoencoder, per-pixel
 focal loss for its segmentation head."""
+
 from __future__ import annotations
 
 import torch
@@ -38,7 +39,9 @@ def _gaussian_window(size: int, sigma: float, channels: int, device, dtype) -> t
     return (g[:, None] * g[None, :]).expand(channels, 1, size, size).contiguous()
 
 
-def ssim_map(x: torch.Tensor, y: torch.Tensor, data_range: float = 1.0, size: int = 11, sigma: float = 1.5) -> torch.Tensor:
+def ssim_map(
+    x: torch.Tensor, y: torch.Tensor, data_range: float = 1.0, size: int = 11, sigma: float = 1.5
+) -> torch.Tensor:
     """Per-pixel SSIM (Wang et al. 2004) with a Gaussian window, 'valid' region only."""
     c = x.shape[1]
     win = _gaussian_window(size, sigma, c, x.device, x.dtype)

@@ -1,4 +1,5 @@
 """Evaluation metrics, written out so that each can be checked against hand-computed values."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -81,9 +82,9 @@ def f1_optimal_threshold(labels, scores) -> tuple[float, float]:
     labels = np.asarray(labels, bool)
     scores = np.asarray(scores, float)
     order = np.argsort(-scores)
-    s, l = scores[order], labels[order]
-    tp = np.cumsum(l)
-    fp = np.cumsum(~l)
+    s, positive = scores[order], labels[order]
+    tp = np.cumsum(positive)
+    fp = np.cumsum(~positive)
     f1 = 2 * tp / (tp + fp + labels.sum())
     # only cut between distinct scores
     distinct = np.r_[s[1:] != s[:-1], True]

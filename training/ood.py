@@ -30,6 +30,7 @@ validation cells included: they must not be refused) times `margin`. Both are th
 training config's (`ct.ood`, `rgb.ood`), and the resulting gate is stored in the
 checkpoint under `ood`. `python -m training.ood RUN --data DIR` recalibrates a run.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -38,7 +39,15 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from sklearn.covariance import LedoitWolf
 from torch import nn
+
+from core.aihub import scan
+from core.labels import BATTERY_TYPES, CT_CLASSES, class_type
+from training.checkpoint import load_checkpoint, save_checkpoint
+from training.data.split import read_split, split_dataset
+from training.datasets import load_ct, load_rgb
+from training.models.autoencoder import scorer_from
 
 GATE_DEFAULTS = {"quantile": 0.995, "margin": 1.2}
 # What each gate reads; a gate fitted on other features cannot be used (refit it: python -m training.ood RUN)
@@ -51,7 +60,6 @@ LOG_ERROR_EPS = 1e-6
 def fit_gaussian(features: np.ndarray, labels: np.ndarray | None = None, n_classes: int = 1) -> dict:
     """Class means and one shared, shrunk precision matrix of features (N, D), standardised by
     the within-class spread (a dimension that never varied gets 5% of the median spread)."""
-    from sklearn.covariance import LedoitWolf
 
     features = np.asarray(features, np.float64)
     labels = np.zeros(len(features), np.int64) if labels is None else np.asarray(labels, np.int64)
@@ -65,8 +73,15 @@ def fit_gaussian(features: np.ndarray, labels: np.ndarray | None = None, n_class
     scale = 1.0 / np.maximum(std, max(float(np.median(std)), 1e-6) * 0.05)
     means = (raw_means - center) * scale
     lw = LedoitWolf(assume_centered=True).fit(residuals * scale)
-    return {"center": center.tolist(), "scale": scale.tolist(), "means": means.tolist(), "precision": lw.precision_.tolist(),
-            "present": present, "shrinkage": float(lw.shrinkage_), "fitted_on": int(len(features))}
+    return {
+        "center": center.tolist(),
+        "scale": scale.tolist(),
+        "means": means.tolist(),
+        "precision": lw.precision_.tolist(),
+        "present": present,
+        "shrinkage": float(lw.shrinkage_),
+        "fitted_on": int(len(features)),
+    }
 
 
 def distances(gate: dict, features: np.ndarray, groups: np.ndarray | None = None) -> np.ndarray:
@@ -91,9 +106,17 @@ def calibrate(gate: dict, val_distances: np.ndarray, cfg: dict) -> dict:
     if not len(v):
         raise ValueError("no validation images to calibrate the out-of-distribution threshold on")
     threshold = float(np.quantile(v, cfg["quantile"]) * cfg["margin"])
-    return gate | {"threshold": threshold, "quantile": float(cfg["quantile"]), "margin": float(cfg["margin"]),
-                   "validation": {"count": int(len(v)), "median": float(np.median(v)), "max": float(v.max()),
-                                  "rejected": float((v >= threshold).mean())}}
+    return gate | {
+        "threshold": threshold,
+        "quantile": float(cfg["quantile"]),
+        "margin": float(cfg["margin"]),
+        "validation": {
+            "count": int(len(v)),
+            "median": float(np.median(v)),
+            "max": float(v.max()),
+            "rejected": float((v >= threshold).mean()),
+        },
+    }
 
 
 class GaussianGate(nn.Module):
@@ -128,6 +151,7 @@ class GaussianGate(nn.Module):
 
 # --- the features each gate reads -------------------------------------------------------
 
+
 def border_contrast(image: torch.Tensor, band: float = 0.1) -> torch.Tensor:
     """(B, C): mean of the frame's outer band minus the mean of its centre, per channel. A
     battery centred in the crop leaves the band as background; one cut off by the frame's
@@ -152,7 +176,9 @@ def ct_features(classifier: nn.Module, image: torch.Tensor, meta: torch.Tensor) 
     return ct_gate_features(fmap, classifier.pool(fmap).flatten(1), image)
 
 
-def rgb_features(image: torch.Tensor, recon: torch.Tensor, maps: list[torch.Tensor], error_map: torch.Tensor) -> torch.Tensor:
+def rgb_features(
+    image: torch.Tensor, recon: torch.Tensor, maps: list[torch.Tensor], error_map: torch.Tensor
+) -> torch.Tensor:
     """The mean and spread of every encoder stage and of the bottleneck code, the photo's colour
     mean, spread and border contrast, the log of the mean squared reconstruction error, and the
     error map's mean, spread and share above 0.5 (a defect lights a small part of it, a foreign
@@ -160,17 +186,33 @@ def rgb_features(image: torch.Tensor, recon: torch.Tensor, maps: list[torch.Tens
     error = (image - recon).pow(2).mean(dim=(1, 2, 3))
     stats = [t for m in maps for t in (m.mean(dim=(2, 3)), m.std(dim=(2, 3)))]
     mean_error = error_map.mean(dim=(1, 2))
-    return torch.cat(stats + [image.mean(dim=(2, 3)), image.std(dim=(2, 3)), border_contrast(image),
-                              torch.log(error + LOG_ERROR_EPS)[:, None], mean_error[:, None], error_map.std(dim=(1, 2))[:, None],
-                              torch.log(mean_error + LOG_ERROR_EPS)[:, None], (error_map > 0.5).to(error_map.dtype).mean(dim=(1, 2))[:, None]],
-                     dim=1)
+    return torch.cat(
+        stats
+        + [
+            image.mean(dim=(2, 3)),
+            image.std(dim=(2, 3)),
+            border_contrast(image),
+            torch.log(error + LOG_ERROR_EPS)[:, None],
+            mean_error[:, None],
+            error_map.std(dim=(1, 2))[:, None],
+            torch.log(mean_error + LOG_ERROR_EPS)[:, None],
+            (error_map > 0.5).to(error_map.dtype).mean(dim=(1, 2))[:, None],
+        ],
+        dim=1,
+    )
 
 
 @torch.no_grad()
 def ct_feature_array(classifier: nn.Module, images: np.ndarray, meta: np.ndarray, batch_size: int = 64) -> np.ndarray:
     classifier.eval()
-    out = [ct_features(classifier, torch.from_numpy(images[i : i + batch_size].astype(np.float32)),
-                       torch.from_numpy(meta[i : i + batch_size].astype(np.float32))).numpy() for i in range(0, len(images), batch_size)]
+    out = [
+        ct_features(
+            classifier,
+            torch.from_numpy(images[i : i + batch_size].astype(np.float32)),
+            torch.from_numpy(meta[i : i + batch_size].astype(np.float32)),
+        ).numpy()
+        for i in range(0, len(images), batch_size)
+    ]
     return np.concatenate(out) if out else np.zeros((0, 0), np.float32)
 
 
@@ -192,15 +234,24 @@ def ct_group(meta):
     return meta[:, 0] * N_AXES + meta[:, 1]
 
 
-def fit_ct_gate_on(train_features: np.ndarray, labels: np.ndarray, train_meta: np.ndarray, val_features: np.ndarray,
-                   val_meta: np.ndarray, class_types: list[int], cfg: dict) -> dict:
+def fit_ct_gate_on(
+    train_features: np.ndarray,
+    labels: np.ndarray,
+    train_meta: np.ndarray,
+    val_features: np.ndarray,
+    val_meta: np.ndarray,
+    class_types: list[int],
+    cfg: dict,
+) -> dict:
     """The CT gate from features: one mean per (class, slice axis), compared only with slices of
     the battery type and axis their metadata names; calibrated on the validation features."""
     axes = np.asarray(train_meta)[:, 1].astype(np.int64)
     components = np.asarray(labels, np.int64) * N_AXES + axes
     gate = fit_gaussian(train_features, components, len(class_types) * N_AXES)
-    gate |= {"class_groups": [class_types[k // N_AXES] * N_AXES + k % N_AXES for k in range(len(class_types) * N_AXES)],
-             "features": CT_FEATURES}
+    gate |= {
+        "class_groups": [class_types[k // N_AXES] * N_AXES + k % N_AXES for k in range(len(class_types) * N_AXES)],
+        "features": CT_FEATURES,
+    }
     return calibrate(gate, distances(gate, val_features, ct_group(np.asarray(val_meta))), cfg)
 
 
@@ -209,8 +260,15 @@ def fit_ct_gate(classifier: nn.Module, train, val, class_types: list[int], cfg: 
 
     `train` and `val` are `training.datasets.CTArrays`; `class_types[k]` is the battery type of class k.
     A CT slice looks different along each axis, so each class has a mean per axis."""
-    return fit_ct_gate_on(ct_feature_array(classifier, train.images, train.meta), train.labels, train.meta,
-                          ct_feature_array(classifier, val.images, val.meta), val.meta, class_types, cfg)
+    return fit_ct_gate_on(
+        ct_feature_array(classifier, train.images, train.meta),
+        train.labels,
+        train.meta,
+        ct_feature_array(classifier, val.images, val.meta),
+        val.meta,
+        class_types,
+        cfg,
+    )
 
 
 def fit_rgb_gate(scorer: nn.Module, train_images: np.ndarray, val_images: np.ndarray, cfg: dict) -> dict:
@@ -222,18 +280,14 @@ def fit_rgb_gate(scorer: nn.Module, train_images: np.ndarray, val_images: np.nda
 
 def describe(gate: dict) -> str:
     v = gate["validation"]
-    return (f"out-of-distribution threshold {gate['threshold']:.2f} (validation distances: median {v['median']:.2f}, "
-            f"max {v['max']:.2f}; {v['rejected']:.1%} of {v['count']} would be refused)")
+    return (
+        f"out-of-distribution threshold {gate['threshold']:.2f} (validation distances: median {v['median']:.2f}, "
+        f"max {v['max']:.2f}; {v['rejected']:.1%} of {v['count']} would be refused)"
+    )
 
 
 def recalibrate(run: Path, data: Path | None = None, progress: bool = True) -> dict:
     """Fit a run's gate again on its training data (or `data`), with its split and config."""
-    from training.checkpoint import load_checkpoint, save_checkpoint
-    from training.data.aihub import scan
-    from training.data.labels import BATTERY_TYPES, CT_CLASSES, class_type
-    from training.data.split import read_split, split_dataset
-    from training.datasets import load_ct, load_rgb
-    from training.models.autoencoder import scorer_from
 
     model, info = load_checkpoint(run)
     data = Path(data or info.get("data") or "")
@@ -241,26 +295,40 @@ def recalibrate(run: Path, data: Path | None = None, progress: bool = True) -> d
         raise SystemExit(f"error: no data folder to calibrate on ({data}); pass --data")
     ds = scan(data, progress=progress)
     same = Path(info.get("data", "")).resolve() == data.resolve() and (run / "split").exists()
-    assignment = read_split(run / "split") if same else split_dataset(ds, seed=info.get("config", {}).get("split_seed", 0))
+    assignment = (
+        read_split(run / "split") if same else split_dataset(ds, seed=info.get("config", {}).get("split_seed", 0))
+    )
     cfg = info.get("config", {}).get("ood") or {}
     if info["kind"] == "ct_classifier":
         parts = {n: [r for r in ds.ct if assignment.get(r.battery_key) == n] for n in ("train", "val")}
         norm = info["normalization"]
-        train, val = (load_ct(parts[n], info["input_size"], norm["mean"], norm["std"], progress=progress) for n in ("train", "val"))
+        train, val = (
+            load_ct(parts[n], info["input_size"], norm["mean"], norm["std"], progress=progress)
+            for n in ("train", "val")
+        )
         groups = [BATTERY_TYPES.index(class_type(c)) for c in CT_CLASSES]
         info["ood"] = fit_ct_gate(model, train, val, groups, cfg)
     else:
-        train = load_rgb([r for r in ds.rgb if assignment.get(r.battery_key) == "train" and r.is_normal], info["input_size"],
-                         progress=progress)
-        val = load_rgb([r for r in ds.rgb if assignment.get(r.battery_key) == "val"], info["input_size"], progress=progress)
+        train = load_rgb(
+            [r for r in ds.rgb if assignment.get(r.battery_key) == "train" and r.is_normal],
+            info["input_size"],
+            progress=progress,
+        )
+        val = load_rgb(
+            [r for r in ds.rgb if assignment.get(r.battery_key) == "val"], info["input_size"], progress=progress
+        )
         info["ood"] = fit_rgb_gate(scorer_from(model, info["score"]), train.images, val.images, cfg)
     save_checkpoint(run, model, info)
     return info["ood"]
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m training.ood", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("runs", type=Path, nargs="+", help="run folders (CT or RGB) whose out-of-distribution gate to fit again")
+    p = argparse.ArgumentParser(
+        prog="python -m training.ood", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument(
+        "runs", type=Path, nargs="+", help="run folders (CT or RGB) whose out-of-distribution gate to fit again"
+    )
     p.add_argument("--data", type=Path, help="data set (AI Hub layout; default: the data each run was trained on)")
     p.add_argument("--quiet", action="store_true")
     args = p.parse_args(argv)

@@ -6,6 +6,7 @@ fresh test set with another seed, evaluate both models on it, and print a table 
 numbers with the time each step took. `make serve` runs the quick preset when no trained
 runs exist.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -24,9 +25,17 @@ TEST_SEED_OFFSET = 1000
 
 
 def _synth_config(d: dict, seed: int, batteries: int | None = None) -> SynthConfig:
-    return SynthConfig(batteries=batteries or d["batteries"], seed=seed, ct_size=d["ct_size"], rgb_width=d["rgb_size"][0],
-                       rgb_height=d["rgb_size"][1], slices_per_axis=d["slices_per_axis"], photos_per_battery=d["photos"],
-                       rgb_defect_rate=d["rgb_defect_rate"], visibility=dict(DEFECT_VISIBILITY) | dict(d.get("visibility") or {}))
+    return SynthConfig(
+        batteries=batteries or d["batteries"],
+        seed=seed,
+        ct_size=d["ct_size"],
+        rgb_width=d["rgb_size"][0],
+        rgb_height=d["rgb_size"][1],
+        slices_per_axis=d["slices_per_axis"],
+        photos_per_battery=d["photos"],
+        rgb_defect_rate=d["rgb_defect_rate"],
+        visibility=dict(DEFECT_VISIBILITY) | dict(d.get("visibility") or {}),
+    )
 
 
 def _ensure_data(path: Path, cfg: SynthConfig, what: str) -> None:
@@ -50,15 +59,25 @@ def merge_summary(earlier: dict, only: str, timings: dict, results: dict) -> tup
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m training.preset", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="python -m training.preset", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("preset", help="quick, standard, full, or a YAML path")
     p.add_argument("--out", type=Path, help="run folder (default runs/PRESET); models go to OUT/ct and OUT/rgb")
-    p.add_argument("--data", type=Path, help="training data (default data/PRESET, generated from the preset if missing)")
-    p.add_argument("--test-data", type=Path, help="fresh test data (default data/PRESET_test, generated with another seed)")
+    p.add_argument(
+        "--data", type=Path, help="training data (default data/PRESET, generated from the preset if missing)"
+    )
+    p.add_argument(
+        "--test-data", type=Path, help="fresh test data (default data/PRESET_test, generated with another seed)"
+    )
     p.add_argument("--only", choices=["ct", "rgb"], help="train one model only")
     p.add_argument("--skip-eval", action="store_true", help="train only")
-    p.add_argument("--threads", type=int, help="CPU threads per training (default: the config's, else all cores); "
-                   "use 1 for each of two trainings run side by side")
+    p.add_argument(
+        "--threads",
+        type=int,
+        help="CPU threads per training (default: the config's, else all cores); "
+        "use 1 for each of two trainings run side by side",
+    )
     args = p.parse_args(argv)
     cfg = load_config(args.preset)
     if args.threads:
@@ -99,7 +118,11 @@ def main(argv=None) -> int:
     for model in ("ct", "rgb"):
         if model in results:
             print(summary(results[model]))
-    print("time: " + ", ".join(f"{k[:-2]} {v:.0f} s" for k, v in timings.items()) + f"; total {sum(timings.values()) / 60:.1f} min")
+    print(
+        "time: "
+        + ", ".join(f"{k[:-2]} {v:.0f} s" for k, v in timings.items())
+        + f"; total {sum(timings.values()) / 60:.1f} min"
+    )
     print(f"wrote {out}/summary.json")
     return 0
 

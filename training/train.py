@@ -6,6 +6,7 @@ layout, split by battery, and writes RUN/checkpoint.pt with everything export ne
 calibrated anomaly threshold and score definition), RUN/history.json, RUN/config.yaml,
 RUN/split/ and TensorBoard logs in RUN/tb/.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -23,11 +24,12 @@ from torch import nn
 from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
+from core.aihub import Dataset, scan
+from core.labels import BATTERY_TYPES, CT_CLASSES, SLICE_AXES, class_type
+from core.preprocess import CT_MEAN, CT_STD
 from training.augment import acquisition, augment, synthetic_anomalies
 from training.checkpoint import save_checkpoint
 from training.config import load_config
-from training.data.aihub import Dataset, scan
-from training.data.labels import BATTERY_TYPES, CT_CLASSES, SLICE_AXES, class_type
 from training.data.split import read_split, split_dataset, write_split
 from training.datasets import load_ct, load_rgb
 from training.losses import FocalLoss, ReconstructionLoss, binary_focal_loss
@@ -35,7 +37,6 @@ from training.metrics import f1_optimal_threshold, fit_temperature, macro_f1, ro
 from training.models import create_model
 from training.models.autoencoder import AnomalyScorer, scorer_from
 from training.ood import describe, fit_ct_gate, fit_rgb_gate
-from training.preprocess import CT_MEAN, CT_STD
 
 
 def seed_everything(seed: int) -> torch.Generator:
@@ -115,9 +116,16 @@ def _train_epoch(model, opt, sched, batches: list, batch_loss, desc: str, progre
     return float(np.mean(losses)) if losses else None
 
 
-def _save_run(run: Path, model: torch.nn.Module, info: dict, history: list, start: float, data: Path, cfg: dict) -> dict:
+def _save_run(
+    run: Path, model: torch.nn.Module, info: dict, history: list, start: float, data: Path, cfg: dict
+) -> dict:
     """Write the checkpoint (with what every run records) and the per-epoch history."""
-    info = info | {"epochs_trained": len(history), "train_seconds": time.perf_counter() - start, "data": str(data), "config": cfg}
+    info = info | {
+        "epochs_trained": len(history),
+        "train_seconds": time.perf_counter() - start,
+        "data": str(data),
+        "config": cfg,
+    }
     save_checkpoint(run, model, info)
     (run / "history.json").write_text(json.dumps(history, indent=1) + "\n")
     return info
@@ -129,7 +137,9 @@ def resolve_split(ds: Dataset, run: Path, splits: Path | None, seed: int) -> dic
     return assignment
 
 
-def _batches(n: int, batch_size: int, rng: np.random.Generator, weights: np.ndarray | None = None, drop_last: bool = True):
+def _batches(
+    n: int, batch_size: int, rng: np.random.Generator, weights: np.ndarray | None = None, drop_last: bool = True
+):
     idx = rng.choice(n, size=n, replace=True, p=weights / weights.sum()) if weights is not None else rng.permutation(n)
     stop = n - (n % batch_size) if drop_last and n >= batch_size else n
     for i in range(0, stop, batch_size):
@@ -190,7 +200,10 @@ class DefectMapHead(nn.Module):
         was_training = model.training
         param = next(model.parameters())
         with torch.no_grad():  # one dry run tells the channel count of the last stage
-            model.eval()(torch.zeros(1, trunk_in_chans(model), 64, 64, device=param.device), torch.zeros(1, 2, device=param.device))
+            model.eval()(
+                torch.zeros(1, trunk_in_chans(model), 64, 64, device=param.device),
+                torch.zeros(1, 2, device=param.device),
+            )
         model.train(was_training)
         self.conv = nn.Conv2d(self.features.shape[1], 1, 1)
 
@@ -230,7 +243,9 @@ def train_ct(data: Path, cfg: dict, run: Path, splits: Path | None = None, progr
     assignment = resolve_split(ds, run, splits, c["split_seed"])
     parts = {name: [r for r in ds.ct if assignment.get(r.battery_key) == name] for name in ("train", "val")}
     if not parts["train"] or not parts["val"]:
-        raise SystemExit(f"error: need CT slices in both train and val splits, got {len(parts['train'])} and {len(parts['val'])}")
+        raise SystemExit(
+            f"error: need CT slices in both train and val splits, got {len(parts['train'])} and {len(parts['val'])}"
+        )
     size = int(c["input_size"])
     aux_weight = float(c["defect_map_weight"])
     train = load_ct(parts["train"], size, workers=c["workers"], progress=progress, with_masks=aux_weight > 0)
@@ -239,12 +254,17 @@ def train_ct(data: Path, cfg: dict, run: Path, splits: Path | None = None, progr
     device = _device(c)
     model = create_model(c["model"]["name"], **arch_args).to(device)
     defect_map = DefectMapHead(model, aux_weight).to(device)
-    opt = torch.optim.AdamW(list(model.parameters()) + list(defect_map.parameters()), lr=c["optimizer"]["lr"],
-                            weight_decay=c["optimizer"]["weight_decay"])
+    opt = torch.optim.AdamW(
+        list(model.parameters()) + list(defect_map.parameters()),
+        lr=c["optimizer"]["lr"],
+        weight_decay=c["optimizer"]["weight_decay"],
+    )
     bs = int(c["batch_size"])
     steps = max(1, len(train.labels) // bs)
     sched = _scheduler(opt, c, steps)
-    loss_fn = FocalLoss(c["loss"]["focal_gamma"], c["loss"]["label_smoothing"], _class_weights(train.labels, c["loss"]["class_weights"])).to(device)
+    loss_fn = FocalLoss(
+        c["loss"]["focal_gamma"], c["loss"]["label_smoothing"], _class_weights(train.labels, c["loss"]["class_weights"])
+    ).to(device)
     sample_w = None
     if c["weighted_sampling"]:
         counts = np.bincount(train.labels, minlength=len(CT_CLASSES))
@@ -254,6 +274,7 @@ def train_ct(data: Path, cfg: dict, run: Path, splits: Path | None = None, progr
     history, stopper = [], EarlyStopping(c["early_stopping"]["patience"], higher_is_better=True)
     fill = -CT_MEAN / CT_STD  # black after normalisation
     start = time.perf_counter()
+
     def batch_loss(idx):
         x = torch.from_numpy(train.images[idx].astype(np.float32))
         if train.masks is not None:  # image and defect mask go through the same random flips and warps
@@ -261,26 +282,47 @@ def train_ct(data: Path, cfg: dict, run: Path, splits: Path | None = None, progr
         x = augment(x, c["augment"], gen, fill=torch.tensor([fill, 0.0][: x.shape[1]]).view(1, -1, 1, 1))
         x[:, :1] = acquisition(x[:, :1], c["acquisition"], gen, CT_MEAN, CT_STD)  # the slice, not its defect mask
         x = x.to(device)
-        loss = loss_fn(model(x[:, :1], torch.from_numpy(train.meta[idx]).to(device)), torch.from_numpy(train.labels[idx]).to(device))
+        loss = loss_fn(
+            model(x[:, :1], torch.from_numpy(train.meta[idx]).to(device)),
+            torch.from_numpy(train.labels[idx]).to(device),
+        )
         return loss if train.masks is None else loss + defect_map.loss(x[:, 1:])
 
     for epoch in range(int(c["epochs"])):
-        train_loss = _train_epoch(model, opt, sched, list(_batches(len(train.labels), bs, rng, sample_w)), batch_loss,
-                                  f"ct epoch {epoch + 1}/{c['epochs']}", progress, 3)
+        train_loss = _train_epoch(
+            model,
+            opt,
+            sched,
+            list(_batches(len(train.labels), bs, rng, sample_w)),
+            batch_loss,
+            f"ct epoch {epoch + 1}/{c['epochs']}",
+            progress,
+            3,
+        )
         logits = ct_logits(model, val.images, val.meta)
         val_loss = float(loss_fn(torch.from_numpy(logits).to(device), torch.from_numpy(val.labels).to(device)))
         f1 = macro_f1(val.labels, logits.argmax(1), len(CT_CLASSES))
         acc = float((logits.argmax(1) == val.labels).mean())
-        row = {"epoch": epoch + 1, "train_loss": train_loss, "val_loss": val_loss,
-               "val_macro_f1": f1, "val_accuracy": acc, "lr": opt.param_groups[0]["lr"], "seconds": time.perf_counter() - start}
+        row = {
+            "epoch": epoch + 1,
+            "train_loss": train_loss,
+            "val_loss": val_loss,
+            "val_macro_f1": f1,
+            "val_accuracy": acc,
+            "lr": opt.param_groups[0]["lr"],
+            "seconds": time.perf_counter() - start,
+        }
         history.append(row)
         for k in ("train_loss", "val_loss", "val_macro_f1", "val_accuracy", "lr"):
             if row[k] is not None:
                 tb.add_scalar(f"ct/{k}", row[k], epoch + 1)
         improved = stopper.improved(f1, model)
         if progress:
-            print(f"ct epoch {epoch + 1:>3}: train loss {row['train_loss']:.4f}  val loss {val_loss:.4f}  "
-                  f"val macro-F1 {f1:.4f}  acc {acc:.4f}{'  *' if improved else ''}", flush=True)
+            print(
+                f"ct epoch {epoch + 1:>3}: train loss {row['train_loss']:.4f}  val loss {val_loss:.4f}  "
+                f"val macro-F1 {f1:.4f}  acc {acc:.4f}{'  *' if improved else ''}",
+                flush=True,
+            )
         if stopper.should_stop:
             if progress:
                 print(f"early stop: no better val macro-F1 for {stopper.bad_epochs} epochs")
@@ -303,8 +345,12 @@ def train_ct(data: Path, cfg: dict, run: Path, splits: Path | None = None, progr
         "input_size": size,
         "in_chans": 1,
         "normalization": {"mean": CT_MEAN, "std": CT_STD, "scale": "image / dtype max (8 or 16 bit)"},
-        "preprocess": "training.preprocess.encoded_ct_input",
-        "meta_spec": {"names": ["battery_type", "slice_axis"], "battery_type": list(BATTERY_TYPES), "slice_axis": list(SLICE_AXES)},
+        "preprocess": "core.preprocess.encoded_ct_input",
+        "meta_spec": {
+            "names": ["battery_type", "slice_axis"],
+            "battery_type": list(BATTERY_TYPES),
+            "slice_axis": list(SLICE_AXES),
+        },
         "temperature": temperature,
         "ood": gate,
         "val_macro_f1": best,
@@ -321,7 +367,9 @@ def train_rgb(data: Path, cfg: dict, run: Path, splits: Path | None = None, prog
     train_recs = [r for r in ds.rgb if assignment.get(r.battery_key) == "train" and r.is_normal]  # normal only
     val_recs = [r for r in ds.rgb if assignment.get(r.battery_key) == "val"]
     if not train_recs or not any(r.is_normal for r in val_recs):
-        raise SystemExit(f"error: need normal RGB photos in train and val, got {len(train_recs)} and {sum(r.is_normal for r in val_recs)}")
+        raise SystemExit(
+            f"error: need normal RGB photos in train and val, got {len(train_recs)} and {sum(r.is_normal for r in val_recs)}"
+        )
     size = int(c["input_size"])
     arch_args = {k: v for k, v in c["model"].items() if k != "name"}
     device = _device(c)
@@ -343,7 +391,9 @@ def train_rgb(data: Path, cfg: dict, run: Path, splits: Path | None = None, prog
     except ValueError as e:
         raise SystemExit(f"error: rgb.score: {e}") from None
     if segmenting and not (c["anomalies"] or {}).get("probability"):
-        raise SystemExit("error: the segmentation head learns from painted blemishes: set rgb.anomalies.probability > 0")
+        raise SystemExit(
+            "error: the segmentation head learns from painted blemishes: set rgb.anomalies.probability > 0"
+        )
     rng = np.random.default_rng(c["seed"])
     tb = SummaryWriter(run / "tb")
     history, stopper = [], EarlyStopping(c["early_stopping"]["patience"], higher_is_better=False)
@@ -357,7 +407,9 @@ def train_rgb(data: Path, cfg: dict, run: Path, splits: Path | None = None, prog
         return loss
 
     def batch_loss(idx):
-        x = acquisition(augment(torch.from_numpy(train.images[idx].astype(np.float32)), c["augment"], gen), c["acquisition"], gen)
+        x = acquisition(
+            augment(torch.from_numpy(train.images[idx].astype(np.float32)), c["augment"], gen), c["acquisition"], gen
+        )
         blemished, mask = synthetic_anomalies(x, c["anomalies"], gen, with_mask=True)  # denoising: clean target
         return rgb_loss(x.to(device), blemished.to(device), mask.to(device))
 
@@ -365,27 +417,53 @@ def train_rgb(data: Path, cfg: dict, run: Path, splits: Path | None = None, prog
     # head, the same blemishes painted on them every epoch (a fixed generator)
     val_clean = torch.from_numpy(val_normal.astype(np.float32))
     if segmenting:
-        val_blemished, val_mask = (t.to(device) for t in synthetic_anomalies(
-            val_clean, c["anomalies"], torch.Generator().manual_seed(c["seed"] + 1), with_mask=True))
+        val_blemished, val_mask = (
+            t.to(device)
+            for t in synthetic_anomalies(
+                val_clean, c["anomalies"], torch.Generator().manual_seed(c["seed"] + 1), with_mask=True
+            )
+        )
     val_clean = val_clean.to(device)
     for epoch in range(int(c["epochs"])):
-        train_loss = _train_epoch(model, opt, sched, list(_batches(len(train.images), bs, rng)), batch_loss,
-                                  f"rgb epoch {epoch + 1}/{c['epochs']}", progress, 4)
+        train_loss = _train_epoch(
+            model,
+            opt,
+            sched,
+            list(_batches(len(train.images), bs, rng)),
+            batch_loss,
+            f"rgb epoch {epoch + 1}/{c['epochs']}",
+            progress,
+            4,
+        )
         model.eval()
         with torch.no_grad():
             val_loss = float(np.mean([float(loss_fn(model(x), x)) for x in val_clean.split(32)]))
             if segmenting:
-                val_loss += seg_weight * float(np.mean([float(binary_focal_loss(model.segment_logits(b, model(b)), m)) for b, m in
-                                                        zip(val_blemished.split(32), val_mask.split(32))]))
-        row = {"epoch": epoch + 1, "train_loss": train_loss, "val_loss": val_loss,
-               "lr": opt.param_groups[0]["lr"], "seconds": time.perf_counter() - start}
+                val_loss += seg_weight * float(
+                    np.mean(
+                        [
+                            float(binary_focal_loss(model.segment_logits(b, model(b)), m))
+                            for b, m in zip(val_blemished.split(32), val_mask.split(32))
+                        ]
+                    )
+                )
+        row = {
+            "epoch": epoch + 1,
+            "train_loss": train_loss,
+            "val_loss": val_loss,
+            "lr": opt.param_groups[0]["lr"],
+            "seconds": time.perf_counter() - start,
+        }
         history.append(row)
         for k in ("train_loss", "val_loss", "lr"):
             if row[k] is not None:
                 tb.add_scalar(f"rgb/{k}", row[k], epoch + 1)
         improved = stopper.improved(val_loss, model)
         if progress:
-            print(f"rgb epoch {epoch + 1:>3}: train loss {row['train_loss']:.5f}  val loss {val_loss:.5f}{'  *' if improved else ''}", flush=True)
+            print(
+                f"rgb epoch {epoch + 1:>3}: train loss {row['train_loss']:.5f}  val loss {val_loss:.5f}{'  *' if improved else ''}",
+                flush=True,
+            )
         if stopper.should_stop:
             if progress:
                 print(f"early stop: no better val loss for {stopper.bad_epochs} epochs")
@@ -407,7 +485,10 @@ def train_rgb(data: Path, cfg: dict, run: Path, splits: Path | None = None, prog
     else:  # no defective photo to calibrate on: 99th percentile of normal scores
         thresholds["normal_p99"] = float(np.percentile(scores, 99))
         method, calibration = "normal_p99", {"warning": "validation split had no defective photos"}
-        print("warning: no defective RGB photos in the validation split; threshold = 99th percentile of normal scores", file=sys.stderr)
+        print(
+            "warning: no defective RGB photos in the validation split; threshold = 99th percentile of normal scores",
+            file=sys.stderr,
+        )
     info = {
         "kind": "rgb_autoencoder",
         "arch": c["model"]["name"],
@@ -415,7 +496,7 @@ def train_rgb(data: Path, cfg: dict, run: Path, splits: Path | None = None, prog
         "input_size": size,
         "in_chans": 3,
         "normalization": {"mean": 0.0, "std": 1.0, "scale": "image / 255, values 0..1"},
-        "preprocess": "training.preprocess.encoded_rgb_input",
+        "preprocess": "core.preprocess.encoded_rgb_input",
         "score": score_cfg,
         "threshold": thresholds[method],
         "threshold_method": method,
@@ -428,12 +509,18 @@ def train_rgb(data: Path, cfg: dict, run: Path, splits: Path | None = None, prog
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m training.train", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="python -m training.train", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("model", choices=["ct", "rgb"], help="ct: the late-fusion CT classifier; rgb: the RGB autoencoder")
     p.add_argument("--data", type=Path, required=True, help="data set folder (AI Hub layout)")
-    p.add_argument("--config", default="quick", help="preset name (quick, standard, full) or a YAML path (default quick)")
+    p.add_argument(
+        "--config", default="quick", help="preset name (quick, standard, full) or a YAML path (default quick)"
+    )
     p.add_argument("--out", type=Path, required=True, help="run folder to write")
-    p.add_argument("--splits", type=Path, help="folder with train/val/test.txt (default: split the data by battery, seeded)")
+    p.add_argument(
+        "--splits", type=Path, help="folder with train/val/test.txt (default: split the data by battery, seeded)"
+    )
     p.add_argument("--epochs", type=int, help="override the config's epoch count")
     p.add_argument("--quiet", action="store_true")
     args = p.parse_args(argv)
@@ -452,11 +539,15 @@ def main(argv=None) -> int:
     trainer = train_ct if args.model == "ct" else train_rgb
     info = trainer(args.data, cfg, args.out, args.splits, progress=not args.quiet)
     if args.model == "ct":
-        print(f"wrote {args.out / 'checkpoint.pt'}: val macro-F1 {info['val_macro_f1']:.4f}, temperature {info['temperature']:.3f}, "
-              f"{info['epochs_trained']} epochs in {info['train_seconds']:.0f} s")
+        print(
+            f"wrote {args.out / 'checkpoint.pt'}: val macro-F1 {info['val_macro_f1']:.4f}, temperature {info['temperature']:.3f}, "
+            f"{info['epochs_trained']} epochs in {info['train_seconds']:.0f} s"
+        )
     else:
-        print(f"wrote {args.out / 'checkpoint.pt'}: threshold {info['threshold']:.6f} ({info['threshold_method']}), "
-              f"{info['epochs_trained']} epochs in {info['train_seconds']:.0f} s")
+        print(
+            f"wrote {args.out / 'checkpoint.pt'}: threshold {info['threshold']:.6f} ({info['threshold_method']}), "
+            f"{info['epochs_trained']} epochs in {info['train_seconds']:.0f} s"
+        )
     return 0
 
 

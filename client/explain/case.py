@@ -5,6 +5,7 @@ and resized to a square), so overlays are drawn on the same view of the image: t
 decoded image put through the service's own preprocessing (`View`). `View.to_source`
 maps a box back to pixels of the image the station sent.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -13,7 +14,8 @@ from functools import cached_property
 import numpy as np
 
 from client.inspection import Inspection
-from training.preprocess import Crop, encoded_ct_input, encoded_rgb_input
+from core.facts import ServingFacts
+from core.preprocess import Crop, encoded_ct_input, encoded_rgb_input
 
 
 @dataclass(frozen=True)
@@ -28,7 +30,7 @@ class Box:
     peak: float = 0.0
     label: str = ""
 
-    def to_dict(self, view: "View | None" = None) -> dict:
+    def to_dict(self, view: View | None = None) -> dict:
         d = {"box": [self.x0, self.y0, self.x1, self.y1], "area": self.area, "peak": round(self.peak, 6)}
         if self.label:
             d["label"] = self.label
@@ -52,8 +54,12 @@ class View:
         """(x0, y0, x1, y1) in view pixels -> the same region in the station's image (pixels)."""
         sx, sy = self.crop.width / self.size, self.crop.height / self.size
         x0, y0, x1, y1 = box
-        return [int(round(self.crop.x0 + x0 * sx)), int(round(self.crop.y0 + y0 * sy)),
-                int(round(self.crop.x0 + x1 * sx)), int(round(self.crop.y0 + y1 * sy))]
+        return [
+            int(round(self.crop.x0 + x0 * sx)),
+            int(round(self.crop.y0 + y0 * sy)),
+            int(round(self.crop.x0 + x1 * sx)),
+            int(round(self.crop.y0 + y1 * sy)),
+        ]
 
 
 @dataclass
@@ -65,8 +71,8 @@ class Case:
     ct: bytes
     meta: tuple[float, float]
     rgb: bytes
-    ct_info: dict
-    rgb_info: dict
+    ct_facts: ServingFacts
+    rgb_facts: ServingFacts
     extra: dict = field(default_factory=dict)  # paths, labels: copied into the report as they are
 
     @property
@@ -75,8 +81,8 @@ class Case:
 
     @cached_property
     def _ct_input(self):
-        norm = self.ct_info["normalization"]
-        return encoded_ct_input(self.ct, int(self.ct_info["input_size"]), norm["mean"], norm["std"])
+        norm = self.ct_facts.normalization
+        return encoded_ct_input(self.ct, self.ct_facts.input_size, norm.mean, norm.std)
 
     @property
     def ct_tensor(self) -> np.ndarray:
@@ -85,11 +91,11 @@ class Case:
 
     @cached_property
     def ct_view(self) -> View:
-        norm = self.ct_info["normalization"]
+        norm = self.ct_facts.normalization
         x, crop = self._ct_input
-        return View(np.clip(x[0] * norm["std"] + norm["mean"], 0.0, 1.0), crop)
+        return View(np.clip(x[0] * norm.std + norm.mean, 0.0, 1.0), crop)
 
     @cached_property
     def rgb_view(self) -> View:
-        x, crop = encoded_rgb_input(self.rgb, int(self.rgb_info["input_size"]))
+        x, crop = encoded_rgb_input(self.rgb, self.rgb_facts.input_size)
         return View(np.transpose(x, (1, 2, 0)), crop)

@@ -4,6 +4,7 @@ An explainer has a `name` and `explain(case, folder) -> (data, files)`: JSON-rea
 and the images it wrote into the cell's folder ({role: file name}). Raising is how it
 says it could not: the pipeline then marks its part unavailable with the reason.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -52,7 +53,7 @@ def rgb_error_overlay(case: Case, threshold: float | None = None):
     if emap is None:
         raise ValueError("the answer carries no RGB_ERROR_MAP: inspect with heatmaps")
     t = case.inspection.rgb_threshold if threshold is None else threshold
-    border = float(case.rgb_info.get("score", {}).get("border", 0.0))
+    border = float((case.rgb_facts.score or {}).get("border", 0.0))
     return overlays.error_overlay(case.rgb_view.image, emap, t, border=border)
 
 
@@ -73,10 +74,16 @@ class CTHeatmap:
         if self.torch_cam is not None:
             cam = self.torch_cam(case.ct_tensor, case.meta)
         image, boxes = ct_cam_overlay(case, cam, self.threshold)
-        files = {"image": _save(overlays.image_png(case.ct_view.image), folder, "ct.png"),
-                 "overlay": _save(image, folder, "ct_cam.png")}
-        data = {"source": self.description, "threshold": self.threshold, "class": case.inspection.ct_class,
-                "regions": [b.to_dict(case.ct_view) for b in boxes]}
+        files = {
+            "image": _save(overlays.image_png(case.ct_view.image), folder, "ct.png"),
+            "overlay": _save(image, folder, "ct_cam.png"),
+        }
+        data = {
+            "source": self.description,
+            "threshold": self.threshold,
+            "class": case.inspection.ct_class,
+            "regions": [b.to_dict(case.ct_view) for b in boxes],
+        }
         if self.torch_cam is not None and case.inspection.ct_cam is not None:
             served = case.inspection.ct_cam
             if served.std() > 0 and cam.std() > 0:
@@ -95,11 +102,18 @@ class RGBErrorMap:
 
     def explain(self, case: Case, folder: Path):
         image, boxes = rgb_error_overlay(case, self.threshold)
-        files = {"image": _save(overlays.image_png(case.rgb_view.image), folder, "rgb.png"),
-                 "overlay": _save(image, folder, "rgb_error.png")}
+        files = {
+            "image": _save(overlays.image_png(case.rgb_view.image), folder, "rgb.png"),
+            "overlay": _save(image, folder, "rgb_error.png"),
+        }
         t = case.inspection.rgb_threshold if self.threshold is None else self.threshold
-        data = {"threshold": t, "score": case.inspection.rgb_score, "anomalous": case.inspection.rgb_anomalous,
-                "peak_error": float(case.inspection.rgb_error_map.max()), "regions": [b.to_dict(case.rgb_view) for b in boxes]}
+        data = {
+            "threshold": t,
+            "score": case.inspection.rgb_score,
+            "anomalous": case.inspection.rgb_anomalous,
+            "peak_error": float(case.inspection.rgb_error_map.max()),
+            "regions": [b.to_dict(case.rgb_view) for b in boxes],
+        }
         return data, files
 
 
@@ -129,7 +143,10 @@ class VLMFinding:
                 view, prompt = case.ct_view, ct_prompt(case.inspection, case.meta, boxes, case.ct_view.size, self.lang)
             else:
                 overlay, boxes = rgb_error_overlay(case)
-                view, prompt = case.rgb_view, rgb_prompt(case.inspection, case.meta, boxes, case.rgb_view.size, self.lang)
+                view, prompt = (
+                    case.rgb_view,
+                    rgb_prompt(case.inspection, case.meta, boxes, case.rgb_view.size, self.lang),
+                )
             try:
                 answer = self.backend.ask([overlays.image_png(view.image), overlay], prompt)
             except Exception as e:
@@ -147,7 +164,9 @@ class Grounding:
 
     name = "grounding"
 
-    def __init__(self, backend, box_threshold: float = 0.35, text_threshold: float = 0.25, ct_phrases=None, rgb_phrases=None):
+    def __init__(
+        self, backend, box_threshold: float = 0.35, text_threshold: float = 0.25, ct_phrases=None, rgb_phrases=None
+    ):
         self.backend, self.box_threshold, self.text_threshold = backend, box_threshold, text_threshold
         self.phrases = {"ct": dict(ct_phrases or CT_PHRASES), "rgb": dict(rgb_phrases or RGB_PHRASES)}
 
@@ -156,8 +175,14 @@ class Grounding:
         return self.backend.description
 
     def explain(self, case: Case, folder: Path):
-        data, files = {"backend": self.backend.description, "box_threshold": self.box_threshold,
-                       "text_threshold": self.text_threshold}, {}
+        data, files = (
+            {
+                "backend": self.backend.description,
+                "box_threshold": self.box_threshold,
+                "text_threshold": self.text_threshold,
+            },
+            {},
+        )
         for side, view in (("ct", case.ct_view), ("rgb", case.rgb_view)):
             phrases = self.phrases[side]
             shown = overlays.image_png(view.image)
@@ -168,8 +193,15 @@ class Grounding:
                 phrase, cls = phrase_class(label, phrases, int(case.meta[0]))
                 box = Box(*(int(round(v * scale)) for v in (x0, y0, x1, y1)), peak=score, label=f"{phrase} {score:.2f}")
                 boxes.append(box)
-                detections.append({"phrase": phrase, "class": cls, "score": round(score, 4), "box": [box.x0, box.y0, box.x1, box.y1],
-                                   "source_box": view.to_source((box.x0, box.y0, box.x1, box.y1))})
+                detections.append(
+                    {
+                        "phrase": phrase,
+                        "class": cls,
+                        "score": round(score, 4),
+                        "box": [box.x0, box.y0, box.x1, box.y1],
+                        "source_box": view.to_source((box.x0, box.y0, box.x1, box.y1)),
+                    }
+                )
             data[side] = {"prompt": " . ".join(phrases) + " .", "detections": detections}
             files[f"{side}_boxes"] = _save(overlays.boxes_overlay(view.image, boxes), folder, f"{side}_boxes.png")
         return data, files

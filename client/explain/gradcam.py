@@ -5,6 +5,7 @@ no backward pass; `export.graphs.CTInference`), so every answer carries `CT_CAM`
 `TorchCAM` recomputes it on the PyTorch checkpoint with pytorch-grad-cam, with any of its
 methods, to audit the served map or to look at a cell another way (GradCAM++, ScoreCAM...).
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -14,7 +15,8 @@ import numpy as np
 import torch
 
 from client.explain.explainers import CAM_METHODS as METHODS
-
+from export.repository import classify_runs
+from training.checkpoint import load_checkpoint
 
 
 class WithMeta(torch.nn.Module):
@@ -43,8 +45,6 @@ class TorchCAM:
     """pytorch-grad-cam on a CT checkpoint (a run folder or a .pt file)."""
 
     def __init__(self, checkpoint: str | Path, method: str = "gradcam", device: str | None = None):
-        from export.repository import classify_runs
-        from training.checkpoint import load_checkpoint
 
         if method not in METHODS:
             raise ValueError(f"unknown Grad-CAM method {method!r}; choose one of {', '.join(METHODS)}")
@@ -63,8 +63,8 @@ class TorchCAM:
         """The map (S, S) 0..1 for one normalised CT input (C, S, S); the top class unless given."""
         image = torch.from_numpy(np.asarray(ct_tensor, np.float32))[None].to(self.device)
         m = torch.tensor([list(meta)], dtype=torch.float32, device=self.device)
-        import pytorch_grad_cam
-        from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
+        import pytorch_grad_cam  # noqa: PLC0415 - optional heavy dependency, only for the audit path
+        from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget  # noqa: PLC0415 - optional heavy dependency, only for the audit path
 
         targets = None if target_class is None else [ClassifierOutputTarget(int(target_class))]
         method = getattr(pytorch_grad_cam, METHODS[self.method])

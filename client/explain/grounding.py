@@ -7,6 +7,7 @@
 
 Prompts are phrases joined with " . "; each box's phrase is mapped back to a class.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -41,16 +42,20 @@ class TransformersGrounding:
     name = "transformers"
 
     def __init__(self, weights: str | Path, device: str | None = None):
-        import torch
-        from transformers import AutoModelForZeroShotObjectDetection, AutoProcessor
+        import torch  # noqa: PLC0415 - with the optional detector only
+        from transformers import AutoModelForZeroShotObjectDetection, AutoProcessor  # noqa: PLC0415 - optional heavy dependency
 
         path = Path(weights)
         if not (path / "config.json").is_file():
-            raise BackendUnavailable(f"{path} is not a model folder (no config.json): put GroundingDINO weights there, "
-                                     "e.g. 'huggingface-cli download IDEA-Research/grounding-dino-tiny --local-dir DIR'")
+            raise BackendUnavailable(
+                f"{path} is not a model folder (no config.json): put GroundingDINO weights there, "
+                "e.g. 'huggingface-cli download IDEA-Research/grounding-dino-tiny --local-dir DIR'"
+            )
         self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         self.processor = AutoProcessor.from_pretrained(path, local_files_only=True)
-        self.model = AutoModelForZeroShotObjectDetection.from_pretrained(path, local_files_only=True).to(self.device).eval()
+        self.model = (
+            AutoModelForZeroShotObjectDetection.from_pretrained(path, local_files_only=True).to(self.device).eval()
+        )
         self.path = path
         self._lock = Lock()
 
@@ -58,17 +63,27 @@ class TransformersGrounding:
     def description(self) -> str:
         return f"{type(self.model).__name__} from {self.path} on {self.device}"
 
-    def detect(self, image: Image.Image, phrases, box_threshold: float, text_threshold: float) -> list[tuple[str, float, list[float]]]:
+    def detect(
+        self, image: Image.Image, phrases, box_threshold: float, text_threshold: float
+    ) -> list[tuple[str, float, list[float]]]:
         """[(label, score, [x0, y0, x1, y1] in image pixels)]"""
-        import torch
+        import torch  # noqa: PLC0415 - with the optional detector only
 
         inputs = self.processor(images=image, text=caption(phrases), return_tensors="pt").to(self.device)
         with self._lock, torch.inference_mode():
             outputs = self.model(**inputs)
-        r = self.processor.post_process_grounded_object_detection(outputs, inputs["input_ids"], threshold=box_threshold,
-                                                                  text_threshold=text_threshold, target_sizes=[image.size[::-1]])[0]
+        r = self.processor.post_process_grounded_object_detection(
+            outputs,
+            inputs["input_ids"],
+            threshold=box_threshold,
+            text_threshold=text_threshold,
+            target_sizes=[image.size[::-1]],
+        )[0]
         labels = r["text_labels"] if "text_labels" in r else r["labels"]
-        return [(str(l), float(s), [float(v) for v in b]) for l, s, b in zip(labels, r["scores"].tolist(), r["boxes"].tolist())]
+        return [
+            (str(label), float(s), [float(v) for v in b])
+            for label, s, b in zip(labels, r["scores"].tolist(), r["boxes"].tolist())
+        ]
 
 
 class GroundingDinoPy:
@@ -76,14 +91,18 @@ class GroundingDinoPy:
 
     def __init__(self, config: str | Path, weights: str | Path, device: str | None = None):
         try:
-            from groundingdino.util.inference import load_model
+            from groundingdino.util.inference import load_model  # noqa: PLC0415 - optional heavy dependency
         except ImportError:
-            raise BackendUnavailable("the groundingdino backend needs the groundingdino-py package (pip install groundingdino-py)") from None
-        import torch
+            raise BackendUnavailable(
+                "the groundingdino backend needs the groundingdino-py package (pip install groundingdino-py)"
+            ) from None
+        import torch  # noqa: PLC0415 - with the optional detector only
 
         for p in (config, weights):
             if not Path(p).is_file():
-                raise BackendUnavailable(f"{p} does not exist: give the GroundingDINO config (.py) and checkpoint (.pth)")
+                raise BackendUnavailable(
+                    f"{p} does not exist: give the GroundingDINO config (.py) and checkpoint (.pth)"
+                )
         self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         self.model = load_model(str(config), str(weights), device=self.device)
         self.path = Path(weights)
@@ -93,19 +112,30 @@ class GroundingDinoPy:
     def description(self) -> str:
         return f"groundingdino-py {self.path.name} on {self.device}"
 
-    def detect(self, image: Image.Image, phrases, box_threshold: float, text_threshold: float) -> list[tuple[str, float, list[float]]]:
-        import groundingdino.datasets.transforms as T
-        from groundingdino.util.inference import predict
+    def detect(
+        self, image: Image.Image, phrases, box_threshold: float, text_threshold: float
+    ) -> list[tuple[str, float, list[float]]]:
+        import groundingdino.datasets.transforms as T  # noqa: PLC0415 - optional heavy dependency
+        from groundingdino.util.inference import predict  # noqa: PLC0415 - optional heavy dependency
 
-        transform = T.Compose([T.RandomResize([800], max_size=1333), T.ToTensor(),
-                               T.Normalize([0.485, 0.456, 0.406], [0.229, 0.224, 0.225])])
+        transform = T.Compose(
+            [
+                T.RandomResize([800], max_size=1333),
+                T.ToTensor(),
+                T.Normalize([0.485, 0.456, 0.406], [0.229, 0.224, 0.225]),
+            ]
+        )
         tensor, _ = transform(image.convert("RGB"), None)
         with self._lock:
-            boxes, logits, labels = predict(self.model, tensor, caption(phrases), box_threshold, text_threshold, device=self.device)
+            boxes, logits, labels = predict(
+                self.model, tensor, caption(phrases), box_threshold, text_threshold, device=self.device
+            )
         w, h = image.size
         out = []
         for (cx, cy, bw, bh), score, label in zip(np.asarray(boxes, float), np.asarray(logits, float), labels):
-            out.append((str(label), float(score), [(cx - bw / 2) * w, (cy - bh / 2) * h, (cx + bw / 2) * w, (cy + bh / 2) * h]))
+            out.append(
+                (str(label), float(score), [(cx - bw / 2) * w, (cy - bh / 2) * h, (cx + bw / 2) * w, (cy + bh / 2) * h])
+            )
         return out
 
 

@@ -7,6 +7,7 @@
   of the highest errors, so pixels above it are what pushed the cell over) and a box
   around each such region.
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -61,7 +62,9 @@ def _draw_boxes(im: Image.Image, boxes: list[Box], factor: float, colour=BOX_COL
     draw = ImageDraw.Draw(im)
     width = max(2, im.width // 200)
     for b in boxes:
-        draw.rectangle([b.x0 * factor, b.y0 * factor, b.x1 * factor - 1, b.y1 * factor - 1], outline=colour, width=width)
+        draw.rectangle(
+            [b.x0 * factor, b.y0 * factor, b.x1 * factor - 1, b.y1 * factor - 1], outline=colour, width=width
+        )
         if b.label:
             draw.text((b.x0 * factor + 3, b.y0 * factor + 2), b.label, fill=colour)
 
@@ -71,18 +74,23 @@ def image_png(image: np.ndarray) -> Image.Image:
     return _scale(Image.fromarray(_rgb8(image)))[0]
 
 
-def cam_overlay(image: np.ndarray, cam: np.ndarray, threshold: float = 0.5, alpha: float = 0.45) -> tuple[Image.Image, list[Box]]:
+def cam_overlay(
+    image: np.ndarray, cam: np.ndarray, threshold: float = 0.5, alpha: float = 0.45
+) -> tuple[Image.Image, list[Box]]:
     """Grad-CAM over the CT view with a box around each region at or above `threshold`."""
     if cam.shape != image.shape[:2]:
-        raise ValueError(f"the CAM is {cam.shape} but the image is {image.shape[:2]}: they must be at the model's input size")
+        raise ValueError(
+            f"the CAM is {cam.shape} but the image is {image.shape[:2]}: they must be at the model's input size"
+        )
     boxes = hot_regions(cam, threshold)
     im, factor = _scale(Image.fromarray(_blend(image, cam, alpha, "jet")))
     _draw_boxes(im, boxes, factor)
     return im, boxes
 
 
-def error_overlay(image: np.ndarray, error_map: np.ndarray, threshold: float, alpha: float = 0.45,
-                  border: float = 0.0) -> tuple[Image.Image, list[Box]]:
+def error_overlay(
+    image: np.ndarray, error_map: np.ndarray, threshold: float, alpha: float = 0.45, border: float = 0.0
+) -> tuple[Image.Image, list[Box]]:
     """The error map over the RGB view: the contour where error >= threshold and boxes around
     those regions. `border` (a fraction of the side) is left out, as the score leaves it out."""
     if error_map.shape != image.shape[:2]:
@@ -91,7 +99,7 @@ def error_overlay(image: np.ndarray, error_map: np.ndarray, threshold: float, al
     h, w = emap.shape
     by, bx = int(round(h * border)), int(round(w * border))
     scored = np.zeros_like(emap)
-    scored[by:h - by, bx:w - bx] = emap[by:h - by, bx:w - bx]
+    scored[by : h - by, bx : w - bx] = emap[by : h - by, bx : w - bx]
     boxes = hot_regions(scored, threshold)
     top = max(float(emap.max()), threshold, 1e-12)  # colours relative to the larger of the peak and the threshold
     im, factor = _scale(Image.fromarray(_blend(image, emap / top, alpha, "inferno")))

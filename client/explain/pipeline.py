@@ -20,6 +20,7 @@ index.html are rewritten while cells are explained (at most that often, and when
 pipeline runs dry) rather than only at `close`, and `resume=True`, so a restart adds to the
 reports already in `out_dir` instead of replacing their index.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -33,6 +34,8 @@ import traceback
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+
+from tqdm import tqdm
 
 from client import metrics
 from client.explain.case import Case
@@ -75,8 +78,17 @@ def _lower_priority(niceness: int) -> None:
 
 
 class ExplanationPipeline:
-    def __init__(self, explainers, out_dir: str | Path, workers: int = 2, max_backlog: int = 256, title: str = "",
-                 nice: int = 10, index_every_s: float | None = None, resume: bool = False):
+    def __init__(
+        self,
+        explainers,
+        out_dir: str | Path,
+        workers: int = 2,
+        max_backlog: int = 256,
+        title: str = "",
+        nice: int = 10,
+        index_every_s: float | None = None,
+        resume: bool = False,
+    ):
         if workers < 1 or max_backlog < 1:
             raise ValueError("workers and max_backlog must be at least 1")
         self.explainers = list(explainers)
@@ -84,7 +96,9 @@ class ExplanationPipeline:
         self.out_dir = Path(out_dir)
         self.title = title
         self.out_dir.mkdir(parents=True, exist_ok=True)
-        self._pool = ThreadPoolExecutor(workers, thread_name_prefix="explain", initializer=_lower_priority, initargs=(nice,))
+        self._pool = ThreadPoolExecutor(
+            workers, thread_name_prefix="explain", initializer=_lower_priority, initargs=(nice,)
+        )
         self._slots = threading.BoundedSemaphore(max_backlog)
         self._lock = threading.Lock()
         self._names: set[str] = set()
@@ -170,8 +184,9 @@ class ExplanationPipeline:
         with self._lock:
             self.entries.append(entry)
             # while running: when due, or when this was the last cell in flight
-            if self.index_every_s is not None and (time.monotonic() - self._index_written >= self.index_every_s
-                                                   or self._pending <= 1):
+            if self.index_every_s is not None and (
+                time.monotonic() - self._index_written >= self.index_every_s or self._pending <= 1
+            ):
                 self._write_index()
         return entry
 
@@ -184,8 +199,6 @@ class ExplanationPipeline:
         with self._lock:
             futures = list(self._futures)
         if progress and futures:
-            from tqdm import tqdm
-
             with tqdm(total=len(futures), unit="cell", desc="explain") as bar:
                 for f in futures:
                     f.exception()

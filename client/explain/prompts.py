@@ -5,6 +5,7 @@ probabilities, the hot region of Grad-CAM; the autoencoder's score against its t
 and the regions over it) and asks for one JSON object with fixed keys, so answers can be
 compared across cells and across backends.
 """
+
 from __future__ import annotations
 
 import json
@@ -83,16 +84,28 @@ def _regions(boxes) -> str:
 def ct_prompt(inspection, meta, boxes, size: int, lang: str = "en") -> str:
     probs = ", ".join(f"{c} {p:.3f}" for c, p in inspection.ct_probs.items())
     return _CT[_lang(lang)].format(
-        battery=_BATTERY[_lang(lang)][int(meta[0])], axis="xyz"[int(meta[1])], ct_class=inspection.ct_class,
-        ct_p=inspection.ct_probs[inspection.ct_class], defect_p=inspection.ct_defect_probability, probs=probs,
-        regions=_regions(boxes), size=size, classes=", ".join(inspection.ct_probs))
+        battery=_BATTERY[_lang(lang)][int(meta[0])],
+        axis="xyz"[int(meta[1])],
+        ct_class=inspection.ct_class,
+        ct_p=inspection.ct_probs[inspection.ct_class],
+        defect_p=inspection.ct_defect_probability,
+        probs=probs,
+        regions=_regions(boxes),
+        size=size,
+        classes=", ".join(inspection.ct_probs),
+    )
 
 
 def rgb_prompt(inspection, meta, boxes, size: int, lang: str = "en") -> str:
     return _RGB[_lang(lang)].format(
-        battery=_BATTERY[_lang(lang)][int(meta[0])], score=inspection.rgb_score, threshold=inspection.rgb_threshold,
-        state=_STATE[_lang(lang)][0 if inspection.rgb_anomalous else 1], regions=_regions(boxes), size=size,
-        classes=", ".join(RGB_CLASSES))
+        battery=_BATTERY[_lang(lang)][int(meta[0])],
+        score=inspection.rgb_score,
+        threshold=inspection.rgb_threshold,
+        state=_STATE[_lang(lang)][0 if inspection.rgb_anomalous else 1],
+        regions=_regions(boxes),
+        size=size,
+        classes=", ".join(RGB_CLASSES),
+    )
 
 
 def _lang(lang: str) -> str:
@@ -111,7 +124,7 @@ def parse_finding(text: str) -> dict:
     candidates = [m.group(1) for m in _FENCE.finditer(text)] + [text]
     start, end = text.find("{"), text.rfind("}")
     if 0 <= start < end:
-        candidates.append(text[start:end + 1])
+        candidates.append(text[start : end + 1])
     problem = "the answer holds no JSON object"
     for c in candidates:
         try:

@@ -1,4 +1,5 @@
 """`python -m client gateway` and `python -m client plc-sim`."""
+
 from __future__ import annotations
 
 import asyncio
@@ -6,21 +7,42 @@ import logging
 import signal
 from pathlib import Path
 
+from prometheus_client import start_http_server
+
+from client.dataset import pair_cells
+from client.gateway.config import ConfigError, load_config
+from client.gateway.gateway import Gateway, triton_client
+from client.gateway.plc import open_session
+from client.gateway.simulator import PlcSimulator, run_line
+
 EXAMPLE = Path(__file__).with_name("example.yaml")
 
 
 def add_parsers(sub) -> None:
-    g = sub.add_parser("gateway", help="the line gateway: PLC (OPC UA) triggers -> Triton -> verdicts on the PLC",
-                       description=f"Run the line gateway. Start from {EXAMPLE} (every option is explained there).")
-    g.add_argument("--config", type=Path, required=True, help="gateway YAML (PLC, stations and their nodes, Triton, outbox)")
-    g.add_argument("--check", action="store_true", help="read every configured node once, check Triton is ready, and exit "
-                                                        "(0: all good, 1: something to fix)")
+    g = sub.add_parser(
+        "gateway",
+        help="the line gateway: PLC (OPC UA) triggers -> Triton -> verdicts on the PLC",
+        description=f"Run the line gateway. Start from {EXAMPLE} (every option is explained there).",
+    )
+    g.add_argument(
+        "--config", type=Path, required=True, help="gateway YAML (PLC, stations and their nodes, Triton, outbox)"
+    )
+    g.add_argument(
+        "--check",
+        action="store_true",
+        help="read every configured node once, check Triton is ready, and exit (0: all good, 1: something to fix)",
+    )
     g.add_argument("--log-level", default="INFO", choices=("DEBUG", "INFO", "WARNING", "ERROR"), help="default INFO")
     g.set_defaults(func=cmd_gateway)
-    s = sub.add_parser("plc-sim", help="a simulated line PLC (OPC UA server) that triggers cells of a data set folder",
-                       description="Serve the configuration's stations at plc.url and trigger cells from an AI-Hub-layout "
-                                   "folder at a line rate, printing each result the gateway writes back.")
-    s.add_argument("--config", type=Path, required=True, help="the gateway's YAML (stations and node ids are taken from it)")
+    s = sub.add_parser(
+        "plc-sim",
+        help="a simulated line PLC (OPC UA server) that triggers cells of a data set folder",
+        description="Serve the configuration's stations at plc.url and trigger cells from an AI-Hub-layout "
+        "folder at a line rate, printing each result the gateway writes back.",
+    )
+    s.add_argument(
+        "--config", type=Path, required=True, help="the gateway's YAML (stations and node ids are taken from it)"
+    )
     s.add_argument("--data", type=Path, required=True, help="AI-Hub-layout folder whose cells are sent (cycled)")
     s.add_argument("--rate", type=float, default=1.0, help="cells per second over all stations (default 1)")
     s.add_argument("--count", type=int, help="stop after this many cells (default: until Ctrl-C)")
@@ -28,7 +50,6 @@ def add_parsers(sub) -> None:
 
 
 def _load(path: Path):
-    from client.gateway.config import ConfigError, load_config
 
     try:
         return load_config(path)
@@ -43,15 +64,12 @@ def cmd_gateway(args) -> int:
     cfg = _load(args.config)
     if args.check:
         return asyncio.run(_check(cfg))
-    from client.gateway.gateway import Gateway
 
     if cfg.metrics_port:
-        from prometheus_client import start_http_server
-
         try:
             start_http_server(cfg.metrics_port)
         except OSError as e:
-            raise SystemExit(f"error: cannot serve metrics on port {cfg.metrics_port}: {e}")
+            raise SystemExit(f"error: cannot serve metrics on port {cfg.metrics_port}: {e}") from None
 
     async def main():
         stop = asyncio.Event()
@@ -59,9 +77,13 @@ def cmd_gateway(args) -> int:
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, stop.set)
         gateway = Gateway(cfg)
-        print(f"gateway: PLC {cfg.plc.url}, stations {', '.join(s.name for s in cfg.stations)}, Triton {cfg.triton.url}, "
-              f"outbox {cfg.outbox}" + (f", metrics :{cfg.metrics_port}" if cfg.metrics_port else "") + "; Ctrl-C stops it",
-              flush=True)
+        print(
+            f"gateway: PLC {cfg.plc.url}, stations {', '.join(s.name for s in cfg.stations)}, Triton {cfg.triton.url}, "
+            f"outbox {cfg.outbox}"
+            + (f", metrics :{cfg.metrics_port}" if cfg.metrics_port else "")
+            + "; Ctrl-C stops it",
+            flush=True,
+        )
         await gateway.run(stop)
         print("gateway stopped; unfinished cells stay in the outbox and resume at the next start", flush=True)
 
@@ -70,8 +92,6 @@ def cmd_gateway(args) -> int:
 
 
 async def _check(cfg) -> int:
-    from client.gateway.gateway import triton_client
-    from client.gateway.plc import open_session
 
     problems = 0
     try:
@@ -96,15 +116,15 @@ async def _check(cfg) -> int:
     t = cfg.triton
     async with triton_client(t) as c:
         ready = await c.ready()
-    print(f"  {'ok  ' if ready else 'FAIL'}  Triton {t.url}: {'inspect is ready' if ready else 'not ready (start it with make serve)'}")
+    print(
+        f"  {'ok  ' if ready else 'FAIL'}  Triton {t.url}: {'inspect is ready' if ready else 'not ready (start it with make serve)'}"
+    )
     problems += not ready
     print("all good" if not problems else f"{problems} problem(s)")
     return 0 if not problems else 1
 
 
 def cmd_plc_sim(args) -> int:
-    from client.dataset import pair_cells
-    from client.gateway.simulator import PlcSimulator, run_line
 
     cfg = _load(args.config)
     if args.rate <= 0:
@@ -113,21 +133,34 @@ def cmd_plc_sim(args) -> int:
     if not cells:
         raise SystemExit(f"error: no cells in {args.data}")
     paths = any(s.images == "path" for s in cfg.stations)
-    sent = [(c.cell_id, str(c.ct_path.resolve()) if paths else c.ct_path.read_bytes(),
-             str(c.rgb_path.resolve()) if paths else c.rgb_path.read_bytes(), c.meta) for c in cells]
+    sent = [
+        (
+            c.cell_id,
+            str(c.ct_path.resolve()) if paths else c.ct_path.read_bytes(),
+            str(c.rgb_path.resolve()) if paths else c.rgb_path.read_bytes(),
+            c.meta,
+        )
+        for c in cells
+    ]
 
     async def main():
         async with PlcSimulator(cfg.stations, cfg.plc.url) as sim:
-            print(f"simulated PLC at {cfg.plc.url}: {len(cfg.stations)} station(s), {len(cells)} cells of {args.data} at "
-                  f"{args.rate:g}/s; Ctrl-C stops it", flush=True)
+            print(
+                f"simulated PLC at {cfg.plc.url}: {len(cfg.stations)} station(s), {len(cells)} cells of {args.data} at "
+                f"{args.rate:g}/s; Ctrl-C stops it",
+                flush=True,
+            )
             shown = 0
 
             async def report():
                 nonlocal shown
                 while True:
                     for r in sim.results[shown:]:
-                        print(f"{r.station:<12} {r.cell_id:<40} verdict {r.verdict:>2}  confidence {r.confidence:.3f}  "
-                              f"{r.seconds * 1000:7.0f} ms {r.error}", flush=True)
+                        print(
+                            f"{r.station:<12} {r.cell_id:<40} verdict {r.verdict:>2}  confidence {r.confidence:.3f}  "
+                            f"{r.seconds * 1000:7.0f} ms {r.error}",
+                            flush=True,
+                        )
                     shown = len(sim.results)
                     await asyncio.sleep(0.2)
 

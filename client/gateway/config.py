@@ -5,6 +5,7 @@ that is not given is `prefix + <its default name>` (e.g. `ns=2;s=Line1.Station1.
 `Trigger`). Secrets never sit in the file: the PLC password comes from the environment
 variable named by `plc.password_env`.
 """
+
 from __future__ import annotations
 
 import os
@@ -14,11 +15,22 @@ from pathlib import Path
 import yaml
 
 # role -> default node name under the station's prefix
-INPUT_NODES = {"trigger": "Trigger", "cell_id": "CellId", "ct_path": "CtPath", "rgb_path": "RgbPath",
-               "battery_type": "BatteryType", "slice_axis": "SliceAxis"}
+INPUT_NODES = {
+    "trigger": "Trigger",
+    "cell_id": "CellId",
+    "ct_path": "CtPath",
+    "rgb_path": "RgbPath",
+    "battery_type": "BatteryType",
+    "slice_axis": "SliceAxis",
+}
 BYTES_NODES = {"ct_image": "CtImage", "rgb_image": "RgbImage"}  # images as ByteString nodes instead of paths
-OUTPUT_NODES = {"result_cell_id": "ResultCellId", "verdict": "Verdict", "confidence": "Confidence",
-                "result_counter": "ResultCounter", "error": "Error"}
+OUTPUT_NODES = {
+    "result_cell_id": "ResultCellId",
+    "verdict": "Verdict",
+    "confidence": "Confidence",
+    "result_counter": "ResultCounter",
+    "error": "Error",
+}
 ACK_NODE = {"result_ack": "ResultAck"}  # PLC -> gateway: the last ResultCounter it has read
 
 
@@ -48,7 +60,9 @@ class Plc:
     timeout_s: float = 4.0
     watch: str = "subscribe"  # subscribe: the PLC reports Trigger/ResultAck changes; poll: read them every poll_ms
     poll_ms: float = 10.0  # poll period; with subscribe, the sampling and publishing interval asked of the PLC
-    recheck_ms: float = 1000.0  # with subscribe, watched nodes are also read this often (a dropped notification is not a lost cell)
+    recheck_ms: float = (
+        1000.0  # with subscribe, watched nodes are also read this often (a dropped notification is not a lost cell)
+    )
     reconnect_s: tuple[float, float] = (0.5, 5.0)  # first and longest pause between reconnection attempts
     security: str | None = None  # asyncua security string, e.g. "Basic256Sha256,SignAndEncrypt,cert.der,key.pem"
     user: str | None = None
@@ -86,7 +100,9 @@ class GatewayConfig:
     stations: tuple[Station, ...]
     triton: Triton = Triton()
     outbox: Path = Path("gateway_outbox.sqlite")
-    outbox_keep_days: float = 7.0  # written cells older than this are forgotten (their answers stay in the PLC's records)
+    outbox_keep_days: float = (
+        7.0  # written cells older than this are forgotten (their answers stay in the PLC's records)
+    )
     metrics_port: int | None = 9108
     error_code: int = -1  # written to Verdict for a cell the service refused (the reason goes to Error)
     explain: Explain = Explain()
@@ -138,7 +154,9 @@ def _station(raw: dict, i: int, base: Path) -> Station:
     if meta is not None:
         meta = _pair(meta, f"{where}: meta")
         if meta[0] not in (0, 1) or meta[1] not in (0, 1, 2):
-            raise ConfigError(f"{where}: meta is [battery_type (0 cell, 1 module), slice_axis (0 x, 1 y, 2 z)], got {list(meta)}")
+            raise ConfigError(
+                f"{where}: meta is [battery_type (0 cell, 1 module), slice_axis (0 x, 1 y, 2 z)], got {list(meta)}"
+            )
     root = raw.pop("image_root", None)
     station = _take(raw, Station, where, nodes=nodes, meta=meta, image_root=(base / root) if root else None)
     if station.takt_ms <= 0:

@@ -16,19 +16,25 @@ Per station, over OPC UA (node names are the defaults under the station's prefix
 5. Flagged cells are queued for explanation (the explanation pipeline) after their answer
    is recorded; the PLC's answer never waits for it.
 """
+
 from __future__ import annotations
 
+import argparse
 import asyncio
 import logging
+import shlex
 import time
 from pathlib import Path
 
+from client.explain import Case
+from client.explain.cli import add_arguments, build_pipeline
 from client.gateway import metrics
 from client.gateway.config import GatewayConfig, Station, Triton
 from client.gateway.outbox import Outbox, Row
 from client.gateway.plc import PlcLink, PlcRejected, PlcUnavailable
 from client.inspection import Cell, CellError, Inspection
-from ensemble.interface import VERDICT_NAMES
+from client.service import AsyncInspectionClient, Backoff, InspectionClient, retryable
+from core.interface import VERDICT_NAMES
 
 log = logging.getLogger("battery.gateway")
 
@@ -38,7 +44,6 @@ COUNTER_MODULUS = 2**32  # ResultCounter wraps like a PLC's UDInt
 
 def service_fault(error: CellError) -> bool:
     """A fault of the service (down, restarting, overloaded), not of the cell: retried until answered."""
-    from client.service import retryable
 
     return retryable(error) or error.kind in SERVICE_FAULTS
 
@@ -68,7 +73,6 @@ class Gateway:
     # ------------------------------------------------------------------ running
     async def run(self, stop: asyncio.Event | None = None) -> None:
         """Serve until `stop` is set (or the task is cancelled)."""
-        from client.service import Backoff
 
         stop = stop or asyncio.Event()
         t = self.cfg.triton
@@ -78,8 +82,12 @@ class Gateway:
             self._queue.put_nowait(row.id)
         depth = self.outbox.depth()
         if resumed or depth["answered"] or depth["writing"]:
-            log.info("outbox %s: resuming %d pending and %d answered cells", self.cfg.outbox, len(resumed),
-                     depth["answered"] + depth["writing"])
+            log.info(
+                "outbox %s: resuming %d pending and %d answered cells",
+                self.cfg.outbox,
+                len(resumed),
+                depth["answered"] + depth["writing"],
+            )
         tasks = [asyncio.create_task(self.plc.run(), name="plc")]
         tasks += [asyncio.create_task(self._intake(s), name=f"intake-{s.name}") for s in self.cfg.stations]
         tasks += [asyncio.create_task(self._writer(s), name=f"writer-{s.name}") for s in self.cfg.stations]
@@ -160,15 +168,20 @@ class Gateway:
                 if meta[0] not in (0, 1) or meta[1] not in (0, 1, 2):
                     raise ValueError
             except (TypeError, ValueError):
-                problem = problem or (f"BatteryType/SliceAxis {values.get('battery_type')!r}/{values.get('slice_axis')!r}: "
-                                      "expected 0 (cell) or 1 (module) and 0, 1 or 2 (x, y, z)")
+                problem = problem or (
+                    f"BatteryType/SliceAxis {values.get('battery_type')!r}/{values.get('slice_axis')!r}: "
+                    "expected 0 (cell) or 1 (module) and 0, 1 or 2 (x, y, z)"
+                )
                 meta = (float("nan"), float("nan"))
         if st.images == "path":
             images = {"ct_path": values.get("ct_path") or None, "rgb_path": values.get("rgb_path") or None}
             if not problem and not (images["ct_path"] and images["rgb_path"]):
                 problem = "CtPath or RgbPath is empty"
         else:
-            images = {"ct_image": bytes(values.get("ct_image") or b""), "rgb_image": bytes(values.get("rgb_image") or b"")}
+            images = {
+                "ct_image": bytes(values.get("ct_image") or b""),
+                "rgb_image": bytes(values.get("rgb_image") or b""),
+            }
             if not problem and not (images["ct_image"] and images["rgb_image"]):
                 problem = "CtImage or RgbImage is empty"
         row, new = self.outbox.record(st.name, cell_id, meta, **images)
@@ -219,7 +232,13 @@ class Gateway:
                 if not (isinstance(result, CellError) and service_fault(result)):
                     break
                 metrics.ERRORS.labels("triton_retry").inc()
-                log.warning("cell %s: service fault (%s: %s); again in %.1f s", row.cell_id, result.kind, result.message[:120], pause)
+                log.warning(
+                    "cell %s: service fault (%s: %s); again in %.1f s",
+                    row.cell_id,
+                    result.kind,
+                    result.message[:120],
+                    pause,
+                )
                 await asyncio.sleep(pause)
                 pause = min(longest, pause * 2)
             if isinstance(result, CellError):
@@ -231,9 +250,14 @@ class Gateway:
                 if explain and self.outbox.waiting_explanation() >= self.cfg.explain.backlog:
                     explain = False  # the explainers are slower than the line: this one is skipped
                     metrics.ERRORS.labels("explain_skipped").inc()
-                    log.warning("cell %s: not explained: %d flagged cells already wait (explain.backlog)", row.cell_id,
-                                self.cfg.explain.backlog)
-                self.outbox.answer(row.id, result.verdict_code, result.confidence, None, result.to_dict(), explain=explain)
+                    log.warning(
+                        "cell %s: not explained: %d flagged cells already wait (explain.backlog)",
+                        row.cell_id,
+                        self.cfg.explain.backlog,
+                    )
+                self.outbox.answer(
+                    row.id, result.verdict_code, result.confidence, None, result.to_dict(), explain=explain
+                )
                 if explain:
                     self._explain_wake.set()
             self._wake[st.name].set()
@@ -300,12 +324,6 @@ class Gateway:
         then the explanation pipeline (its own worker threads). A cell leaves the outbox's waiting
         list when its report is written, so after a stop or a crash the next start explains the
         cells the last one had not (a report being written at a crash is written again)."""
-        import argparse
-        import shlex
-
-        from client.explain import Case
-        from client.explain.cli import add_arguments, build_pipeline
-        from client.service import Backoff
 
         p = argparse.ArgumentParser(prog="explain options", add_help=False)
         add_arguments(p, str(self.cfg.explain.out))
@@ -315,7 +333,9 @@ class Gateway:
         self.pipeline = await asyncio.to_thread(build_pipeline, options, "gateway", index_every_s=10.0, resume=True)
         info = None
         in_flight: set[int] = set()  # submitted to the pipeline, report not yet written
-        most = max(1, min(2 * self.pipeline.workers, self.cfg.explain.backlog))  # the rest wait in the outbox, not in memory
+        most = max(
+            1, min(2 * self.pipeline.workers, self.cfg.explain.backlog)
+        )  # the rest wait in the outbox, not in memory
         first, longest = self.cfg.triton.retry_s
         pause = first
 
@@ -347,8 +367,12 @@ class Gateway:
                     inspection: Inspection = await heat.inspect(ct, row.meta, rgb, row.cell_id)
                 except Exception as e:
                     error = getattr(e, "error", None)
-                    if (isinstance(error, CellError) and service_fault(error)) or (info is None and not isinstance(e, ImageUnavailable)):
-                        log.warning("cell %s: explanation waits for the service (%s); again in %.1f s", row.cell_id, e, pause)
+                    if (isinstance(error, CellError) and service_fault(error)) or (
+                        info is None and not isinstance(e, ImageUnavailable)
+                    ):
+                        log.warning(
+                            "cell %s: explanation waits for the service (%s); again in %.1f s", row.cell_id, e, pause
+                        )
                         await asyncio.sleep(pause)  # the cell stays in the outbox's waiting list
                         pause = min(longest, pause * 2)
                         continue
@@ -358,9 +382,19 @@ class Gateway:
                     continue
                 pause = first
                 in_flight.add(row.id)
-                done = asyncio.wrap_future(self.pipeline.submit(Case(
-                    inspection, ct, row.meta, rgb, info["ct"], info["rgb"],
-                    {"station": row.station, "ct_path": row.ct_path, "rgb_path": row.rgb_path})))
+                done = asyncio.wrap_future(
+                    self.pipeline.submit(
+                        Case(
+                            inspection,
+                            ct,
+                            row.meta,
+                            rgb,
+                            info["ct"],
+                            info["rgb"],
+                            {"station": row.station, "ct_path": row.ct_path, "rgb_path": row.rgb_path},
+                        )
+                    )
+                )
                 done.add_done_callback(lambda _, row_id=row.id: reported(row_id))
 
 
@@ -370,14 +404,12 @@ def _tls(t: Triton) -> dict:
 
 def triton_client(t: Triton, heatmaps: bool = False, backoff=None):
     """The asyncio client for the configuration's Triton (address, timeout, TLS)."""
-    from client.service import AsyncInspectionClient
 
     return AsyncInspectionClient(t.url, timeout=t.timeout_s, heatmaps=heatmaps, backoff=backoff, **_tls(t))
 
 
 def _serving_info(t: Triton) -> dict:
     """The models' serving facts (input sizes, normalisation) that explanation reports need."""
-    from client.service import InspectionClient
 
     with InspectionClient(t.url, timeout=t.timeout_s, **_tls(t)) as client:
         return client.serving_info()

@@ -18,6 +18,7 @@
   (`read`, `write`): the load the gateway puts on the PLC;
 - `battery_gateway_plc_connected`: 1 while the OPC UA session is up.
 """
+
 from __future__ import annotations
 
 from prometheus_client import Counter, Gauge, Histogram
@@ -25,12 +26,25 @@ from prometheus_client import Counter, Gauge, Histogram
 TRIGGERS = Counter("battery_gateway_triggers", "Cells triggered by the PLC (repeats not counted)", ["station"])
 REPEATS = Counter("battery_gateway_repeat_triggers", "Triggers for a cell already in the outbox", ["station"])
 ANSWERS = Counter("battery_gateway_answers", "Results written to the PLC, within takt or late", ["station", "timing"])
-ANSWER_SECONDS = Histogram("battery_gateway_answer_seconds", "Trigger seen -> result written to the PLC", ["station"],
-                           buckets=(0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 5.0, 10.0, 30.0, 60.0, 300.0))
+ANSWER_SECONDS = Histogram(
+    "battery_gateway_answer_seconds",
+    "Trigger seen -> result written to the PLC",
+    ["station"],
+    buckets=(0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 5.0, 10.0, 30.0, 60.0, 300.0),
+)
 VERDICTS = Counter("battery_gateway_verdicts", "Results written to the PLC, by verdict", ["station", "verdict"])
 OUTBOX = Gauge("battery_gateway_outbox_cells", "Cells in the outbox, by state", ["state"])
 ERRORS = Counter("battery_gateway_errors", "Gateway errors by kind", ["kind"])
-ERROR_KINDS = ("plc_connect", "plc_lost", "plc_rejected", "plc_subscribe", "triton_retry", "refused", "image", "explain_skipped")
+ERROR_KINDS = (
+    "plc_connect",
+    "plc_lost",
+    "plc_rejected",
+    "plc_subscribe",
+    "triton_retry",
+    "refused",
+    "image",
+    "explain_skipped",
+)
 PLC_REQUESTS = Counter("battery_gateway_plc_requests", "OPC UA Read and Write requests sent to the PLC", ["kind"])
 
 
@@ -45,4 +59,6 @@ def start(stations) -> None:
         REPEATS.labels(station)
         for timing in ("within_takt", "late"):
             ANSWERS.labels(station, timing)
+
+
 PLC_CONNECTED = Gauge("battery_gateway_plc_connected", "1 while the OPC UA session to the PLC is up")

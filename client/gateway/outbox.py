@@ -17,6 +17,7 @@ again. Commits are synchronous (WAL, fsync) so that a power cut loses no recorde
 A flagged cell to be explained is marked with its answer (`explain` = 1) and keeps its images
 until its report is written (`explained`), so a restart explains the cells it had not yet.
 """
+
 from __future__ import annotations
 
 import json
@@ -116,9 +117,17 @@ class Outbox:
         self.db.close()
         self.closed = True
 
-    def record(self, station: str, cell_id: str, meta: tuple[float, float], ct_path: str | None = None,
-               rgb_path: str | None = None, ct_image: bytes | None = None, rgb_image: bytes | None = None,
-               now: float | None = None) -> tuple[Row, bool]:
+    def record(
+        self,
+        station: str,
+        cell_id: str,
+        meta: tuple[float, float],
+        ct_path: str | None = None,
+        rgb_path: str | None = None,
+        ct_image: bytes | None = None,
+        rgb_image: bytes | None = None,
+        now: float | None = None,
+    ) -> tuple[Row, bool]:
         """(row, new): the trigger recorded as a pending cell, or the row already held for this
         (station, cell id) with new False. Held but never acknowledged: the same trigger, seen
         again after a restart. Acknowledged and already written: the PLC asks again, and the
@@ -134,8 +143,18 @@ class Outbox:
             cur = self.db.execute(
                 "INSERT INTO cells (station, cell_id, battery_type, slice_axis, ct_path, rgb_path, ct_image, rgb_image, "
                 "triggered_at, state) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, 'pending')",
-                (station, cell_id, float(meta[0]), float(meta[1]), ct_path, rgb_path, ct_image, rgb_image,
-                 time.time() if now is None else now))
+                (
+                    station,
+                    cell_id,
+                    float(meta[0]),
+                    float(meta[1]),
+                    ct_path,
+                    rgb_path,
+                    ct_image,
+                    rgb_image,
+                    time.time() if now is None else now,
+                ),
+            )
             return self.get(cur.lastrowid), True
 
     def _find(self, station: str, cell_id: str) -> Row | None:
@@ -152,14 +171,30 @@ class Outbox:
         """Cells still to be sent to the service, oldest first."""
         return self.db.execute("SELECT * FROM cells WHERE state='pending' ORDER BY id").fetchall()
 
-    def answer(self, row_id: int, verdict: int, confidence: float, error: str | None = None, answer: dict | None = None,
-               explain: bool = False) -> None:
+    def answer(
+        self,
+        row_id: int,
+        verdict: int,
+        confidence: float,
+        error: str | None = None,
+        answer: dict | None = None,
+        explain: bool = False,
+    ) -> None:
         """The service's answer; `explain`: the cell waits to be explained (see `to_explain`)."""
         with self.db:
-            self.db.execute("UPDATE cells SET state='answered', verdict=?, confidence=?, error=?, answer=?, answered_at=?, "
-                            "explain=? WHERE id=? AND state='pending'",
-                            (int(verdict), float(confidence), error, json.dumps(answer) if answer else None, time.time(),
-                             int(explain), row_id))
+            self.db.execute(
+                "UPDATE cells SET state='answered', verdict=?, confidence=?, error=?, answer=?, answered_at=?, "
+                "explain=? WHERE id=? AND state='pending'",
+                (
+                    int(verdict),
+                    float(confidence),
+                    error,
+                    json.dumps(answer) if answer else None,
+                    time.time(),
+                    int(explain),
+                    row_id,
+                ),
+            )
 
     def to_explain(self, limit: int = 64) -> list[Row]:
         """Answered cells waiting to be explained, oldest first."""
@@ -171,14 +206,18 @@ class Outbox:
     def explained(self, row_id: int) -> None:
         """The cell's report is written (or it cannot be explained): its images go once it is on the PLC."""
         with self.db:
-            self.db.execute("UPDATE cells SET explain=0, ct_image=CASE WHEN state='written' THEN NULL ELSE ct_image END, "
-                            "rgb_image=CASE WHEN state='written' THEN NULL ELSE rgb_image END WHERE id=?", (row_id,))
+            self.db.execute(
+                "UPDATE cells SET explain=0, ct_image=CASE WHEN state='written' THEN NULL ELSE ct_image END, "
+                "rgb_image=CASE WHEN state='written' THEN NULL ELSE rgb_image END WHERE id=?",
+                (row_id,),
+            )
 
     def next_to_write(self, station: str) -> Row | None:
         """The station's oldest cell not yet on the PLC (results go out in trigger order); it may
         still be pending, in which case the writer waits for it."""
-        return self.db.execute("SELECT * FROM cells WHERE station=? AND state != 'written' ORDER BY id LIMIT 1",
-                               (station,)).fetchone()
+        return self.db.execute(
+            "SELECT * FROM cells WHERE station=? AND state != 'written' ORDER BY id LIMIT 1", (station,)
+        ).fetchone()
 
     def writing(self, row_id: int, counter: int) -> None:
         with self.db:
@@ -186,8 +225,11 @@ class Outbox:
 
     def written(self, row_id: int) -> None:
         with self.db:
-            self.db.execute("UPDATE cells SET state='written', written_at=?, ct_image=CASE WHEN explain=1 THEN ct_image END, "
-                            "rgb_image=CASE WHEN explain=1 THEN rgb_image END WHERE id=?", (time.time(), row_id))
+            self.db.execute(
+                "UPDATE cells SET state='written', written_at=?, ct_image=CASE WHEN explain=1 THEN ct_image END, "
+                "rgb_image=CASE WHEN explain=1 THEN rgb_image END WHERE id=?",
+                (time.time(), row_id),
+            )
 
     def depth(self) -> dict[str, int]:
         """Cells per state."""
@@ -196,7 +238,9 @@ class Outbox:
     def prune(self, older_than_s: float) -> int:
         """Forget written cells triggered more than `older_than_s` ago; how many."""
         with self.db:
-            cur = self.db.execute("DELETE FROM cells WHERE state='written' AND triggered_at < ?", (time.time() - older_than_s,))
+            cur = self.db.execute(
+                "DELETE FROM cells WHERE state='written' AND triggered_at < ?", (time.time() - older_than_s,)
+            )
         return cur.rowcount
 
     def rows(self, station: str | None = None) -> list[Row]:

@@ -9,6 +9,7 @@ drops costs time, never a cell. A PLC that refuses subscriptions is polled every
 Writes carry the node's own data type (read once per session), as PLCs reject a value of
 another type (an Int64 for an Int16 verdict, say) instead of converting it.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -132,15 +133,20 @@ class PlcLink:
         try:
             async with asyncio.timeout(self.cfg.timeout_s):
                 sub = await client.create_subscription(self.cfg.poll_ms, Changes())
-                codes = await sub.subscribe_data_change([client.get_node(n) for n in by_node],
-                                                        sampling_interval=self.cfg.poll_ms)
+                codes = await sub.subscribe_data_change(
+                    [client.get_node(n) for n in by_node], sampling_interval=self.cfg.poll_ms
+                )
             bad = [f"{n.to_string()}: {c.name}" for n, c in zip(by_node, codes) if isinstance(c, ua.StatusCode)]
             if bad:
                 raise PlcRejected(", ".join(bad))
         except Exception as e:
             metrics.ERRORS.labels("plc_subscribe").inc()
-            log.warning("PLC %s: no subscription (%s); reading watched nodes every %g ms instead", self.cfg.url,
-                        _reason(e), self.cfg.poll_ms)
+            log.warning(
+                "PLC %s: no subscription (%s); reading watched nodes every %g ms instead",
+                self.cfg.url,
+                _reason(e),
+                self.cfg.poll_ms,
+            )
             return False
         return True
 
@@ -190,6 +196,7 @@ class PlcLink:
 
     async def read(self, node_ids: list[str]) -> list:
         """Values of the nodes, in order, in one Read request."""
+
         async def work():
             metrics.PLC_REQUESTS.labels("read").inc()
             nodes = [self._node(n) for n in node_ids]
@@ -200,10 +207,12 @@ class PlcLink:
                     raise PlcRejected(f"reading {node_id}: {dv.StatusCode.name}")
                 out.append(dv.Value.Value if dv.Value is not None else None)
             return out
+
         return await self._call(work)
 
     async def write(self, values: list[tuple[str, object]]) -> None:
         """Write (node id, value) pairs in one Write request, each as its node's data type."""
+
         async def work():
             metrics.PLC_REQUESTS.labels("write").inc()
             nodes = [self._node(n) for n, _ in values]
@@ -215,11 +224,20 @@ class PlcLink:
             bad = [f"{n}: {c.name}" for (n, _), c in zip(values, codes) if not c.is_good()]
             if bad:
                 raise PlcRejected("writing " + ", ".join(bad))
+
         return await self._call(work)
 
 
-_INTS = {ua.VariantType.SByte, ua.VariantType.Byte, ua.VariantType.Int16, ua.VariantType.UInt16, ua.VariantType.Int32,
-         ua.VariantType.UInt32, ua.VariantType.Int64, ua.VariantType.UInt64}
+_INTS = {
+    ua.VariantType.SByte,
+    ua.VariantType.Byte,
+    ua.VariantType.Int16,
+    ua.VariantType.UInt16,
+    ua.VariantType.Int32,
+    ua.VariantType.UInt32,
+    ua.VariantType.Int64,
+    ua.VariantType.UInt64,
+}
 
 
 def _as(value, vtype: ua.VariantType):
@@ -236,8 +254,19 @@ def _as(value, vtype: ua.VariantType):
 
 def _is_connection_status(e: ua.UaStatusCodeError) -> bool:
     name = f"{type(e).__name__} {e}"
-    return any(s in name for s in ("BadSessionIdInvalid", "BadSessionClosed", "BadConnectionClosed", "BadSecureChannel",
-                                   "BadCommunicationError", "BadServerNotConnected", "BadTimeout", "BadShutdown"))
+    return any(
+        s in name
+        for s in (
+            "BadSessionIdInvalid",
+            "BadSessionClosed",
+            "BadConnectionClosed",
+            "BadSecureChannel",
+            "BadCommunicationError",
+            "BadServerNotConnected",
+            "BadTimeout",
+            "BadShutdown",
+        )
+    )
 
 
 def _reason(e: BaseException) -> str:

@@ -7,6 +7,7 @@ program would: loads a cell's fields, raises Trigger once the previous trigger w
 acknowledged, and on every change of ResultCounter reads the result and copies the counter
 into ResultAck. Every result is recorded with the time from raising Trigger to seeing it.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -16,16 +17,34 @@ from dataclasses import dataclass, field
 from urllib.parse import urlparse
 
 from asyncua import Server, ua
+from asyncua.crypto.permission_rules import User, UserRole
 
 from client.gateway.config import Station
 
-TYPES = {"trigger": ua.VariantType.Boolean, "cell_id": ua.VariantType.String, "ct_path": ua.VariantType.String,
-         "rgb_path": ua.VariantType.String, "ct_image": ua.VariantType.ByteString, "rgb_image": ua.VariantType.ByteString,
-         "battery_type": ua.VariantType.Int16, "slice_axis": ua.VariantType.Int16, "result_cell_id": ua.VariantType.String,
-         "verdict": ua.VariantType.Int16, "confidence": ua.VariantType.Float, "result_counter": ua.VariantType.UInt32,
-         "result_ack": ua.VariantType.UInt32, "error": ua.VariantType.String}
-INITIAL = {ua.VariantType.Boolean: False, ua.VariantType.String: "", ua.VariantType.ByteString: b"", ua.VariantType.Int16: 0,
-           ua.VariantType.Float: 0.0, ua.VariantType.UInt32: 0}
+TYPES = {
+    "trigger": ua.VariantType.Boolean,
+    "cell_id": ua.VariantType.String,
+    "ct_path": ua.VariantType.String,
+    "rgb_path": ua.VariantType.String,
+    "ct_image": ua.VariantType.ByteString,
+    "rgb_image": ua.VariantType.ByteString,
+    "battery_type": ua.VariantType.Int16,
+    "slice_axis": ua.VariantType.Int16,
+    "result_cell_id": ua.VariantType.String,
+    "verdict": ua.VariantType.Int16,
+    "confidence": ua.VariantType.Float,
+    "result_counter": ua.VariantType.UInt32,
+    "result_ack": ua.VariantType.UInt32,
+    "error": ua.VariantType.String,
+}
+INITIAL = {
+    ua.VariantType.Boolean: False,
+    ua.VariantType.String: "",
+    ua.VariantType.ByteString: b"",
+    ua.VariantType.Int16: 0,
+    ua.VariantType.Float: 0.0,
+    ua.VariantType.UInt32: 0,
+}
 
 
 @dataclass
@@ -54,7 +73,6 @@ class _Passwords:
         self.users = users
 
     def get_user(self, iserver, username=None, password=None, certificate=None):
-        from asyncua.crypto.permission_rules import User, UserRole
 
         if username in self.users and password == self.users[username]:
             return User(role=UserRole.User, name=username)
@@ -62,8 +80,13 @@ class _Passwords:
 
 
 class PlcSimulator:
-    def __init__(self, stations: list[Station] | tuple[Station, ...], url: str, poll_s: float = 0.002,
-                 users: dict[str, str] | None = None):
+    def __init__(
+        self,
+        stations: list[Station] | tuple[Station, ...],
+        url: str,
+        poll_s: float = 0.002,
+        users: dict[str, str] | None = None,
+    ):
         self.users = users  # None: anonymous sessions; else user name -> password, and no anonymous ones
         self.url = url
         self.poll_s = poll_s
@@ -74,7 +97,7 @@ class PlcSimulator:
         self._changed = asyncio.Event()
         self.hold = False  # True: results are left unread (a PLC busy elsewhere); the gateway must wait
 
-    async def start(self) -> "PlcSimulator":
+    async def start(self) -> PlcSimulator:
         # a simulator on loopback without security: asyncua's warnings about that are noise here
         logging.getLogger("asyncua.server").setLevel(logging.ERROR)
         self.server = Server(user_manager=_Passwords(self.users) if self.users else None)
@@ -90,7 +113,9 @@ class PlcSimulator:
             for role, node_id in line.station.nodes.items():
                 nid = ua.NodeId.from_string(node_id)
                 while nid.NamespaceIndex >= len(await self.server.get_namespace_array()):
-                    await self.server.register_namespace(f"urn:battery-line-sim:{len(await self.server.get_namespace_array())}")
+                    await self.server.register_namespace(
+                        f"urn:battery-line-sim:{len(await self.server.get_namespace_array())}"
+                    )
                 vtype = TYPES[role]
                 node = await folder.add_variable(nid, ua.QualifiedName(role, nid.NamespaceIndex), INITIAL[vtype], vtype)
                 await node.set_writable()
@@ -112,7 +137,7 @@ class PlcSimulator:
                 listening.close()
             try:
                 await asyncio.wait_for(self.server.stop(), 10)
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 logging.getLogger("battery.plc_sim").warning("the OPC UA server did not stop within 10 s; leaving it")
 
     async def __aenter__(self):
@@ -128,8 +153,9 @@ class PlcSimulator:
         node = self.lines[station].nodes[role]
         await node.write_value(ua.Variant(value, TYPES[role]))
 
-    async def send(self, station: str, cell_id: str, ct: str | bytes, rgb: str | bytes, meta=(0, 2),
-                   timeout: float = 60.0) -> float:
+    async def send(
+        self, station: str, cell_id: str, ct: str | bytes, rgb: str | bytes, meta=(0, 2), timeout: float = 60.0
+    ) -> float:
         """Load a cell and raise Trigger once the previous trigger was acknowledged (as a PLC
         must); how long it waited for that acknowledgement."""
         line = self.lines[station]
@@ -137,7 +163,9 @@ class PlcSimulator:
             start = time.monotonic()
             while await line.nodes["trigger"].read_value():
                 if time.monotonic() - start > timeout:
-                    raise TimeoutError(f"station {station}: the previous trigger was not acknowledged in {timeout:.0f} s")
+                    raise TimeoutError(
+                        f"station {station}: the previous trigger was not acknowledged in {timeout:.0f} s"
+                    )
                 await asyncio.sleep(self.poll_s)
             waited = time.monotonic() - start
             images = ("ct_path", "rgb_path") if line.station.images == "path" else ("ct_image", "rgb_image")
@@ -160,10 +188,17 @@ class PlcSimulator:
                 seen = counter
                 cell_id = await nodes["result_cell_id"].read_value()
                 sent = line.sent.get(cell_id)
-                self.results.append(Result(name, cell_id, int(await nodes["verdict"].read_value()),
-                                           float(await nodes["confidence"].read_value()),
-                                           await nodes["error"].read_value() if "error" in nodes else "", int(counter),
-                                           time.monotonic() - sent if sent is not None else float("nan")))
+                self.results.append(
+                    Result(
+                        name,
+                        cell_id,
+                        int(await nodes["verdict"].read_value()),
+                        float(await nodes["confidence"].read_value()),
+                        await nodes["error"].read_value() if "error" in nodes else "",
+                        int(counter),
+                        time.monotonic() - sent if sent is not None else float("nan"),
+                    )
+                )
                 if "result_ack" in nodes:
                     await nodes["result_ack"].write_value(ua.Variant(counter, ua.VariantType.UInt32))
                 self._changed.set()
@@ -182,8 +217,9 @@ class PlcSimulator:
         return list(self.results)
 
 
-async def run_line(sim: PlcSimulator, cells, rate: float, seconds: float | None = None, count: int | None = None,
-                   on_result=None) -> int:
+async def run_line(
+    sim: PlcSimulator, cells, rate: float, seconds: float | None = None, count: int | None = None, on_result=None
+) -> int:
     """Send cells ((cell_id, ct, rgb, meta), cycled, ids made unique) round-robin over the
     stations at `rate` cells/s for `seconds` or `count` cells (default: each cell once); how
     many were sent."""

@@ -12,6 +12,7 @@ Configuration comes from the environment (the launcher sets it): BATTERY_REVIEW_
 BATTERY_REVIEW_METRICS, BATTERY_REVIEW_RUN, BATTERY_REVIEW_TLS_CA, BATTERY_REVIEW_EXPLAIN
 (explanation options as on the command line, e.g. "--vlm gemini").
 """
+
 from __future__ import annotations
 
 import argparse
@@ -27,30 +28,50 @@ from pathlib import Path
 
 import streamlit as st
 
+from client.explain.case import Case
 from client.explain.cli import add_arguments as add_explain_arguments
+from client.explain.cli import build_explainers
+from client.explain.pipeline import ExplanationPipeline
 from client.inspection import InspectionFailed
-from ensemble import interface as api
-from training.data.labels import BATTERY_TYPES, CT_CLASSES, SLICE_AXES
+from client.review.runs import filter_rows, load_run
+from client.service import Backoff, InspectionClient
+from core import interface as api
+from core.labels import BATTERY_TYPES, CT_CLASSES, SLICE_AXES
 from training.data.reviewed import ReviewedLabel, append_review, read_reviewed_labels
 
 PAGES = ("Inspect", "Review", "Service status")
 PER_PAGE = 5
-MODELS = (api.INSPECT, api.INSPECT_CT, api.INSPECT_RGB, api.PREPROCESS, api.CT_CLASSIFIER, api.RGB_AUTOENCODER, api.VERDICT_MODEL)
+MODELS = (
+    api.INSPECT,
+    api.INSPECT_CT,
+    api.INSPECT_RGB,
+    api.PREPROCESS,
+    api.CT_CLASSIFIER,
+    api.RGB_AUTOENCODER,
+    api.VERDICT_MODEL,
+)
 
 
 def config() -> dict:
-    return {"url": os.environ.get("BATTERY_REVIEW_URL", "localhost:8001"),
-            "metrics": os.environ.get("BATTERY_REVIEW_METRICS", "http://localhost:8002/metrics"),
-            "run": os.environ.get("BATTERY_REVIEW_RUN", "results"),
-            "tls_ca": os.environ.get("BATTERY_REVIEW_TLS_CA") or None,
-            "explain": os.environ.get("BATTERY_REVIEW_EXPLAIN", "")}
+    return {
+        "url": os.environ.get("BATTERY_REVIEW_URL", "localhost:8001"),
+        "metrics": os.environ.get("BATTERY_REVIEW_METRICS", "http://localhost:8002/metrics"),
+        "run": os.environ.get("BATTERY_REVIEW_RUN", "results"),
+        "tls_ca": os.environ.get("BATTERY_REVIEW_TLS_CA") or None,
+        "explain": os.environ.get("BATTERY_REVIEW_EXPLAIN", ""),
+    }
 
 
 def client(cfg: dict):
-    from client.service import Backoff, InspectionClient
 
-    return InspectionClient(cfg["url"], timeout=60.0, heatmaps=True, ssl=cfg["tls_ca"] is not None,
-                            root_certificates=cfg["tls_ca"], backoff=Backoff(retries=1, first=0.5, longest=1.0))
+    return InspectionClient(
+        cfg["url"],
+        timeout=60.0,
+        heatmaps=True,
+        ssl=cfg["tls_ca"] is not None,
+        root_certificates=cfg["tls_ca"],
+        backoff=Backoff(retries=1, first=0.5, longest=1.0),
+    )
 
 
 def explain_options(cfg: dict) -> argparse.Namespace:
@@ -61,8 +82,6 @@ def explain_options(cfg: dict) -> argparse.Namespace:
 
 def explain(case, options: argparse.Namespace, vlm: bool, boxes: bool, folder: Path) -> dict:
     """The cell's explanation report, written by the same pipeline as `--explain`."""
-    from client.explain.cli import build_explainers
-    from client.explain.pipeline import ExplanationPipeline
 
     chosen = argparse.Namespace(**vars(options))
     if not vlm:
@@ -81,8 +100,10 @@ def show_parts(report: dict) -> None:
     cols = st.columns(3)
     with cols[0]:
         st.markdown("**CNN + autoencoder**")
-        for name, role, caption in (("ct_heatmap", "overlay", "CT: Grad-CAM of the top class"),
-                                    ("rgb_error_map", "overlay", "Photo: autoencoder error, threshold contour")):
+        for name, role, caption in (
+            ("ct_heatmap", "overlay", "CT: Grad-CAM of the top class"),
+            ("rgb_error_map", "overlay", "Photo: autoencoder error, threshold contour"),
+        ):
             part = parts.get(name, {})
             if part.get("status") == "ok" and role in part.get("files", {}):
                 st.image((folder / part["files"][role]).read_bytes(), caption=caption)
@@ -125,7 +146,9 @@ def show_parts(report: dict) -> None:
 def inspect_page(cfg: dict) -> None:
     st.header("Inspect a cell")
     left, right = st.columns(2)
-    ct_file = left.file_uploader("CT slice (PNG, JPEG, TIFF, DICOM)", type=["png", "jpg", "jpeg", "tif", "tiff", "dcm"], key="ct_file")
+    ct_file = left.file_uploader(
+        "CT slice (PNG, JPEG, TIFF, DICOM)", type=["png", "jpg", "jpeg", "tif", "tiff", "dcm"], key="ct_file"
+    )
     battery = left.selectbox("Battery type", BATTERY_TYPES, key="battery")
     axis = left.selectbox("Slice axis", SLICE_AXES, index=2, key="axis")
     rgb_file = right.file_uploader("Photo (PNG, JPEG)", type=["png", "jpg", "jpeg"], key="rgb_file")
@@ -140,17 +163,25 @@ def inspect_page(cfg: dict) -> None:
         try:
             with client(cfg) as c:
                 if not c.ready():
-                    st.error(f"The inspection service at {cfg['url']} is not reachable or not ready; start it with 'make serve'.")
+                    st.error(
+                        f"The inspection service at {cfg['url']} is not reachable or not ready; start it with 'make serve'."
+                    )
                     return
                 result = c.inspect(ct_file.getvalue(), meta, rgb_file.getvalue(), cell_id=Path(ct_file.name).stem)
                 info = c.serving_info()
         except InspectionFailed as e:
             st.error(f"The service refused this cell: {e.error.message}")
             return
-        from client.explain.case import Case
 
-        case = Case(result, ct_file.getvalue(), meta, rgb_file.getvalue(), info["ct"], info["rgb"],
-                    {"ct_file": ct_file.name, "rgb_file": rgb_file.name})
+        case = Case(
+            result,
+            ct_file.getvalue(),
+            meta,
+            rgb_file.getvalue(),
+            info["ct"],
+            info["rgb"],
+            {"ct_file": ct_file.name, "rgb_file": rgb_file.name},
+        )
         folder = Path(tempfile.mkdtemp(prefix="review-"))
         with st.spinner("explaining ..."):
             report = explain(case, options, ask_vlm, ask_boxes, folder)
@@ -161,20 +192,28 @@ def inspect_page(cfg: dict) -> None:
         a, b, c = st.columns(3)
         a.metric("Verdict", r["verdict"])
         b.metric("Confidence", f"{r['confidence']:.3f}")
-        c.metric("RGB anomaly score", f"{r['rgb_score']:.4f}",
-                 delta=f"{'above' if r['rgb_anomalous'] else 'below'} threshold {r['rgb_threshold']:.4f}",
-                 delta_color="inverse" if r["rgb_anomalous"] else "normal")
+        c.metric(
+            "RGB anomaly score",
+            f"{r['rgb_score']:.4f}",
+            delta=f"{'above' if r['rgb_anomalous'] else 'below'} threshold {r['rgb_threshold']:.4f}",
+            delta_color="inverse" if r["rgb_anomalous"] else "normal",
+        )
         if r.get("refusal"):
-            st.warning(f"Not inspectable: {r['refusal']}. Send the cell to a person; below is what the models would have said.")
-        st.caption(f"Out-of-distribution scores (1.0 or more: not inspectable): CT {r.get('ct_ood', 0.0):.2f}, "
-                   f"photo {r.get('rgb_ood', 0.0):.2f}")
-        st.dataframe({"CT class": list(r["ct_probs"]), "probability": [round(p, 4) for p in r["ct_probs"].values()]},
-                     hide_index=True)
+            st.warning(
+                f"Not inspectable: {r['refusal']}. Send the cell to a person; below is what the models would have said."
+            )
+        st.caption(
+            f"Out-of-distribution scores (1.0 or more: not inspectable): CT {r.get('ct_ood', 0.0):.2f}, "
+            f"photo {r.get('rgb_ood', 0.0):.2f}"
+        )
+        st.dataframe(
+            {"CT class": list(r["ct_probs"]), "probability": [round(p, 4) for p in r["ct_probs"].values()]},
+            hide_index=True,
+        )
         show_parts(shown["report"])
 
 
 def review_page(cfg: dict) -> None:
-    from client.review.runs import filter_rows, load_run
 
     st.header("Review a run")
     folder = st.text_input("Run folder (where inspect-dir wrote results.jsonl)", value=cfg["run"], key="run_folder")
@@ -201,15 +240,19 @@ def review_page(cfg: dict) -> None:
         chosen = [r for r in chosen if r["cell_id"] not in reviews]
     pages = max(1, math.ceil(len(chosen) / PER_PAGE))
     page = st.number_input(f"Page (of {pages})", min_value=1, max_value=pages, value=1, key="page")
-    st.caption(f"{len(chosen)} of {len(rows)} cells; {len(reviews)} reviewed (saved in {run.folder / 'reviewed_labels.jsonl'})")
-    for r in chosen[(page - 1) * PER_PAGE: page * PER_PAGE]:
+    st.caption(
+        f"{len(chosen)} of {len(rows)} cells; {len(reviews)} reviewed (saved in {run.folder / 'reviewed_labels.jsonl'})"
+    )
+    for r in chosen[(page - 1) * PER_PAGE : page * PER_PAGE]:
         cell = r["cell_id"]
         with st.container(border=True):
             done = reviews.get(cell)
-            st.markdown(f"**{cell}**: {r['verdict']} (confidence {r['confidence']:.3f}); CT {r['ct_class']}, "
-                        f"RGB score {r['rgb_score']:.4f} vs {r['rgb_threshold']:.4f}"
-                        + (f" · **not inspectable**: {r['refusal']}" if r.get("refusal") else "")
-                        + (f" · reviewed: **{done.decision.replace('_', ' ')}**" if done else ""))
+            st.markdown(
+                f"**{cell}**: {r['verdict']} (confidence {r['confidence']:.3f}); CT {r['ct_class']}, "
+                f"RGB score {r['rgb_score']:.4f} vs {r['rgb_threshold']:.4f}"
+                + (f" · **not inspectable**: {r['refusal']}" if r.get("refusal") else "")
+                + (f" · reviewed: **{done.decision.replace('_', ' ')}**" if done else "")
+            )
             report = run.reports.get(cell)
             if report and report.exists():
                 show_parts(json.loads(report.read_text()) | {"_folder": str(report.parent)})
@@ -218,7 +261,10 @@ def review_page(cfg: dict) -> None:
             b1, b2, _ = st.columns([1, 1, 4])
             for column, decision, label in ((b1, "confirmed", "Confirmed"), (b2, "false_alarm", "False alarm")):
                 if column.button(label, key=f"{decision}:{cell}"):
-                    append_review(run.folder, ReviewedLabel(cell, decision, r["verdict"], r.get("ct_path", ""), r.get("rgb_path", "")))
+                    append_review(
+                        run.folder,
+                        ReviewedLabel(cell, decision, r["verdict"], r.get("ct_path", ""), r.get("rgb_path", "")),
+                    )
                     st.rerun()
 
 
@@ -227,7 +273,7 @@ def _scrape(url: str) -> dict[str, float]:
         text = response.read().decode()
     out = {}
     for line in text.splitlines():
-        m = re.match(r'^(nv_inference_count|battery_verdicts_total)\{([^}]*)\} ([0-9.eE+-]+)$', line)
+        m = re.match(r"^(nv_inference_count|battery_verdicts_total)\{([^}]*)\} ([0-9.eE+-]+)$", line)
         if m:
             out[f"{m.group(1)}{{{m.group(2)}}}"] = out.get(f"{m.group(1)}{{{m.group(2)}}}", 0.0) + float(m.group(3))
     return out
@@ -239,7 +285,9 @@ def status_page(cfg: dict) -> None:
         live = c.ready()
         st.metric("Triton", "ready" if live else "not reachable", help=cfg["url"])
         if not live:
-            st.error(f"The inspection service at {cfg['url']} is not reachable or not ready; start it with 'make serve'.")
+            st.error(
+                f"The inspection service at {cfg['url']} is not reachable or not ready; start it with 'make serve'."
+            )
             return
         ready = c.models_ready(MODELS)
     st.dataframe({"model": list(ready), "ready": ["yes" if v else "NO" for v in ready.values()]}, hide_index=True)

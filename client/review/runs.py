@@ -1,5 +1,6 @@
 """A run folder as the review station sees it: the results of `inspect-dir`, the explanation
 reports beside them, and the reviewers' decisions."""
+
 from __future__ import annotations
 
 import json
@@ -28,8 +29,10 @@ def find_results(folder: Path) -> Path:
         return folder / RESULTS_FILE
     found = [p for p in folder.glob("*.jsonl") if p.name != "reviewed_labels.jsonl"]
     if len(found) != 1:
-        raise FileNotFoundError(f"{folder} holds no {RESULTS_FILE} (write one with 'python -m client inspect-dir DIR --out "
-                                f"{folder}/{RESULTS_FILE} --explain')")
+        raise FileNotFoundError(
+            f"{folder} holds no {RESULTS_FILE} (write one with 'python -m client inspect-dir DIR --out "
+            f"{folder}/{RESULTS_FILE} --explain')"
+        )
     return found[0]
 
 
@@ -53,7 +56,9 @@ def load_run(folder: str | Path) -> Run:
     return Run(results.parent, rows, reports)
 
 
-def filter_rows(rows: list[dict], verdicts=None, ct_classes=None, score_range=None, flagged_only: bool = False) -> list[dict]:
+def filter_rows(
+    rows: list[dict], verdicts=None, ct_classes=None, score_range=None, flagged_only: bool = False
+) -> list[dict]:
     out = []
     for r in rows:
         if "verdict" not in r:

@@ -10,7 +10,7 @@ import sys
 from collections import Counter
 from pathlib import Path
 
-from training.data.aihub import scan
+from core.aihub import scan
 from training.data.split import DEFAULT_FRACTIONS, SPLITS, split_dataset, write_split
 
 

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from training.data.aihub import Dataset
+from core.aihub import Dataset
 
 SPLITS = ("train", "val", "test")
 DEFAULT_FRACTIONS = (0.7, 0.1, 0.2)

@@ -11,6 +11,7 @@ training, so training still sees normal photos only; its map is sharper and bett
 calibrated than the raw reconstruction error, which also lights up wherever a normal
 detail is reconstructed a little off.
 """
+
 from __future__ import annotations
 
 import torch
@@ -20,14 +21,26 @@ from training.models.registry import register
 
 
 def _down(cin: int, cout: int) -> nn.Sequential:
-    return nn.Sequential(nn.Conv2d(cin, cout, 4, stride=2, padding=1), nn.BatchNorm2d(cout), nn.LeakyReLU(0.2, inplace=True),
-                         nn.Conv2d(cout, cout, 3, padding=1), nn.BatchNorm2d(cout), nn.LeakyReLU(0.2, inplace=True))
+    return nn.Sequential(
+        nn.Conv2d(cin, cout, 4, stride=2, padding=1),
+        nn.BatchNorm2d(cout),
+        nn.LeakyReLU(0.2, inplace=True),
+        nn.Conv2d(cout, cout, 3, padding=1),
+        nn.BatchNorm2d(cout),
+        nn.LeakyReLU(0.2, inplace=True),
+    )
 
 
 def _up(cin: int, cout: int) -> nn.Sequential:
-    return nn.Sequential(nn.Upsample(scale_factor=2, mode="nearest"), nn.Conv2d(cin, cout, 3, padding=1), nn.BatchNorm2d(cout),
-                         nn.LeakyReLU(0.2, inplace=True), nn.Conv2d(cout, cout, 3, padding=1), nn.BatchNorm2d(cout),
-                         nn.LeakyReLU(0.2, inplace=True))
+    return nn.Sequential(
+        nn.Upsample(scale_factor=2, mode="nearest"),
+        nn.Conv2d(cin, cout, 3, padding=1),
+        nn.BatchNorm2d(cout),
+        nn.LeakyReLU(0.2, inplace=True),
+        nn.Conv2d(cout, cout, 3, padding=1),
+        nn.BatchNorm2d(cout),
+        nn.LeakyReLU(0.2, inplace=True),
+    )
 
 
 class SegmentationHead(nn.Module):
@@ -40,10 +53,18 @@ class SegmentationHead(nn.Module):
     def __init__(self, in_chans: int = 3, base: int = 16, depth: int = 3):
         super().__init__()
         widths = [base * 2**i for i in range(depth + 1)]
-        self.stem = nn.Sequential(nn.Conv2d(3 * in_chans, base, 3, padding=1), nn.BatchNorm2d(base), nn.LeakyReLU(0.2, inplace=True),
-                                  nn.Conv2d(base, base, 3, padding=1), nn.BatchNorm2d(base), nn.LeakyReLU(0.2, inplace=True))
+        self.stem = nn.Sequential(
+            nn.Conv2d(3 * in_chans, base, 3, padding=1),
+            nn.BatchNorm2d(base),
+            nn.LeakyReLU(0.2, inplace=True),
+            nn.Conv2d(base, base, 3, padding=1),
+            nn.BatchNorm2d(base),
+            nn.LeakyReLU(0.2, inplace=True),
+        )
         self.down = nn.ModuleList(_down(widths[i], widths[i + 1]) for i in range(depth))
-        self.up = nn.ModuleList(_up(widths[i + 1] + (widths[i + 1] if i + 1 < depth else 0), widths[i]) for i in reversed(range(depth)))
+        self.up = nn.ModuleList(
+            _up(widths[i + 1] + (widths[i + 1] if i + 1 < depth else 0), widths[i]) for i in reversed(range(depth))
+        )
         self.out = nn.Conv2d(2 * base, 1, 3, padding=1)
 
     def forward(self, image: torch.Tensor, recon: torch.Tensor) -> torch.Tensor:
@@ -71,8 +92,17 @@ class ConvAutoencoder(nn.Module):
     learns to replace anomalous patches rather than copy them.
     """
 
-    def __init__(self, in_chans: int = 3, base: int = 32, latent: int = 64, depth: int = 4, center: bool = True, skips: int = 0,
-                 segment: int = 0, segment_depth: int = 3):
+    def __init__(
+        self,
+        in_chans: int = 3,
+        base: int = 32,
+        latent: int = 64,
+        depth: int = 4,
+        center: bool = True,
+        skips: int = 0,
+        segment: int = 0,
+        segment_depth: int = 3,
+    ):
         super().__init__()
         # `segment`: base width of the segmentation head (0: none); the input side must then
         # also be a multiple of 2**segment_depth
@@ -135,8 +165,16 @@ class ConvAutoencoder(nn.Module):
 
 
 @register("conv_autoencoder")
-def conv_autoencoder(in_chans: int = 3, base: int = 32, latent: int = 64, depth: int = 4, center: bool = True, skips: int = 0,
-                     segment: int = 0, segment_depth: int = 3):
+def conv_autoencoder(
+    in_chans: int = 3,
+    base: int = 32,
+    latent: int = 64,
+    depth: int = 4,
+    center: bool = True,
+    skips: int = 0,
+    segment: int = 0,
+    segment_depth: int = 3,
+):
     return ConvAutoencoder(in_chans, base, latent, depth, center, skips, segment, segment_depth)
 
 
@@ -150,22 +188,31 @@ ERRORS = ("squared_error_channel_mean", "segmentation_probability")
 DEFAULT_SCORE = {"error": "squared_error_channel_mean", "smooth_sigma": 1.5, "top_fraction": 0.01, "border": 0.06}
 
 
-def scorer_from(model: nn.Module, score: dict) -> "AnomalyScorer":
+def scorer_from(model: nn.Module, score: dict) -> AnomalyScorer:
     """The scorer a checkpoint's score definition describes (older ones have no border)."""
-    return AnomalyScorer(model, score["smooth_sigma"], score["top_fraction"], score.get("border", 0.0),
-                         score.get("error", ERRORS[0]))
+    return AnomalyScorer(
+        model, score["smooth_sigma"], score["top_fraction"], score.get("border", 0.0), score.get("error", ERRORS[0])
+    )
 
 
 class AnomalyScorer(nn.Module):
     """image -> (anomaly score (B,), error map (B, H, W)), all in one traceable graph."""
 
-    def __init__(self, autoencoder: nn.Module, smooth_sigma: float = 1.5, top_fraction: float = 0.01, border: float = 0.0,
-                 error: str = ERRORS[0]):
+    def __init__(
+        self,
+        autoencoder: nn.Module,
+        smooth_sigma: float = 1.5,
+        top_fraction: float = 0.01,
+        border: float = 0.0,
+        error: str = ERRORS[0],
+    ):
         super().__init__()
         if error not in ERRORS:
             raise ValueError(f"unknown error map {error!r}; expected one of {', '.join(ERRORS)}")
         if error == "segmentation_probability" and getattr(autoencoder, "segmenter", None) is None:
-            raise ValueError("error map segmentation_probability needs an autoencoder with a segmentation head (model.segment > 0)")
+            raise ValueError(
+                "error map segmentation_probability needs an autoencoder with a segmentation head (model.segment > 0)"
+            )
         self.autoencoder = autoencoder
         self.error = error
         self.top_fraction = top_fraction
@@ -198,7 +245,9 @@ class AnomalyScorer(nn.Module):
         emap = self.error_map(image, self.autoencoder(image))
         return self.score(emap), emap
 
-    def score_with_features(self, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[torch.Tensor]]:
+    def score_with_features(
+        self, image: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[torch.Tensor]]:
         """(score (B,), error map (B, H, W), reconstruction, the encoder's feature maps) from one pass of the autoencoder."""
         recon, maps = self.autoencoder.reconstruct(image)
         emap = self.error_map(image, recon)

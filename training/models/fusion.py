@@ -5,6 +5,7 @@ Late fusion (the default): backbone -> pooled features, concatenated with the me
 shape: the gradient of a logit with respect to the pooled features has a closed form
 through it, which lets the exported graph emit Grad-CAM in its forward pass.
 """
+
 from __future__ import annotations
 
 import timm
@@ -12,7 +13,7 @@ import torch
 from torch import nn
 from torchvision.models import resnet18 as tv_resnet18
 
-from training.data.labels import CT_CLASSES
+from core.labels import CT_CLASSES
 from training.models.registry import register
 
 META_DIM = 2  # [battery_type, slice_axis]
@@ -27,7 +28,10 @@ def _resnet18_trunk(in_chans: int) -> nn.Module:
 
 def fusion_head(in_features: int, hidden: int, dropout: float, num_classes: int) -> nn.Sequential:
     return nn.Sequential(
-        nn.Linear(in_features, hidden), nn.BatchNorm1d(hidden), nn.ReLU(inplace=True), nn.Dropout(dropout),
+        nn.Linear(in_features, hidden),
+        nn.BatchNorm1d(hidden),
+        nn.ReLU(inplace=True),
+        nn.Dropout(dropout),
         nn.Linear(hidden, num_classes),
     )
 
@@ -50,8 +54,16 @@ class LateFusionClassifier(nn.Module):
     d logit / d pooled feature divided by the map's area.
     """
 
-    def __init__(self, features: nn.Module, num_features: int, hidden: int = 256, dropout: float = 0.3,
-                 num_classes: int = len(CT_CLASSES), use_meta: bool = True, pool: str = "avg"):
+    def __init__(
+        self,
+        features: nn.Module,
+        num_features: int,
+        hidden: int = 256,
+        dropout: float = 0.3,
+        num_classes: int = len(CT_CLASSES),
+        use_meta: bool = True,
+        pool: str = "avg",
+    ):
         super().__init__()
         self.features = features  # image -> (B, C, h, w), the last convolutional stage
         self.pool = _pool(pool)
@@ -72,7 +84,14 @@ class LateFusionClassifier(nn.Module):
 class EarlyFusionClassifier(nn.Module):
     """The metadata, through an MLP, scales and shifts the stem's feature maps (FiLM)."""
 
-    def __init__(self, in_chans: int = 1, hidden: int = 256, dropout: float = 0.3, num_classes: int = len(CT_CLASSES), pool: str = "avg"):
+    def __init__(
+        self,
+        in_chans: int = 1,
+        hidden: int = 256,
+        dropout: float = 0.3,
+        num_classes: int = len(CT_CLASSES),
+        pool: str = "avg",
+    ):
         super().__init__()
         trunk = _resnet18_trunk(in_chans)
         self.stem, self.body = trunk[:4], trunk[4:]
@@ -98,7 +117,11 @@ class CBAM(nn.Module):
 
     def __init__(self, channels: int, reduction: int = 16, kernel: int = 7):
         super().__init__()
-        self.mlp = nn.Sequential(nn.Linear(channels, channels // reduction), nn.ReLU(inplace=True), nn.Linear(channels // reduction, channels))
+        self.mlp = nn.Sequential(
+            nn.Linear(channels, channels // reduction),
+            nn.ReLU(inplace=True),
+            nn.Linear(channels // reduction, channels),
+        )
         self.spatial = nn.Conv2d(2, 1, kernel, padding=kernel // 2, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -109,23 +132,31 @@ class CBAM(nn.Module):
 
 
 @register("resnet18_late_fusion")
-def resnet18_late_fusion(in_chans: int = 1, hidden: int = 256, dropout: float = 0.3, num_classes: int = len(CT_CLASSES), pool: str = "avg"):
+def resnet18_late_fusion(
+    in_chans: int = 1, hidden: int = 256, dropout: float = 0.3, num_classes: int = len(CT_CLASSES), pool: str = "avg"
+):
     return LateFusionClassifier(_resnet18_trunk(in_chans), 512, hidden, dropout, num_classes, pool=pool)
 
 
 @register("resnet18")
-def resnet18(in_chans: int = 1, hidden: int = 256, dropout: float = 0.3, num_classes: int = len(CT_CLASSES), pool: str = "avg"):
+def resnet18(
+    in_chans: int = 1, hidden: int = 256, dropout: float = 0.3, num_classes: int = len(CT_CLASSES), pool: str = "avg"
+):
     """Image only: the metadata input is accepted and ignored (same call signature)."""
     return LateFusionClassifier(_resnet18_trunk(in_chans), 512, hidden, dropout, num_classes, use_meta=False, pool=pool)
 
 
 @register("resnet18_early_fusion")
-def resnet18_early_fusion(in_chans: int = 1, hidden: int = 256, dropout: float = 0.3, num_classes: int = len(CT_CLASSES), pool: str = "avg"):
+def resnet18_early_fusion(
+    in_chans: int = 1, hidden: int = 256, dropout: float = 0.3, num_classes: int = len(CT_CLASSES), pool: str = "avg"
+):
     return EarlyFusionClassifier(in_chans, hidden, dropout, num_classes, pool)
 
 
 @register("cbam_resnet18")
-def cbam_resnet18(in_chans: int = 1, hidden: int = 256, dropout: float = 0.3, num_classes: int = len(CT_CLASSES), pool: str = "avg"):
+def cbam_resnet18(
+    in_chans: int = 1, hidden: int = 256, dropout: float = 0.3, num_classes: int = len(CT_CLASSES), pool: str = "avg"
+):
     """ResNet18 with CBAM on the residual branch of every basic block, late fusion."""
     trunk = _resnet18_trunk(in_chans)
     for stage in trunk[4:]:
@@ -145,7 +176,13 @@ class _TimmFeatures(nn.Module):
 
 
 def _timm_late_fusion(name: str):
-    def build(in_chans: int = 1, hidden: int = 256, dropout: float = 0.3, num_classes: int = len(CT_CLASSES), pool: str = "avg"):
+    def build(
+        in_chans: int = 1,
+        hidden: int = 256,
+        dropout: float = 0.3,
+        num_classes: int = len(CT_CLASSES),
+        pool: str = "avg",
+    ):
         features = _TimmFeatures(name, in_chans)
         return LateFusionClassifier(features, features.num_features, hidden, dropout, num_classes, pool=pool)
 

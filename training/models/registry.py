@@ -1,7 +1,8 @@
 """`create_model(name, **kwargs)` over a registry of model builders, timm-style."""
+
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 from torch import nn
 

@@ -1,8 +1,9 @@
 """python -m training.synth: write a synthetic AI Hub battery data set, or preview one.
 
-  python -m training.synth --out data/synth --batteries 100 --seed 0
-  python -m training.synth preview data/synth --out results/sheet.png
+python -m training.synth --out data/synth --batteries 100 --seed 0
+python -m training.synth preview data/synth --out results/sheet.png
 """
+
 from __future__ import annotations
 
 import argparse
@@ -10,8 +11,8 @@ import sys
 import time
 from pathlib import Path
 
-from training.data.aihub import scan
-from training.data.labels import CT_CLASSES
+from core.aihub import scan
+from core.labels import CT_CLASSES
 from training.synth.plan import CT_FORMATS, DEFAULT_MIX, DEFECT_VISIBILITY, SynthConfig, photo_size
 from training.synth.preview import contact_sheet
 from training.synth.writer import CONFIG_FILE, generate
@@ -59,7 +60,9 @@ def _generate_parser() -> argparse.ArgumentParser:
         "Use 'python -m training.synth preview DIR --out sheet.png' to look at one.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    p.add_argument("--out", required=True, type=Path, help="output folder (Training/ and Validation/ are created in it)")
+    p.add_argument(
+        "--out", required=True, type=Path, help="output folder (Training/ and Validation/ are created in it)"
+    )
     p.add_argument("--batteries", type=int, default=100, help="number of batteries")
     p.add_argument("--seed", type=int, default=0, help="same seed, same bytes")
     p.add_argument("--ct-size", type=int, default=512, help="CT slice side in pixels (the real data is 4000)")
@@ -69,11 +72,20 @@ def _generate_parser() -> argparse.ArgumentParser:
     default_mix = ",".join(f"{k}={v}" for k, v in DEFAULT_MIX.items())
     p.add_argument("--mix", type=_mix, default=None, help=f"CT class mix of batteries (default {default_mix})")
     default_vis = ",".join(f"{k}={v}" for k, v in DEFECT_VISIBILITY.items())
-    p.add_argument("--visibility", type=_visibility, default=None,
-                   help=f"chance that a slice of a defective battery shows the defect, per axis (default {default_vis})")
+    p.add_argument(
+        "--visibility",
+        type=_visibility,
+        default=None,
+        help=f"chance that a slice of a defective battery shows the defect, per axis (default {default_vis})",
+    )
     p.add_argument("--rgb-defect-rate", type=float, default=0.3, help="share of batteries with exterior defects")
-    p.add_argument("--ct-formats", type=_formats, default=None, metavar="FMT=W,...",
-                   help="CT slice formats by weight, of jpeg, tiff16, dicom (default jpeg=1; e.g. jpeg=8,tiff16=1,dicom=1)")
+    p.add_argument(
+        "--ct-formats",
+        type=_formats,
+        default=None,
+        metavar="FMT=W,...",
+        help="CT slice formats by weight, of jpeg, tiff16, dicom (default jpeg=1; e.g. jpeg=8,tiff16=1,dicom=1)",
+    )
     p.add_argument("--workers", type=int, default=None, help="parallel workers (default: all cores)")
     p.add_argument("--force", action="store_true", help="write into a folder that is not empty")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -81,8 +93,11 @@ def _generate_parser() -> argparse.ArgumentParser:
 
 
 def _preview_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m training.synth preview", description="Draw a contact sheet of a data set "
-                                "(AI Hub layout, real or synthetic): every CT class and both RGB defect kinds, polygons outlined.")
+    p = argparse.ArgumentParser(
+        prog="python -m training.synth preview",
+        description="Draw a contact sheet of a data set "
+        "(AI Hub layout, real or synthetic): every CT class and both RGB defect kinds, polygons outlined.",
+    )
     p.add_argument("data", type=Path, help="data set folder")
     p.add_argument("--out", type=Path, required=True, help="PNG to write")
     return p
@@ -104,15 +119,25 @@ def main(argv: list[str] | None = None) -> int:
     args = _generate_parser().parse_args(argv)
     out: Path = args.out
     if out.exists() and any(out.iterdir()) and not args.force:
-        print(f"error: {out} is not empty; choose another --out or pass --force to overwrite"
-              + (" (it holds a synthetic data set)" if (out / CONFIG_FILE).exists() else ""), file=sys.stderr)
+        print(
+            f"error: {out} is not empty; choose another --out or pass --force to overwrite"
+            + (" (it holds a synthetic data set)" if (out / CONFIG_FILE).exists() else ""),
+            file=sys.stderr,
+        )
         return 2
     try:
         cfg = SynthConfig(
-            batteries=args.batteries, seed=args.seed, ct_size=args.ct_size, rgb_width=args.rgb_size[0],
-            rgb_height=args.rgb_size[1], slices_per_axis=args.slices_per_axis, photos_per_battery=args.photos,
-            mix=args.mix or dict(DEFAULT_MIX), rgb_defect_rate=args.rgb_defect_rate,
-            visibility=args.visibility or dict(DEFECT_VISIBILITY), ct_formats=args.ct_formats or {"jpeg": 1.0},
+            batteries=args.batteries,
+            seed=args.seed,
+            ct_size=args.ct_size,
+            rgb_width=args.rgb_size[0],
+            rgb_height=args.rgb_size[1],
+            slices_per_axis=args.slices_per_axis,
+            photos_per_battery=args.photos,
+            mix=args.mix or dict(DEFAULT_MIX),
+            rgb_defect_rate=args.rgb_defect_rate,
+            visibility=args.visibility or dict(DEFECT_VISIBILITY),
+            ct_formats=args.ct_formats or {"jpeg": 1.0},
         )
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -14,6 +14,7 @@ Porosity is drawn with the exact integer polygons that go into the label JSON. T
 `CTSliceSpec` rendered with `with_defects=False` gives the defect-free slice with the same
 noise, which is how tests check that defects are where the labels say.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
@@ -40,6 +41,7 @@ WALL = 1.2  # cooling plates between cells
 TAB = 1.45  # copper/aluminium tabs and busbars
 STEEL = 1.9  # cylindrical can, caps
 WELD = 2.3  # weld beads
+
 
 @dataclass(frozen=True)
 class CTSliceSpec:
@@ -180,7 +182,9 @@ def _pouch_cell(p: _Painter, axis: str, offset: tuple[float, float]) -> tuple[np
         x0, y0, x1, y1 = cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2
         tab_h = 0.06 * n
         p.rect(cx - 1.5 * s, y0 - tab_h, cx + 1.5 * s, y0 + 8 * s, TAB)
-        seal = np.array([[x0, y0 + 0.05 * h], [cx - 3 * s, y0], [cx + 3 * s, y0], [x1, y0 + 0.05 * h], [x1, y1], [x0, y1]])
+        seal = np.array(
+            [[x0, y0 + 0.05 * h], [cx - 3 * s, y0], [cx + 3 * s, y0], [x1, y0 + 0.05 * h], [x1, y1], [x0, y1]]
+        )
         raster.paint(p.mu, seal, FILM)
         inner = raster.rect_coverage(p.mu.shape, x0 + 2 * s, y0 + 0.07 * h, x1 - 2 * s, y1 - 2 * s)
         p.fill(inner, p.layers(p.xx - x0))
@@ -189,7 +193,18 @@ def _pouch_cell(p: _Painter, axis: str, offset: tuple[float, float]) -> tuple[np
     # z: width x thickness, horizontal layers, sealed ends
     w, h = b["w"] * n * 1.1, b["t"] * n
     x0, y0, x1, y1 = cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2
-    seal = np.array([[x0, cy - 2 * s], [x0 + 0.04 * w, y0], [x1 - 0.04 * w, y0], [x1, cy - 2 * s], [x1, cy + 2 * s], [x1 - 0.04 * w, y1], [x0 + 0.04 * w, y1], [x0, cy + 2 * s]])
+    seal = np.array(
+        [
+            [x0, cy - 2 * s],
+            [x0 + 0.04 * w, y0],
+            [x1 - 0.04 * w, y0],
+            [x1, cy - 2 * s],
+            [x1, cy + 2 * s],
+            [x1 - 0.04 * w, y1],
+            [x0 + 0.04 * w, y1],
+            [x0, cy + 2 * s],
+        ]
+    )
     raster.paint(p.mu, seal, FILM)
     inner = raster.rect_coverage(p.mu.shape, x0 + 0.05 * w, y0 + 2 * s, x1 - 0.05 * w, y1 - 2 * s)
     p.fill(inner, p.layers(p.yy - y0))
@@ -218,7 +233,9 @@ def _jelly_roll(p: _Painter, cx: float, cy: float, r_out: float, r_core: float) 
     return roll_only
 
 
-def _cylinder_side(p: _Painter, cx: float, y0: float, y1: float, radius: float, chord: float, r_core: float, cap: bool = True) -> tuple[float, float]:
+def _cylinder_side(
+    p: _Painter, cx: float, y0: float, y1: float, radius: float, chord: float, r_core: float, cap: bool = True
+) -> tuple[float, float]:
     """Longitudinal cut of a cylindrical cell at distance `chord` from its axis."""
     s = p.s
     half = np.sqrt(max(radius * radius - chord * chord, (0.3 * radius) ** 2))
@@ -315,7 +332,9 @@ def _pouch_module(p: _Painter, axis: str, offset) -> tuple[np.ndarray, float | N
                 p.rect(tx - 1.5 * s, cy0 - 0.5 * (cy0 - iy0), tx + 1.5 * s, cy0 + 4 * s, TAB)
         if axis == "y":
             p.rect(ix0, cy0 - 0.55 * (cy0 - iy0), ix1, cy0 - 0.45 * (cy0 - iy0), TAB)
-            zone = zone * (1 - raster.rect_coverage(p.mu.shape, ix0 - 2 * s, cy0 - 0.6 * (cy0 - iy0), ix1 + 2 * s, cy0 + 4 * s))
+            zone = zone * (
+                1 - raster.rect_coverage(p.mu.shape, ix0 - 2 * s, cy0 - 0.6 * (cy0 - iy0), ix1 + 2 * s, cy0 + 4 * s)
+            )
         layer_angle = np.pi / 2
     p.zone |= zone > 0.5
     return raster.rect(x0, y0, x1, y1), layer_angle
@@ -371,7 +390,7 @@ def _cylindrical_module(p: _Painter, axis: str, offset, slice_index: int) -> tup
         ccx = gx0 + (c + 0.5) * (gx1 - gx0) / cols
         p.rect(ccx - 1.5 * s, bus_y, ccx + 1.5 * s, cell_y0 - 5 * s, TAB)
         p.fill(raster.disc_coverage(p.mu.shape, ccx, bus_y + 1.5 * s, 2.5 * s), WELD)
-    air = (p.mu < 0.05)
+    air = p.mu < 0.05
     inside = raster.rect_coverage(p.mu.shape, x0 + housing, y0 + housing, x1 - housing, level - 3 * s) > 0.5
     p.zone |= air & inside
     return raster.rect(x0, y0, x1, y1), np.pi / 2
@@ -421,12 +440,14 @@ def _add_porosity(scene: Scene, rng: np.random.Generator, n: int) -> list[Defect
             if not (0 <= c[0] < n and 0 <= c[1] < n) or not scene.stack[int(c[1]), int(c[0])]:
                 continue
             aspect = rng.uniform(1.0, 2.8)
-            angle = (scene.layer_angle if scene.layer_angle is not None else rng.uniform(0, np.pi))
+            angle = scene.layer_angle if scene.layer_angle is not None else rng.uniform(0, np.pi)
             angle += rng.normal(0, 0.2)
             roughness = rng.uniform(0.05, 0.4)
             depth = rng.uniform(0.65, 1.0)  # partially filled or thin voids look fainter
             for _attempt in range(4):  # a void stays inside the electrode stack: shrink until it fits
-                poly = raster.to_int_polygon(raster.blob_polygon(rng, tuple(c), radius, aspect=aspect, angle=angle, roughness=roughness), (n, n))
+                poly = raster.to_int_polygon(
+                    raster.blob_polygon(rng, tuple(c), radius, aspect=aspect, angle=angle, roughness=roughness), (n, n)
+                )
                 box, cov = raster.polygon_coverage(poly, (n, n))
                 inside = float((cov * scene.stack[box]).sum() / max(cov.sum(), 1e-6))
                 if inside >= 0.9:
@@ -455,7 +476,14 @@ def _add_resin_overflow(scene: Scene, rng: np.random.Generator, n: int) -> list[
     cx, cy = float(xs[i]), float(ys[i])
     reach = float(dist[ys[i], xs[i]])
     radius = float(np.clip(reach * rng.uniform(0.8, 1.5), 4 * s, 40 * s))
-    poly = raster.blob_polygon(rng, (cx, cy), radius, aspect=rng.uniform(1.0, 1.8), angle=rng.uniform(0, np.pi), roughness=rng.uniform(0.3, 0.6))
+    poly = raster.blob_polygon(
+        rng,
+        (cx, cy),
+        radius,
+        aspect=rng.uniform(1.0, 1.8),
+        angle=rng.uniform(0, np.pi),
+        roughness=rng.uniform(0.3, 0.6),
+    )
     poly = raster.to_int_polygon(poly, (n, n))
     value = RESIN * rng.uniform(1.25, 1.7)
     box, cov = raster.polygon_coverage(poly, (n, n))
@@ -557,5 +585,9 @@ def _enlarged(small: CTSlice, spec: CTSliceSpec) -> CTSlice:
         return np.clip(np.rint(np.asarray(poly, np.float64) * scale), 0, n - 1).astype(np.int64)
 
     r0, r1 = small.roi
-    return CTSlice(image=image, defects=[Defect(d.name, up(d.polygon)) for d in small.defects], outline=up(small.outline),
-                   roi=(int(r0 * scale), min(int(np.ceil((r1 + 1) * scale)) - 1, n - 1)))
+    return CTSlice(
+        image=image,
+        defects=[Defect(d.name, up(d.polygon)) for d in small.defects],
+        outline=up(small.outline),
+        roi=(int(r0 * scale), min(int(np.ceil((r1 + 1) * scale)) - 1, n - 1)),
+    )

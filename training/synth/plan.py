@@ -3,13 +3,15 @@
 The plan is a pure function of the configuration, so the same seed always gives the same
 data set, however many workers render it and in whatever order.
 """
+
 from __future__ import annotations
 
+import argparse
 from dataclasses import dataclass, field
 
 import numpy as np
 
-from training.data.labels import CT_CLASSES, SLICE_AXES, class_finding, class_type
+from core.labels import CT_CLASSES, SLICE_AXES, class_finding, class_type
 from training.synth.ct import CTSliceSpec
 from training.synth.rgb import RGBPhotoSpec
 
@@ -34,7 +36,6 @@ CT_FORMATS = ("jpeg", "tiff16", "dicom")
 
 def photo_size(text: str) -> tuple[int, int]:
     """A command line's WIDTHxHEIGHT, e.g. 1920x1080 (an argparse type)."""
-    import argparse
 
     w, sep, h = text.lower().partition("x")
     if not sep or not (w.isdigit() and h.isdigit()):
@@ -72,8 +73,14 @@ class SynthConfig:
         if self.ct_size < 64 or min(self.rgb_width, self.rgb_height) < 64:
             raise ValueError("images must be at least 64 pixels on a side")
         if set(self.visibility) != set(SLICE_AXES) or not all(0 <= v <= 1 for v in self.visibility.values()):
-            raise ValueError(f"visibility needs a probability 0..1 for each axis {list(SLICE_AXES)}, got {self.visibility}")
-        if set(self.ct_formats) - set(CT_FORMATS) or any(v < 0 for v in self.ct_formats.values()) or sum(self.ct_formats.values()) <= 0:
+            raise ValueError(
+                f"visibility needs a probability 0..1 for each axis {list(SLICE_AXES)}, got {self.visibility}"
+            )
+        if (
+            set(self.ct_formats) - set(CT_FORMATS)
+            or any(v < 0 for v in self.ct_formats.values())
+            or sum(self.ct_formats.values()) <= 0
+        ):
             raise ValueError(f"ct_formats needs non-negative weights of {', '.join(CT_FORMATS)}, got {self.ct_formats}")
         if self.slices_per_axis < 1 or self.photos_per_battery < 1:
             raise ValueError("need at least one slice per axis and one photo per battery")
@@ -109,13 +116,17 @@ def _slice_specs(cfg: SynthConfig, rng, battery_id, battery_type, form, finding)
         indices = sorted(rng.choice(np.arange(1, 40), size=cfg.slices_per_axis, replace=False).tolist())
         for idx in indices:
             show = finding != "normal" and rng.random() < cfg.visibility[axis]
-            specs.append(CTSliceSpec(battery_id, battery_type, form, axis, int(idx), finding, bool(show), cfg.ct_size, cfg.seed))
+            specs.append(
+                CTSliceSpec(battery_id, battery_type, form, axis, int(idx), finding, bool(show), cfg.ct_size, cfg.seed)
+            )
     if finding != "normal" and not any(s.show_defect for s in specs):
         # A defective battery is labelled from its slices, so at least one must show it.
         candidates = [i for i, s in enumerate(specs) if s.axis != "x"]
         i = candidates[int(rng.integers(len(candidates)))]
         s = specs[i]
-        specs[i] = CTSliceSpec(s.battery_id, s.battery_type, s.form, s.axis, s.slice_index, s.finding, True, s.size, s.seed)
+        specs[i] = CTSliceSpec(
+            s.battery_id, s.battery_type, s.form, s.axis, s.slice_index, s.finding, True, s.size, s.seed
+        )
     return tuple(specs)
 
 
@@ -141,11 +152,15 @@ def make_plan(cfg: SynthConfig) -> list[BatteryPlan]:
             form = "pouch" if brng.random() < 0.6 else form
         rgb_defects: tuple[str, ...] = ()
         if rgb_flags[i]:
-            rgb_defects = (("Damaged",), ("Pollution",), ("Damaged", "Pollution"))[int(brng.choice(3, p=[0.45, 0.45, 0.1]))]
+            rgb_defects = (("Damaged",), ("Pollution",), ("Damaged", "Pollution"))[
+                int(brng.choice(3, p=[0.45, 0.45, 0.1]))
+            ]
         slices = _slice_specs(cfg, brng, battery_id, battery_type, form, finding)
         photos = tuple(
             RGBPhotoSpec(battery_id, battery_type, form, j + 1, rgb_defects, cfg.rgb_width, cfg.rgb_height, cfg.seed)
             for j in range(cfg.photos_per_battery)
         )
-        plans.append(BatteryPlan(battery_id, battery_type, form, ct_class, rgb_defects, str(subsets[i]), slices, photos))
+        plans.append(
+            BatteryPlan(battery_id, battery_type, form, ct_class, rgb_defects, str(subsets[i]), slices, photos)
+        )
     return plans

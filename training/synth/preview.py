@@ -1,15 +1,21 @@
 """Contact sheet of a data set: every CT class and both RGB defect kinds, polygons outlined."""
+
 from __future__ import annotations
 
 from pathlib import Path
 
 from PIL import Image, ImageDraw, ImageFont
 
-from training.data.aihub import CTRecord, Dataset, RGBRecord
-from training.data.labels import CT_CLASSES
+from core.aihub import CTRecord, Dataset, RGBRecord
+from core.labels import CT_CLASSES
 
 TILE = 256
-COLOURS = {"Porosity": (255, 40, 40), "Resin overflow": (255, 160, 0), "Damaged": (255, 40, 40), "Pollution": (255, 220, 0)}
+COLOURS = {
+    "Porosity": (255, 40, 40),
+    "Resin overflow": (255, 160, 0),
+    "Damaged": (255, 40, 40),
+    "Pollution": (255, 220, 0),
+}
 
 
 def _tile(record: CTRecord | RGBRecord, caption: str, crop_to_defect: bool = False) -> Image.Image:
@@ -51,9 +57,18 @@ def contact_sheet(ds: Dataset, out: str | Path, per_row: int = 6) -> Path:
     for name in CT_CLASSES:
         members = [r for r in ds.ct if r.label == name]
         shown = [r for r in members if r.defects] if not name.endswith("normal") else members
-        tiles = [_tile(r, f"{r.path.stem}") for r in _pick(shown, per_row // 2 if not name.endswith("normal") else per_row)]
+        tiles = [
+            _tile(r, f"{r.path.stem}") for r in _pick(shown, per_row // 2 if not name.endswith("normal") else per_row)
+        ]
         if not name.endswith("normal"):  # full slice, then a zoom on its defect
-            tiles = [t for r in _pick(shown, per_row // 2) for t in (_tile(r, r.path.stem), _tile(r, "zoom: " + ", ".join(sorted({d.name for d in r.defects})), True))]
+            tiles = [
+                t
+                for r in _pick(shown, per_row // 2)
+                for t in (
+                    _tile(r, r.path.stem),
+                    _tile(r, "zoom: " + ", ".join(sorted({d.name for d in r.defects})), True),
+                )
+            ]
         rows.append((f"CT {name}", tiles))
     rows.append(("RGB normal", [_tile(r, r.path.stem) for r in _pick([r for r in ds.rgb if r.is_normal], per_row)]))
     for kind in ("Damaged", "Pollution"):
@@ -65,7 +80,12 @@ def contact_sheet(ds: Dataset, out: str | Path, per_row: int = 6) -> Path:
     draw = ImageDraw.Draw(sheet)
     for i, (title, tiles) in enumerate(rows):
         y = 4 + i * (TILE + 22)
-        draw.text((6, y + TILE // 2), title if tiles else f"{title}\n(none in data set)", fill=(255, 255, 255), font=ImageFont.load_default())
+        draw.text(
+            (6, y + TILE // 2),
+            title if tiles else f"{title}\n(none in data set)",
+            fill=(255, 255, 255),
+            font=ImageFont.load_default(),
+        )
         for j, t in enumerate(tiles[:per_row]):
             sheet.paste(t, (label_w + j * (TILE + 4), y))
     out = Path(out)

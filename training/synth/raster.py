@@ -4,6 +4,7 @@ Everything works on float32 numpy arrays in pixel coordinates (x to the right, y
 Shapes are drawn from the same integer polygons that are written to the label JSON, so
 a label outlines exactly what was drawn.
 """
+
 from __future__ import annotations
 
 import numpy as np

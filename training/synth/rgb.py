@@ -13,6 +13,7 @@ label JSON:
 The same spec rendered with `with_defects=False` gives the same photo without defects
 (same light, same sensor noise).
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -22,7 +23,16 @@ from scipy import ndimage
 
 from training.synth import raster
 
-WRAP_COLOURS = [(40, 90, 180), (30, 140, 80), (190, 40, 40), (110, 50, 150), (25, 25, 30), (20, 140, 150), (220, 140, 30), (70, 70, 80)]
+WRAP_COLOURS = [
+    (40, 90, 180),
+    (30, 140, 80),
+    (190, 40, 40),
+    (110, 50, 150),
+    (25, 25, 30),
+    (20, 140, 150),
+    (220, 140, 30),
+    (70, 70, 80),
+]
 BENCH_COLOURS = [(120, 122, 125), (60, 62, 66), (50, 80, 120), (60, 110, 80), (200, 200, 196), (150, 135, 115)]
 HOUSING_COLOURS = [(175, 178, 182), (45, 45, 50), (90, 95, 100), (200, 200, 205)]
 
@@ -91,7 +101,9 @@ def _bench(ph: _Photo, rng: np.random.Generator, light: tuple[float, float]) -> 
 def _shadow(ph: _Photo, cx: float, base_y: float, half_w: float, light: tuple[float, float]) -> None:
     """A soft contact shadow on the bench, thrown away from the light."""
     dx = np.clip((cx - light[0]) / ph.w, -0.5, 0.5) * half_w * 1.5
-    footprint = raster.polygon_mask(raster.circle_polygon(cx + dx, base_y, half_w * 1.25, 40), (ph.h, ph.w)).astype(np.float32)
+    footprint = raster.polygon_mask(raster.circle_polygon(cx + dx, base_y, half_w * 1.25, 40), (ph.h, ph.w)).astype(
+        np.float32
+    )
     footprint *= raster.rect_coverage((ph.h, ph.w), 0, base_y - half_w * 0.15, ph.w, ph.h)
     shadow = ndimage.gaussian_filter(footprint, 0.01 * ph.w + 2)
     ph.img *= (1 - 0.45 * shadow)[..., None]
@@ -118,9 +130,10 @@ def _cylinder(ph: _Photo, rng, brng, cx, cy, scale, elev, azim, light_dir) -> np
     text_phase = (phi + np.radians(azim)) * 6
     text = ((np.sin(text_phase * 5) > 0.4) & (np.sin((ph.yy - band_y) / (0.015 * h_px)) > 0.2)).astype(np.float32)
     colour = colour * (1 - 0.35 * (band * text)[..., None]) + (band * (1 - text))[..., None] * 25
-    body_poly = np.concatenate([
-        np.stack([cx + r * np.cos(t), top + ry * np.sin(t)], 1) for t in [np.linspace(np.pi, 0, 20)]
-    ] + [np.stack([cx + r * np.cos(t), bottom + ry * np.sin(t)], 1) for t in [np.linspace(0, np.pi, 20)]])
+    body_poly = np.concatenate(
+        [np.stack([cx + r * np.cos(t), top + ry * np.sin(t)], 1) for t in [np.linspace(np.pi, 0, 20)]]
+        + [np.stack([cx + r * np.cos(t), bottom + ry * np.sin(t)], 1) for t in [np.linspace(0, np.pi, 20)]]
+    )
     cov = raster.paint(ph.img, body_poly, colour)
     ph.body = cov * (np.abs(u) < 0.85)  # too oblique near the silhouette to inspect
     ph.body *= raster.rect_coverage((ph.h, ph.w), 0, top + ry + 0.04 * h_px, ph.w, bottom - 0.02 * h_px)
@@ -142,7 +155,11 @@ def _pouch(ph: _Photo, rng, brng, cx, cy, scale, elev, azim, light_dir) -> np.nd
     x0, x1 = cx - w_px / 2, cx + w_px / 2
     _shadow(ph, cx, bottom, w_px / 2, (ph.w * (0.5 - 0.5 * np.sin(light_dir)), 0))
     skew = np.sin(np.radians(azim)) * 0.04 * h_px
-    laminate = np.array([190, 192, 198], np.float32) * rng.uniform(0.85, 1.05) * np.array(brng.uniform(0.95, 1.05, 3), np.float32)
+    laminate = (
+        np.array([190, 192, 198], np.float32)
+        * rng.uniform(0.85, 1.05)
+        * np.array(brng.uniform(0.95, 1.05, 3), np.float32)
+    )
     fx = np.clip((ph.xx - cx) / (w_px / 2), -1, 1)
     fy = np.clip((ph.yy - cy) / (h_px / 2), -1, 1)
     pillow = 1 - 0.25 * (fx**4 + fy**4)  # the electrode stack bulges the laminate
@@ -151,12 +168,26 @@ def _pouch(ph: _Photo, rng, brng, cx, cy, scale, elev, azim, light_dir) -> np.nd
     colour = laminate * (pillow * sheen * crinkle)[..., None]
     for fxt in (0.28, 0.72):  # tabs
         tx = x0 + fxt * w_px
-        tab = np.array([[tx - 0.07 * w_px, top - 0.08 * h_px], [tx + 0.07 * w_px, top - 0.08 * h_px], [tx + 0.07 * w_px, top + 2], [tx - 0.07 * w_px, top + 2]])
+        tab = np.array(
+            [
+                [tx - 0.07 * w_px, top - 0.08 * h_px],
+                [tx + 0.07 * w_px, top - 0.08 * h_px],
+                [tx + 0.07 * w_px, top + 2],
+                [tx - 0.07 * w_px, top + 2],
+            ]
+        )
         raster.paint(ph.img, tab, ph.metal * (1.1 if fxt < 0.5 else 0.85))
     body_poly = np.array([[x0, top + skew], [x1, top - skew], [x1, bottom - skew], [x0, bottom + skew]])
     cov = raster.paint(ph.img, body_poly, colour)
     seal = 0.06 * w_px
-    inner = np.array([[x0 + seal, top + skew + seal], [x1 - seal, top - skew + seal], [x1 - seal, bottom - skew - seal * 0.5], [x0 + seal, bottom + skew - seal * 0.5]])
+    inner = np.array(
+        [
+            [x0 + seal, top + skew + seal],
+            [x1 - seal, top - skew + seal],
+            [x1 - seal, bottom - skew - seal * 0.5],
+            [x0 + seal, bottom + skew - seal * 0.5],
+        ]
+    )
     inner_cov = raster.paint(ph.img, inner, colour * 1.04)
     ph.body = inner_cov * cov
     return np.concatenate([body_poly[:2] + [[0, -0.08 * h_px], [0, -0.08 * h_px]], body_poly[2:]])
@@ -189,14 +220,21 @@ def _module(ph: _Photo, rng, brng, cx, cy, scale, elev, azim, light_dir) -> np.n
         term = raster.blob_polygon(rng, (tcx, tcy), 0.04 * fw, aspect=1.0, roughness=0.0)
         raster.paint(ph.img, term, np.array([180, 40, 40] if tx < 0.5 else [30, 30, 30], np.float32))
     inset = 0.05 * fw
-    for bx, by in ((x0 + inset, y0 + inset), (x1 - inset, y0 + inset), (x0 + inset, y1 - inset), (x1 - inset, y1 - inset)):
+    for bx, by in (
+        (x0 + inset, y0 + inset),
+        (x1 - inset, y0 + inset),
+        (x0 + inset, y1 - inset),
+        (x1 - inset, y1 - inset),
+    ):
         raster.paint(ph.img, raster.circle_polygon(bx, by, 0.015 * fw, 20), ph.metal * 0.8)
     lx0, ly0 = x0 + brng.uniform(0.15, 0.45) * fw, y0 + brng.uniform(0.25, 0.45) * fh
     label = raster.rect(lx0, ly0, lx0 + 0.3 * fw, ly0 + 0.22 * fh)
     stripes = (np.sin((ph.yy - ly0) / (0.012 * fh)) > 0.5).astype(np.float32)
     raster.paint(ph.img, label, np.full(3, 235, np.float32)[None, None, :] * (1 - 0.6 * stripes)[..., None])
     ph.body = cov * raster.rect_coverage((ph.h, ph.w), x0 + 2 * inset, y0 + inset, x1 - 2 * inset, y1 - inset)
-    return np.concatenate([front[[3, 0]], top[[3, 2]] if sgn > 0 else top[[3]], side[[1, 2]] if sgn > 0 else top[[2, 1]], front[[2]]])
+    return np.concatenate(
+        [front[[3, 0]], top[[3, 2]] if sgn > 0 else top[[3]], side[[1, 2]] if sgn > 0 else top[[2, 1]], front[[2]]]
+    )
 
 
 # ----------------------------------------------------------------------------- defects
@@ -242,7 +280,15 @@ def _draw_defect(ph: _Photo, rng: np.random.Generator, name: str, body_size: flo
     if centre is None:
         return None
     roughness = {"dent": 0.15, "torn_wrap": 0.6, "stain": 0.45, "residue": 0.35}[kind]
-    poly = raster.blob_polygon(rng, centre, radius, aspect=rng.uniform(1.0, 1.8), angle=rng.uniform(0, np.pi), roughness=roughness, n_vertices=36 if kind == "torn_wrap" else None)
+    poly = raster.blob_polygon(
+        rng,
+        centre,
+        radius,
+        aspect=rng.uniform(1.0, 1.8),
+        angle=rng.uniform(0, np.pi),
+        roughness=roughness,
+        n_vertices=36 if kind == "torn_wrap" else None,
+    )
     if kind == "torn_wrap":  # jagged edge
         poly = poly + rng.normal(0, radius * 0.06, poly.shape)
     poly = raster.to_int_polygon(poly, shape)
@@ -255,7 +301,7 @@ def _draw_defect(ph: _Photo, rng: np.random.Generator, name: str, body_size: flo
     if kind == "dent":
         a = rng.uniform(0, 2 * np.pi)
         grad = ((xx - centre[0]) * np.cos(a) + (yy - centre[1]) * np.sin(a)) / radius
-        rim = np.exp(-((np.sqrt(((xx - centre[0]) ** 2 + (yy - centre[1]) ** 2)) / radius - 0.85) / 0.15) ** 2)
+        rim = np.exp(-(((np.sqrt(((xx - centre[0]) ** 2 + (yy - centre[1]) ** 2)) / radius - 0.85) / 0.15) ** 2))
         factor = 1 + rng.uniform(0.25, 0.5) * np.clip(grad, -1, 1) - 0.25 * rim
         ph.img[box] = patch * (1 - c) + c * patch * factor[..., None]
     elif kind == "torn_wrap":
@@ -267,7 +313,7 @@ def _draw_defect(ph: _Photo, rng: np.random.Generator, name: str, body_size: flo
         tint = np.array([[110, 75, 35], [60, 50, 30], [140, 120, 60], [30, 30, 30]][rng.integers(4)], np.float32)
         alpha = rng.uniform(0.45, 0.8)
         ring = np.clip(1.0 - np.abs(cov - 0.5) * 2, 0, 1) * 0.4 + 0.6  # darker drying rim
-        mix = (c * alpha * ring[..., None])
+        mix = c * alpha * ring[..., None]
         ph.img[box] = patch * (1 - mix) + mix * tint
     else:  # residue: powdery specks
         specks = (rng.random(cov.shape) < rng.uniform(0.25, 0.6)).astype(np.float32)
@@ -301,13 +347,19 @@ def render_rgb_photo(spec: RGBPhotoSpec, with_defects: bool = True) -> RGBPhoto:
             wanted, tries = int(drng.integers(1, 3)), 0
             placed = 0
             while placed < wanted and tries < 8:  # a photo labelled defective always shows one
-                d = _draw_defect(ph, drng, name, body_size * (0.8 ** tries))
+                d = _draw_defect(ph, drng, name, body_size * (0.8**tries))
                 tries += 1
                 if d is not None:
                     defects.append(d)
                     placed += 1
     image = _camera(ph, spec)
-    return RGBPhoto(image=image, defects=defects, outline=raster.to_int_polygon(outline, (h, w)), distance=round(distance, 1), degree=(round(elev, 1), round(azim, 1)))
+    return RGBPhoto(
+        image=image,
+        defects=defects,
+        outline=raster.to_int_polygon(outline, (h, w)),
+        distance=round(distance, 1),
+        degree=(round(elev, 1), round(azim, 1)),
+    )
 
 
 def _camera(ph: _Photo, spec: RGBPhotoSpec) -> np.ndarray:
@@ -324,7 +376,12 @@ def render_empty_bench(spec: RGBPhotoSpec) -> np.ndarray:
     """(H, W, 3) uint8: the photo `spec` would give with no battery on the bench (an empty fixture)."""
     ph = _Photo(spec.height, spec.width)
     rng = spec.rng(1)
-    rng.uniform(250, 450), rng.uniform(10, 45), rng.uniform(0, 360), rng.uniform(-0.9, 0.9)  # same light as the full photo
+    (
+        rng.uniform(250, 450),
+        rng.uniform(10, 45),
+        rng.uniform(0, 360),
+        rng.uniform(-0.9, 0.9),
+    )  # same light as the full photo
     light = (spec.width * rng.uniform(0.2, 0.8), spec.height * rng.uniform(-0.2, 0.3))
     _bench(ph, rng, light)
     return _camera(ph, spec)

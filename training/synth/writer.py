@@ -1,4 +1,5 @@
 """Render a plan into the AI Hub folder layout, in parallel, byte-for-byte reproducibly."""
+
 from __future__ import annotations
 
 import io
@@ -11,9 +12,11 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image
+from pydicom.dataset import FileDataset, FileMetaDataset
+from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 from tqdm import tqdm
 
-from training.data.aihub import ct_stem, layout_dirs, rgb_stem
+from core.aihub import ct_stem, layout_dirs, rgb_stem
 from training.synth import raster
 from training.synth.ct import CTSliceSpec, render_ct_slice
 from training.synth.plan import BatteryPlan, SynthConfig, make_plan
@@ -39,15 +42,24 @@ def _battery_info(spec, data_type: str) -> dict:
 
 
 def _image_id(spec, stream: int) -> int:
-    return int(np.random.SeedSequence(spec.seed, spawn_key=(spec.battery_id, stream)).generate_state(1)[0] % 900_000 + 100_000)
+    return int(
+        np.random.SeedSequence(spec.seed, spawn_key=(spec.battery_id, stream)).generate_state(1)[0] % 900_000 + 100_000
+    )
 
 
 def _label(info: dict, outline, defects, width: int, height: int, file_name: str, image_id: int) -> dict:
     return {
         "data_info": info,
         "swelling": {"swelling": False, "battery_outline": raster.flat(outline)},
-        "defects": [{"id": i + 1, "name": d.name, "points": raster.flat(d.polygon)} for i, d in enumerate(defects)] or None,
-        "image_info": {"width": width, "height": height, "file_name": file_name, "id": image_id, "is_normal": not defects},
+        "defects": [{"id": i + 1, "name": d.name, "points": raster.flat(d.polygon)} for i, d in enumerate(defects)]
+        or None,
+        "image_info": {
+            "width": width,
+            "height": height,
+            "file_name": file_name,
+            "id": image_id,
+            "is_normal": not defects,
+        },
     }
 
 
@@ -59,8 +71,6 @@ def _write(path: Path, data: bytes) -> None:
 
 def dicom_bytes(pixels: np.ndarray, bits_stored: int | None = None, with_pixels: bool = True) -> bytes:
     """A monochrome CT DICOM file (explicit VR little endian) of a 2-D uint8/uint16 slice."""
-    from pydicom.dataset import FileDataset, FileMetaDataset
-    from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
     meta = FileMetaDataset()
     meta.TransferSyntaxUID = ExplicitVRLittleEndian
@@ -113,8 +123,15 @@ def write_ct(job: tuple[Path, str, CTSliceSpec, str]) -> str:
     data = encode_ct(ct.image, fmt, quality)
     name = stem + CT_SUFFIX[fmt]
     info = _battery_info(spec, "ct") | {"distance": None, "degree": None, "roi": list(ct.roi)}
-    label = _label(info, ct.outline, ct.defects, spec.size, spec.size, name,
-                   _image_id(spec, 1000 + "xyz".index(spec.axis) * 1000 + spec.slice_index))
+    label = _label(
+        info,
+        ct.outline,
+        ct.defects,
+        spec.size,
+        spec.size,
+        name,
+        _image_id(spec, 1000 + "xyz".index(spec.axis) * 1000 + spec.slice_index),
+    )
     _write(image_dir / name, data)
     _write(label_dir / f"{stem}.json", json.dumps(label, ensure_ascii=False, indent=1).encode())
     return stem
@@ -128,7 +145,9 @@ def write_rgb(job: tuple[Path, str, RGBPhotoSpec]) -> str:
     buf = io.BytesIO()
     Image.fromarray(photo.image, mode="RGB").save(buf, format="PNG", compress_level=3)
     info = _battery_info(spec, "rgb") | {"distance": photo.distance, "degree": list(photo.degree), "roi": None}
-    label = _label(info, photo.outline, photo.defects, spec.width, spec.height, stem + ".png", _image_id(spec, 5000 + spec.index))
+    label = _label(
+        info, photo.outline, photo.defects, spec.width, spec.height, stem + ".png", _image_id(spec, 5000 + spec.index)
+    )
     _write(image_dir / f"{stem}.png", buf.getvalue())
     _write(label_dir / f"{stem}.json", json.dumps(label, ensure_ascii=False, indent=1).encode())
     return stem
@@ -139,7 +158,9 @@ def _run(job):
     return (write_ct if kind == "ct" else write_rgb)(job[1:])
 
 
-def generate(out: str | os.PathLike, cfg: SynthConfig, workers: int | None = None, progress: bool = True) -> list[BatteryPlan]:
+def generate(
+    out: str | os.PathLike, cfg: SynthConfig, workers: int | None = None, progress: bool = True
+) -> list[BatteryPlan]:
     """Write the synthetic data set of `cfg` under `out`; returns the plan it followed."""
     out = Path(out)
     plans = make_plan(cfg)

@@ -1,0 +1,296 @@
+"""Start the real tritonserver (2.51, shipped in the nvidia-pytriton wheel) on a repository.
+
+The wheel carries the server, the Python backend and its stubs; this module lays out a
+backend folder under build/, starts the server with the project's packages importable
+from the Python-backend models, waits until every model is ready and stops it cleanly.
+Used by `make serve` and by the end-to-end tests.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+BUILD = ROOT / "build"
+
+
+@dataclass(frozen=True)
+class Ports:
+    http: int = 8000
+    grpc: int = 8001
+    metrics: int = 8002
+
+
+def free_ports(n: int) -> list[int]:
+    """n ports nothing listens on now (the kernel's choice), e.g. for a server of a test or a benchmark."""
+    sockets = [socket.socket() for _ in range(n)]
+    for s in sockets:
+        s.bind(("127.0.0.1", 0))
+    ports = [s.getsockname()[1] for s in sockets]
+    for s in sockets:
+        s.close()
+    return ports
+
+
+def busy_ports(ports: Ports) -> list[str]:
+    """'8001 (gRPC)' for each port something already listens on."""
+    busy = []
+    for name, port in (("HTTP", ports.http), ("gRPC", ports.grpc), ("metrics", ports.metrics)):
+        with socket.socket() as s:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                s.bind(("0.0.0.0", port))
+            except OSError:
+                busy.append(f"{port} ({name})")
+    return busy
+
+
+def _pytriton_dir() -> Path:
+    try:
+        import pytriton  # noqa: PLC0415 - a clear message when it is missing
+    except ImportError:
+        raise SystemExit(
+            "error: nvidia-pytriton is not installed (it carries tritonserver); run 'make setup'"
+        ) from None
+    return Path(pytriton.__file__).resolve().parent
+
+
+def backend_dir(build: Path = BUILD) -> Path:
+    """build/triton_backends/python: the Python backend with the stub for this interpreter."""
+    sp = _pytriton_dir()
+    version = f"{sys.version_info.major}.{sys.version_info.minor}"
+    stub = sp / "tritonserver" / "python_backend_stubs" / version / "triton_python_backend_stub"
+    if not stub.exists():
+        raise SystemExit(f"error: nvidia-pytriton has no Python-backend stub for Python {version}")
+    target = build / "triton_backends" / "python"
+    target.mkdir(parents=True, exist_ok=True)
+    for src in [*(sp / "tritonserver" / "backends" / "python").iterdir(), stub]:
+        if src.is_file():
+            dst = target / src.name
+            if not dst.exists() or dst.stat().st_size != src.stat().st_size:
+                shutil.copy2(src, dst)
+    return target.parent
+
+
+ADMIN_KEY_ENV = "TRITON_ADMIN_KEY"
+# Triton's administrative endpoint groups: loading/unloading models and listing the repository,
+# registering shared memory, and changing trace and log settings. Inference, health, metadata,
+# model config and statistics stay open (the client and the benchmarks read them).
+RESTRICTED = "model-repository,shared-memory,trace,logging"
+
+
+@dataclass(frozen=True)
+class Access:
+    """Who may do what on the ports: the administrative APIs need a key, gRPC may use TLS.
+
+    `admin_key` comes from the environment (TRITON_ADMIN_KEY); without it a random key that
+    is never shown locks those APIs for everyone. gRPC clients send it as the header
+    `triton-grpc-protocol-admin-key`, HTTP clients as `admin-key`. The key reaches tritonserver
+    on its command line (Triton has no other way), so it is visible to local users of the host
+    in the process list, never in logs or output.
+    """
+
+    admin_key: str | None = None
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+
+    @classmethod
+    def from_environment(cls, tls_cert=None, tls_key=None) -> Access:
+        if (tls_cert is None) != (tls_key is None):
+            raise ValueError("TLS needs both --tls-cert and --tls-key")
+        for f in (tls_cert, tls_key):
+            if f is not None and not Path(f).is_file():
+                raise FileNotFoundError(f"TLS file {f} does not exist")
+        return cls(
+            os.environ.get(ADMIN_KEY_ENV) or None,
+            Path(tls_cert) if tls_cert else None,
+            Path(tls_key) if tls_key else None,
+        )
+
+    def arguments(self) -> list[str]:
+
+        key = self.admin_key or secrets.token_urlsafe(32)
+        # every model loads at start; later loads (a new version copied into the repository) only through
+        # the restricted model-repository API, i.e. with the key; no polling, nothing from the network
+        args = [
+            "--model-control-mode=explicit",
+            "--load-model=*",
+            f"--grpc-restricted-protocol={RESTRICTED}:admin-key={key}",
+            f"--http-restricted-api={RESTRICTED}:admin-key={key}",
+        ]
+        if self.tls_cert:  # Triton's HTTP has no TLS: it then listens on loopback only (health checks, local tools)
+            args += [
+                "--grpc-use-ssl=true",
+                f"--grpc-server-cert={self.tls_cert}",
+                f"--grpc-server-key={self.tls_key}",
+                "--http-address=127.0.0.1",
+            ]
+        return args
+
+    def describe(self) -> str:
+        admin = (
+            f"administrative APIs ({RESTRICTED}) need the key in ${ADMIN_KEY_ENV}"
+            if self.admin_key
+            else f"administrative APIs ({RESTRICTED}) locked (set ${ADMIN_KEY_ENV} to use them)"
+        )
+        return admin + (
+            "; gRPC over TLS, HTTP on loopback only"
+            if self.tls_cert
+            else "; gRPC without TLS (--tls-cert/--tls-key to enable)"
+        )
+
+
+MALLOC_ENV = "BATTERY_MALLOC"  # "system": leave glibc's malloc; a path: that allocator library
+JEMALLOC = (
+    "/usr/lib/x86_64-linux-gnu/libjemalloc.so.2",
+    "/usr/lib/aarch64-linux-gnu/libjemalloc.so.2",
+    "/usr/lib64/libjemalloc.so.2",
+    "/usr/local/lib/libjemalloc.so.2",
+)
+
+
+def malloc_library() -> Path | None:
+    """The allocator tritonserver and its backend processes run with (LD_PRELOAD), or None for glibc's.
+
+    glibc keeps what a rush of requests allocated long after it is freed, which reads as a
+    leak: in a burst at 3x saturation tritonserver's own memory rose 23 -> 168 MiB and stayed
+    near 160 MiB; with jemalloc it went back to 30 MiB. Triton's release notes recommend
+    jemalloc or tcmalloc for this. jemalloc is used where installed (Debian: libjemalloc2);
+    `BATTERY_MALLOC=system` turns it off, `BATTERY_MALLOC=/path/lib.so` picks another.
+    """
+    choice = os.environ.get(MALLOC_ENV, "").strip()
+    if choice == "system":
+        return None
+    if choice:
+        if not Path(choice).is_file():
+            raise FileNotFoundError(
+                f"${MALLOC_ENV}={choice}: no such allocator library (or 'system' for glibc's malloc)"
+            )
+        return Path(choice)
+    return next((Path(p) for p in JEMALLOC if Path(p).is_file()), None)
+
+
+def server_command(repository: Path, ports: Ports, extra: list[str] = ()) -> tuple[list[str], dict]:
+    sp = _pytriton_dir()
+    binary = sp / "tritonserver" / "bin" / "tritonserver"
+    env = dict(os.environ)
+    env["LD_LIBRARY_PATH"] = os.pathsep.join(
+        filter(None, [str(sp.parent / "nvidia_pytriton.libs"), env.get("LD_LIBRARY_PATH")])
+    )
+    # the Python-backend stubs import the project's packages and the venv's site-packages
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
+    venv_bin = str(Path(sys.executable).parent)
+    env["PATH"] = os.pathsep.join([venv_bin, env.get("PATH", "")])
+    env.setdefault("VIRTUAL_ENV", str(Path(sys.executable).parent.parent))
+    malloc = malloc_library()
+    if malloc:
+        env["LD_PRELOAD"] = os.pathsep.join(filter(None, [str(malloc), env.get("LD_PRELOAD")]))
+    cmd = [
+        str(binary),
+        f"--model-repository={Path(repository).resolve()}",
+        f"--backend-directory={backend_dir()}",
+        f"--http-port={ports.http}",
+        f"--grpc-port={ports.grpc}",
+        f"--metrics-port={ports.metrics}",
+        "--allow-metrics=true",
+        "--strict-readiness=true",
+        "--exit-timeout-secs=10",
+        *extra,
+    ]
+    return cmd, env
+
+
+class TritonServer:
+    """A tritonserver process: `with TritonServer(repo, ports) as server: ...`."""
+
+    def __init__(
+        self, repository: str | Path, ports: Ports = Ports(), log_path: str | Path | None = None, extra: list[str] = ()
+    ):
+        self.repository = Path(repository)
+        self.ports = ports
+        self.log_path = Path(log_path) if log_path else None
+        self.extra = list(extra)
+        self.process: subprocess.Popen | None = None
+        self._log = None
+
+    @property
+    def grpc_url(self) -> str:
+        return f"localhost:{self.ports.grpc}"
+
+    def start(self, timeout: float = 180.0, foreground: bool = False) -> TritonServer:
+        if not (self.repository / "inspect" / "config.pbtxt").exists():
+            raise FileNotFoundError(
+                f"{self.repository} is not a built model repository; run 'python -m export repository'"
+            )
+        busy = busy_ports(self.ports)
+        if busy:
+            raise RuntimeError(f"port {', '.join(busy)} already in use: stop what listens there or choose other ports")
+        cmd, env = server_command(self.repository, self.ports, self.extra)
+        if foreground:
+            out = None
+        else:
+            self.log_path = self.log_path or BUILD / "tritonserver.log"
+            self.log_path.parent.mkdir(parents=True, exist_ok=True)
+            # a restart of the same server appends: what ended its last life stays readable
+            self._log = open(self.log_path, "ab" if self.process is not None else "wb")
+            out = self._log
+        self.process = subprocess.Popen(
+            cmd, env=env, stdout=out, stderr=subprocess.STDOUT if out else None, start_new_session=not foreground
+        )
+        self.wait_ready(timeout)
+        return self
+
+    def ready(self) -> bool:
+        try:
+            with urllib.request.urlopen(f"http://localhost:{self.ports.http}/v2/health/ready", timeout=2) as r:
+                return r.status == 200
+        except (urllib.error.URLError, ConnectionError, TimeoutError, OSError):
+            return False
+
+    def wait_ready(self, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(
+                    f"tritonserver exited with code {self.process.returncode} while starting{self._log_hint()}"
+                )
+            if self.ready():
+                return
+            time.sleep(0.25)
+        self.stop()
+        raise TimeoutError(f"tritonserver was not ready after {timeout:.0f} s{self._log_hint()}")
+
+    def _log_hint(self) -> str:
+        if not self.log_path or not self.log_path.exists():
+            return ""
+        tail = self.log_path.read_text(errors="replace").splitlines()[-25:]
+        return f"; last lines of {self.log_path}:\n" + "\n".join(tail)
+
+    def stop(self, timeout: float = 30.0) -> None:
+        if self.process and self.process.poll() is None:
+            self.process.send_signal(signal.SIGINT)
+            try:
+                self.process.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        if self._log:
+            self._log.close()
+            self._log = None
+
+    def __enter__(self):
+        return self.start() if self.process is None else self
+
+    def __exit__(self, *exc):
+        self.stop()

@@ -1,0 +1,57 @@
+"""Shared by the Python-backend adapters; importable only inside the Python-backend stub."""
+
+import json
+
+import numpy as np
+import triton_python_backend_utils as pb_utils
+
+from core.decode import Limits
+from core.facts import CONFIG_KEY, ServingFacts
+from serving.runtime import RequestError
+
+
+def parameters(args) -> dict:
+    config = json.loads(args["model_config"])
+    return {k: v["string_value"] for k, v in config.get("parameters", {}).items()}
+
+
+def error(message: str):
+    return pb_utils.InferenceResponse(error=pb_utils.TritonError(message, pb_utils.TritonError.INVALID_ARG))
+
+
+def response(outputs: dict):
+    return pb_utils.InferenceResponse(
+        output_tensors=[pb_utils.Tensor(n, np.ascontiguousarray(a)) for n, a in outputs.items()]
+    )
+
+
+def input_array(request, name: str):
+    tensor = pb_utils.get_input_tensor_by_name(request, name)
+    return None if tensor is None else tensor.as_numpy()
+
+
+class PreprocessModel:
+    """A preprocessing model: each request on its own, a bad one answered with its error.
+
+    Subclasses say what a request becomes (`tensors`); the checkpoint's serving facts and
+    the image limits come from the config parameters.
+    """
+
+    def initialize(self, args):
+        params = parameters(args)
+        suffix = "_" + CONFIG_KEY  # `preprocess` holds both: ct_serving_info, rgb_serving_info
+        self.facts = ServingFacts.from_json(params[CONFIG_KEY]) if CONFIG_KEY in params else None
+        self.both = {k[: -len(suffix)]: ServingFacts.from_json(v) for k, v in params.items() if k.endswith(suffix)}
+        self.limits = Limits.from_parameters(params)
+
+    def tensors(self, request) -> dict:
+        raise NotImplementedError
+
+    def execute(self, requests):
+        responses = []
+        for request in requests:
+            try:
+                responses.append(response(self.tensors(request)))
+            except RequestError as e:
+                responses.append(error(str(e)))
+        return responses

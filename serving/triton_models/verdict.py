@@ -1,0 +1,101 @@
+"""CT_PROBS + RGB_SCORE (+ CT_META, CT_OOD, RGB_OOD) -> VERDICT, CONFIDENCE, RGB_THRESHOLD by the rule of `ensemble/`.
+
+The resolved rule (thresholds included) is the config parameter `rule`. CT_PROBS is
+optional: without it (the `inspect_rgb` ensemble) only the RGB half is decided. CT_META,
+also optional, gives the battery type the metrics are labelled with. CT_OOD and RGB_OOD,
+optional, make the verdict 4 (not_inspectable) where either is >= 1.
+
+Metrics (Triton's custom metrics API, on Triton's metrics port beside `nv_inference_*`):
+- `battery_verdicts_total{verdict, battery_type}`: cells decided (verdict `not_inspectable` included);
+- `battery_not_inspectable_total{input}`: cells refused, by the input that was out of distribution (`ct`, `rgb`);
+- `battery_ct_class_total{ct_class}`: the CT classifier's top class, per cell with a CT slice;
+- `battery_rgb_anomaly_score`: histogram of the RGB scores, buckets at multiples of the threshold;
+- `battery_rgb_threshold`: the threshold in force (a gauge, for the dashboard's drift panel).
+"""
+
+import triton_python_backend_utils as pb_utils
+from serving.triton_models._common import input_array, parameters, response
+
+from core import interface as api
+from ensemble.rule import VerdictRule
+from serving.runtime import score_buckets, verdict_outputs, verdict_tally
+
+
+class VerdictMetrics:
+    """The verdict model's Prometheus series; one `Metric` per label set, made on first use."""
+
+    def __init__(self, rule: VerdictRule):
+        self.rule = rule
+        self.verdicts = pb_utils.MetricFamily(
+            name="battery_verdicts_total",
+            description="Cells decided, by verdict and battery type",
+            kind=pb_utils.MetricFamily.COUNTER,
+        )
+        self.classes = pb_utils.MetricFamily(
+            name="battery_ct_class_total",
+            description="Cells by the CT classifier's top class",
+            kind=pb_utils.MetricFamily.COUNTER,
+        )
+        self.score_family = pb_utils.MetricFamily(
+            name="battery_rgb_anomaly_score",
+            description="RGB anomaly scores (buckets at multiples of the threshold)",
+            kind=pb_utils.MetricFamily.HISTOGRAM,
+        )
+        self.threshold_family = pb_utils.MetricFamily(
+            name="battery_rgb_threshold",
+            description="RGB anomaly-score threshold in force",
+            kind=pb_utils.MetricFamily.GAUGE,
+        )
+        self.scores = self.score_family.Metric(labels={}, buckets=score_buckets(rule))
+        self.refused = pb_utils.MetricFamily(
+            name="battery_not_inspectable_total",
+            description="Cells refused as not inspectable, by the input out of distribution",
+            kind=pb_utils.MetricFamily.COUNTER,
+        )
+        self.threshold = self.threshold_family.Metric(labels={})
+        self.threshold.set(rule.rgb_threshold)
+        self.series = {}
+        for source in ("ct", "rgb"):  # at zero from the start, so a rate over it exists before the first refusal
+            self._count(self.refused, {"input": source}, 0)
+
+    def _count(self, family, labels: dict, n: int) -> None:
+        key = (id(family), tuple(sorted(labels.items())))
+        if key not in self.series:
+            self.series[key] = family.Metric(labels=labels)
+        self.series[key].increment(n)
+
+    def record(self, tally: dict) -> None:
+        for (verdict, battery_type), n in _counts(tally["verdicts"]).items():
+            self._count(self.verdicts, {"verdict": verdict, "battery_type": battery_type}, n)
+        for ct_class, n in _counts(tally["ct_classes"]).items():
+            self._count(self.classes, {"ct_class": ct_class}, n)
+        for source, n in _counts(tally.get("refused", ())).items():
+            self._count(self.refused, {"input": source}, n)
+        for score in tally["scores"]:
+            self.scores.observe(score)
+
+
+def _counts(items) -> dict:
+    out = {}
+    for item in items:
+        out[item] = out.get(item, 0) + 1
+    return out
+
+
+class TritonPythonModel:
+    def initialize(self, args):
+        self.rule = VerdictRule.from_json(parameters(args)["rule"])
+        self.metrics = VerdictMetrics(self.rule)
+
+    def execute(self, requests):
+        probs = [input_array(r, api.CT_PROBS) for r in requests]
+        metas = [input_array(r, api.CT_META) for r in requests]
+        scores = [input_array(r, api.RGB_SCORE) for r in requests]
+        ct_oods = [input_array(r, api.CT_OOD) for r in requests]
+        rgb_oods = [input_array(r, api.RGB_OOD) for r in requests]
+        outputs = verdict_outputs(self.rule, probs, scores, ct_oods, rgb_oods)
+        try:
+            self.metrics.record(verdict_tally(self.rule, probs, metas, outputs, scores, ct_oods, rgb_oods))
+        except Exception as e:  # counting must never cost a cell its answer
+            pb_utils.Logger.log_warn(f"verdict metrics not recorded: {e}")
+        return [response(out) for out in outputs]

@@ -1,0 +1,1 @@
+"""Tests that need no server: contracts, data, models, export, the layers."""

@@ -1,0 +1,238 @@
+"""The layers of docs/architecture.md, checked on the source: each module imports only from its
+own layer and the layers below, no import cycle between modules, and the client library works
+with training/ and export/ absent."""
+
+from __future__ import annotations
+
+import ast
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+
+# Bottom to top. A module belongs to the layer of its longest matching prefix; a layer may
+# import from itself and from every layer below it, never from one above or beside it.
+LAYERS: list[tuple[str, tuple[str, ...]]] = [
+    ("core", ("core",)),
+    ("rule", ("ensemble",)),
+    ("training", ("training",)),
+    ("serving", ("serving",)),
+    ("export", ("export",)),
+    ("client library", ("client",)),
+    (
+        "applications",
+        ("client.__main__", "client.offline", "client.explain", "client.gateway", "client.review", "benchmarks"),
+    ),
+]
+# Layers on one level: neither imports the other.
+LEVEL = {"core": 0, "rule": 1, "training": 2, "serving": 2, "export": 3, "client library": 4, "applications": 5}
+PACKAGES = ("core", "ensemble", "training", "serving", "export", "client", "benchmarks")
+
+
+def module_name(path: Path) -> str:
+    parts = list(path.relative_to(ROOT).with_suffix("").parts)
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def layer_of(module: str) -> str | None:
+    best, found = -1, None
+    for layer, prefixes in LAYERS:
+        for prefix in prefixes:
+            if (module == prefix or module.startswith(prefix + ".")) and len(prefix) > best:
+                best, found = len(prefix), layer
+    return found
+
+
+def imports(path: Path, modules: set[str]) -> set[str]:
+    """The project modules `path` imports, anywhere in it (a lazy import is still an import);
+    `from package import module` imports that module, not the package's __init__."""
+    module = module_name(path)
+    package = module if path.name == "__init__.py" else module.rpartition(".")[0]
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.Import):
+            names = [a.name for a in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                base = ".".join(
+                    package.split(".")[: len(package.split(".")) - node.level + 1] + ([base] if base else [])
+                )
+            names = [f"{base}.{a.name}" if f"{base}.{a.name}" in modules else base for a in node.names]
+        else:
+            continue
+        found |= {n for n in names if n.split(".")[0] in PACKAGES}
+    return found
+
+
+def graph() -> dict[str, set[str]]:
+    """module -> the project modules it imports (names that are not modules, e.g. a class, are
+    resolved to the module that holds them)."""
+    files = {module_name(p): p for pkg in PACKAGES for p in (ROOT / pkg).rglob("*.py")}
+    out = {}
+    for module, path in files.items():
+        targets = set()
+        for name in imports(path, set(files)):
+            while name and name not in files:
+                name = name.rpartition(".")[0]
+            if name and name != module:
+                targets.add(name)
+        out[module] = targets
+    return out
+
+
+def violations(g: dict[str, set[str]]) -> list[str]:
+    """Each import of a module from a layer above or beside its own."""
+    wrong = []
+    for module, targets in g.items():
+        mine = layer_of(module)
+        for target in sorted(targets):
+            theirs = layer_of(target)
+            if theirs != mine and LEVEL[theirs] >= LEVEL[mine]:
+                wrong.append(f"{module} ({mine}) imports {target} ({theirs})")
+    return wrong
+
+
+def cycles(g: dict[str, set[str]]) -> list[list[str]]:
+    """The import cycles: strongly connected components of more than one module (Tarjan)."""
+    index, low, stack, on_stack, found = {}, {}, [], set(), []
+
+    def visit(v):
+        index[v] = low[v] = len(index)
+        stack.append(v)
+        on_stack.add(v)
+        for w in g.get(v, ()):
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in on_stack:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            component = []
+            while True:
+                w = stack.pop()
+                on_stack.discard(w)
+                component.append(w)
+                if w == v:
+                    break
+            if len(component) > 1:
+                found.append(sorted(component))
+
+    for v in list(g):
+        if v not in index:
+            visit(v)
+    return found
+
+
+def test_every_module_has_a_layer():
+    assert [m for m in graph() if layer_of(m) is None] == []
+
+
+def test_no_module_imports_from_a_layer_above_or_beside_it():
+    assert violations(graph()) == []
+
+
+def test_no_import_cycles():
+    assert cycles(graph()) == []
+
+
+def test_the_checks_see_what_they_are_for():
+    g = {
+        "core.labels": {"export.repository"},
+        "export.repository": {"core.labels"},
+        "training.train": {"serving.runtime"},
+        "serving.runtime": set(),
+        "client.service": {"client.gateway.plc"},
+        "client.gateway.plc": {"client.service"},
+    }
+    assert violations(g) == [
+        "core.labels (core) imports export.repository (export)",
+        "training.train (training) imports serving.runtime (serving)",
+        "client.service (client library) imports client.gateway.plc (applications)",
+    ]
+    assert sorted(cycles(g)) == [["client.gateway.plc", "client.service"], ["core.labels", "export.repository"]]
+    assert imports(ROOT / "client" / "offline.py", set(graph())) >= {"export.local", "client.inspection"}
+
+
+@pytest.mark.parametrize(
+    "modules", [["client", "client.service", "client.inspection", "client.metrics", "client.probe", "client.dataset"]]
+)
+def test_the_client_library_imports_with_training_and_export_absent(modules):
+    blocker = (
+        "import sys, importlib.abc\n"
+        "class Absent(importlib.abc.MetaPathFinder):\n"
+        "    def find_spec(self, name, path=None, target=None):\n"
+        "        if name.split('.')[0] in ('training', 'export', 'torch'):\n"
+        "            raise ImportError(f'{name} is absent')\n"
+        "sys.meta_path.insert(0, Absent())\n"
+        f"for m in {modules!r}:\n"
+        "    __import__(m)\n"
+        "from client.service import InspectionClient\n"
+        "print('ok')\n"
+    )
+    out = subprocess.run([sys.executable, "-c", blocker], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "ok"
+
+
+def test_the_server_image_holds_what_the_server_runs_and_nothing_more(tmp_path):
+    """docker/Dockerfile's serving stage copies core/, ensemble/, serving/ and the export commands
+    its entrypoint runs; with only those (and only the packages that stage installs), the
+    Python-backend code prepares a cell and `python -m export fit-cores` / `tensorrt` start."""
+    dockerfile = (ROOT / "docker" / "Dockerfile").read_text().split("\nFROM ")[-1]
+    copied = []
+    for line in dockerfile.splitlines():
+        parts = line.split()
+        if parts[:1] == ["COPY"] and not parts[1].startswith("--") and parts[-1].startswith("/opt/battery/"):
+            dest = tmp_path / parts[-1].removeprefix("/opt/")
+            for source in parts[1:-1]:
+                src = ROOT / source
+                target = dest / src.name if parts[-1].endswith("/") else dest
+                target.parent.mkdir(parents=True, exist_ok=True)
+                if src.is_dir():
+                    shutil.copytree(src, target, ignore=shutil.ignore_patterns("__pycache__"))
+                else:
+                    shutil.copy(src, target)
+                copied.append(source)
+    assert {"core", "ensemble", "serving"} <= set(copied) and not {"training", "client", "benchmarks"} & set(copied)
+    script = (
+        "import sys, importlib.abc, io\n"
+        "ABSENT = ('torch', 'torchvision', 'onnx', 'onnxruntime', 'onnxscript', 'timm', 'sklearn', 'skimage', 'tqdm',\n"
+        "          'matplotlib', 'pytriton', 'prometheus_client', 'tritonclient.http', 'training', 'client', 'benchmarks')\n"
+        "class Absent(importlib.abc.MetaPathFinder):\n"
+        "    def find_spec(self, name, path=None, target=None):\n"
+        "        if any(name == a or name.startswith(a + '.') for a in ABSENT):\n"
+        "            raise ImportError(f'{name} is not in the server image')\n"
+        "sys.meta_path.insert(0, Absent())\n"
+        "import numpy as np\n"
+        "from PIL import Image\n"
+        "import serving, serving.runtime as rt\n"
+        "from core.facts import ServingFacts\n"
+        "from ensemble.rule import decide\n"
+        "assert serving.__file__.startswith(sys.argv[1]), serving.__file__\n"
+        "buf = io.BytesIO(); Image.fromarray((np.random.default_rng(0).random((64, 96, 3)) * 255).astype(np.uint8)).save(buf, 'PNG')\n"
+        "facts = ServingFacts(kind='rgb_autoencoder', input_size=32, in_chans=3)\n"
+        "print(rt.rgb_tensors(np.array([[buf.getvalue()]], object), facts).shape)\n"
+        "from export.__main__ import main\n"
+        "for command in ('fit-cores', 'tensorrt'):\n"
+        "    try:\n"
+        "        main([command, '--help'])\n"
+        "    except SystemExit as e:\n"
+        "        assert e.code == 0\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"} | {"PYTHONPATH": str(tmp_path / "battery")}
+    out = subprocess.run(
+        [sys.executable, "-c", script, str(tmp_path)],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.startswith("(1, 3, 32, 32)") and "fit-cores" in out.stdout and "TensorRT" in out.stdout
