@@ -41,7 +41,7 @@ serve: setup
 test: setup
 	$(PY) -m pytest -n 2 $(PYTEST_ARGS)
 
-# No servers: contracts, data, models, export, the layers (about 2 min on 2 cores).
+# No servers, no long trainings: contracts, data, models, export, the layers (about 1.5 min on 2 cores).
 test-unit: setup
 	$(PY) -m pytest -n 2 tests/unit $(PYTEST_ARGS)
 

@@ -1,1 +1,2 @@
-"""Tests that start real servers: tritonserver, Prometheus, the fake Gemini API, the simulated PLC, Chromium."""
+"""Tests of whole systems: real tritonserver, Prometheus, the fake Gemini API, the simulated PLC,
+Chromium, and whole training runs (data -> training -> checkpoint -> evaluation)."""
