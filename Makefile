@@ -45,10 +45,12 @@ test: setup
 test-unit: setup
 	$(PY) -m pytest -n 2 tests/unit $(PYTEST_ARGS)
 
-# ruff: lint and format check (pyproject.toml); `make format` rewrites.
+# ruff (lint and format check, pyproject.toml) and the layer rules of docs/architecture.md;
+# `make format` rewrites what ruff can fix.
 lint: setup
 	$(PY) -m ruff check .
 	$(PY) -m ruff format --check .
+	$(PY) -m pytest -q -p no:xdist -p no:cacheprovider tests/unit/test_layers.py
 
 format: setup
 	$(PY) -m ruff check --fix .
