@@ -17,7 +17,6 @@ from client.explain.explainers import (
     Unavailable,
     VLMFinding,
 )
-from client.explain.gradcam import TorchCAM
 from client.explain.grounding import GROUNDING_BACKENDS, make_grounding
 from client.explain.pipeline import ExplanationPipeline
 from client.explain.prompts import LANGUAGES
@@ -121,6 +120,9 @@ def build_explainers(args) -> list:
         checkpoint = args.gradcam_checkpoint or (args.local[0] if getattr(args, "local", None) else None)
         if checkpoint is None:
             raise SystemExit("error: --gradcam torch needs the CT checkpoint: --gradcam-checkpoint RUN")
+
+        # torch, the export and training packages and a checkpoint: only for this audit path
+        from client.explain.gradcam import TorchCAM  # noqa: PLC0415 - see above
 
         torch_cam = TorchCAM(checkpoint, args.gradcam_method)
     explainers = [CTHeatmap(torch_cam, args.cam_threshold), RGBErrorMap(args.error_threshold)]

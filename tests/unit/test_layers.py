@@ -236,3 +236,12 @@ def test_the_server_image_holds_what_the_server_runs_and_nothing_more(tmp_path):
     )
     assert out.returncode == 0, out.stderr
     assert out.stdout.startswith("(1, 3, 32, 32)") and "fit-cores" in out.stdout and "TensorRT" in out.stdout
+
+
+def test_the_client_command_line_starts_without_torch():
+    """`python -m client probe` is a liveness probe and `inspect` a station's tool: the command
+    line loads torch (and the export and training packages) only for --local and --gradcam torch."""
+    script = "import sys, client.__main__\nprint(sorted({m.split('.')[0] for m in sys.modules} & {'torch', 'export', 'training'}))"
+    out = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "[]"
