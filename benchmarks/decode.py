@@ -140,13 +140,15 @@ def main(argv=None) -> int:
     rows = measure(images, args.ct_sizes, args.rgb_sizes)
     m = machine()
     print(
-        f"\nline-size images -> model input, one core, median of each format's images; {m['cpu']}, {m['instruction_set']}"
+        f"\nline-size images -> model input, one core, median of each format's images; {m['cpu']}, "
+        f"{m['instruction_set']}"
     )
     print(f"{'image':<6} {'format':<7} {'size':>10} {'MB':>5} {'input':>6} {'median':>9} {'p90':>9}  target")
     for r in rows:
         verdict = "" if r["target_ms"] is None else f"<= {r['target_ms']:.0f} ms {'met' if r['met'] else 'MISSED'}"
         print(
-            f"{r['modality']:<6} {r['format']:<7} {r['image']:>10} {r['mb']:>5.1f} {r['input']:>6} {r['median_ms']:>6.1f} ms "
+            f"{r['modality']:<6} {r['format']:<7} {r['image']:>10} {r['mb']:>5.1f} {r['input']:>6} "
+            f"{r['median_ms']:>6.1f} ms "
             f"{r['p90_ms']:>6.1f} ms  {verdict}"
         )
     args.out.mkdir(parents=True, exist_ok=True)

@@ -174,7 +174,8 @@ def run(args) -> Path:
             for c in chosen
         ]
         print(
-            f"gateway: {args.stations} station(s), {args.rate:g} cells/s for {args.seconds:g} s, takt {args.takt_ms:g} ms, "
+            f"gateway: {args.stations} station(s), {args.rate:g} cells/s for {args.seconds:g} s, takt "
+            f"{args.takt_ms:g} ms, "
             f"watching by {args.watch}"
         )
         out = asyncio.run(_drive(args, cfg_path, cfg, sent, folder / "gateway.log"))
@@ -219,17 +220,20 @@ def summary(r: dict) -> str:
         "",
         "| measure | value |",
         "|---|---|",
-        f"| cells triggered / answered / duplicates / errors | {r['sent']} / {r['answered']} / {r['duplicates']} / {r['errors']} |",
+        f"| cells triggered / answered / duplicates / errors | {r['sent']} / {r['answered']} / {r['duplicates']} / "
+        f"{r['errors']} |",
     ]
     if lat:
         lines += [
-            f"| trigger -> result on the PLC, p50 / p90 / p99 / max | {lat['p50']:.0f} / {lat['p90']:.0f} / {lat['p99']:.0f} / "
+            f"| trigger -> result on the PLC, p50 / p90 / p99 / max | {lat['p50']:.0f} / {lat['p90']:.0f} / "
+            f"{lat['p99']:.0f} / "
             f"{lat['max']:.0f} ms |",
             f"| answered within takt ({s['takt_ms']:g} ms) | {r['within_takt']:.1%} |",
         ]
     if ack:
         lines.append(
-            f"| PLC's wait for the previous trigger's acknowledgement, p50 / p99 | {ack['p50']:.0f} / {ack['p99']:.0f} ms |"
+            f"| PLC's wait for the previous trigger's acknowledgement, p50 / p99 | {ack['p50']:.0f} / "
+            f"{ack['p99']:.0f} ms |"
         )
     lines.append(f"| OPC UA requests to the PLC (reads + writes) | {r['plc_requests_per_s']:.0f} /s |")
     cores = r["cpu_cores"]

@@ -71,8 +71,10 @@ def sweep(
     for c in concurrencies:
         row = asyncio.run(_drive(url, cells, c, seconds, heatmaps, warmup))
         progress(
-            f"  loadgen concurrency {c:>3}: {row['cells_per_s']:7.1f} cells/s  p50 {row.get('p50_ms', float('nan')):7.1f} ms  "
-            f"p99 {row.get('p99_ms', float('nan')):7.1f} ms  errors {row['errors']}  client {row['client_cores']:.2f} cores"
+            f"  loadgen concurrency {c:>3}: {row['cells_per_s']:7.1f} cells/s  p50 "
+            f"{row.get('p50_ms', float('nan')):7.1f} ms  "
+            f"p99 {row.get('p99_ms', float('nan')):7.1f} ms  errors {row['errors']}  client "
+            f"{row['client_cores']:.2f} cores"
         )
         rows.append(row)
     return rows

@@ -374,7 +374,8 @@ def markdown(result: dict) -> str:
     i = result["in_distribution"]
     lines = [
         f"In distribution ({i['cells']} fresh test cells): false rejection {i['false_rejection']:.1%} "
-        f"(CT {i['ct_false_rejection']:.1%}, photo {i['rgb_false_rejection']:.1%}; target <= {FALSE_REJECTION_TARGET:.0%})",
+        f"(CT {i['ct_false_rejection']:.1%}, photo {i['rgb_false_rejection']:.1%}; target <= "
+        f"{FALSE_REJECTION_TARGET:.0%})",
         "",
         "| kind | input | images | rejected | AUROC | median score |",
         "|---|---|---|---|---|---|",
@@ -383,7 +384,8 @@ def markdown(result: dict) -> str:
         auroc = "n/a" if r["auroc"] is None else f"{r['auroc']:.3f}"
         extra = f" ({r['refused_by_decoder']} by the decoder)" if r["refused_by_decoder"] else ""
         lines.append(
-            f"| {r['kind']} | {r['input']} | {r['images']} | {r['rejected']:.0%}{extra} | {auroc} | {r['median_score']:.2f} |"
+            f"| {r['kind']} | {r['input']} | {r['images']} | {r['rejected']:.0%}{extra} | {auroc} | "
+            f"{r['median_score']:.2f} |"
         )
     lines.append(f"| **all** | | {result['images']} | **{result['overall_rejection']:.1%}** | | |")
     return "\n".join(lines)
@@ -449,13 +451,15 @@ def main(argv=None) -> int:
     text = markdown(result)
     print("\n" + text)
     print(
-        f"\n{'all targets met' if result['met'] else 'TARGET MISSED'}: false rejection <= {FALSE_REJECTION_TARGET:.0%}, "
+        f"\n{'all targets met' if result['met'] else 'TARGET MISSED'}: false rejection <= "
+        f"{FALSE_REJECTION_TARGET:.0%}, "
         f">= {REJECTION_TARGET:.0%} of every kind rejected"
     )
     for r in result["kinds"]:
         if r["missed"]:
             print(
-                f"  {r['kind']} ({r['input']}) passed the gate: {', '.join(r['missed'][:6])}{' ...' if len(r['missed']) > 6 else ''}"
+                f"  {r['kind']} ({r['input']}) passed the gate: "
+                f"{', '.join(r['missed'][:6])}{' ...' if len(r['missed']) > 6 else ''}"
             )
     write_results(args.out, "ood", result, text)
     return 0 if result["met"] else 1

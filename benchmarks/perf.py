@@ -148,7 +148,8 @@ def run(
             / 1000,
         }
         progress(
-            f"  perf_analyzer {model:<12} concurrency {c:>3}: {parsed['cells_per_s']:7.1f}/s  p50 {parsed['p50_ms']:7.1f} ms  "
+            f"  perf_analyzer {model:<12} concurrency {c:>3}: {parsed['cells_per_s']:7.1f}/s  p50 "
+            f"{parsed['p50_ms']:7.1f} ms  "
             f"p99 {parsed['p99_ms']:7.1f} ms"
         )
         rows.append(parsed)

@@ -92,7 +92,8 @@ def main(argv=None) -> int:
     print(f"  FP32 {out['fp32']['images_per_s']:.1f} images/s, macro-F1 {out['fp32']['macro_f1']:.4f}")
     print(f"  INT8 {out['int8']['images_per_s']:.1f} images/s, macro-F1 {out['int8']['macro_f1']:.4f}")
     print(
-        f"  speed-up {speedup:.2f}x (target >= 1.8), macro-F1 loss {loss:.2f} points (target <= 1), same top class {same:.1%}"
+        f"  speed-up {speedup:.2f}x (target >= 1.8), macro-F1 loss {loss:.2f} points (target <= 1), same top class "
+        f"{same:.1%}"
     )
     args.out.mkdir(parents=True, exist_ok=True)
     path = args.out / f"int8-{time.strftime('%Y%m%d-%H%M%S')}.json"

@@ -162,8 +162,10 @@ def diagnosis(r: dict, h: dict) -> str:
         1 / (1 / pre["cells_per_s"] + cores / h["onnxruntime_cells_per_s"]) * cores
     )  # both on all cores, CPU-seconds per cell
     text = (
-        f"decoding and preprocessing, which the in-process ONNX Runtime figure leaves out, run at {pre['cells_per_s']:.1f} cells/s "
-        f"per core (CT {pre['ct_images_per_s']:.0f}/s, RGB {pre['rgb_images_per_s']:.0f}/s) against {h['onnxruntime_cells_per_s']:.0f} "
+        "decoding and preprocessing, which the in-process ONNX Runtime figure leaves out, run at "
+        f"{pre['cells_per_s']:.1f} cells/s "
+        f"per core (CT {pre['ct_images_per_s']:.0f}/s, RGB {pre['rgb_images_per_s']:.0f}/s) against "
+        f"{h['onnxruntime_cells_per_s']:.0f} "
         f"cells/s for the networks on all {cores} cores; with {instances} preprocessing instance(s), a cell costs "
         f"{1000 / pre['cells_per_s']:.1f} ms of one core before its networks, so this machine can give at most about "
         f"{ceiling:.0f} cells/s end to end (Triton reached {h['triton_cells_per_s']:.1f}, "
@@ -199,7 +201,8 @@ def summary(r: dict, h: dict) -> str:
     ]
     if "triton_vs_original" in h:
         lines.append(
-            f"| Triton `inspect`{' with heatmaps' if r['settings'].get('heatmaps') else ''} ({h['triton_client']}) / the original system's "
+            f"| Triton `inspect`{' with heatmaps' if r['settings'].get('heatmaps') else ''} ({h['triton_client']}) / "
+            "the original system's "
             f"per-cell path | **{h['triton_vs_original']:.1f}** ({h['triton_cells_per_s']:.2f} / "
             f"{h['original_cells_per_s']:.3f} cells/s) | >= {TARGETS['triton_vs_original']:g} "
             f"({_verdict(h['triton_vs_original'], TARGETS['triton_vs_original'])}) |"
@@ -214,12 +217,14 @@ def summary(r: dict, h: dict) -> str:
         )
     lines.append(
         f"| Triton end to end / in-process ONNX Runtime on preprocessed tensors (networks only) | "
-        f"**{h['triton_vs_onnxruntime']:.2f}** ({h['triton_cells_per_s']:.2f} / {h['onnxruntime_cells_per_s']:.2f} cells/s) | |"
+        f"**{h['triton_vs_onnxruntime']:.2f}** ({h['triton_cells_per_s']:.2f} / {h['onnxruntime_cells_per_s']:.2f} "
+        "cells/s) | |"
     )
     lines += [
         f"| in-process ONNX Runtime GFLOP/s / SGEMM GFLOP/s | **{h['onnxruntime_vs_sgemm']:.2f}** "
         f"({h['onnxruntime_gflops']:.1f} / {h['sgemm_gflops']:.1f}) | |",
-        f"| Triton GFLOP/s / SGEMM GFLOP/s | **{h['triton_vs_sgemm']:.2f}** ({h['triton_gflops']:.1f} / {h['sgemm_gflops']:.1f}) | |",
+        f"| Triton GFLOP/s / SGEMM GFLOP/s | **{h['triton_vs_sgemm']:.2f}** ({h['triton_gflops']:.1f} / "
+        f"{h['sgemm_gflops']:.1f}) | |",
         "",
         "| path | batch / in flight | cells/s | p50 ms | p99 ms |",
         "|---|---|---|---|---|",
@@ -242,7 +247,8 @@ def summary(r: dict, h: dict) -> str:
             "|---|---|---|---|---|---|---|---|",
         ]
         lines += [
-            f"| {s['model']} | {s['requests']} | {s['mean_batch']:.2f} | {s['queue_ms']:.2f} | {s['compute_input_ms']:.3f} | "
+            f"| {s['model']} | {s['requests']} | {s['mean_batch']:.2f} | {s['queue_ms']:.2f} | "
+            f"{s['compute_input_ms']:.3f} | "
             f"{s['compute_infer_ms']:.2f} | {s['compute_output_ms']:.3f} | {s['copy_share']:.1%} |"
             for s in steps
         ]

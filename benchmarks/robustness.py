@@ -256,7 +256,8 @@ def evaluate(
 
 def markdown(result: dict) -> str:
     lines = [
-        f"{result['slices']} CT slices and {result['photos']} photos of {result['data']}; CT: macro-F1, photo: image AUROC; "
+        f"{result['slices']} CT slices and {result['photos']} photos of {result['data']}; CT: macro-F1, photo: image "
+        "AUROC; "
         "loss against the unchanged images; refused: share the gate turns away",
         "",
         "| input | family | mild: metric / loss / refused | moderate | heavy |",

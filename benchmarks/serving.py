@@ -102,7 +102,8 @@ def parser() -> argparse.ArgumentParser:
         "--no-heatmaps",
         dest="heatmaps",
         action="store_false",
-        help="the load generator leaves out CT_CAM and RGB_ERROR_MAP (by default it asks for them, as the original path "
+        help="the load generator leaves out CT_CAM and RGB_ERROR_MAP "
+        "(by default it asks for them, as the original path "
         "computed Grad-CAM for every cell)",
     )
     p.add_argument(
@@ -176,7 +177,8 @@ def prepare(args):
 
 
 def results_folder_and_server(args, name: str):
-    """(benchmarks/results/<name>-<time>/, a started tritonserver on free ports serving args.repository, logging there)."""
+    """(benchmarks/results/<name>-<time>/, a started tritonserver on free ports serving args.repository,
+    logging there)."""
 
     folder = args.out / time.strftime(f"{name}-%Y%m%d-%H%M%S")
     folder.mkdir(parents=True, exist_ok=True)
@@ -213,7 +215,8 @@ def run(args) -> Path:
         "gflop_per_cell": (ct_flops + rgb_flops) / 1e9,
     }
     print(
-        f"  SGEMM {results['machine']['sgemm_gflops']:.1f} GFLOP/s; CT {ct_flops / 1e9:.2f} + RGB {rgb_flops / 1e9:.2f} GFLOP per cell"
+        f"  SGEMM {results['machine']['sgemm_gflops']:.1f} GFLOP/s; CT {ct_flops / 1e9:.2f} + RGB "
+        f"{rgb_flops / 1e9:.2f} GFLOP per cell"
     )
 
     ct_info, rgb_info = pipeline.ct_facts, pipeline.rgb_facts
@@ -249,7 +252,8 @@ def run(args) -> Path:
         base["original"] = [row]
         steps = ", ".join(f"{k.replace('_', ' ')} {v * 1000:.0f} ms" for k, v in row["seconds_per_step"].items())
         print(
-            f"  the original system's path (batch 1, 2 torch threads, pytorch-grad-cam per cell): {row['cells_per_s']:.3f} cells/s "
+            "  the original system's path (batch 1, 2 torch threads, pytorch-grad-cam per cell): "
+            f"{row['cells_per_s']:.3f} cells/s "
             f"({steps})"
         )
     results["in_process"] = base
@@ -266,7 +270,8 @@ def run(args) -> Path:
         )
         base["end_to_end"] = [row]
         print(
-            f"  in-process end to end ({row['processes']} processes, batch {row['batch']}): {row['cells_per_s']:.2f} cells/s"
+            f"  in-process end to end ({row['processes']} processes, batch {row['batch']}): {row['cells_per_s']:.2f} "
+            "cells/s"
         )
 
     http, grpc, metrics = free_ports(3)

@@ -217,10 +217,12 @@ def summary(r: dict) -> str:
         f"| server memory growth (end of the first minute -> end) | **{mem['growth']:+.1%}** "
         f"({mem['baseline_bytes'] / 2**20:.0f} -> {mem['end_bytes'] / 2**20:.0f} MiB) | < {TARGET_MEMORY_GROWTH:.0%} "
         f"({'met' if mem['growth'] < TARGET_MEMORY_GROWTH else 'missed'}) |",
-        f"| soak latency p50 / p99 / max | {soak.get('p50_ms', float('nan')):.0f} / {soak.get('p99_ms', float('nan')):.0f} / "
+        f"| soak latency p50 / p99 / max | {soak.get('p50_ms', float('nan')):.0f} / "
+        f"{soak.get('p99_ms', float('nan')):.0f} / "
         f"{soak.get('max_ms', float('nan')):.0f} ms | |",
         f"| burst ({burst['sent']} sent at {burst['rate']:.1f}/s for {burst['seconds']:.0f} s): answered / refused | "
-        f"{burst['answered']} / {sum(burst['errors'].values())} {dict(burst['errors'])} | every cell answered or refused |",
+        f"{burst['answered']} / {sum(burst['errors'].values())} {dict(burst['errors'])} | every cell answered or "
+        "refused |",
         f"| after the burst: server alive, ready, cells answered | {after['server_alive']}, {after['ready']}, "
         f"{after['answered']} of {after['sent']} | all |",
     ]

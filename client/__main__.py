@@ -245,7 +245,8 @@ def cmd_inspect_dir(args) -> int:
         agree = int(np.trace(confusion))
         refused = int(confusion[:, NOT_INSPECTABLE].sum())
         print(
-            f"agreement with the labels: {agree}/{answered} = {agree / answered:.3f}  (rows: expected, columns: verdict; "
+            f"agreement with the labels: {agree}/{answered} = {agree / answered:.3f}  (rows: expected, columns: "
+            "verdict; "
             f"the {refused} cells refused as not inspectable count as disagreement)"
         )
         print("  " + " " * 16 + "".join(f"{n[:8]:>10}" for n in VERDICT_NAMES))
@@ -331,7 +332,8 @@ def main(argv=None) -> int:
         "--explain-options",
         default="",
         metavar="'OPTIONS'",
-        help='explanation backends as for --explain, e.g. "--vlm gemini" or "--grounding transformers --grounding-weights DIR"',
+        help='explanation backends as for --explain, e.g. "--vlm gemini" or '
+        '"--grounding transformers --grounding-weights DIR"',
     )
     rv.set_defaults(func=cmd_review)
     pr = sub.add_parser(

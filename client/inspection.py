@@ -145,10 +145,12 @@ class Inspection:
         return "\n".join(
             lines
             + [
-                f"CT          {self.ct_class} {self.ct_probs[self.ct_class]:.3f} (then {others}); defect probability {self.ct_defect_probability:.3f}",
+                f"CT          {self.ct_class} {self.ct_probs[self.ct_class]:.3f} (then {others}); defect probability "
+                f"{self.ct_defect_probability:.3f}",
                 f"RGB         anomaly score {self.rgb_score:.4f}, {side} the threshold {self.rgb_threshold:.4f} -> "
                 f"{'anomalous' if self.rgb_anomalous else 'normal'}",
-                f"in range    CT {self.ct_ood:.2f}, photo {self.rgb_ood:.2f} (out-of-distribution scores; 1.0 or more is not inspectable)",
+                f"in range    CT {self.ct_ood:.2f}, photo {self.rgb_ood:.2f} (out-of-distribution scores; 1.0 or "
+                "more is not inspectable)",
             ]
         )
 
@@ -176,7 +178,8 @@ class InspectionFailed(RuntimeError):
 
 
 def error_kind(exc: Exception) -> str:
-    """A failure's kind: the gRPC status in lower case (invalid_argument, unavailable, ...), else the exception's type."""
+    """A failure's kind: the gRPC status in lower case (invalid_argument, unavailable, ...), else the
+    exception's type."""
     if isinstance(exc, InspectionFailed):
         return exc.error.kind
     if isinstance(exc, InferenceServerException):

@@ -66,7 +66,8 @@ class VerdictRule:
         unknown = [c for c in self.ct_defect_classes if c not in self.class_names]
         if unknown or not self.ct_defect_classes:
             raise ValueError(
-                f"ct_defect_classes {list(self.ct_defect_classes)} must be a non-empty subset of {list(self.class_names)}"
+                f"ct_defect_classes {list(self.ct_defect_classes)} must be a non-empty subset of "
+                f"{list(self.class_names)}"
             )
         if not np.isfinite(self.rgb_threshold):
             raise ValueError(f"rgb_threshold must be a finite number, got {self.rgb_threshold}")

@@ -31,8 +31,8 @@ def cmd_onnx(args) -> int:
         e = export_run(run, args.out, check=not args.no_check)
         parity = "; ".join(f"batch {b}: max diff {max(d.values()):.1e}" for b, d in e.parity.items())
         print(
-            f"wrote {e.onnx_path} ({e.onnx_path.stat().st_size / 2**20:.1f} MiB) and {e.onnx_path.with_suffix('.json').name}"
-            + (f"; ONNX Runtime vs PyTorch {parity}" if parity else "")
+            f"wrote {e.onnx_path} ({e.onnx_path.stat().st_size / 2**20:.1f} MiB) and "
+            f"{e.onnx_path.with_suffix('.json').name}" + (f"; ONNX Runtime vs PyTorch {parity}" if parity else "")
         )
     return 0
 
@@ -79,7 +79,8 @@ def cmd_serve(args) -> int:
             f"\nready: gRPC localhost:{ports.grpc}  HTTP localhost:{ports.http}  metrics http://localhost:{ports.metrics}/metrics\n"
             f"access: {access.describe()}\n"
             f"memory: {_allocator(malloc_library())}\n"
-            f"try:   python -m client inspect --ct CT.png --meta cell,z --rgb PHOTO.png --url localhost:{ports.grpc}{tls}\n"
+            "try:   python -m client inspect --ct CT.png --meta cell,z --rgb PHOTO.png --url "
+            f"localhost:{ports.grpc}{tls}\n"
             "stop:  Ctrl-C",
             flush=True,
         )

@@ -96,7 +96,8 @@ class CTInference(nn.Module):
 
 
 class RGBInference(nn.Module):
-    """The autoencoder with the checkpoint's score definition -> (score (B, 1), error map (B, S, S), OOD score (B, 1))."""
+    """The autoencoder with the checkpoint's score definition -> (score (B, 1), error map (B, S, S),
+    OOD score (B, 1))."""
 
     def __init__(self, autoencoder: nn.Module, score: dict, gate: dict | None = None):
         super().__init__()

@@ -112,7 +112,8 @@ def check_parity(
         worst = max(diffs.values())
         if worst > atol:
             raise AssertionError(
-                f"{path.name}: ONNX Runtime differs from PyTorch by {worst:.2e} (> {atol:.0e}) at batch {batch}: {diffs}"
+                f"{path.name}: ONNX Runtime differs from PyTorch by {worst:.2e} (> {atol:.0e}) at batch {batch}: "
+                f"{diffs}"
             )
     return report
 

@@ -301,7 +301,8 @@ def build_repository(
             progress(f"  {e.name}: max |ONNX Runtime - PyTorch| {worst:.1e} on batches {sorted(e.parity)}")
             if e.facts.ood_gate is None:
                 progress(
-                    f"  warning: {run} has no out-of-distribution gate, so {e.name} refuses nothing (its OOD score is 0); "
+                    f"  warning: {run} has no out-of-distribution gate, so {e.name} refuses nothing (its OOD score "
+                    "is 0); "
                     f"fit one with 'python -m training.ood {run}'"
                 )
             exported[kind] = e

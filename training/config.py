@@ -115,7 +115,8 @@ def load_config(path: str | Path | None) -> dict:
             path = named
         else:
             raise FileNotFoundError(
-                f"no config {path} (presets: {', '.join(sorted(p.stem for p in (Path(__file__).parent / 'configs').glob('*.yaml')))})"
+                f"no config {path} (presets: "
+                f"{', '.join(sorted(p.stem for p in (Path(__file__).parent / 'configs').glob('*.yaml')))})"
             )
     loaded = yaml.safe_load(path.read_text()) or {}
     if not isinstance(loaded, dict):

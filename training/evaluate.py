@@ -251,7 +251,8 @@ def evaluate(run: Path, data: Path, split: str = "test", splits: Path | None = N
 def summary(result: dict) -> str:
     if result["kind"] == "ct_classifier":
         lines = [
-            f"CT {result['split']}: {result['slices']} slices  accuracy {result['accuracy']:.4f}  macro-F1 {result['macro_f1']:.4f}  "
+            f"CT {result['split']}: {result['slices']} slices  accuracy {result['accuracy']:.4f}  macro-F1 "
+            f"{result['macro_f1']:.4f}  "
             f"ROC-AUC (macro OvR) {result['roc_auc_macro'] or float('nan'):.4f}",
             f"  {'class':<22} {'precision':>9} {'recall':>7} {'F1':>7} {'support':>8}",
         ]
@@ -259,9 +260,12 @@ def summary(result: dict) -> str:
             lines.append(f"  {name:<22} {m['precision']:>9.3f} {m['recall']:>7.3f} {m['f1']:>7.3f} {m['support']:>8}")
         b = result["binary_defect"]
         lines += [
-            f"  ECE {result['ece_before_temperature']:.4f} -> {result['ece_after_temperature']:.4f} after temperature {result['temperature']:.3f}",
-            f"  defect vs normal: F1 {b['f1']:.4f}  recall {b['recall']:.4f}  precision {b['precision']:.4f}  ROC-AUC {b['roc_auc'] or float('nan'):.4f}",
-            f"  {result['slices_of_defective_batteries_showing_no_defect']} slices of defective batteries show no defect; "
+            f"  ECE {result['ece_before_temperature']:.4f} -> {result['ece_after_temperature']:.4f} after "
+            f"temperature {result['temperature']:.3f}",
+            f"  defect vs normal: F1 {b['f1']:.4f}  recall {b['recall']:.4f}  precision {b['precision']:.4f}  "
+            f"ROC-AUC {b['roc_auc'] or float('nan'):.4f}",
+            f"  {result['slices_of_defective_batteries_showing_no_defect']} slices of defective batteries show no "
+            "defect; "
             f"macro-F1 without them {result['macro_f1_without_those']:.4f}; best possible macro-F1 on all slices "
             f"{result['best_possible_macro_f1']:.4f}",
             f"  per battery ({result['per_battery']['batteries']}): accuracy {result['per_battery']['accuracy']:.4f}  "
@@ -270,7 +274,8 @@ def summary(result: dict) -> str:
         if "gate" in result:
             g = result["gate"]
             lines.append(
-                f"  out-of-distribution gate: {g['refused_count']} of {result['slices']} slices refused ({g['refused']:.1%}); "
+                f"  out-of-distribution gate: {g['refused_count']} of {result['slices']} slices refused "
+                f"({g['refused']:.1%}); "
                 f"macro-F1 counting them as errors {g['macro_f1_refusals_as_errors']:.4f}"
             )
         return "\n".join(lines)
@@ -279,16 +284,19 @@ def summary(result: dict) -> str:
         f"RGB {result['split']}: {result['photos']} photos ({result['anomalous']} defective)  image ROC-AUC "
         f"{result['image_roc_auc'] or float('nan'):.4f}  PR-AUC {result['image_pr_auc'] or float('nan'):.4f}  "
         f"pixel AUROC {result['pixel_roc_auc'] or float('nan'):.4f}",
-        f"  reconstruction MSE {result['reconstruction_mse_normal']:.5f} vs flat mean colour {result['flat_mean_colour_mse_normal']:.5f}",
+        f"  reconstruction MSE {result['reconstruction_mse_normal']:.5f} vs flat mean colour "
+        f"{result['flat_mean_colour_mse_normal']:.5f}",
     ]
     for name, m in t.items():
         lines.append(
-            f"  threshold {name} = {m['threshold']:.6f}: F1 {m['f1']:.4f}  precision {m['precision']:.4f}  recall {m['recall']:.4f}"
+            f"  threshold {name} = {m['threshold']:.6f}: F1 {m['f1']:.4f}  precision {m['precision']:.4f}  recall "
+            f"{m['recall']:.4f}"
         )
     if "gate" in result:
         g = result["gate"]
         lines.append(
-            f"  out-of-distribution gate: {g['refused_count']} of {result['photos']} photos refused ({g['refused']:.1%}); "
+            f"  out-of-distribution gate: {g['refused_count']} of {result['photos']} photos refused "
+            f"({g['refused']:.1%}); "
             f"image ROC-AUC counting them as errors {g['image_roc_auc_refusals_as_errors'] or float('nan'):.4f}"
         )
     return "\n".join(lines)

@@ -368,7 +368,8 @@ def train_rgb(data: Path, cfg: dict, run: Path, splits: Path | None = None, prog
     val_recs = [r for r in ds.rgb if assignment.get(r.battery_key) == "val"]
     if not train_recs or not any(r.is_normal for r in val_recs):
         raise SystemExit(
-            f"error: need normal RGB photos in train and val, got {len(train_recs)} and {sum(r.is_normal for r in val_recs)}"
+            f"error: need normal RGB photos in train and val, got {len(train_recs)} and "
+            f"{sum(r.is_normal for r in val_recs)}"
         )
     size = int(c["input_size"])
     arch_args = {k: v for k, v in c["model"].items() if k != "name"}
@@ -461,7 +462,8 @@ def train_rgb(data: Path, cfg: dict, run: Path, splits: Path | None = None, prog
         improved = stopper.improved(val_loss, model)
         if progress:
             print(
-                f"rgb epoch {epoch + 1:>3}: train loss {row['train_loss']:.5f}  val loss {val_loss:.5f}{'  *' if improved else ''}",
+                f"rgb epoch {epoch + 1:>3}: train loss {row['train_loss']:.5f}  val loss "
+                f"{val_loss:.5f}{'  *' if improved else ''}",
                 flush=True,
             )
         if stopper.should_stop:
@@ -540,7 +542,8 @@ def main(argv=None) -> int:
     info = trainer(args.data, cfg, args.out, args.splits, progress=not args.quiet)
     if args.model == "ct":
         print(
-            f"wrote {args.out / 'checkpoint.pt'}: val macro-F1 {info['val_macro_f1']:.4f}, temperature {info['temperature']:.3f}, "
+            f"wrote {args.out / 'checkpoint.pt'}: val macro-F1 {info['val_macro_f1']:.4f}, temperature "
+            f"{info['temperature']:.3f}, "
             f"{info['epochs_trained']} epochs in {info['train_seconds']:.0f} s"
         )
     else:

@@ -117,7 +117,8 @@ async def _check(cfg) -> int:
     async with triton_client(t) as c:
         ready = await c.ready()
     print(
-        f"  {'ok  ' if ready else 'FAIL'}  Triton {t.url}: {'inspect is ready' if ready else 'not ready (start it with make serve)'}"
+        f"  {'ok  ' if ready else 'FAIL'}  Triton {t.url}: "
+        f"{'inspect is ready' if ready else 'not ready (start it with make serve)'}"
     )
     problems += not ready
     print("all good" if not problems else f"{problems} problem(s)")

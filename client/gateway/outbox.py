@@ -141,7 +141,8 @@ class Outbox:
                     row = self._find(station, cell_id)
                 return row, False
             cur = self.db.execute(
-                "INSERT INTO cells (station, cell_id, battery_type, slice_axis, ct_path, rgb_path, ct_image, rgb_image, "
+                "INSERT INTO cells (station, cell_id, battery_type, slice_axis, ct_path, rgb_path, ct_image, "
+                "rgb_image, "
                 "triggered_at, state) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, 'pending')",
                 (
                     station,

@@ -164,7 +164,8 @@ def inspect_page(cfg: dict) -> None:
             with client(cfg) as c:
                 if not c.ready():
                     st.error(
-                        f"The inspection service at {cfg['url']} is not reachable or not ready; start it with 'make serve'."
+                        f"The inspection service at {cfg['url']} is not reachable or not ready; start it with 'make "
+                        "serve'."
                     )
                     return
                 result = c.inspect(ct_file.getvalue(), meta, rgb_file.getvalue(), cell_id=Path(ct_file.name).stem)

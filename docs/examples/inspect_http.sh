@@ -26,7 +26,11 @@ header=$(cat <<JSON
              {"name": "RGB_THRESHOLD"}, {"name": "CT_OOD"}, {"name": "RGB_OOD"}]}
 JSON
 )
-{ printf '%s' "$header"; element "$ct"; element "$rgb"; } |
+# A refused cell: HTTP 400 with {"error": "<the reason>"}, and this script exits non-zero.
+if ! { printf '%s' "$header"; element "$ct"; element "$rgb"; } |
   curl -sS --fail-with-body -X POST "http://$url/v2/models/inspect/infer" \
-    -H "Content-Type: application/octet-stream" -H "Inference-Header-Content-Length: ${#header}" --data-binary @-
+    -H "Content-Type: application/octet-stream" -H "Inference-Header-Content-Length: ${#header}" --data-binary @-; then
+  echo
+  exit 1
+fi
 echo

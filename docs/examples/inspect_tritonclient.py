@@ -33,7 +33,7 @@ def main(ct_path: str, battery_type: str, slice_axis: str, rgb_path: str, url: s
             return 1
     verdict = int(result.as_numpy("VERDICT")[0, 0])
     print(f"verdict {verdict} {VERDICTS[verdict]}, confidence {result.as_numpy('CONFIDENCE')[0, 0]:.3f}")
-    print(f"CT_PROBS {result.as_numpy('CT_PROBS')[0].round(3).tolist()}")
+    print(f"CT_PROBS {[round(float(p), 3) for p in result.as_numpy('CT_PROBS')[0]]}")
     print(
         f"RGB_SCORE {result.as_numpy('RGB_SCORE')[0, 0]:.4f} (threshold {result.as_numpy('RGB_THRESHOLD')[0, 0]:.4f})"
     )

@@ -221,7 +221,8 @@ def test_gateway_benchmark_times_every_cell_from_trigger_to_answer(tmp_path):
     assert r["sent"] >= 12 and r["answered"] == r["sent"] and r["duplicates"] == 0 and r["errors"] == 0
     lat = r["latency_ms"]
     assert 0 < lat["p50"] <= lat["p90"] <= lat["p99"] <= lat["max"] < 30_000
-    # each cell takes at least a read of Trigger and of its fields, the acknowledgement, the handshake's read and two writes
+    # each cell takes at least a read of Trigger and of its fields, the acknowledgement, the handshake's read
+    # and two writes
     assert r["plc_requests_per_s"] * r["elapsed_s"] >= 5 * r["sent"]
     assert 0 < r["cpu_cores"]["gateway"] < 4 and 0 < r["cpu_cores"]["plc"] < 4
     summary = (folder / "summary.md").read_text()

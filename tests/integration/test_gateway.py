@@ -403,7 +403,7 @@ def test_a_subscribed_gateway_reads_the_plc_when_it_changes_and_a_polling_one_ev
     assert all(r.seconds < 3.0 for r in results), [round(r.seconds, 3) for r in results]
     if watch == "subscribe" and plc_subscribes:
         assert idle == 0, f"{idle} reads/s while nothing changed"
-    else:  # two Trigger nodes every 5 ms (up to 400/s, less the time a read takes); a PLC without subscriptions is polled
+    else:  # two Trigger nodes every 5 ms (up to 400/s, less a read's time); a PLC without subscriptions is polled
         assert idle > 50, f"{idle} reads/s"
     assert _value(metrics.ERRORS, "plc_subscribe") - refused == (0 if plc_subscribes or watch == "poll" else 1)
 

@@ -202,7 +202,8 @@ def make_qwen_vl(folder: Path, generation: int = 3, seed: int = 0) -> Path:
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     corpus = [
-        'battery cell porosity void resin overflow scratch dent {"class": "cell_porosity", "verdict": "defect"} 배터리 결함'
+        "battery cell porosity void resin overflow scratch dent "
+        '{"class": "cell_porosity", "verdict": "defect"} 배터리 결함'
     ]
     tok.train_from_iterator(
         corpus,

@@ -203,7 +203,8 @@ def test_the_server_image_holds_what_the_server_runs_and_nothing_more(tmp_path):
     script = (
         "import sys, importlib.abc, io\n"
         "ABSENT = ('torch', 'torchvision', 'onnx', 'onnxruntime', 'onnxscript', 'timm', 'sklearn', 'skimage', 'tqdm',\n"
-        "          'matplotlib', 'pytriton', 'prometheus_client', 'tritonclient.http', 'training', 'client', 'benchmarks')\n"
+        "          'matplotlib', 'pytriton', 'prometheus_client', 'tritonclient.http', 'training', 'client', "
+        "'benchmarks')\n"
         "class Absent(importlib.abc.MetaPathFinder):\n"
         "    def find_spec(self, name, path=None, target=None):\n"
         "        if any(name == a or name.startswith(a + '.') for a in ABSENT):\n"
@@ -215,7 +216,8 @@ def test_the_server_image_holds_what_the_server_runs_and_nothing_more(tmp_path):
         "from core.facts import ServingFacts\n"
         "from ensemble.rule import decide\n"
         "assert serving.__file__.startswith(sys.argv[1]), serving.__file__\n"
-        "buf = io.BytesIO(); Image.fromarray((np.random.default_rng(0).random((64, 96, 3)) * 255).astype(np.uint8)).save(buf, 'PNG')\n"
+        "buf = io.BytesIO(); Image.fromarray((np.random.default_rng(0).random((64, 96, 3)) * "
+        "255).astype(np.uint8)).save(buf, 'PNG')\n"
         "facts = ServingFacts(kind='rgb_autoencoder', input_size=32, in_chans=3)\n"
         "print(rt.rgb_tensors(np.array([[buf.getvalue()]], object), facts).shape)\n"
         "from export.__main__ import main\n"
@@ -241,7 +243,10 @@ def test_the_server_image_holds_what_the_server_runs_and_nothing_more(tmp_path):
 def test_the_client_command_line_starts_without_torch():
     """`python -m client probe` is a liveness probe and `inspect` a station's tool: the command
     line loads torch (and the export and training packages) only for --local and --gradcam torch."""
-    script = "import sys, client.__main__\nprint(sorted({m.split('.')[0] for m in sys.modules} & {'torch', 'export', 'training'}))"
+    script = (
+        "import sys, client.__main__\n"
+        "print(sorted({m.split('.')[0] for m in sys.modules} & {'torch', 'export', 'training'}))"
+    )
     out = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "[]"

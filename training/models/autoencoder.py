@@ -248,7 +248,8 @@ class AnomalyScorer(nn.Module):
     def score_with_features(
         self, image: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[torch.Tensor]]:
-        """(score (B,), error map (B, H, W), reconstruction, the encoder's feature maps) from one pass of the autoencoder."""
+        """(score (B,), error map (B, H, W), reconstruction, the encoder's feature maps) from one pass of
+        the autoencoder."""
         recon, maps = self.autoencoder.reconstruct(image)
         emap = self.error_map(image, recon)
         return self.score(emap), emap, recon, maps

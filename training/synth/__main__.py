@@ -56,7 +56,8 @@ def _visibility(text: str) -> dict:
 def _generate_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m training.synth",
-        description="Write a synthetic battery data set in the AI Hub 71687 layout (CT slices + RGB photos with JSON labels). "
+        description="Write a synthetic battery data set in the AI Hub 71687 layout "
+        "(CT slices + RGB photos with JSON labels). "
         "Use 'python -m training.synth preview DIR --out sheet.png' to look at one.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
