@@ -3,7 +3,7 @@
 Export takes them from a training checkpoint, stores them in the ONNX file (metadata
 `serving_info`) and beside it (`<model>.json`), and the repository generator hands them to
 the preprocessing models as the config parameter `serving_info`. One class, one JSON form:
-`ServingFacts.from_checkpoint` on the way in, `to_json` / `from_json` through the model
+`ServingFacts.from_dict` (a checkpoint's info) on the way in, `to_json` / `from_json` through the model
 config, `InspectionClient.serving_info()` to read them back from a running server.
 """
 

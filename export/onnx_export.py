@@ -38,22 +38,6 @@ IO = {
         "outputs": (api.RGB_SCORE, api.RGB_ERROR_MAP, api.RGB_OOD),
     },
 }
-# checkpoint facts that serving needs (the rest, e.g. training history, stays in the run)
-SERVING_KEYS = (
-    "kind",
-    "arch",
-    "arch_args",
-    "input_size",
-    "in_chans",
-    "normalization",
-    "class_names",
-    "meta_spec",
-    "temperature",
-    "score",
-    "threshold",
-    "threshold_method",
-    "thresholds",
-)
 
 
 @dataclass(frozen=True)
@@ -129,8 +113,8 @@ def export_run(run: str | Path, out: str | Path, check: bool = True) -> Exported
     """Export one training run (a CT or RGB checkpoint) into `out`."""
     model, info = load_checkpoint(run)
     names = IO[info["kind"]]
-    facts = ServingFacts.from_dict(
-        {k: info[k] for k in SERVING_KEYS if k in info}
+    facts = ServingFacts.from_dict(  # takes what serving needs; training history stays in the run
+        info
         | {
             "ood_gate": ood_summary(info.get("ood")),
             "source_run": str(Path(run)),
