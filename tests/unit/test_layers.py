@@ -159,23 +159,28 @@ def test_the_checks_see_what_they_are_for():
     assert imports(ROOT / "client" / "offline.py", set(graph())) >= {"export.local", "client.inspection"}
 
 
+def run_without(absent: tuple[str, ...], body: str, *args: str, cwd: Path = ROOT, env: dict | None = None):
+    """Run `body` in a fresh interpreter where importing any of `absent` (or a submodule) fails."""
+    script = (
+        "import sys, importlib.abc\n"
+        f"ABSENT = {absent!r}\n"
+        "class Absent(importlib.abc.MetaPathFinder):\n"
+        "    def find_spec(self, name, path=None, target=None):\n"
+        "        if any(name == a or name.startswith(a + '.') for a in ABSENT):\n"
+        "            raise ImportError(f'{name} is absent')\n"
+        "sys.meta_path.insert(0, Absent())\n"
+    ) + body
+    return subprocess.run(
+        [sys.executable, "-c", script, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=120
+    )
+
+
 @pytest.mark.parametrize(
     "modules", [["client", "client.service", "client.inspection", "client.metrics", "client.probe", "client.dataset"]]
 )
 def test_the_client_library_imports_with_training_and_export_absent(modules):
-    blocker = (
-        "import sys, importlib.abc\n"
-        "class Absent(importlib.abc.MetaPathFinder):\n"
-        "    def find_spec(self, name, path=None, target=None):\n"
-        "        if name.split('.')[0] in ('training', 'export', 'torch'):\n"
-        "            raise ImportError(f'{name} is absent')\n"
-        "sys.meta_path.insert(0, Absent())\n"
-        f"for m in {modules!r}:\n"
-        "    __import__(m)\n"
-        "from client.service import InspectionClient\n"
-        "print('ok')\n"
-    )
-    out = subprocess.run([sys.executable, "-c", blocker], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    body = f"for m in {modules!r}:\n    __import__(m)\nfrom client.service import InspectionClient\nprint('ok')\n"
+    out = run_without(("training", "export", "torch"), body)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "ok"
 
@@ -200,24 +205,26 @@ def test_the_server_image_holds_what_the_server_runs_and_nothing_more(tmp_path):
                     shutil.copy(src, target)
                 copied.append(source)
     assert {"core", "ensemble", "serving"} <= set(copied) and not {"training", "client", "benchmarks"} & set(copied)
-    script = (
-        "import sys, importlib.abc, io\n"
-        "ABSENT = ('torch', 'torchvision', 'onnx', 'onnxruntime', 'onnxscript', 'timm', 'sklearn', 'skimage', 'tqdm',\n"
-        "          'matplotlib', 'pytriton', 'prometheus_client', 'tritonclient.http', 'training', 'client', "
-        "'benchmarks')\n"
-        "class Absent(importlib.abc.MetaPathFinder):\n"
-        "    def find_spec(self, name, path=None, target=None):\n"
-        "        if any(name == a or name.startswith(a + '.') for a in ABSENT):\n"
-        "            raise ImportError(f'{name} is not in the server image')\n"
-        "sys.meta_path.insert(0, Absent())\n"
+    image_lacks = ("torch", "torchvision", "onnx", "onnxruntime", "onnxscript", "timm", "sklearn", "skimage", "tqdm")
+    image_lacks += (
+        "matplotlib",
+        "pytriton",
+        "prometheus_client",
+        "tritonclient.http",
+        "training",
+        "client",
+        "benchmarks",
+    )
+    body = (
+        "import io\n"
         "import numpy as np\n"
         "from PIL import Image\n"
         "import serving, serving.runtime as rt\n"
         "from core.facts import ServingFacts\n"
         "from ensemble.rule import decide\n"
         "assert serving.__file__.startswith(sys.argv[1]), serving.__file__\n"
-        "buf = io.BytesIO(); Image.fromarray((np.random.default_rng(0).random((64, 96, 3)) * "
-        "255).astype(np.uint8)).save(buf, 'PNG')\n"
+        "photo = (np.random.default_rng(0).random((64, 96, 3)) * 255).astype(np.uint8)\n"
+        "buf = io.BytesIO(); Image.fromarray(photo).save(buf, 'PNG')\n"
         "facts = ServingFacts(kind='rgb_autoencoder', input_size=32, in_chans=3)\n"
         "print(rt.rgb_tensors(np.array([[buf.getvalue()]], object), facts).shape)\n"
         "from export.__main__ import main\n"
@@ -228,14 +235,7 @@ def test_the_server_image_holds_what_the_server_runs_and_nothing_more(tmp_path):
         "        assert e.code == 0\n"
     )
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"} | {"PYTHONPATH": str(tmp_path / "battery")}
-    out = subprocess.run(
-        [sys.executable, "-c", script, str(tmp_path)],
-        cwd=tmp_path,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    out = run_without(image_lacks, body, str(tmp_path), cwd=tmp_path, env=env)
     assert out.returncode == 0, out.stderr
     assert out.stdout.startswith("(1, 3, 32, 32)") and "fit-cores" in out.stdout and "TensorRT" in out.stdout
 
