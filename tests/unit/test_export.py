@@ -47,11 +47,12 @@ def runs(tmp_path_factory):
         "rgb": make_rgb_run(root / "rgb", size=64, threshold=0.3, gate=True),
         "ct_avg": make_ct_run(root / "ct_avg", size=64, pool="avg", seed=1),
         "ct_early": make_ct_run(root / "ct_early", size=64, arch="resnet18_early_fusion", seed=2),
+        "ct_drn": make_ct_run(root / "ct_drn", size=64, arch="drn_aspp", seed=4, aspp_channels=64),
         "rgb_recon": make_rgb_run(root / "rgb_recon", size=64, segment=0, threshold=0.01),
     }
 
 
-@pytest.mark.parametrize("name", ["ct", "ct_avg", "ct_early", "rgb", "rgb_recon"])
+@pytest.mark.parametrize("name", ["ct", "ct_avg", "ct_early", "ct_drn", "rgb", "rgb_recon"])
 def test_onnx_matches_pytorch_on_batches_of_1_and_5_with_a_dynamic_batch_axis(runs, tmp_path, name):
     exported = export_run(runs[name], tmp_path)
     proto = onnx.load(str(exported.onnx_path))
@@ -90,7 +91,7 @@ def test_ct_graph_outputs_calibrated_probabilities_and_a_cam_per_image(runs, tmp
     assert read_facts(exported.onnx_path).temperature == info["temperature"]
 
 
-@pytest.mark.parametrize("name", ["ct", "ct_avg", "ct_early"])
+@pytest.mark.parametrize("name", ["ct", "ct_avg", "ct_early", "ct_drn"])
 def test_in_graph_cam_matches_pytorch_grad_cam_per_image(runs, tmp_path, name):
     model, info = load_checkpoint(runs[name])
     image, meta = example_inputs(info, 6, seed=11)

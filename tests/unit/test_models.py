@@ -40,6 +40,7 @@ CT_MODELS = [
     "cbam_resnet18",
     "convnext_tiny",
     "efficientnet_b0",
+    "drn_aspp",
 ]
 
 
@@ -58,6 +59,17 @@ def test_ct_model_forward_gives_five_logits_at_any_size(name, size, pool):
     with torch.no_grad():
         out = model(torch.randn(3, 1, size, size), meta)
     assert out.shape == (3, len(CT_CLASSES)) and torch.isfinite(out).all()
+
+
+def test_drn_aspp_keeps_the_resolution_its_output_stride_says_and_its_head_is_the_last_stage():
+    for stride, side in ((8, 12), (16, 6)):
+        model = create_model("drn_aspp", output_stride=stride, aspp_channels=32, rates=[1, 2, 3]).eval()
+        with torch.no_grad():
+            fmap = model.feature_maps(torch.randn(2, 1, 96, 96), torch.zeros(2, 2))
+        assert fmap.shape == (2, 32, side, side)  # a plain ResNet18 gives 3 x 3 at 96 px
+        assert type(model.features[-1]).__name__ == "ASPP"  # what Grad-CAM weighs, in the graph and in audits
+    with pytest.raises(ValueError, match="output_stride must be 8 or 16"):
+        create_model("drn_aspp", output_stride=4)
 
 
 def test_late_fusion_really_uses_the_metadata():

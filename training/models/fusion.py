@@ -165,6 +165,85 @@ def cbam_resnet18(
     return LateFusionClassifier(trunk, 512, hidden, dropout, num_classes, pool=pool)
 
 
+def _dilate(stage: nn.Sequential, dilation: int) -> None:
+    """A ResNet stage that keeps its input's resolution: stride 1, every 3x3 conv dilated.
+
+    torchvision's BasicBlock refuses `replace_stride_with_dilation`, so the convolutions are
+    changed in place (stride, dilation and padding are plain attributes of nn.Conv2d; the
+    weights keep their shapes). The first block's 1x1 downsample keeps matching the channels.
+    """
+    for block in stage:
+        for conv in (block.conv1, block.conv2):
+            conv.stride, conv.dilation, conv.padding = (1, 1), (dilation, dilation), (dilation, dilation)
+        if block.downsample is not None:
+            block.downsample[0].stride = (1, 1)
+
+
+class ASPP(nn.Module):
+    """Atrous spatial pyramid pooling (DeepLabV3): a 1x1 branch, 3x3 branches at several
+    dilation rates and an image-level branch, concatenated and projected by a 1x1 conv.
+
+    The image-level branch is broadcast back over the map (no interpolation, so any input
+    size exports) and has no BatchNorm (a 1x1 map of batch 1 has no statistics)."""
+
+    def __init__(self, in_channels: int, channels: int = 256, rates: tuple[int, ...] = (2, 4, 6)):
+        super().__init__()
+
+        def branch(kernel: int, rate: int) -> nn.Sequential:
+            pad = 0 if kernel == 1 else rate
+            return nn.Sequential(
+                nn.Conv2d(in_channels, channels, kernel, padding=pad, dilation=rate, bias=False),
+                nn.BatchNorm2d(channels),
+                nn.ReLU(inplace=True),
+            )
+
+        self.branches = nn.ModuleList([branch(1, 1), *(branch(3, int(r)) for r in rates)])
+        self.image_pool = nn.Sequential(
+            nn.AdaptiveAvgPool2d(1), nn.Conv2d(in_channels, channels, 1), nn.ReLU(inplace=True)
+        )
+        self.project = nn.Sequential(
+            nn.Conv2d(channels * (len(rates) + 2), channels, 1, bias=False),
+            nn.BatchNorm2d(channels),
+            nn.ReLU(inplace=True),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        maps = [b(x) for b in self.branches]
+        maps.append(self.image_pool(x).expand_as(maps[0]))
+        return self.project(torch.cat(maps, dim=1))
+
+
+@register("drn_aspp")
+def drn_aspp(
+    in_chans: int = 1,
+    hidden: int = 256,
+    dropout: float = 0.3,
+    num_classes: int = len(CT_CLASSES),
+    pool: str = "avg",
+    output_stride: int = 8,
+    aspp_channels: int = 256,
+    rates: tuple[int, ...] | list[int] = (2, 4, 6),
+):
+    """Dilated ResNet18 (DRN-A style: the last stages dilated instead of strided, output stride
+    8 or 16) with an ASPP head in DeepLabV3 style, late fusion of the metadata as the others.
+
+    ASPP is the last convolutional stage (`features = Sequential(trunk, ASPP)`), so pooling
+    and the fusion head follow it exactly as in the other models and the served Grad-CAM is
+    the same closed form, taken on the ASPP output. DeepLab's rates (6, 12, 18) suit a 33 x 33
+    map of a 513 px crop; the default (2, 4, 6) suits the 12 x 12 map of a 96 px input at
+    output stride 8 (scale them with the input size)."""
+    if output_stride not in (8, 16):
+        raise ValueError(f"output_stride must be 8 or 16, got {output_stride}")
+    trunk = _resnet18_trunk(in_chans)
+    if output_stride == 8:
+        _dilate(trunk[6], 2)
+        _dilate(trunk[7], 4)
+    else:
+        _dilate(trunk[7], 2)
+    head = ASPP(512, aspp_channels, tuple(int(r) for r in rates))
+    return LateFusionClassifier(nn.Sequential(trunk, head), aspp_channels, hidden, dropout, num_classes, pool=pool)
+
+
 class _TimmFeatures(nn.Module):
     def __init__(self, name: str, in_chans: int):
         super().__init__()
