@@ -24,7 +24,7 @@ from training.train import train_ct, train_rgb
 TEST_SEED_OFFSET = 1000
 
 
-def _synth_config(d: dict, seed: int, batteries: int | None = None) -> SynthConfig:
+def synth_config(d: dict, seed: int, batteries: int | None = None) -> SynthConfig:
     return SynthConfig(
         batteries=batteries or d["batteries"],
         seed=seed,
@@ -38,7 +38,7 @@ def _synth_config(d: dict, seed: int, batteries: int | None = None) -> SynthConf
     )
 
 
-def _ensure_data(path: Path, cfg: SynthConfig, what: str) -> None:
+def ensure_data(path: Path, cfg: SynthConfig, what: str) -> None:
     if (path / CONFIG_FILE).exists():
         print(f"{what}: reusing {path}")
         return
@@ -90,7 +90,7 @@ def main(argv=None) -> int:
     timings: dict[str, float] = {}
     t = time.perf_counter()
     if not args.data:
-        _ensure_data(data, _synth_config(d, d["seed"]), "training data")
+        ensure_data(data, synth_config(d, d["seed"]), "training data")
     timings["generate_training_data_s"] = time.perf_counter() - t
     models = [args.only] if args.only else ["ct", "rgb"]
     for model in models:
@@ -102,7 +102,7 @@ def main(argv=None) -> int:
         t = time.perf_counter()
         if not args.test_data:
             test_batteries = d.get("test_batteries") or max(20, d["batteries"] // 2)
-            _ensure_data(test_data, _synth_config(d, d["seed"] + TEST_SEED_OFFSET, test_batteries), "test data")
+            ensure_data(test_data, synth_config(d, d["seed"] + TEST_SEED_OFFSET, test_batteries), "test data")
         timings["generate_test_data_s"] = time.perf_counter() - t
         for model in models:
             t = time.perf_counter()
