@@ -220,6 +220,7 @@ def cmd_inspect_dir(args) -> int:
                     extra = {"ct_path": str(cell.ct_path), "rgb_path": str(cell.rgb_path)}
                     if with_labels:
                         extra["expected_verdict"] = row["label"]["expected_verdict"]
+                        extra["labels"] = cell.labels()
                     explain.submit(
                         Case(
                             result,

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from client.inspection import Cell
-from core.aihub import scan
+from core.aihub import DefectPolygon, scan
 from ensemble.rule import read_rule_file, verdict_code
 
 
@@ -29,6 +29,15 @@ class LabelledCell:
     ct_label: str
     rgb_anomalous: bool
     expected_verdict: int
+    ct_defects: tuple[DefectPolygon, ...] = ()  # what the slice's label outlines, in its pixels
+    rgb_defects: tuple[DefectPolygon, ...] = ()  # what the photo's label outlines
+
+    def labels(self) -> dict:
+        """The labelled defect polygons of both images, as reports keep them."""
+        return {
+            side: [{"name": d.name, "points": list(d.points)} for d in defects]
+            for side, defects in (("ct", self.ct_defects), ("rgb", self.rgb_defects))
+        }
 
     def load(self) -> Cell:
         return Cell(self.ct_path.read_bytes(), self.meta, self.rgb_path.read_bytes(), self.cell_id)
@@ -63,6 +72,8 @@ def pair_cells(
                 ct.label,
                 rgb_bad,
                 int(verdict_code([ct_bad], [rgb_bad], policy)[0]),
+                ct.defects,
+                photo.defects,
             )
         )
     report = {

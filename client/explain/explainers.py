@@ -15,7 +15,7 @@ from PIL import Image
 from client.explain import overlays
 from client.explain.case import Box, Case
 from client.explain.grounding import CT_PHRASES, RGB_PHRASES, phrase_class
-from client.explain.prompts import ct_prompt, parse_finding, rgb_prompt
+from client.explain.prompts import ct_prompt, location_box, parse_finding, rgb_prompt
 
 CAM_THRESHOLD = 0.5
 # our name -> pytorch-grad-cam class
@@ -154,6 +154,9 @@ class VLMFinding:
                 data[side] = {"prompt": prompt, "error": str(e)}
                 continue
             data[side] = {"prompt": prompt, **parse_finding(answer)}
+            box = location_box((data[side].get("finding") or {}).get("location"), view.size)
+            if box is not None:  # where the VLM says the defect is, also in the station image's pixels
+                data[side]["region"] = {"box": box, "source_box": view.to_source(box)}
         if errors and len(errors) == len(flagged_sides(case)):
             raise RuntimeError("; ".join(errors))
         return data, {}

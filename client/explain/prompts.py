@@ -116,6 +116,22 @@ def _lang(lang: str) -> str:
     return lang
 
 
+_NUMBER = r"\s*(-?\d+(?:\.\d+)?)\s*"
+_BOX = re.compile(r"[\[(]" + ",".join([_NUMBER] * 4) + r"[\])]")
+
+
+def location_box(location, size: int) -> list[int] | None:
+    """The first box "[x0, y0, x1, y1]" (or in parentheses) of an answer's location, clipped to the
+    size x size image the prompt speaks of; None when it gives none, or an empty one."""
+    if not isinstance(location, str):
+        return None
+    for match in _BOX.finditer(location):
+        x0, y0, x1, y1 = (min(max(int(round(float(v))), 0), size) for v in match.groups())
+        if x1 > x0 and y1 > y0:
+            return [x0, y0, x1, y1]
+    return None
+
+
 _FENCE = re.compile(r"```(?:json)?\s*(.*?)```", re.S)
 
 

@@ -12,6 +12,7 @@ from pathlib import Path
 
 from jinja2 import Environment, PackageLoader, select_autoescape
 
+from client.explain.agreement import cell_facts, summarise
 from core.interface import VERDICT_NAMES
 from core.labels import BATTERY_TYPES, SLICE_AXES
 
@@ -28,6 +29,7 @@ def _fmt(value, digits: int = 3):
 
 
 _env.filters["fmt"] = _fmt
+_env.filters["pct"] = lambda v: "n/a" if v is None else f"{100 * v:.0f}%"
 
 
 def cell_record(case, parts) -> dict:
@@ -82,6 +84,7 @@ def write_cell_report(case, parts, folder: Path, root: Path) -> dict:
         "json": f"{rel}/report.json",
         "parts": {p.name: p.status for p in parts},
         "reasons": {p.name: p.reason for p in parts if p.status != "ok"},
+        "agreement": cell_facts(record),
     }
 
 
@@ -104,6 +107,7 @@ def write_index(out_dir: Path, entries: list[dict], explainers, title: str = "")
             for x in explainers
         ],
         "failed_reports": [e for e in entries if "report" not in e],
+        "agreement": summarise(cells),
     }
     # replaced whole, never seen half-written by a reader (the review station, a browser) while a gateway runs
     _replace(out_dir / "index.json", json.dumps({**summary, "entries": cells}, indent=1, ensure_ascii=False))
