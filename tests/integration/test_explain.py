@@ -27,7 +27,7 @@ from client.explain.prompts import FINDING_KEYS, ct_prompt, parse_finding, rgb_p
 from client.explain.vlm import BackendUnavailable, GeminiBackend, QwenVLBackend
 from client.offline import LocalInspector
 from core.preprocess import Crop
-from tests.support.fake_gemini import FakeGemini, answer, delay, error
+from tests.support.fake_gemini import FakeGemini, answer, delay, error, prompt_of
 from tests.support.tiny_models import make_ct_run, make_grounding_dino, make_qwen_vl, make_rgb_run
 from training.synth.plan import SynthConfig
 from training.synth.writer import generate
@@ -455,14 +455,31 @@ LAUNCH = [
 ]
 
 
+PHOTO_DEFECT = GOOD | {"class": "scratch", "location": "near the tab, no coordinates"}
+CT_NORMAL = GOOD | {"class": "module_normal", "verdict": "normal"}
+
+
+def by_prompt(body: dict) -> tuple:
+    """The fake VLM's answers, so that the run's agreement is known exactly: it calls every
+    photo defective (no coordinates); on a cell's CT slice it confirms the defect with a box;
+    on a module's it answers prose (malformed) for x-axis slices and "normal" for the others."""
+    prompt = prompt_of(body)
+    if "CT slice" not in prompt:
+        return answer(json.dumps(PHOTO_DEFECT))
+    if "lithium-ion cell" in prompt:
+        return answer(json.dumps(GOOD))
+    return answer("not json at all") if "slice axis x" in prompt else answer(json.dumps(CT_NORMAL))
+
+
 @pytest.fixture(scope="module")
 def explained_run(flagged, tmp_path_factory):
-    """`python -m client inspect-dir --local ... --explain` with Gemini answering from a fake server."""
+    """`python -m client inspect-dir --local ... --explain` with Gemini answering from a fake
+    server and GroundingDINO from tiny random weights (boxes at every score)."""
     out = tmp_path_factory.mktemp("run")
     mp = pytest.MonkeyPatch()
     mp.setenv("GEMINI_API_KEY", KEY)
     try:
-        with FakeGemini([answer(json.dumps(GOOD)), answer("not json at all")]) as g:
+        with FakeGemini([by_prompt]) as g:
             rc = client_main(
                 [
                     "inspect-dir",
@@ -481,6 +498,14 @@ def explained_run(flagged, tmp_path_factory):
                     g.url,
                     "--vlm-attempts",
                     "1",
+                    "--grounding",
+                    "transformers",
+                    "--grounding-weights",
+                    str(make_grounding_dino(out / "gdino")),
+                    "--box-threshold",
+                    "0.0",
+                    "--text-threshold",
+                    "0.0",
                 ]
             )
     finally:
@@ -501,15 +526,103 @@ def test_inspect_dir_explain_writes_a_report_per_flagged_cell_and_an_index(expla
             "ct_heatmap": "ok",
             "rgb_error_map": "ok",
             "vlm": "ok",
+            "grounding": "ok",
         }
         report = json.loads((explained_run / "explain" / entry["json"]).read_text())
         assert report["confidence"] == pytest.approx(row["confidence"], abs=1e-6)
         vlm = report["explanations"]["vlm"]["data"]
         answers = [vlm[s] for s in ("ct", "rgb") if s in vlm]
-        assert answers and all(a["malformed"] or a["finding"] == GOOD for a in answers)
+        assert answers and all(a["malformed"] or a["finding"] in (GOOD, PHOTO_DEFECT, CT_NORMAL) for a in answers)
         for name in ("ct_heatmap", "rgb_error_map"):
             for f in report["explanations"][name]["files"].values():
                 assert Image.open(explained_run / "explain" / Path(entry["report"]).parent / f).size == (256, 256)
+
+
+def _mask(box, size: int = 256) -> np.ndarray:
+    m = np.zeros((size, size), bool)
+    m[box[1] : box[3], box[0] : box[2]] = True
+    return m
+
+
+def test_the_index_says_how_far_the_three_systems_agree(explained_run, flagged):
+    """The fake VLM's answers (`by_prompt`) fix the VLM numbers exactly; the box overlaps are
+    recounted here on pixel masks; the polygons come from the data set's labels."""
+    rows = {r["cell_id"]: r for r in map(json.loads, (explained_run / "results.jsonl").read_text().splitlines())}
+    cells = {c.cell_id: c for c in pair_cells(flagged["data"], progress=False)[0]}
+    index = json.loads((explained_run / "explain" / "index.json").read_text())
+    a = index["agreement"]
+
+    def kind(r: dict) -> str:
+        if r["verdict"] == "external_defect":
+            return "external"  # photo only: the VLM agrees
+        if r["meta"][0] == 0:
+            return "combined cell"  # both sides confirmed: agrees
+        return "combined module x" if r["meta"][1] == 0 else "combined module"  # malformed; CT called normal
+
+    n = {k: sum(1 for r in rows.values() if kind(r) == k) for k in ("external", "combined cell", "combined module x")}
+    n["combined module"] = len(rows) - sum(n.values())
+    assert a["cells"] == len(rows) == 12 and min(n.values()) > 0, n  # every kind of answer occurs
+    v = a["vlm"]
+    assert v["cells"] == 12 - n["combined module x"] and v["agree"] == n["external"] + n["combined cell"]
+    assert (v["malformed"], v["unavailable"], v["refused_by_service"]) == (n["combined module x"], 0, 0)
+    assert v["confusion"] == {
+        "internal_defect": {"normal": 0, "internal_defect": 0, "external_defect": 0, "combined_defect": 0},
+        "external_defect": {"normal": 0, "internal_defect": 0, "external_defect": n["external"], "combined_defect": 0},
+        "combined_defect": {
+            "normal": 0,
+            "internal_defect": 0,
+            "external_defect": n["combined module"],
+            "combined_defect": n["combined cell"],
+        },
+    }
+    combined = 12 - n["external"]
+    assert v["sides"]["ct"] | {"confirmed_share": None} == {
+        "asked": combined,
+        "answered": combined - n["combined module x"],
+        "confirmed": n["combined cell"],
+        "confirmed_share": None,
+        "malformed": n["combined module x"],
+        "unavailable": 0,
+    }
+    assert v["sides"]["rgb"]["answered"] == v["sides"]["rgb"]["confirmed"] == 12
+
+    boxes = {"ct": [0, 0], "rgb": [0, 0]}
+    polygons = {"ct": 0, "rgb": 0}
+    vlm_ct_apart = {"not_asked": 0, "malformed": 0}
+    for entry in index["entries"]:
+        report = json.loads((explained_run / "explain" / entry["json"]).read_text())
+        cell = cells[entry["cell_id"]]
+        assert report["source"]["labels"] == cell.labels()
+        polygons["ct"] += len(cell.ct_defects)
+        polygons["rgb"] += len(cell.rgb_defects)
+        if entry["verdict"] == "external_defect":
+            vlm_ct_apart["not_asked"] += len(cell.ct_defects)
+        elif kind(rows[entry["cell_id"]]) == "combined module x":
+            vlm_ct_apart["malformed"] += len(cell.ct_defects)
+        parts = report["explanations"]
+        for side, name in (("ct", "ct_heatmap"), ("rgb", "rgb_error_map")):
+            regions = [_mask(r["box"]) for r in parts[name]["data"]["regions"]]
+            for d in parts["grounding"]["data"][side]["detections"]:
+                box = _mask(d["box"])
+                best = max(((box & r).sum() / (box | r).sum() for r in regions if (box | r).any()), default=0)
+                boxes[side][0] += 1
+                boxes[side][1] += bool(best >= a["bounds"]["box_iou"])
+    assert a["bounds"] == {"box_iou": 0.25, "label_cover": 0.5}
+    for side in ("ct", "rgb"):
+        assert [a["boxes"][side]["boxes"], a["boxes"][side]["overlapping"]] == boxes[side]
+    assert a["boxes"]["ct"]["boxes"] > 0 and a["boxes"]["cells_unavailable"] == 0
+    labels = a["labels"]
+    assert labels["cells"] == 12 and {s: labels[s]["polygons"] for s in ("ct", "rgb")} == polygons
+    assert polygons["ct"] > 0 and polygons["rgb"] > 0
+    for side in ("ct", "rgb"):
+        for system in ("cnn_ae", "grounding", "vlm"):
+            x = labels[side]["systems"][system]
+            assert 0 <= x["found"] <= x["polygons"] <= polygons[side]
+    assert labels["ct"]["systems"]["cnn_ae"]["polygons"] == labels["ct"]["systems"]["grounding"]["polygons"]
+    vlm_ct = labels["ct"]["systems"]["vlm"]
+    assert vlm_ct["polygons"] + vlm_ct.get("not_asked", 0) + vlm_ct.get("malformed", 0) == polygons["ct"]
+    assert {k: vlm_ct.get(k, 0) for k in vlm_ct_apart} == vlm_ct_apart
+    assert labels["rgb"]["systems"]["vlm"]["found"] == 0  # its photo answers give no coordinates
 
 
 @pytest.mark.skipif(CHROMIUM is None, reason="Debian's chromium is not installed (make setup installs it as root)")
@@ -538,7 +651,11 @@ def test_report_pages_show_the_three_systems_in_headless_chromium(explained_run,
         assert all(w == 256 for _, w in images)  # every image loaded
         vlm = page.inner_text("#vlm")
         assert "not the JSON asked for" in vlm and "not json at all" in vlm or GOOD["cause"] in vlm
-        assert "not requested" in page.inner_text("#grounding")
+        assert "no box above the thresholds" not in page.inner_text("#grounding")
+        page.go_back()
+        agreement = page.inner_text("#agreement")
+        vlm = json.loads(index.with_suffix(".json").read_text())["agreement"]["vlm"]
+        assert f"verdict on {vlm['agree']} of {vlm['cells']} cells" in agreement and "IoU ≥ 0.25" in agreement
         page.screenshot(path=str(tmp_path / "report.png"), full_page=True)
         browser.close()
     assert Image.open(tmp_path / "report.png").size[0] == 1400

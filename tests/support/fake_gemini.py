@@ -1,5 +1,6 @@
 """A local HTTP server that answers like the Gemini API's generateContent, for tests that
-drive the real google-genai SDK: scripted answers (text, HTTP errors, delays) in order."""
+drive the real google-genai SDK: scripted answers (text, HTTP errors, delays) in order, or
+chosen by a function of the request (`FakeGemini([by_prompt])`, `prompt_of(body)`)."""
 
 from __future__ import annotations
 
@@ -25,9 +26,15 @@ def delay(seconds: float, then: tuple) -> tuple:
     return ("delay", seconds, then)
 
 
+def prompt_of(body: dict) -> str:
+    """The text parts of a generateContent request, joined."""
+    return " ".join(p["text"] for c in body.get("contents", []) for p in c.get("parts", []) if "text" in p)
+
+
 class FakeGemini:
     """`with FakeGemini([answer(...), ...]) as g:` then point the SDK at g.url; g.requests
-    records (path, headers, body) per request. When the script runs out the last entry repeats."""
+    records (path, headers, body) per request. When the script runs out the last entry repeats.
+    An entry that is a function is called with the request body and returns the step to take."""
 
     def __init__(self, script: list[tuple]):
         self.script, self.requests = list(script), []
@@ -38,6 +45,8 @@ class FakeGemini:
                 body = json.loads(self.rfile.read(int(self.headers.get("content-length", 0))) or b"{}")
                 fake.requests.append((self.path, dict(self.headers), body))
                 step = fake.script.pop(0) if len(fake.script) > 1 else fake.script[0]
+                if callable(step):
+                    step = step(body)
                 if step[0] == "delay":
                     time.sleep(step[1])
                     step = step[2]
