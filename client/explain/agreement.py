@@ -259,3 +259,74 @@ def summarise(entries: list[dict]) -> dict:
         "boxes": _boxes_summary(boxes) if boxes else None,
         "labels": _labels_summary(labels) if labels else None,
     }
+
+
+# --- in words (the index page and the review station) ----------------------------------------
+
+SYSTEM_NAMES = {
+    "cnn_ae": "CNN Grad-CAM / autoencoder error map",
+    "grounding": "GroundingDINO",
+    "vlm": "VLM location",
+}
+
+
+def _pct(value: float | None) -> str:
+    return "n/a" if value is None else f"{100 * value:.0f}%"
+
+
+def describe(a: dict) -> dict[str, str]:
+    """One sentence per comparison: vlm, sides, boxes, labels."""
+    out = {}
+    v = a.get("vlm")
+    if v:
+        out["vlm"] = (
+            f"VLM verdict = CNN/autoencoder verdict on {v['agree']} of {v['cells']} cells ({_pct(v['agreement'])}). "
+            f"Counted apart, not as disagreement: {v['malformed']} malformed, {v['unavailable']} unavailable, "
+            f"{v['refused_by_service']} not inspectable."
+        )
+        out["sides"] = "Per side, the VLM confirms the flag on: " + "; ".join(
+            f"{'CT' if side == 'ct' else 'photo'} {x['confirmed']} of {x['answered']} ({_pct(x['confirmed_share'])}; "
+            f"{x['malformed']} malformed, {x['unavailable']} unavailable)"
+            for side, x in v["sides"].items()
+        )
+    else:
+        out["vlm"] = "VLM: not requested for this run."
+    b = a.get("boxes")
+    if b:
+        out["boxes"] = (
+            f"GroundingDINO boxes overlapping a CAM or error-map region (IoU ≥ {a['bounds']['box_iou']}): "
+            f"{b['all']['overlapping']} of {b['all']['boxes']} ({_pct(b['all']['share'])}); CT "
+            f"{b['ct']['overlapping']} of {b['ct']['boxes']}, photo {b['rgb']['overlapping']} of {b['rgb']['boxes']}. "
+            f"Counted apart: {b['all']['boxes_without_map']} boxes on a view whose map was unavailable, "
+            f"{b['cells_unavailable']} cells without boxes (detector unavailable)."
+        )
+    else:
+        out["boxes"] = "GroundingDINO: not requested for this run."
+    la = a.get("labels")
+    if la:
+        out["labels"] = (
+            f"Labelled defects found (a region covers ≥ {_pct(a['bounds']['label_cover'])} of the polygon's box), "
+            f"over {la['cells']} cells with labels: {la['ct']['polygons']} CT and {la['rgb']['polygons']} photo "
+            "polygons."
+        )
+    else:
+        out["labels"] = "Labelled defects: the run's data carries no labels."
+    return out
+
+
+def label_rows(a: dict) -> list[dict[str, str]]:
+    """The recall table: per system, found of polygons on each side, with what was counted apart."""
+    la = a.get("labels")
+    if not la:
+        return []
+    rows = []
+    for system, name in SYSTEM_NAMES.items():
+        if system not in la["ct"]["systems"]:
+            continue
+        row = {"system": name}
+        for side, title in (("ct", "CT slice"), ("rgb", "photo")):
+            x = la[side]["systems"][system]
+            apart = [f"{x[k]} {k.replace('_', ' ')}" for k in ("unavailable", "malformed", "not_asked") if x.get(k)]
+            row[title] = f"{x['found']} of {x['polygons']} ({_pct(x['recall'])})" + "".join(f"; {t}" for t in apart)
+        rows.append(row)
+    return rows

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from jinja2 import Environment, PackageLoader, select_autoescape
 
-from client.explain.agreement import cell_facts, summarise
+from client.explain.agreement import cell_facts, describe, label_rows, summarise
 from core.interface import VERDICT_NAMES
 from core.labels import BATTERY_TYPES, SLICE_AXES
 
@@ -29,7 +29,6 @@ def _fmt(value, digits: int = 3):
 
 
 _env.filters["fmt"] = _fmt
-_env.filters["pct"] = lambda v: "n/a" if v is None else f"{100 * v:.0f}%"
 
 
 def cell_record(case, parts) -> dict:
@@ -112,7 +111,8 @@ def write_index(out_dir: Path, entries: list[dict], explainers, title: str = "")
     # replaced whole, never seen half-written by a reader (the review station, a browser) while a gateway runs
     _replace(out_dir / "index.json", json.dumps({**summary, "entries": cells}, indent=1, ensure_ascii=False))
     path = out_dir / "index.html"
-    _replace(path, _env.get_template("index.html").render(s=summary, cells=cells))
+    agreement = {"words": describe(summary["agreement"]), "labels": label_rows(summary["agreement"])}
+    _replace(path, _env.get_template("index.html").render(s=summary, cells=cells, agreement=agreement))
     return path
 
 

@@ -28,6 +28,7 @@ from pathlib import Path
 
 import streamlit as st
 
+from client.explain.agreement import describe, label_rows
 from client.explain.case import Case
 from client.explain.cli import add_arguments as add_explain_arguments
 from client.explain.cli import build_explainers
@@ -214,6 +215,25 @@ def inspect_page(cfg: dict) -> None:
         show_parts(shown["report"])
 
 
+def show_agreement(agreement: dict | None) -> None:
+    """The explanation index's three-way agreement over the run, as index.html shows it."""
+    if not agreement or not agreement.get("cells"):
+        return
+    words = describe(agreement)
+    with st.expander(f"Agreement of the three systems over {agreement['cells']} explained cells", expanded=True):
+        st.markdown(words["vlm"])
+        if agreement.get("vlm"):
+            confusion = agreement["vlm"]["confusion"]
+            st.dataframe(
+                [{"service verdict": v} | row for v, row in confusion.items()], hide_index=True, key="agreement_vlm"
+            )
+            st.caption(words["sides"])
+        st.markdown(words["boxes"])
+        st.markdown(words["labels"])
+        if agreement.get("labels"):
+            st.dataframe(label_rows(agreement), hide_index=True, key="agreement_labels")
+
+
 def review_page(cfg: dict) -> None:
 
     st.header("Review a run")
@@ -227,6 +247,7 @@ def review_page(cfg: dict) -> None:
     if not rows:
         st.warning(f"No answered cells in {run.folder}.")
         return
+    show_agreement(run.agreement)
     reviews = read_reviewed_labels(run.folder)
     flagged_names = [v for v in api.VERDICT_NAMES if v != "normal"]
     c1, c2, c3 = st.columns(3)

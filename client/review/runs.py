@@ -15,6 +15,7 @@ class Run:
     folder: Path
     rows: list[dict]  # one per cell: the Inspection's fields, or an error
     reports: dict[str, Path] = field(default_factory=dict)  # cell_id -> report.json of its explanation
+    agreement: dict | None = None  # the explanation index's three-way agreement over the run
 
     @property
     def answered(self) -> list[dict]:
@@ -48,12 +49,14 @@ def load_run(folder: str | Path) -> Run:
                 rows.append(json.loads(line))
             except json.JSONDecodeError as e:
                 raise ValueError(f"{results}:{n} is not JSON ({e})") from None
-    reports = {}
+    reports, agreement = {}, None
     index = results.parent / "explain" / "index.json"
     if index.exists():
-        for entry in json.loads(index.read_text()).get("entries", []):
+        held = json.loads(index.read_text())
+        for entry in held.get("entries", []):
             reports[entry["cell_id"]] = index.parent / entry["json"]
-    return Run(results.parent, rows, reports)
+        agreement = held.get("agreement")
+    return Run(results.parent, rows, reports, agreement)
 
 
 def filter_rows(

@@ -28,6 +28,16 @@ APP = str(Path(__file__).resolve().parents[2] / "client" / "review" / "app.py")
 CHROMIUM = shutil.which("chromium")
 
 
+CONFIRMS = {
+    "class": "cell_porosity",
+    "verdict": "defect",
+    "confidence": 0.7,
+    "location": "centre, [20, 20, 40, 40]",
+    "cause": "gas trapped during filling",
+    "action": "reject",
+}
+
+
 @pytest.fixture(scope="module")
 def service(tmp_path_factory, small_dataset):
     root = tmp_path_factory.mktemp("review")
@@ -43,20 +53,30 @@ def service(tmp_path_factory, small_dataset):
     server.start(timeout=180)
     cells, _ = pair_cells(small_dataset[0], progress=False)
     run = root / "run"
-    assert client_main(
-        [
-            "inspect-dir",
-            str(small_dataset[0]),
-            "--url",
-            server.grpc_url,
-            "--out",
-            str(run / "results.jsonl"),
-            "--explain",
-            "--quiet",
-            "--limit",
-            "12",
-        ]
-    ) in (0, 1)
+    mp = pytest.MonkeyPatch()
+    mp.setenv("GEMINI_API_KEY", "review-test-key")
+    try:  # the VLM confirms every flagged side, so it agrees with the service on every cell
+        with FakeGemini([answer(json.dumps(CONFIRMS))]) as gemini:
+            assert client_main(
+                [
+                    "inspect-dir",
+                    str(small_dataset[0]),
+                    "--url",
+                    server.grpc_url,
+                    "--out",
+                    str(run / "results.jsonl"),
+                    "--explain",
+                    "--vlm",
+                    "gemini",
+                    "--gemini-url",
+                    gemini.url,
+                    "--quiet",
+                    "--limit",
+                    "12",
+                ]
+            ) in (0, 1)
+    finally:
+        mp.undo()
     try:
         yield {
             "url": server.grpc_url,
@@ -181,6 +201,21 @@ def test_review_page_filters_pages_and_saves_decisions_training_can_read(app, se
     app.multiselect(key="f_verdict").set_value(["normal"]).run()
     normal = len([r for r in results if r.get("verdict") == "normal"])
     assert f"{normal} of" in " ".join(c.value for c in app.caption)
+
+
+def test_review_page_shows_how_far_the_three_systems_agree_over_the_run(app, service):
+    index = json.loads((service["run"] / "explain" / "index.json").read_text())
+    a = index["agreement"]
+    defects = [e for e in index["entries"] if e["verdict"] != "not_inspectable"]
+    assert defects and a["vlm"]["cells"] == a["vlm"]["agree"] == len(defects) and a["vlm"]["malformed"] == 0
+    assert a["labels"]["ct"]["polygons"] + a["labels"]["rgb"]["polygons"] > 0  # the data set's labels came along
+    app.radio(key="page_choice").set_value("Review").run()
+    assert not app.exception
+    shown = " ".join(m.value for m in app.markdown)
+    assert f"VLM verdict = CNN/autoencoder verdict on {len(defects)} of {len(defects)} cells (100%)" in shown
+    assert "GroundingDINO: not requested for this run." in shown
+    recall = next(d.value for d in app.dataframe if "system" in d.value.columns)
+    assert list(recall["system"]) == ["CNN Grad-CAM / autoencoder error map", "VLM location"]
 
 
 def test_status_page_shows_the_models_and_recent_throughput(app, service):
