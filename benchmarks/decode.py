@@ -23,6 +23,7 @@ import numpy as np
 from PIL import Image
 
 from benchmarks.measure import machine
+from benchmarks.options import positive_ints
 from core.aihub import scan
 from core.decode import open_ct, open_rgb, sniff
 from core.preprocess import encoded_ct_input, encoded_rgb_input
@@ -33,13 +34,6 @@ from training.synth.writer import encode_ct
 # Targets (ms, median of line-size images, one core): what keeps preprocessing off the
 # critical path at line speed.
 TARGETS_MS = {("ct", "jpeg"): 30.0, ("ct", "tiff16"): 150.0, ("rgb", "png"): 55.0, ("rgb", "jpeg"): 15.0}
-
-
-def _ints(text: str) -> list[int]:
-    try:
-        return [int(v) for v in text.split(",") if v.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
 
 
 def synthetic_images(n: int, progress=print) -> dict[tuple[str, str], list[bytes]]:
@@ -124,9 +118,12 @@ def main(argv=None) -> int:
     p.add_argument("--data", type=Path, help="AI-Hub-layout folder of line-size images (default: draw them)")
     p.add_argument("--images", type=int, default=8, help="images per format (default 8)")
     p.add_argument(
-        "--ct-sizes", type=_ints, default=[160, 512], help="CT input sizes (default 160,512: standard and full presets)"
+        "--ct-sizes",
+        type=positive_ints,
+        default=[160, 512],
+        help="CT input sizes (default 160,512: standard and full presets)",
     )
-    p.add_argument("--rgb-sizes", type=_ints, default=[128, 256], help="RGB input sizes (default 128,256)")
+    p.add_argument("--rgb-sizes", type=positive_ints, default=[128, 256], help="RGB input sizes (default 128,256)")
     p.add_argument(
         "--out", type=Path, default=Path("benchmarks/results"), help="results folder (default benchmarks/results)"
     )

@@ -28,6 +28,7 @@ from pathlib import Path
 import numpy as np
 
 from benchmarks import loadgen, measure, perf, stats
+from benchmarks.options import positive_ints
 from benchmarks.report import write_results
 from benchmarks.untrained import untrained_runs
 from client.dataset import pair_cells
@@ -40,16 +41,6 @@ from serving.runtime import ct_tensor, rgb_tensor
 from serving.server import Ports, TritonServer, free_ports
 from training.synth.plan import SynthConfig, photo_size
 from training.synth.writer import CONFIG_FILE, generate
-
-
-def _ints(text: str) -> list[int]:
-    try:
-        values = [int(v) for v in text.split(",") if v.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
-    if not values or min(values) < 1:
-        raise argparse.ArgumentTypeError(f"expected positive integers, got {text!r}")
-    return values
 
 
 def add_cell_arguments(p: argparse.ArgumentParser) -> None:
@@ -88,7 +79,10 @@ def parser() -> argparse.ArgumentParser:
     )
     add_cell_arguments(p)
     p.add_argument(
-        "--concurrency", type=_ints, default=[1, 2, 4, 8, 16], help="requests in flight to sweep (default 1,2,4,8,16)"
+        "--concurrency",
+        type=positive_ints,
+        default=[1, 2, 4, 8, 16],
+        help="requests in flight to sweep (default 1,2,4,8,16)",
     )
     p.add_argument("--seconds", type=float, default=10.0, help="load-generator seconds per concurrency (default 10)")
     p.add_argument(
@@ -97,7 +91,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--baseline-seconds", type=float, default=10.0, help="seconds per in-process measurement (default 10)"
     )
-    p.add_argument("--batches", type=_ints, default=[1, 8], help="in-process batch sizes (default 1,8)")
+    p.add_argument("--batches", type=positive_ints, default=[1, 8], help="in-process batch sizes (default 1,8)")
     p.add_argument(
         "--no-heatmaps",
         dest="heatmaps",

@@ -39,6 +39,7 @@ import torch
 from tqdm import tqdm
 
 from benchmarks import loadgen, measure, perf
+from benchmarks.options import positive_ints
 from benchmarks.serving import line_set
 from client.dataset import pair_cells
 from core import interface as api
@@ -493,16 +494,6 @@ def report(study: Study, archs: list[str], started: float) -> dict:
     return result
 
 
-def _concurrency(text: str) -> list[int]:
-    try:
-        values = [int(v) for v in text.split(",") if v.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
-    if not values or min(values) < 1:
-        raise argparse.ArgumentTypeError(f"expected positive integers, got {text!r}")
-    return values
-
-
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m benchmarks study", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -535,7 +526,7 @@ def parser() -> argparse.ArgumentParser:
         "--rgb-size photos in build/bench_data/, as make bench uses)",
     )
     p.add_argument("--cells", type=int, default=32, help="distinct line-size cells sent to Triton (default 32)")
-    p.add_argument("--concurrency", type=_concurrency, default=[8], help="requests in flight, best taken (default 8)")
+    p.add_argument("--concurrency", type=positive_ints, default=[8], help="requests in flight, best taken (default 8)")
     p.add_argument(
         "--perf-interval", type=int, default=4000, help="perf_analyzer measurement window, ms (default 4000)"
     )
