@@ -36,6 +36,7 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 import torch
+import yaml
 from tqdm import tqdm
 
 from benchmarks import loadgen, measure, perf
@@ -63,6 +64,11 @@ from training.synth.plan import photo_size
 from training.train import train_ct, train_rgb
 
 NOT_CT = {"conv_autoencoder"}
+ORT_PROVIDERS = {
+    "cpu": ["CPUExecutionProvider"],
+    "cuda": ["CUDAExecutionProvider", "CPUExecutionProvider"],
+    "tensorrt": ["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"],
+}
 DEFAULT_ARCHS = (
     "resnet18_late_fusion",
     "resnet18",
@@ -120,6 +126,8 @@ class Study:
             "ct": {k: v for k, v in self.cfg["ct"].items() if k not in ("model", "threads", "workers", "device")}
             | {"model_args": {k: v for k, v in self.cfg["ct"]["model"].items() if k != "name"}},
         }
+        if args.arch_args:
+            self.settings["arch_args"] = args.arch_args
 
     # --- setup ----------------------------------------------------------------------------
 
@@ -178,7 +186,11 @@ class Study:
             _say(bar, f"{arch}: trained already ({run}), kept")
             return run
         cfg = json.loads(json.dumps(self.cfg))
-        cfg["ct"]["model"] = {"name": arch} | {k: v for k, v in cfg["ct"]["model"].items() if k != "name"}
+        cfg["ct"]["model"] = (
+            {"name": arch}
+            | {k: v for k, v in cfg["ct"]["model"].items() if k != "name"}
+            | self.args.arch_args.get(arch, {})
+        )
         info = self._timed(
             arch, "train_s", lambda: train_ct(self.data, cfg, run, self.split, progress=not self.args.quiet)
         )
@@ -229,7 +241,7 @@ class Study:
 
     def cost(self, arch: str, run: Path, exported: dict, tensors, bar: tqdm) -> dict:
         path = self.out / arch / "cost.json"
-        settings = {"batch": self.args.batch, "seconds": self.args.seconds}
+        settings = {"batch": self.args.batch, "seconds": self.args.seconds, "provider": self.args.ort_provider}
         held = _read(path)
         if held is not None and held.get("settings") == settings and not self.args.remeasure:
             return held
@@ -246,7 +258,7 @@ class Study:
         n = self.args.batch
         batch = {api.CT_TENSOR: np.resize(x, (n, *x.shape[1:])), api.CT_META: np.resize(meta, (n, 2))}
         for precision in ("fp32", "int8"):
-            session = ort.InferenceSession(exported[precision], providers=["CPUExecutionProvider"])
+            session = ort.InferenceSession(exported[precision], providers=ORT_PROVIDERS[self.args.ort_provider])
             per_call, _ = measure.timed(lambda s=session: s.run(None, batch), self.args.seconds)
             probs = np.concatenate(
                 [
@@ -494,6 +506,18 @@ def report(study: Study, archs: list[str], started: float) -> dict:
     return result
 
 
+def arch_argument(text: str) -> tuple[str, str, object]:
+    """ "drn_aspp:rates=[12,24,36]" -> ("drn_aspp", "rates", [12, 24, 36])."""
+    arch, sep, rest = text.partition(":")
+    key, eq, value = rest.partition("=")
+    if not (sep and eq and arch and key):
+        raise argparse.ArgumentTypeError(f"expected ARCH:KEY=VALUE, got {text!r}")
+    try:
+        return arch, key, yaml.safe_load(value)
+    except yaml.YAMLError as e:
+        raise argparse.ArgumentTypeError(f"{text!r}: the value is not YAML ({e})") from None
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m benchmarks study", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -504,6 +528,15 @@ def parser() -> argparse.ArgumentParser:
         default=list(DEFAULT_ARCHS),
         metavar="ARCH",
         help=f"CT architectures of the registry (default: all {len(DEFAULT_ARCHS)})",
+    )
+    p.add_argument(
+        "--arch-args",
+        type=arch_argument,
+        action="append",
+        default=[],
+        metavar="ARCH:KEY=VALUE",
+        help="an architecture argument for one architecture, over the preset's model arguments (YAML value; "
+        "repeatable), e.g. drn_aspp:rates=[12,24,36] for 512 px inputs",
     )
     p.add_argument("--preset", default="quick", help="training preset (quick, standard, full) or a YAML path")
     p.add_argument("--epochs", type=int, help="override the preset's CT epoch count")
@@ -536,6 +569,13 @@ def parser() -> argparse.ArgumentParser:
         default="python-ort",
         help="repository runtime for the Triton measurement (default python-ort; tensorrt on a GPU)",
     )
+    p.add_argument(
+        "--ort-provider",
+        choices=sorted(ORT_PROVIDERS),
+        default="cpu",
+        help="ONNX Runtime execution provider of the in-process measurement (default cpu; cuda or tensorrt on a GPU "
+        "with onnxruntime-gpu)",
+    )
     p.add_argument("--skip-serving", action="store_true", help="leave out the Triton measurement")
     p.add_argument("--remeasure", action="store_true", help="measure again even where figures are held")
     p.add_argument("--quiet", action="store_true", help="no per-batch progress bars")
@@ -545,9 +585,16 @@ def parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     args = parser().parse_args(argv)
     known = ct_architectures()
-    unknown = [a for a in args.archs if a not in known]
+    given = {}
+    for arch, key, value in args.arch_args:
+        given.setdefault(arch, {})[key] = value
+    args.arch_args = given
+    unknown = [a for a in [*args.archs, *given] if a not in known]
     if unknown:
-        print(f"error: not a CT architecture of the registry: {', '.join(unknown)}; known: {', '.join(known)}")
+        print(
+            f"error: not a CT architecture of the registry: {', '.join(unknown)}; known: {', '.join(known)}",
+            file=sys.stderr,
+        )
         return 2
     args.out = args.out or Path("benchmarks/results") / f"study-{Path(args.preset).stem}"
     started = time.perf_counter()
@@ -556,6 +603,14 @@ def main(argv=None) -> int:
     except (FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    if args.ort_provider != "cpu":
+        missing = [p for p in ORT_PROVIDERS[args.ort_provider][:-1] if p not in ort.get_available_providers()]
+        if missing:
+            print(
+                f"error: ONNX Runtime here lacks {', '.join(missing)} (onnxruntime-gpu, on a machine with a GPU)",
+                file=sys.stderr,
+            )
+            return 2
     study.check_settings()
     study.prepare_data()
     rgb = study.rgb_run()

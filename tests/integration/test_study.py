@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 import yaml
 from PIL import Image
 
@@ -39,6 +40,8 @@ def tiny_study(tmp_path_factory):
     argv = [
         "--archs",
         *ARCHS,
+        "--arch-args",
+        "drn_aspp:aspp_channels=32",
         "--preset",
         str(root / "tiny.yaml"),
         "--data",
@@ -77,6 +80,13 @@ def test_every_architecture_is_trained_evaluated_exported_and_measured(tiny_stud
         assert r["inspect_cells_per_s"] > 0 and r["at_concurrency"] == 2
         assert (out / arch / "onnx" / "ct_classifier.int8.onnx").exists()
         assert not (out / arch / "serving" / "model_repository").exists()  # removed once measured
+    drn = torch.load(out / "drn_aspp" / "run" / "checkpoint.pt", map_location="cpu", weights_only=False)
+    assert drn["arch"] == "drn_aspp" and drn["arch_args"] == {
+        "hidden": 16,
+        "dropout": 0.1,
+        "pool": "max",
+        "aspp_channels": 32,
+    }
     # the dilated network with its ASPP head costs more than the plain ResNet18 at the same input
     assert rows["drn_aspp"]["gflop_per_image"] > 2 * rows["resnet18"]["gflop_per_image"]
     assert result["machine"]["instruction_set"] and result["settings"]["ct"]["input_size"] == 64
