@@ -51,6 +51,7 @@ from export.graphs import inference_graph
 from export.onnx_export import example_inputs, export_run
 from export.quantize import calibration_tensors, quantize_int8
 from export.repository import RUNTIMES, build_repository
+from export.tensorrt import build_repository_engines
 from serving.runtime import ct_tensor
 from serving.server import Ports, TritonServer, free_ports
 from training.checkpoint import CHECKPOINT, load_checkpoint
@@ -296,6 +297,8 @@ class Study:
         repo = work / "model_repository"
         start = time.perf_counter()
         build_repository([run, rgb], self.args.runtime, repo, progress=lambda *_: None)
+        if self.args.runtime == "tensorrt":  # engines are built on the GPU that serves them
+            build_repository_engines(repo, progress=lambda *_: None)
         server = TritonServer(repo, Ports(*free_ports(3)), log_path=work / "tritonserver.log")
         server.start(timeout=300)
         say = (lambda text: _say(bar, text)) if not self.args.quiet else (lambda text: None)
