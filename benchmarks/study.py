@@ -211,6 +211,7 @@ class Study:
         result = {
             "slices": r["slices"],
             "macro_f1": r["macro_f1"],
+            "macro_f1_ci95": r["macro_f1_ci95"],
             "accuracy": r["accuracy"],
             "roc_auc_macro": r["roc_auc_macro"],
             "per_battery_macro_f1": r["per_battery"]["macro_f1"],
@@ -383,11 +384,15 @@ def table(rows: list[dict]) -> list[str]:
     served = frontier(rows, "inspect_cells_per_s")
     network = frontier(rows, "ort_fp32_images_per_s")
 
+    def interval(r):
+        ci = r.get("macro_f1_ci95")
+        return f"({ci[0]:.2f}-{ci[1]:.2f})" if ci else ""
+
     def num(v, fmt):
         return "n/a" if v is None else format(v, fmt)
 
     lines = [
-        "| architecture | params (M) | GFLOP/image | test macro-F1 | accuracy | ROC-AUC | INT8 macro-F1 "
+        "| architecture | params (M) | GFLOP/image | test macro-F1 (95% interval) | accuracy | ROC-AUC | INT8 macro-F1 "
         "| ORT FP32 images/s | ORT INT8 images/s | Triton inspect cells/s | p99 ms | trained (min) | frontier |",
         "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|",
     ]
@@ -395,7 +400,7 @@ def table(rows: list[dict]) -> list[str]:
         marks = [m for m, s in (("served", served), ("network", network)) if r["arch"] in s]
         lines.append(
             f"| {r['arch']} | {num(r.get('params_m'), '.1f')} | {num(r.get('gflop_per_image'), '.2f')} "
-            f"| {r['macro_f1']:.3f} | {r['accuracy']:.3f} | {num(r.get('roc_auc_macro'), '.3f')} "
+            f"| {r['macro_f1']:.3f} {interval(r)} | {r['accuracy']:.3f} | {num(r.get('roc_auc_macro'), '.3f')} "
             f"| {num(r.get('ort_int8_macro_f1'), '.3f')} | {num(r.get('ort_fp32_images_per_s'), '.0f')} "
             f"| {num(r.get('ort_int8_images_per_s'), '.0f')} | {num(r.get('inspect_cells_per_s'), '.1f')} "
             f"| {num(r.get('p99_ms'), '.0f')} | {num(r.get('train_minutes'), '.1f')} | {', '.join(marks) or '-'} |"

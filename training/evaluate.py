@@ -41,6 +41,7 @@ from training.metrics import (  # noqa: E402
     confusion_matrix,
     expected_calibration_error,
     macro_f1,
+    macro_f1_interval,
     one_vs_rest_auc,
     per_class_prf,
     softmax,
@@ -107,6 +108,8 @@ def evaluate_ct(model, info: dict, records, out_png: Path, progress: bool = True
         "slices": int(len(y)),
         "accuracy": float((pred == y).mean()),
         "macro_f1": macro_f1(y, pred, n),
+        # 95% interval, batteries resampled: how far another test set of this size could move it
+        "macro_f1_ci95": macro_f1_interval(y, pred, [r.battery_key for r in records], n),
         "per_class": {
             name: {
                 "precision": float(prf["precision"][k]),
@@ -252,7 +255,7 @@ def summary(result: dict) -> str:
     if result["kind"] == "ct_classifier":
         lines = [
             f"CT {result['split']}: {result['slices']} slices  accuracy {result['accuracy']:.4f}  macro-F1 "
-            f"{result['macro_f1']:.4f}  "
+            f"{result['macro_f1']:.4f} (95% {result['macro_f1_ci95'][0]:.3f}-{result['macro_f1_ci95'][1]:.3f})  "
             f"ROC-AUC (macro OvR) {result['roc_auc_macro'] or float('nan'):.4f}",
             f"  {'class':<22} {'precision':>9} {'recall':>7} {'F1':>7} {'support':>8}",
         ]

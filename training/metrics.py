@@ -30,6 +30,23 @@ def macro_f1(y_true, y_pred, n: int) -> float:
     return float(prf["f1"][present].mean()) if present.any() else 0.0
 
 
+def macro_f1_interval(
+    y_true, y_pred, groups, n: int, resamples: int = 1000, level: float = 0.95, seed: int = 0
+) -> tuple[float, float]:
+    """A percentile bootstrap interval of macro-F1 that resamples whole groups (batteries): the
+    slices of one battery are not independent, so resampling slices would make it too narrow."""
+    y_true, y_pred, groups = np.asarray(y_true), np.asarray(y_pred), np.asarray(groups)
+    members = [np.flatnonzero(groups == g) for g in np.unique(groups)]
+    rng = np.random.default_rng(seed)
+    values = []
+    for _ in range(resamples):
+        idx = np.concatenate([members[i] for i in rng.integers(0, len(members), len(members))])
+        values.append(macro_f1(y_true[idx], y_pred[idx], n))
+    tail = (1 - level) / 2 * 100
+    low, high = np.percentile(values, [tail, 100 - tail])
+    return float(low), float(high)
+
+
 def softmax(logits: np.ndarray, temperature: float = 1.0) -> np.ndarray:
     z = logits / temperature
     z = z - z.max(axis=1, keepdims=True)

@@ -75,6 +75,7 @@ def test_every_architecture_is_trained_evaluated_exported_and_measured(tiny_stud
     assert sorted(rows) == sorted(ARCHS)
     for arch, r in rows.items():
         assert r["slices"] == 12 and 0 <= r["macro_f1"] <= 1 and r["epochs"] == 1
+        assert 0 <= r["macro_f1_ci95"][0] <= r["macro_f1_ci95"][1] <= 1
         assert r["params_m"] > 1 and r["gflop_per_image"] > 0
         assert r["ort_fp32_images_per_s"] > 0 and r["ort_int8_images_per_s"] > 0 and 0 <= r["ort_int8_macro_f1"] <= 1
         assert r["inspect_cells_per_s"] > 0 and r["at_concurrency"] == 2

@@ -22,6 +22,7 @@ from training.metrics import (
     f1_optimal_threshold,
     fit_temperature,
     macro_f1,
+    macro_f1_interval,
     per_class_prf,
     roc_optimal_threshold,
     softmax,
@@ -230,6 +231,16 @@ def test_ssim_agrees_with_scikit_image():
     ref = structural_similarity(a, b, data_range=1.0, gaussian_weights=True, sigma=1.5, use_sample_covariance=False)
     assert ours == pytest.approx(ref, abs=2e-3)
     assert float(ssim(torch.from_numpy(a)[None, None], torch.from_numpy(a)[None, None])) == pytest.approx(1.0)
+
+
+def test_macro_f1_interval_resamples_whole_batteries():
+    y = np.array([0, 0, 1, 1, 0, 1, 1, 0])
+    assert macro_f1_interval(y, y, np.arange(8) // 2, 2) == (1.0, 1.0)  # no error: no spread
+    wrong = np.array([0, 0, 1, 1, 1, 0, 1, 0])  # battery 2 is all wrong
+    low, high = macro_f1_interval(y, wrong, np.arange(8) // 2, 2)
+    assert low < macro_f1(y, wrong, 2) < high == 1.0  # samples without battery 2 are perfect
+    one = macro_f1_interval(y, wrong, np.zeros(8), 2)  # one battery: every resample is the set itself
+    assert one == (macro_f1(y, wrong, 2),) * 2
 
 
 def test_confusion_precision_recall_f1_by_hand():
