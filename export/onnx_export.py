@@ -24,6 +24,7 @@ from training.checkpoint import load_checkpoint
 
 OPSET = 17
 PARITY_ATOL = 1e-4
+PARITY_RTOL = 1e-4
 PARITY_BATCHES = (1, 5)
 # The tensor names inside the graphs are the ensemble's, so the repository maps them 1:1.
 IO = {
@@ -80,9 +81,16 @@ def _export(graph: torch.nn.Module, inputs: tuple, path: Path, names: dict) -> N
 
 
 def check_parity(
-    graph: torch.nn.Module, path: Path, info: dict, batches=PARITY_BATCHES, atol: float = PARITY_ATOL
+    graph: torch.nn.Module,
+    path: Path,
+    info: dict,
+    batches=PARITY_BATCHES,
+    atol: float = PARITY_ATOL,
+    rtol: float = PARITY_RTOL,
 ) -> dict:
-    """Max |ONNX Runtime - PyTorch| per output for each batch size; raises if any exceeds atol."""
+    """Max |ONNX Runtime - PyTorch| per output for each batch size; raises where an element differs by more
+    than atol + rtol * |PyTorch's value| (numpy's allclose: the OOD score, a distance of about 10 on the
+    noise these inputs are, carries float32 rounding of that size)."""
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     names = [i.name for i in session.get_inputs()]
     report = {}
@@ -93,11 +101,10 @@ def check_parity(
         got = session.run(None, {n: t.numpy() for n, t in zip(names, inputs)})
         diffs = {o.name: float(np.abs(g - e).max()) for o, g, e in zip(session.get_outputs(), got, expected)}
         report[batch] = diffs
-        worst = max(diffs.values())
-        if worst > atol:
+        if not all(np.allclose(g, e, rtol=rtol, atol=atol) for g, e in zip(got, expected)):
             raise AssertionError(
-                f"{path.name}: ONNX Runtime differs from PyTorch by {worst:.2e} (> {atol:.0e}) at batch {batch}: "
-                f"{diffs}"
+                f"{path.name}: ONNX Runtime differs from PyTorch by up to {max(diffs.values()):.2e} (> {atol:.0e} + "
+                f"{rtol:.0e} x |value|) at batch {batch}: {diffs}"
             )
     return report
 
