@@ -7,6 +7,7 @@ metadata and in `<name>.json` beside it, so nothing downstream reads the checkpo
 
 from __future__ import annotations
 
+import copy
 import json
 import warnings
 from dataclasses import dataclass
@@ -88,12 +89,18 @@ def check_parity(
     atol: float = PARITY_ATOL,
     rtol: float = PARITY_RTOL,
 ) -> dict:
-    """Max |ONNX Runtime - PyTorch| per output for each batch size; raises where an element differs by more
-    than atol + rtol * |PyTorch's value| (numpy's allclose: the OOD score, a distance of about 10 on the
-    noise these inputs are, carries float32 rounding of that size)."""
+    """Max |ONNX Runtime - PyTorch| per output for each batch size; raises where the file does not compute
+    what the graph does.
+
+    The file passes where every element is within atol + rtol * |PyTorch's value| (numpy's allclose).
+    Where it is not, both are compared with the graph in float64: the file passes if, per output, it is
+    no further from float64 than twice PyTorch's own float32 distance from it, plus atol. Some networks
+    (EfficientNet) are ill-conditioned on the noise these inputs are, and float32 PyTorch is then itself
+    1e-4 off; a file that computes another function is off by orders of magnitude more."""
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     names = [i.name for i in session.get_inputs()]
     report = {}
+    exact = None
     for batch in batches:
         inputs = example_inputs(info, batch, seed=batch)
         with torch.no_grad():
@@ -101,11 +108,19 @@ def check_parity(
         got = session.run(None, {n: t.numpy() for n, t in zip(names, inputs)})
         diffs = {o.name: float(np.abs(g - e).max()) for o, g, e in zip(session.get_outputs(), got, expected)}
         report[batch] = diffs
-        if not all(np.allclose(g, e, rtol=rtol, atol=atol) for g, e in zip(got, expected)):
-            raise AssertionError(
-                f"{path.name}: ONNX Runtime differs from PyTorch by up to {max(diffs.values()):.2e} (> {atol:.0e} + "
-                f"{rtol:.0e} x |value|) at batch {batch}: {diffs}"
-            )
+        if all(np.allclose(g, e, rtol=rtol, atol=atol) for g, e in zip(got, expected)):
+            continue
+        exact = exact or copy.deepcopy(graph).double()
+        with torch.no_grad():
+            reference = [t.numpy() for t in exact(*(t.double() for t in inputs))]
+        for o, g, e, r in zip(session.get_outputs(), got, expected, reference):
+            ours, torch32 = float(np.abs(g - r).max()), float(np.abs(e - r).max())
+            if ours > 2 * torch32 + atol:
+                raise AssertionError(
+                    f"{path.name}: ONNX Runtime differs from PyTorch by up to {max(diffs.values()):.2e} at batch "
+                    f"{batch} ({diffs}); {o.name} is {ours:.2e} from the float64 graph, PyTorch float32 "
+                    f"{torch32:.2e}"
+                )
     return report
 
 
