@@ -424,13 +424,16 @@ def plot(rows: list[dict], path: Path, title: str) -> None:
         best = frontier(shown, key)
         for r in shown:
             on = r["arch"] in best
+            ci = r.get("macro_f1_ci95")
+            if ci:  # the 95% interval: how far another test set of this size could move the point
+                ax.plot([r[key]] * 2, ci, color="0.75", lw=3, zorder=1, solid_capstyle="butt")
             ax.scatter(r[key], r["macro_f1"], s=60, color="tab:red" if on else "tab:blue", zorder=3)
             ax.annotate(r["arch"], (r[key], r["macro_f1"]), textcoords="offset points", xytext=(5, 4), fontsize=8)
         line = sorted((r for r in shown if r["arch"] in best), key=lambda r: r[key])
         if len(line) > 1:
             ax.plot([r[key] for r in line], [r["macro_f1"] for r in line], color="tab:red", lw=1, zorder=2)
         ax.set_xlabel(label)
-        ax.set_ylabel("test macro-F1")
+        ax.set_ylabel("test macro-F1 (grey: 95% interval)")
         ax.grid(alpha=0.3)
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()
