@@ -22,12 +22,16 @@ in index.json and index.html):
   GroundingDINO boxes, and the box the VLM gives in its "location" (the prompt asks for
   coordinates; an answer without them finds nothing). Polygons a system could not look at
   (its part unavailable, its answer malformed, a side the VLM was not asked about) are
-  counted apart.
+  counted apart. Beside each recall stands the mean share of the view the system's regions
+  cover: regions that cover half the view find about half of defects placed at random, so a
+  recall means something only above that baseline.
 """
 
 from __future__ import annotations
 
 from collections import Counter
+
+import numpy as np
 
 from core.interface import VERDICT_CODES, VERDICT_NAMES
 
@@ -120,27 +124,47 @@ def _box_facts(grounding: dict, map_part: dict | None, side: str) -> dict:
     return {"status": "ok", "boxes": len(boxes), "overlapping": overlapping}
 
 
-def _system_regions(record: dict, system: str, side: str) -> tuple[str, list]:
-    """(status, regions in the station image's pixels) of one system on one side."""
+def _view_share(boxes: list, size: int | None) -> float | None:
+    """The share of the view inside the union of the boxes (view pixels): what a system's regions
+    would find of defects placed at random, the baseline its recall is read against."""
+    if not boxes:
+        return 0.0
+    if not size:
+        return None
+    mask = np.zeros((size, size), bool)
+    for x0, y0, x1, y1 in boxes:
+        mask[max(0, y0) : max(0, y1), max(0, x0) : max(0, x1)] = True
+    return float(mask.mean())
+
+
+def _system_regions(record: dict, system: str, side: str) -> tuple[str, list, float | None]:
+    """(status, regions in the station image's pixels, share of the view they cover) of one system on one side."""
     if system == "cnn_ae":
         part = _part(record, MAP_PART[side])
-        return ("ok", _region_boxes(part, "source_box")) if _ok(part) else ("unavailable", [])
+        if not _ok(part):
+            return "unavailable", [], None
+        data = part.get("data") or {}
+        return "ok", _region_boxes(part, "source_box"), _view_share(_region_boxes(part), data.get("view_size"))
     if system == "grounding":
         part = _part(record, "grounding")
         if not _ok(part):
-            return "unavailable", []
-        detections = ((part.get("data") or {}).get(side) or {}).get("detections", [])
-        return "ok", [d["source_box"] for d in detections if "source_box" in d]
+            return "unavailable", [], None
+        found = (part.get("data") or {}).get(side) or {}
+        detections = found.get("detections", [])
+        share = _view_share([d["box"] for d in detections], found.get("view_size"))
+        return "ok", [d["source_box"] for d in detections if "source_box" in d], share
     part = _part(record, "vlm")
     if not record["verdict_code"] & SIDE_BIT[side] or record["verdict"] not in DEFECT_VERDICTS:
-        return "not_asked", []
+        return "not_asked", [], None
     if not _ok(part):
-        return "unavailable", []
+        return "unavailable", [], None
     state = _vlm_side(part, side)["status"]
     if state != "ok":
-        return state, []
+        return state, [], None
     region = (part["data"][side] or {}).get("region")
-    return "ok", [region["source_box"]] if region else []
+    if not region:
+        return "ok", [], 0.0
+    return "ok", [region["source_box"]], _view_share([region["box"]], region.get("view_size"))
 
 
 def _label_facts(record: dict, polygons: list, side: str) -> dict:
@@ -149,9 +173,9 @@ def _label_facts(record: dict, polygons: list, side: str) -> dict:
     for system in SYSTEMS:
         if system != "cnn_ae" and _part(record, system) is None:
             continue  # not requested for this run
-        status, regions = _system_regions(record, system, side)
+        status, regions, share = _system_regions(record, system, side)
         found = sum(1 for t in targets if any(cover(r, t) >= LABEL_COVER for r in regions))
-        systems[system] = {"status": status, "found": found if status == "ok" else 0}
+        systems[system] = {"status": status, "found": found if status == "ok" else 0, "view_share": share}
     return {"polygons": len(targets), "systems": systems}
 
 
@@ -241,7 +265,15 @@ def _labels_summary(facts: list[dict]) -> dict:
             for n, s in seen:
                 if s["status"] != "ok" and n:
                     apart[s["status"]] += n
-            systems[system] = {"polygons": looked, "found": found, "recall": _share(found, looked), **apart}
+            shares = [s["view_share"] for n, s in seen if n and s["status"] == "ok" and s.get("view_share") is not None]
+            systems[system] = {
+                "polygons": looked,
+                "found": found,
+                "recall": _share(found, looked),
+                # the chance baseline: the mean share of the view its regions cover, on the views with polygons
+                "view_share": round(float(np.mean(shares)), 6) if shares else None,
+                **apart,
+            }
         out[side] = {"polygons": sum(p["polygons"] for p in per), "systems": systems}
     return out
 
@@ -327,6 +359,9 @@ def label_rows(a: dict) -> list[dict[str, str]]:
         for side, title in (("ct", "CT slice"), ("rgb", "photo")):
             x = la[side]["systems"][system]
             apart = [f"{x[k]} {k.replace('_', ' ')}" for k in ("unavailable", "malformed", "not_asked") if x.get(k)]
-            row[title] = f"{x['found']} of {x['polygons']} ({_pct(x['recall'])})" + "".join(f"; {t}" for t in apart)
+            area = f"; regions cover {_pct(x['view_share'])} of the view" if x.get("view_share") is not None else ""
+            row[title] = f"{x['found']} of {x['polygons']} ({_pct(x['recall'])}){area}" + "".join(
+                f"; {t}" for t in apart
+            )
         rows.append(row)
     return rows

@@ -82,6 +82,7 @@ class CTHeatmap:
             "source": self.description,
             "threshold": self.threshold,
             "class": case.inspection.ct_class,
+            "view_size": case.ct_view.size,
             "regions": [b.to_dict(case.ct_view) for b in boxes],
         }
         if self.torch_cam is not None and case.inspection.ct_cam is not None:
@@ -112,6 +113,7 @@ class RGBErrorMap:
             "score": case.inspection.rgb_score,
             "anomalous": case.inspection.rgb_anomalous,
             "peak_error": float(case.inspection.rgb_error_map.max()),
+            "view_size": case.rgb_view.size,
             "regions": [b.to_dict(case.rgb_view) for b in boxes],
         }
         return data, files
@@ -156,7 +158,7 @@ class VLMFinding:
             data[side] = {"prompt": prompt, **parse_finding(answer)}
             box = location_box((data[side].get("finding") or {}).get("location"), view.size)
             if box is not None:  # where the VLM says the defect is, also in the station image's pixels
-                data[side]["region"] = {"box": box, "source_box": view.to_source(box)}
+                data[side]["region"] = {"box": box, "source_box": view.to_source(box), "view_size": view.size}
         if errors and len(errors) == len(flagged_sides(case)):
             raise RuntimeError("; ".join(errors))
         return data, {}
@@ -205,7 +207,7 @@ class Grounding:
                         "source_box": view.to_source((box.x0, box.y0, box.x1, box.y1)),
                     }
                 )
-            data[side] = {"prompt": " . ".join(phrases) + " .", "detections": detections}
+            data[side] = {"prompt": " . ".join(phrases) + " .", "view_size": view.size, "detections": detections}
             files[f"{side}_boxes"] = _save(overlays.boxes_overlay(view.image, boxes), folder, f"{side}_boxes.png")
         return data, files
 

@@ -16,7 +16,7 @@ from core.interface import VERDICT_CODES
 
 
 def _regions(boxes):
-    return {"regions": [{"box": b, "source_box": [2 * v for v in b]} for b in boxes]}
+    return {"view_size": 100, "regions": [{"box": b, "source_box": [2 * v for v in b]} for b in boxes]}
 
 
 def _map(boxes, status="ok"):
@@ -28,14 +28,17 @@ def _answer(verdict=None, region=None, malformed=False):
         return {"raw": "porosity, reject", "malformed": True}
     out = {"finding": {"verdict": verdict, "class": "x", "location": "", "confidence": 1, "cause": "", "action": ""}}
     if region:
-        out["region"] = {"box": region, "source_box": [2 * v for v in region]}
+        out["region"] = {"box": region, "source_box": [2 * v for v in region], "view_size": 100}
     return out | {"malformed": False}
 
 
 def _grounding(ct=(), rgb=(), status="ok"):
     if status != "ok":
         return {"status": status, "data": {}}
-    side = lambda boxes: {"detections": [{"box": b, "source_box": [2 * v for v in b]} for b in boxes]}  # noqa: E731
+    side = lambda boxes: {  # noqa: E731
+        "view_size": 100,
+        "detections": [{"box": b, "source_box": [2 * v for v in b]} for b in boxes],
+    }
     return {"status": "ok", "data": {"ct": side(ct), "rgb": side(rgb)}}
 
 
@@ -160,12 +163,14 @@ def test_labelled_polygons_are_recalled_per_system_and_unlooked_ones_counted_apa
     labels = summary["labels"]
     assert labels["cells"] == 2 and labels["ct"]["polygons"] == 2 and labels["rgb"]["polygons"] == 2
     ct, rgb = labels["ct"]["systems"], labels["rgb"]["systems"]
-    assert ct["cnn_ae"] == {"polygons": 2, "found": 1, "recall": 0.5}
-    assert ct["grounding"] == {"polygons": 2, "found": 1, "recall": 0.5}
-    assert ct["vlm"] == {"polygons": 2, "found": 0, "recall": 0.0}  # its box is elsewhere
-    assert rgb["cnn_ae"] == {"polygons": 2, "found": 2, "recall": 1.0}
-    assert rgb["grounding"] == {"polygons": 1, "found": 1, "recall": 1.0, "unavailable": 1}
-    assert rgb["vlm"] == {"polygons": 1, "found": 0, "recall": 0.0, "not_asked": 1}  # no box in its answer
+    # beside each recall, the share of the 100 x 100 view its regions cover (mean over the views with polygons)
+    assert ct["cnn_ae"] == {"polygons": 2, "found": 1, "recall": 0.5, "view_share": 0.03}  # 100 + 200 px
+    assert ct["grounding"] == {"polygons": 2, "found": 1, "recall": 0.5, "view_share": 0.025}  # overlaps once
+    assert ct["vlm"] == {"polygons": 2, "found": 0, "recall": 0.0, "view_share": 0.01}  # its box is elsewhere
+    assert rgb["cnn_ae"] == {"polygons": 2, "found": 2, "recall": 1.0, "view_share": 0.01}
+    assert rgb["grounding"] == {"polygons": 1, "found": 1, "recall": 1.0, "view_share": 0.0064, "unavailable": 1}
+    # no box in its answer: nothing found, nothing covered
+    assert rgb["vlm"] == {"polygons": 1, "found": 0, "recall": 0.0, "view_share": 0.0, "not_asked": 1}
 
 
 def test_a_run_without_vlm_detector_or_labels_says_so(tmp_path):
@@ -204,5 +209,8 @@ def test_the_index_page_and_json_carry_the_agreement(tmp_path):
     assert "internal_defect 0 1 0 0 external_defect 1 0 0 0 combined_defect 0 1 0 0" in text  # the confusion table
     assert "1 malformed, 1 unavailable, 1 not inspectable" in text
     assert "(IoU ≥ 0.25): 3 of 5 (60%)" in text
-    assert "GroundingDINO 1 of 2 (50%) 1 of 1 (100%); 1 unavailable" in text
-    assert "VLM location 0 of 2 (0%) 0 of 1 (0%); 1 not asked" in text
+    assert "GroundingDINO 1 of 2 (50%); regions cover 2% of the view 1 of 1 (100%); regions cover 1% of" in text
+    assert (
+        "VLM location 0 of 2 (0%); regions cover 1% of the view 0 of 1 (0%); regions cover 0% of the view; 1 not"
+        in text
+    )
