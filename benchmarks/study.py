@@ -129,6 +129,7 @@ class Study:
         }
         if args.arch_args:
             self.settings["arch_args"] = args.arch_args
+        self.settings = json.loads(json.dumps(self.settings))  # as settings.json holds them (lists, not tuples)
 
     # --- setup ----------------------------------------------------------------------------
 
@@ -166,6 +167,8 @@ class Study:
 
     def rgb_run(self) -> Path:
         if self.args.rgb:
+            if not (self.args.rgb / CHECKPOINT).exists():
+                raise SystemExit(f"error: --rgb {self.args.rgb} holds no {CHECKPOINT} (an RGB run folder)")
             return self.args.rgb
         run = self.out / "rgb"
         if not (run / CHECKPOINT).exists():
