@@ -533,6 +533,12 @@ def test_inspect_dir_explain_writes_a_report_per_flagged_cell_and_an_index(expla
         vlm = report["explanations"]["vlm"]["data"]
         answers = [vlm[s] for s in ("ct", "rgb") if s in vlm]
         assert answers and all(a["malformed"] or a["finding"] in (GOOD, PHOTO_DEFECT, CT_NORMAL) for a in answers)
+        for a in answers:  # the box in the location of GOOD and CT_NORMAL is kept, in the view and in the image sent
+            assert ("region" in a) == (a.get("finding") in (GOOD, CT_NORMAL))
+            if "region" in a:
+                assert a["region"]["box"] == [3, 4, 20, 22] and len(a["region"]["source_box"]) == 4
+                page = (explained_run / "explain" / entry["report"]).read_text()
+                assert "its box: [3, 4, 20, 22] in the view" in page
         for name in ("ct_heatmap", "rgb_error_map"):
             for f in report["explanations"][name]["files"].values():
                 assert Image.open(explained_run / "explain" / Path(entry["report"]).parent / f).size == (256, 256)
