@@ -17,8 +17,7 @@ import numpy as np
 import onnxruntime as ort
 from sklearn.metrics import f1_score
 
-from benchmarks.measure import machine, timed
-from core import interface as api
+from benchmarks.measure import ct_images_per_s_and_probs, machine
 from core.aihub import scan
 from export.onnx_export import export_run
 from export.options import resolve_runs
@@ -67,16 +66,9 @@ def main(argv=None) -> int:
         }
         for name, path in (("fp32", fp32), ("int8", int8)):
             s = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-            probs = np.concatenate(
-                [
-                    s.run(None, {api.CT_TENSOR: x[i : i + 32], api.CT_META: meta[i : i + 32]})[0]
-                    for i in range(0, len(x), 32)
-                ]
-            )
-            b = {api.CT_TENSOR: np.resize(x, (args.batch, *x.shape[1:])), api.CT_META: np.resize(meta, (args.batch, 2))}
-            per_call, _ = timed(lambda s=s, b=b: s.run(None, b), args.seconds)
+            images_per_s, probs = ct_images_per_s_and_probs(s, x, meta, args.batch, args.seconds)
             out[name] = {
-                "images_per_s": args.batch / per_call,
+                "images_per_s": images_per_s,
                 "macro_f1": float(f1_score(labels, probs.argmax(1), average="macro")),
                 "top_class": probs.argmax(1).tolist(),
             }

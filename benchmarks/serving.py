@@ -145,14 +145,18 @@ def line_set(ct_size: int = 4000, rgb_size: tuple[int, int] = (1920, 1080), batt
     return data
 
 
-def _cells(args):
-
-    data = args.data or line_set(args.ct_size, args.rgb_size)
+def line_cells(data: Path, count: int) -> list:
+    """`count` cells of an AI-Hub-layout folder, spread over its batteries and axes, loaded."""
     cells, _ = pair_cells(data, progress=False)
     if not cells:
         raise SystemExit(f"error: no cells in {data}")
-    step = max(1, len(cells) // args.cells)  # spread over batteries and axes
-    return data, [c.load() for c in cells[::step][: args.cells]]
+    step = max(1, len(cells) // count)
+    return [c.load() for c in cells[::step][:count]]
+
+
+def _cells(args):
+    data = args.data or line_set(args.ct_size, args.rgb_size)
+    return data, line_cells(data, args.cells)
 
 
 def prepare(args):

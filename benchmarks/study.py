@@ -27,6 +27,7 @@ so the measurements run back to back on a quiet machine.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import shutil
 import sys
@@ -41,8 +42,7 @@ from tqdm import tqdm
 
 from benchmarks import loadgen, measure, perf
 from benchmarks.options import positive_ints
-from benchmarks.serving import line_set
-from client.dataset import pair_cells
+from benchmarks.serving import line_cells, line_set
 from core import interface as api
 from core.aihub import scan
 from core.facts import ServingFacts
@@ -211,7 +211,11 @@ class Study:
         if held is not None:
             return held
         r = self._timed(arch, "evaluate_s", lambda: evaluate(run, self.test_data, split="all", progress=False))
+        trained = torch.load(run / CHECKPOINT, map_location="cpu", weights_only=False)
         result = {
+            "train_minutes": trained["train_seconds"] / 60,
+            "epochs": trained["epochs_trained"],
+            "val_macro_f1": trained.get("val_macro_f1"),
             "slices": r["slices"],
             "macro_f1": r["macro_f1"],
             "macro_f1_ci95": r["macro_f1_ci95"],
@@ -260,18 +264,12 @@ class Study:
             "gflop_per_image": measure.flops_per_image(graph, example_inputs(info, 1)) / 1e9,
             "machine": measure.machine(),
         }
-        n = self.args.batch
-        batch = {api.CT_TENSOR: np.resize(x, (n, *x.shape[1:])), api.CT_META: np.resize(meta, (n, 2))}
         for precision in ("fp32", "int8"):
             session = ort.InferenceSession(exported[precision], providers=ORT_PROVIDERS[self.args.ort_provider])
-            per_call, _ = measure.timed(lambda s=session: s.run(None, batch), self.args.seconds)
-            probs = np.concatenate(
-                [
-                    session.run(None, {api.CT_TENSOR: x[i : i + 32], api.CT_META: meta[i : i + 32]})[0]
-                    for i in range(0, len(x), 32)
-                ]
+            images_per_s, probs = measure.ct_images_per_s_and_probs(
+                session, x, meta, self.args.batch, self.args.seconds
             )
-            result[f"ort_{precision}_images_per_s"] = n / per_call
+            result[f"ort_{precision}_images_per_s"] = images_per_s
             result[f"ort_{precision}_macro_f1"] = macro_f1(labels, probs.argmax(1), len(CT_CLASSES))
         _write(path, result)
         _say(
@@ -283,10 +281,11 @@ class Study:
         return result
 
     def served(self, arch: str, run: Path, rgb: Path, cells, bar: tqdm) -> dict:
+        """`cells()`: the line-size cells to send, loaded on the first call."""
         path = self.out / arch / "served.json"
         settings = {
             "runtime": self.args.runtime,
-            "cells": len(cells),
+            "cells": self.args.cells,
             "line_data": str(self.args.line_data or "generated"),
             "ct_size": self.args.ct_size,
             "rgb_size": list(self.args.rgb_size),
@@ -315,7 +314,7 @@ class Study:
                     server.grpc_url,
                     metrics_url,
                     api.INSPECT,
-                    cells,
+                    cells(),
                     self.args.concurrency,
                     self.args.perf_interval,
                     work / "perf_analyzer",
@@ -324,7 +323,7 @@ class Study:
             else:
                 client = f"load generator ({missing})"
                 rows = loadgen.sweep(
-                    server.grpc_url, cells, self.args.concurrency, self.args.perf_interval / 1000, progress=say
+                    server.grpc_url, cells(), self.args.concurrency, self.args.perf_interval / 1000, progress=say
                 )
         finally:
             server.stop()
@@ -451,9 +450,7 @@ def report(study: Study, archs: list[str], started: float) -> dict:
         ev, cost, served = (_read(folder / f) for f in ("eval.json", "cost.json", "served.json"))
         if ev is None:
             continue
-        info = torch.load(folder / "run" / CHECKPOINT, map_location="cpu", weights_only=False)
-        row = {"arch": arch, **ev, "train_minutes": info["train_seconds"] / 60, "epochs": info["epochs_trained"]}
-        row["val_macro_f1"] = info.get("val_macro_f1")
+        row = {"arch": arch, **ev}
         if cost:
             row |= {k: v for k, v in cost.items() if k not in ("settings", "machine")}
         if served:
@@ -636,18 +633,14 @@ def main(argv=None) -> int:
             study.evaluate(arch, run, bar)
             exported[arch] = study.export(arch, run, bar)
     tensors = _test_tensors(study.test_data)
-    cells = None
-    if not args.skip_serving:
-        data = args.line_data or line_set(args.ct_size, args.rgb_size)
-        paired, _ = pair_cells(data, progress=False)
-        step = max(1, len(paired) // args.cells)
-        cells = [c.load() for c in paired[::step][: args.cells]]
+    # loaded (and the line-size set generated) only when a Triton measurement is due
+    cells = functools.cache(lambda: line_cells(args.line_data or line_set(args.ct_size, args.rgb_size), args.cells))
     with tqdm(args.archs, desc="measure", unit="arch", disable=args.quiet) as bar:
         for arch in bar:
             bar.set_postfix(arch=arch)
             run = study.out / arch / "run"
             study.cost(arch, run, exported[arch], tensors, bar)
-            if cells is not None:
+            if not args.skip_serving:
                 study.served(arch, run, rgb, cells, bar)
     result = report(study, args.archs, started)
     print("\n".join(table(result["rows"])))

@@ -110,7 +110,8 @@ def check_parity(
         report[batch] = diffs
         if all(np.allclose(g, e, rtol=rtol, atol=atol) for g, e in zip(got, expected)):
             continue
-        exact = exact or copy.deepcopy(graph).double()
+        if exact is None:
+            exact = copy.deepcopy(graph).double()
         with torch.no_grad():
             reference = [t.numpy() for t in exact(*(t.double() for t in inputs))]
         for o, g, e, r in zip(session.get_outputs(), got, expected, reference):
