@@ -4,10 +4,11 @@ How the models hold up when the stations drift: each family of realistic acquisi
 changes at three strengths (mild, moderate, heavy), applied to the encoded images of a
 fresh test set, sent through the server's own decoding and preprocessing:
 
-  CT     window_level (gain and offset), gamma, noise, blur (focus, reconstruction filter),
-         rings (ring artefacts of a miscalibrated detector), jpeg (quality), rotate_scale
-  photo  exposure, white_balance, blur, noise, jpeg, position_scale (the cell moved and
-         closer in the frame), background (the bench's colour)
+  CT     window_level (contrast raised, level moved), contrast_low (contrast lowered), gamma,
+         noise, blur (focus, reconstruction filter), rings (ring artefacts of a miscalibrated
+         detector), jpeg (quality), rotate_scale, turned (the slice turned by 180 degrees)
+  photo  exposure (over), underexposure, white_balance, blur, noise, jpeg, position_scale (the
+         cell moved and closer in the frame), background (the bench's colour)
 
 Per family and strength: CT macro-F1 and RGB image AUROC against the unchanged images,
 and the share of inputs the out-of-distribution gate refuses. Targets at the moderate
@@ -44,17 +45,20 @@ F1_LOSS_MAX, AUROC_LOSS_MAX, REFUSED_MAX = 0.03, 0.03, 0.05
 # family -> the parameter at each strength (the transforms below read it)
 CT_FAMILIES = {
     "window_level": [(1.1, 5), (1.25, 12), (1.5, 25)],  # contrast gain, level offset (grey levels)
+    "contrast_low": [(0.85, 0), (0.7, 0), (0.55, 0)],  # contrast lowered (a weaker tube, a wider window)
     "gamma": [0.9, 0.8, 0.65],
     "noise": [3.0, 6.0, 12.0],  # Gaussian sigma, grey levels
-    "blur": [0.5, 1.0, 2.0],  # sigma, pixels per 256 px of slice
+    "blur": [0.75, 1.5, 2.5],  # sigma, pixels per 256 px of slice
     "rings": [4.0, 8.0, 16.0],  # ring amplitude, grey levels
     "jpeg": [70, 50, 25],  # quality
     "rotate_scale": [(2, 1.02), (4, 1.05), (8, 1.1)],  # degrees, zoom
+    "turned": [(180, 1.0), (182, 1.02), (188, 1.05)],  # the cell laid in the fixture the other way round
 }
 RGB_FAMILIES = {
     "exposure": [1.1, 1.25, 1.5],
+    "underexposure": [0.9, 0.75, 0.6],
     "white_balance": [(1.05, 0.95), (1.1, 0.9), (1.2, 0.8)],  # red gain, blue gain
-    "blur": [0.5, 1.0, 2.0],  # sigma, pixels per 480 px of photo width
+    "blur": [0.75, 1.5, 2.5],  # sigma, pixels per 480 px of photo width
     "noise": [3.0, 6.0, 12.0],
     "jpeg": [70, 50, 25],
     "position_scale": [(0.02, 1.02), (0.05, 1.05), (0.1, 1.1)],  # shift (share of the frame), zoom
@@ -90,7 +94,7 @@ def shift_ct(a: np.ndarray, family: str, p, rng: np.random.Generator) -> tuple[n
     """(changed slice in 0..255 float, JPEG quality or None for PNG)."""
     a = a.astype(np.float64)
     size = a.shape[0] / 256
-    if family == "window_level":
+    if family in ("window_level", "contrast_low"):
         return (a - 128) * p[0] + 128 + p[1], None
     if family == "gamma":
         return 255 * (a / 255) ** p, None
@@ -105,7 +109,7 @@ def shift_ct(a: np.ndarray, family: str, p, rng: np.random.Generator) -> tuple[n
         return a + p * np.sin(2 * np.pi * r / (6 * size)) * (a > 20), None
     if family == "jpeg":
         return a, p
-    if family == "rotate_scale":
+    if family in ("rotate_scale", "turned"):
         return _affine(a, p[0] * rng.choice([-1, 1]), p[1]), None
     raise ValueError(family)
 
@@ -115,7 +119,7 @@ def shift_rgb(
 ) -> tuple[np.ndarray, int | None]:
     a = a.astype(np.float64)
     size = a.shape[1] / 480
-    if family == "exposure":
+    if family in ("exposure", "underexposure"):
         return a * p, None
     if family == "white_balance":
         return a * np.array([p[0], 1.0, p[1]]), None

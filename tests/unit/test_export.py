@@ -451,6 +451,10 @@ def _int8_cannot_saturate(path) -> None:
     assert kinds[0] == np.uint8 and all(k == np.int8 for k in kinds[1:])  # U8U8 only for the first (cheap) convolution
 
 
+# float32 rounding of the same integer results through different instruction sets (softmax, dequantisation)
+FLOAT32_SLACK = 1e-4
+
+
 def test_int8_and_fp16_repositories_keep_the_interface_and_the_decisions(runs, tmp_path):
 
     data = tmp_path / "calibration"
@@ -479,15 +483,30 @@ def test_int8_and_fp16_repositories_keep_the_interface_and_the_decisions(runs, t
         data, ServingFacts.from_dict(load_checkpoint(runs["ct"])[1]), None
     )  # real slices, as the server prepares them
     p32, cam32, _ = ort.InferenceSession(str(fp32 / api.CT_CLASSIFIER / "1" / "model.onnx")).run(None, feeds)
-    p8, cam8, _ = ort.InferenceSession(str(int8 / api.CT_CLASSIFIER / "1" / "model.onnx")).run(None, feeds)
-    assert np.abs(p8 - p32).max() < 0.05 and np.mean(p8.argmax(1) == p32.argmax(1)) >= 0.9
+    int8_ct = int8 / api.CT_CLASSIFIER / "1" / "model.onnx"
+    p8, cam8, _ = ort.InferenceSession(str(int8_ct)).run(None, feeds)
+    # How far INT8 may lie from FP32 is what the quantisation steps explain, not a fixed number
+    # (a tiny random model's quantisation error moves with its calibration ranges). The float
+    # reference of the quantised graph (QuantizeLinear/DequantizeLinear as ONNX defines them, no
+    # fused integer kernels) rounds every quantised tensor to the nearest step: its distance from
+    # FP32, `step_error`, is the quantisation's own effect, computed in float32 on any CPU. The
+    # integer kernels requantise the same tensors and may land one step off where the reference
+    # lands half a step off: at most twice that effect again.
+    plain = ort.SessionOptions()
+    plain.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    p8_reference = ort.InferenceSession(str(int8_ct), plain).run(None, feeds)[0]
+    step_error = float(np.abs(p8_reference - p32).max())
+    assert 0 < step_error < 0.1  # quantised (not a copy of FP32), and not broken
+    assert np.abs(p8 - p32).max() <= 3 * step_error + FLOAT32_SLACK
+    assert np.mean(p8.argmax(1) == p32.argmax(1)) >= 0.9  # the decisions on real slices
     assert cam8.shape == cam32.shape
-    _int8_cannot_saturate(int8 / api.CT_CLASSIFIER / "1" / "model.onnx")
+    _int8_cannot_saturate(int8_ct)
     _int8_cannot_saturate(int8 / api.RGB_AUTOENCODER / "1" / "model.onnx")
-    # The same INT8 model on a CPU without VNNI (AVX2 only, emulated): the same answers
-    p8_avx2 = _on_avx2_only(int8 / api.CT_CLASSIFIER / "1" / "model.onnx", feeds, tmp_path)
+    # The same INT8 model on a CPU without VNNI or AMX (AVX2 only, emulated): integer arithmetic
+    # that cannot saturate (above) is exact, so the answers are the same whichever kernels ran here
+    p8_avx2 = _on_avx2_only(int8_ct, feeds, tmp_path)
     if p8_avx2 is not None:
-        assert np.abs(p8_avx2 - p8).max() < 1e-4 and np.abs(p8_avx2 - p32).max() < 0.05
+        assert np.abs(p8_avx2 - p8).max() < FLOAT32_SLACK
     with pytest.raises(ValueError, match="precision must be one of fp32, fp16, int8"):
         Tuning(precision="bf16")
     half = tmp_path / "fp16"
