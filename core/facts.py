@@ -42,6 +42,7 @@ class ServingFacts:
     threshold_method: str | None = None
     thresholds: dict[str, float] = field(default_factory=dict)  # RGB only: every calibrated threshold by method
     ood_gate: dict[str, Any] | None = None  # the out-of-distribution gate's threshold and calibration; None: no gate
+    frame: dict[str, Any] | None = None  # where training saw the battery in the frame (fit_frame); None: no check
     arch: str = ""
     arch_args: dict[str, Any] = field(default_factory=dict)
     meta_spec: dict[str, Any] | None = None
@@ -74,6 +75,7 @@ class ServingFacts:
             threshold_method=d.get("threshold_method"),
             thresholds={k: float(v) for k, v in (d.get("thresholds") or {}).items()},
             ood_gate=d.get("ood_gate"),
+            frame=d.get("frame"),
             arch=d.get("arch", ""),
             arch_args=dict(d.get("arch_args") or {}),
             meta_spec=d.get("meta_spec"),

@@ -168,17 +168,91 @@ def _box_of(mask: np.ndarray, min_fraction: float) -> tuple[int, int, int, int] 
     return int(cols[0]), int(rows[0]), int(cols[-1]) + 1, int(rows[-1]) + 1
 
 
-def find_battery_ct(gray: np.ndarray) -> tuple[int, int, int, int]:
-    """Box (x0, y0, x1, y1) of the battery in a CT slice (uint8, uint16 or float 0..1)."""
+def _box_facts(mask: np.ndarray, box: tuple[int, int, int, int] | None) -> dict[str, float] | None:
+    """What the battery search saw, free of the image's size (None: nothing found):
+
+    span    the box's longer side over the image's shorter side
+    aspect  log of the box's width over its height
+    offset  the box centre's distance from the image centre, in half-sides (0 centred, 1 at the edge)
+    edge    the share of the box's four sides that lie on the image's border (a battery cut off)
+    fill    the share of the box the object covers (a solid cell against scattered texture)
+    """
+    if box is None:
+        return None
+    h, w = mask.shape
+    x0, y0, x1, y1 = box
+    bw, bh = max(x1 - x0, 1), max(y1 - y0, 1)
+    return {
+        "span": max(bw, bh) / min(h, w),
+        "aspect": float(np.log(bw / bh)),
+        "offset": max(abs((x0 + x1) / 2 - w / 2) / (w / 2), abs((y0 + y1) / 2 - h / 2) / (h / 2)),
+        "edge": ((x0 <= 0) + (y0 <= 0) + (x1 >= w) + (y1 >= h)) / 4,
+        "fill": float(mask[y0:y1, x0:x1].mean()),
+    }
+
+
+def _search_ct(gray: np.ndarray) -> tuple[tuple[int, int, int, int], dict[str, float] | None]:
+    """(battery box in the slice's pixels, the search's facts) of a CT slice."""
     step = max(1, max(gray.shape) // 256)  # search on a small copy: fast on 4000-px slices
     small = to_unit(gray[::step, ::step])
     smooth = ndimage.uniform_filter(small, 3)
     mask = smooth > max(0.08, 0.25 * float(np.percentile(smooth, 99.5)))
     box = _box_of(mask, 0.02)
+    facts = _box_facts(mask, box)
     if box is None:
-        return 0, 0, gray.shape[1], gray.shape[0]
+        return (0, 0, gray.shape[1], gray.shape[0]), facts
     x0, y0, x1, y1 = box
-    return x0 * step, y0 * step, min(x1 * step, gray.shape[1]), min(y1 * step, gray.shape[0])
+    return (x0 * step, y0 * step, min(x1 * step, gray.shape[1]), min(y1 * step, gray.shape[0])), facts
+
+
+def find_battery_ct(gray: np.ndarray) -> tuple[int, int, int, int]:
+    """Box (x0, y0, x1, y1) of the battery in a CT slice (uint8, uint16 or float 0..1)."""
+    return _search_ct(gray)[0]
+
+
+FRAME_FACTS = ("span", "aspect", "offset", "edge", "fill")
+FRAME_WORDS = {
+    "span": "the battery spans {:.0%} of the frame",
+    "aspect": "the battery's box has a width to height ratio of {:.2f}",
+    "offset": "the battery sits {:.0%} of the way from the centre to the edge",
+    "edge": "the battery touches {:.0%} of the frame's sides",
+    "fill": "the object fills {:.0%} of its box",
+}
+
+
+def fit_frame(facts: list[dict[str, float] | None], margin: float = 0.25) -> dict:
+    """The range of each search fact over images of the training data, widened on each side by
+    `margin` of its width: what the preprocessing accepts as a battery placed as the model knows
+    it. Stored with the model (`frame` in the checkpoint and the serving facts)."""
+    seen = [f for f in facts if f is not None]
+    if not seen:
+        raise ValueError("no image of the training data had a battery found in it")
+    ranges = {}
+    for name in FRAME_FACTS:
+        v = np.array([f[name] for f in seen], np.float64)
+        lo, hi = float(v.min()), float(v.max())
+        pad = margin * max(hi - lo, 1e-3)
+        ranges[name] = [lo - pad, hi + pad]
+    return {"ranges": ranges, "margin": margin, "fitted_on": len(seen), "missed": len(facts) - len(seen)}
+
+
+def check_frame(facts: dict[str, float] | None, frame: dict | None, what: str) -> None:
+    """Raise ImageError when the battery search found nothing, or found it where no training image
+    had it (`frame` from `fit_frame`; None checks nothing)."""
+    if not frame:
+        return
+    if facts is None:
+        raise ImageError(f"{what}: no battery found in the image (an empty station, or not a battery cell)")
+    for name, (lo, hi) in frame["ranges"].items():
+        v = facts[name]
+        if not lo <= v <= hi:
+            shown = np.exp([v, lo, hi]) if name == "aspect" else np.array([v, lo, hi])
+            fmt = FRAME_WORDS[name].split("{")[1].split("}")[0]
+            bound = f"{{{fmt}}}-{{{fmt}}}".format(max(shown[1], 0), shown[2])
+            raise ImageError(
+                f"{what}: not inspectable as placed: {FRAME_WORDS[name].format(shown[0])}, where the model "
+                f"knows {bound} (not a battery cell, cut off, or another set-up than training)"
+            )
 
 
 def _ct_grey(image: np.ndarray) -> np.ndarray:
@@ -225,13 +299,29 @@ def _decode_for(source: Source, share: float, size: int, locate, to_pixels):
 
 
 def encoded_ct_input(
-    data: bytes, size: int, mean: float = CT_MEAN, std: float = CT_STD, limits: Limits = Limits()
+    data: bytes,
+    size: int,
+    mean: float = CT_MEAN,
+    std: float = CT_STD,
+    limits: Limits = Limits(),
+    frame: dict | None = None,
+    facts_out: list | None = None,
 ) -> tuple[np.ndarray, Crop]:
     """An encoded CT slice (PNG, JPEG, 8/16-bit TIFF, DICOM) -> model input (1, size, size)
-    float32, normalised, and its crop in the slice's own pixels. Raises ImageError."""
-    decoded, crop = _decode_for(
-        open_ct(data, limits), CT_CROP_SHARE, size, lambda g: _square_around(find_battery_ct(g), CROP_MARGIN), _ct_grey
-    )
+    float32, normalised, and its crop in the slice's own pixels. Raises ImageError, also when
+    `frame` (the model's `fit_frame` ranges) refuses what the battery search saw; `facts_out`,
+    a list, receives those facts."""
+    seen = []
+
+    def locate(gray):
+        box, facts = _search_ct(gray)
+        seen.append(facts)
+        return _square_around(box, CROP_MARGIN)
+
+    decoded, crop = _decode_for(open_ct(data, limits), CT_CROP_SHARE, size, locate, _ct_grey)
+    if facts_out is not None:
+        facts_out.append(seen[0])
+    check_frame(seen[0], frame, "CT slice")
     x = (_cut(_ct_grey(decoded.pixels), crop.scaled(1 / decoded.scale), size) - mean) / std
     return x[None].astype(np.float32, copy=False), crop
 
@@ -272,7 +362,12 @@ def _shrink(mask: np.ndarray, times: int) -> np.ndarray:
 
 
 def find_object_rgb(rgb: np.ndarray) -> tuple[int, int, int, int]:
-    """Box of the battery in a bench photo (H, W, 3) of uint8 or float 0..1.
+    """Box of the battery in a bench photo (H, W, 3) of uint8 or float 0..1 (`_search_rgb`)."""
+    return _search_rgb(rgb)[0]
+
+
+def _search_rgb(rgb: np.ndarray) -> tuple[tuple[int, int, int, int], dict[str, float] | None]:
+    """(box of the battery in a bench photo (H, W, 3) of uint8 or float 0..1, the search's facts).
 
     Bench and wall share one colour under smoothly varying light (fall-off, vignetting,
     soft shadows change brightness, not hue), so the object is what differs in hue from
@@ -302,18 +397,22 @@ def find_object_rgb(rgb: np.ndarray) -> tuple[int, int, int, int]:
     mask = hue_off | edges
     labels, n = ndimage.label(_grow(mask, 4))  # nearby pieces join
     if n == 0:
-        return 0, 0, rgb.shape[1], rgb.shape[0]
+        return (0, 0, rgb.shape[1], rgb.shape[0]), None
     sizes = np.bincount(labels.ravel(), weights=mask.ravel(), minlength=n + 1)  # mask pixels per piece
     keep = sizes >= PIECE_FRACTION * sizes[1:].max()
     keep[0] = False  # the background
-    ys, xs = np.nonzero(keep[labels] & mask)
+    kept = keep[labels] & mask
+    ys, xs = np.nonzero(kept)
     h, w = rgb.shape[:2]
+    facts = _box_facts(
+        _grow(kept, 4), (int(xs.min()), int(ys.min()), int(xs.max()) + 1, int(ys.max()) + 1)
+    )  # fill: of the pieces as they join
     return (
         int(xs.min() * step),
         int(ys.min() * step),
         min(int(xs.max() + 1) * step, w),
         min(int(ys.max() + 1) * step, h),
-    )
+    ), facts
 
 
 def _rgb(image: np.ndarray) -> np.ndarray:
@@ -331,16 +430,24 @@ def rgb_input(image: np.ndarray, size: int) -> tuple[np.ndarray, Crop]:
     return np.clip(x, 0.0, 1.0, out=x), crop
 
 
-def encoded_rgb_input(data: bytes, size: int, limits: Limits = Limits()) -> tuple[np.ndarray, Crop]:
+def encoded_rgb_input(
+    data: bytes, size: int, limits: Limits = Limits(), frame: dict | None = None, facts_out: list | None = None
+) -> tuple[np.ndarray, Crop]:
     """An encoded photo (PNG, JPEG) -> model input (3, size, size) float32 in 0..1, and its crop
-    in the photo's own pixels. Raises ImageError."""
+    in the photo's own pixels. Raises ImageError, also when `frame` refuses what the search saw."""
+    seen = []
+
+    def locate(im):
+        box, facts = _search_rgb(im)
+        seen.append(facts)
+        return _rect_around(box, CROP_MARGIN)
+
     decoded, crop = _decode_for(
-        open_rgb(data, limits),
-        RGB_CROP_SHARE,
-        size,
-        lambda im: _rect_around(find_object_rgb(im), CROP_MARGIN),
-        lambda p: _rgb(rgb_pixels(p)),
+        open_rgb(data, limits), RGB_CROP_SHARE, size, locate, lambda p: _rgb(rgb_pixels(p))
     )
+    if facts_out is not None:
+        facts_out.append(seen[0])
+    check_frame(seen[0], frame, "photo")
     window = crop.scaled(1 / decoded.scale)
     if (
         decoded.image is not None

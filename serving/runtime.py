@@ -56,12 +56,12 @@ def _image_bytes(item) -> bytes:
 def ct_tensor(data: bytes, facts: ServingFacts, limits: Limits = Limits()) -> np.ndarray:
     """One encoded CT slice -> (1, S, S) float32 model input, as training prepared it."""
     norm = facts.normalization
-    return encoded_ct_input(data, facts.input_size, norm.mean, norm.std, limits)[0]
+    return encoded_ct_input(data, facts.input_size, norm.mean, norm.std, limits, frame=facts.frame)[0]
 
 
 def rgb_tensor(data: bytes, facts: ServingFacts, limits: Limits = Limits()) -> np.ndarray:
     """One encoded photo -> (3, S, S) float32 in 0..1, as training prepared it."""
-    return encoded_rgb_input(data, facts.input_size, limits)[0]
+    return encoded_rgb_input(data, facts.input_size, limits, frame=facts.frame)[0]
 
 
 def _encoded_batch(images: np.ndarray, one_cell, facts: ServingFacts, limits: Limits) -> np.ndarray:

@@ -48,7 +48,7 @@ DEFAULTS = {
         "defect_map_weight": 1.0,
         "early_stopping": {"patience": 6},
         # out-of-distribution gate (training/ood.py): threshold = quantile of validation distances x margin
-        "ood": {"quantile": 0.995, "margin": 1.2},
+        "ood": {"quantile": 0.995, "margin": 1.2, "folds": 5},
         "seed": 0,
         "split_seed": 0,
         "threads": None,
@@ -71,7 +71,7 @@ DEFAULTS = {
         "early_stopping": {"patience": 8},
         "score": dict(DEFAULT_SCORE),
         "threshold": "f1",  # which validation-calibrated threshold is stored: f1 | roc
-        "ood": {"quantile": 0.995, "margin": 1.2},
+        "ood": {"quantile": 0.995, "margin": 1.2, "folds": 5},
         "seed": 0,
         "split_seed": 0,
         "threads": None,

@@ -42,14 +42,18 @@ import torch
 from sklearn.covariance import LedoitWolf
 from torch import nn
 
+from tqdm import tqdm
+
 from core.aihub import scan
+from core.decode import ImageError
+from core.preprocess import encoded_ct_input, encoded_rgb_input, fit_frame
 from core.labels import BATTERY_TYPES, CT_CLASSES, class_type
 from training.checkpoint import load_checkpoint, save_checkpoint
 from training.data.split import read_split, split_dataset
 from training.datasets import load_ct, load_rgb
 from training.models.autoencoder import scorer_from
 
-GATE_DEFAULTS = {"quantile": 0.995, "margin": 1.2}
+GATE_DEFAULTS = {"quantile": 0.995, "margin": 1.2, "folds": 5}
 # What each gate reads; a gate fitted on other features cannot be used (refit it: python -m training.ood RUN)
 CT_FEATURES = "ct/pooled+mean+border/class-and-axis/2"
 N_AXES = 3  # slice_axis values x, y, z
@@ -57,9 +61,20 @@ RGB_FEATURES = "rgb/stages+colour+border+error+error-map/1"
 LOG_ERROR_EPS = 1e-6
 
 
-def fit_gaussian(features: np.ndarray, labels: np.ndarray | None = None, n_classes: int = 1) -> dict:
-    """Class means and one shared, shrunk precision matrix of features (N, D), standardised by
-    the within-class spread (a dimension that never varied gets 5% of the median spread)."""
+def fit_gaussian(
+    features: np.ndarray,
+    labels: np.ndarray | None = None,
+    n_classes: int = 1,
+    spread: np.ndarray | None = None,
+    spread_labels: np.ndarray | None = None,
+) -> dict:
+    """Class means of features (N, D) and one shared, shrunk precision matrix, standardised by
+    the within-class spread (a dimension that never varied gets 5% of the median spread).
+
+    With `spread` (M, D) and its `spread_labels`, the within-class spread (scale and covariance)
+    is measured on those rows around the class means of `features`: images the network did not
+    train on, so that the Gaussian is as wide as what it has not seen rather than as tight as
+    what it memorised. Rows of a class `features` lacks are left out."""
 
     features = np.asarray(features, np.float64)
     labels = np.zeros(len(features), np.int64) if labels is None else np.asarray(labels, np.int64)
@@ -68,7 +83,15 @@ def fit_gaussian(features: np.ndarray, labels: np.ndarray | None = None, n_class
     raw_means = np.zeros((n_classes, features.shape[1]))
     for k in present:
         raw_means[k] = features[labels == k].mean(axis=0)
-    residuals = features - raw_means[labels]
+    if spread is None:
+        residuals = features - raw_means[labels]
+    else:
+        spread = np.asarray(spread, np.float64)
+        spread_labels = np.zeros(len(spread), np.int64) if spread_labels is None else np.asarray(spread_labels)
+        known = np.isin(spread_labels, present)
+        if known.sum() < 2:
+            raise ValueError("need at least 2 out-of-sample rows of the trained classes to measure the spread")
+        residuals = spread[known] - raw_means[spread_labels[known]]
     std = residuals.std(axis=0)
     scale = 1.0 / np.maximum(std, max(float(np.median(std)), 1e-6) * 0.05)
     means = (raw_means - center) * scale
@@ -81,7 +104,28 @@ def fit_gaussian(features: np.ndarray, labels: np.ndarray | None = None, n_class
         "present": present,
         "shrinkage": float(lw.shrinkage_),
         "fitted_on": int(len(features)),
+        "spread_from": "training" if spread is None else "held-out",
+        "spread_on": int(len(residuals)),
     }
+
+
+def folds_of(n: int, k: int) -> list[np.ndarray]:
+    """k contiguous blocks of range(n): the loaders keep a split in battery order, so a block
+    holds whole batteries but for its two ends."""
+    return [b for b in np.array_split(np.arange(n), max(1, min(k, n // 2))) if len(b)]
+
+
+def cross_fitted_distances(fit, features: np.ndarray, groups, k: int) -> np.ndarray:
+    """Distances of each held-out row to a gate whose spread was measured without it:
+    `fit(rows)` fits a gate on the held-out rows `rows`, and each of k blocks is scored by the
+    gate fitted on the others. The threshold calibrated on these is the one an unseen battery meets."""
+    n = len(features)
+    out = np.empty(n)
+    for block in folds_of(n, k):
+        rest = np.setdiff1d(np.arange(n), block)
+        g = None if groups is None else np.asarray(groups)[block]
+        out[block] = distances(fit(rest), features[block], g)
+    return out
 
 
 def distances(gate: dict, features: np.ndarray, groups: np.ndarray | None = None) -> np.ndarray:
@@ -100,8 +144,8 @@ def distances(gate: dict, features: np.ndarray, groups: np.ndarray | None = None
 def calibrate(gate: dict, val_distances: np.ndarray, cfg: dict) -> dict:
     """The gate with its threshold: the `quantile` of validation distances times `margin`."""
     cfg = GATE_DEFAULTS | dict(cfg or {})
-    if not (0 < cfg["quantile"] <= 1 and cfg["margin"] > 0):
-        raise ValueError(f"ood needs 0 < quantile <= 1 and margin > 0, got {cfg}")
+    if not (0 < cfg["quantile"] <= 1 and cfg["margin"] > 0 and int(cfg["folds"]) >= 2):
+        raise ValueError(f"ood needs 0 < quantile <= 1, margin > 0 and folds >= 2, got {cfg}")
     v = np.asarray(val_distances, np.float64)
     if not len(v):
         raise ValueError("no validation images to calibrate the out-of-distribution threshold on")
@@ -242,17 +286,34 @@ def fit_ct_gate_on(
     val_meta: np.ndarray,
     class_types: list[int],
     cfg: dict,
+    val_labels: np.ndarray | None = None,
 ) -> dict:
-    """The CT gate from features: one mean per (class, slice axis), compared only with slices of
-    the battery type and axis their metadata names; calibrated on the validation features."""
+    """The CT gate from features: one mean per (class, slice axis) from the training slices,
+    compared only with slices of the battery type and axis their metadata names.
+
+    With `val_labels`, the spread around those means is measured on the validation slices
+    (out of sample) and the threshold is cross-fitted: each block of validation slices is
+    scored by the spread of the others (`cfg["folds"]` blocks). Without, spread and threshold
+    come from the training and validation features as they are (tiny test models)."""
+    cfg = GATE_DEFAULTS | dict(cfg or {})
     axes = np.asarray(train_meta)[:, 1].astype(np.int64)
     components = np.asarray(labels, np.int64) * N_AXES + axes
-    gate = fit_gaussian(train_features, components, len(class_types) * N_AXES)
-    gate |= {
-        "class_groups": [class_types[k // N_AXES] * N_AXES + k % N_AXES for k in range(len(class_types) * N_AXES)],
+    k = len(class_types) * N_AXES
+    extra = {
+        "class_groups": [class_types[c // N_AXES] * N_AXES + c % N_AXES for c in range(k)],
         "features": CT_FEATURES,
     }
-    return calibrate(gate, distances(gate, val_features, ct_group(np.asarray(val_meta))), cfg)
+    groups = ct_group(np.asarray(val_meta))
+    if val_labels is None:
+        gate = fit_gaussian(train_features, components, k) | extra
+        return calibrate(gate, distances(gate, val_features, groups), cfg)
+    val_components = np.asarray(val_labels, np.int64) * N_AXES + np.asarray(val_meta)[:, 1].astype(np.int64)
+
+    def fit(rows):
+        return fit_gaussian(train_features, components, k, val_features[rows], val_components[rows]) | extra
+
+    held_out = cross_fitted_distances(fit, np.asarray(val_features), groups, int(cfg["folds"]))
+    return calibrate(fit(np.arange(len(val_features))), held_out, cfg)
 
 
 def fit_ct_gate(classifier: nn.Module, train, val, class_types: list[int], cfg: dict) -> dict:
@@ -268,14 +329,59 @@ def fit_ct_gate(classifier: nn.Module, train, val, class_types: list[int], cfg: 
         val.meta,
         class_types,
         cfg,
+        val_labels=val.labels,
     )
 
 
+def fit_rgb_gate_on(train_features: np.ndarray, val_features: np.ndarray, cfg: dict) -> dict:
+    """The RGB gate from features: the mean of normal training photos, the spread of the
+    validation photos around it (out of sample), the threshold cross-fitted over blocks of
+    validation photos (defective ones included: they must pass)."""
+    cfg = GATE_DEFAULTS | dict(cfg or {})
+
+    def fit(rows):
+        return fit_gaussian(train_features, spread=val_features[rows]) | {"features": RGB_FEATURES}
+
+    held_out = cross_fitted_distances(fit, np.asarray(val_features), None, int(cfg["folds"]))
+    return calibrate(fit(np.arange(len(val_features))), held_out, cfg)
+
+
 def fit_rgb_gate(scorer: nn.Module, train_images: np.ndarray, val_images: np.ndarray, cfg: dict) -> dict:
-    """The RGB gate from normal training photos and all validation photos (threshold); `scorer` is
-    the checkpoint's `AnomalyScorer`."""
-    gate = fit_gaussian(rgb_feature_array(scorer, train_images)) | {"features": RGB_FEATURES}
-    return calibrate(gate, distances(gate, rgb_feature_array(scorer, val_images)), cfg)
+    """The RGB gate from normal training photos and all validation photos; `scorer` is the
+    checkpoint's `AnomalyScorer`."""
+    return fit_rgb_gate_on(rgb_feature_array(scorer, train_images), rgb_feature_array(scorer, val_images), cfg)
+
+
+def fit_frame_on(records, kind: str, size: int, progress: bool = False) -> dict:
+    """The placement ranges (`core.preprocess.fit_frame`) of the battery search over the images of
+    `records` (AI Hub records of the training data), searched as the server searches a request."""
+    prepare = encoded_ct_input if kind == "ct" else encoded_rgb_input
+    facts: list = []
+    for r in tqdm(records, desc=f"{kind} placement", unit="img", disable=not progress):
+        prepare(Path(r.path).read_bytes(), size, facts_out=facts)
+    return fit_frame(facts)
+
+
+def frame_refused(records, kind: str, size: int, frame: dict | None) -> np.ndarray:
+    """(N,) bool: which images of `records` the served preprocessing refuses for their placement."""
+    out = np.zeros(len(records), bool)
+    if not frame:
+        return out
+    prepare = encoded_ct_input if kind == "ct" else encoded_rgb_input
+    for i, r in enumerate(records):
+        try:
+            prepare(Path(r.path).read_bytes(), size, frame=frame)
+        except ImageError:
+            out[i] = True
+    return out
+
+
+def describe_frame(frame: dict) -> str:
+    r = frame["ranges"]
+    return (
+        f"placement ranges from {frame['fitted_on']} images: span {r['span'][0]:.2f}-{r['span'][1]:.2f}, "
+        f"offset <= {r['offset'][1]:.2f}, edge <= {r['edge'][1]:.2f}, fill {r['fill'][0]:.2f}-{r['fill'][1]:.2f}"
+    )
 
 
 def describe(gate: dict) -> str:
@@ -308,6 +414,7 @@ def recalibrate(run: Path, data: Path | None = None, progress: bool = True) -> d
         )
         groups = [BATTERY_TYPES.index(class_type(c)) for c in CT_CLASSES]
         info["ood"] = fit_ct_gate(model, train, val, groups, cfg)
+        info["frame"] = fit_frame_on(parts["train"] + parts["val"], "ct", info["input_size"], progress)
     else:
         train = load_rgb(
             [r for r in ds.rgb if assignment.get(r.battery_key) == "train" and r.is_normal],
@@ -318,6 +425,8 @@ def recalibrate(run: Path, data: Path | None = None, progress: bool = True) -> d
             [r for r in ds.rgb if assignment.get(r.battery_key) == "val"], info["input_size"], progress=progress
         )
         info["ood"] = fit_rgb_gate(scorer_from(model, info["score"]), train.images, val.images, cfg)
+        placed = [r for r in ds.rgb if assignment.get(r.battery_key) in ("train", "val")]
+        info["frame"] = fit_frame_on(placed, "rgb", info["input_size"], progress)
     save_checkpoint(run, model, info)
     return info["ood"]
 
@@ -335,6 +444,7 @@ def main(argv=None) -> int:
     for run in args.runs:
         gate = recalibrate(run, args.data, progress=not args.quiet)
         print(f"{run}: {describe(gate)}")
+        print(f"{run}: {describe_frame(load_checkpoint(run)[1]['frame'])}")
     return 0
 
 

@@ -36,7 +36,7 @@ from training.losses import FocalLoss, ReconstructionLoss, binary_focal_loss
 from training.metrics import f1_optimal_threshold, fit_temperature, macro_f1, roc_optimal_threshold
 from training.models import create_model
 from training.models.autoencoder import AnomalyScorer, scorer_from
-from training.ood import describe, fit_ct_gate, fit_rgb_gate
+from training.ood import describe, describe_frame, fit_ct_gate, fit_frame_on, fit_rgb_gate
 
 
 def seed_everything(seed: int) -> torch.Generator:
@@ -335,8 +335,10 @@ def train_ct(data: Path, cfg: dict, run: Path, splits: Path | None = None, progr
     logits = ct_logits(model, val.images, val.meta)
     temperature = fit_temperature(logits, val.labels)
     gate = fit_ct_gate(model, train, val, [BATTERY_TYPES.index(class_type(name)) for name in CT_CLASSES], c["ood"])
+    frame = fit_frame_on(parts["train"] + parts["val"], "ct", size, progress)
     if progress:
         print(f"ct {describe(gate)}")
+        print(f"ct {describe_frame(frame)}")
     info = {
         "kind": "ct_classifier",
         "arch": c["model"]["name"],
@@ -353,6 +355,7 @@ def train_ct(data: Path, cfg: dict, run: Path, splits: Path | None = None, progr
         },
         "temperature": temperature,
         "ood": gate,
+        "frame": frame,
         "val_macro_f1": best,
     }
     return _save_run(run, model, info, history, start, data, c)
@@ -476,8 +479,11 @@ def train_rgb(data: Path, cfg: dict, run: Path, splits: Path | None = None, prog
     scorer.cpu().eval()  # wraps the model, now holding its best weights
     scores, _ = rgb_scores(scorer, val.images)
     gate = fit_rgb_gate(scorer, train.images, val.images, c["ood"])
+    placed = [r for r in ds.rgb if assignment.get(r.battery_key) in ("train", "val")]
+    frame = fit_frame_on(placed, "rgb", size, progress)
     if progress:
         print(f"rgb {describe(gate)}")
+        print(f"rgb {describe_frame(frame)}")
     thresholds = {}
     if val.anomalous.any():
         thresholds["f1"], f1 = f1_optimal_threshold(val.anomalous, scores)
@@ -505,6 +511,7 @@ def train_rgb(data: Path, cfg: dict, run: Path, splits: Path | None = None, prog
         "thresholds": thresholds,
         "calibration": calibration,
         "ood": gate,
+        "frame": frame,
         "val_loss": best,
     }
     return _save_run(run, model, info, history, start, data, c)

@@ -10,7 +10,18 @@ from core import interface as api
 from core.labels import CT_CLASSES, CT_DEFECT_CLASSES
 from ensemble.rule import VerdictRule, decide
 from serving.runtime import verdict_outputs, verdict_tally
-from training.ood import GaussianGate, border_contrast, calibrate, distances, fit_gaussian
+from core.decode import ImageError
+from core.preprocess import check_frame, encoded_ct_input, encoded_rgb_input, fit_frame
+from training.ood import (
+    GaussianGate,
+    border_contrast,
+    calibrate,
+    cross_fitted_distances,
+    distances,
+    fit_ct_gate_on,
+    fit_gaussian,
+    folds_of,
+)
 
 RULE = VerdictRule(class_names=CT_CLASSES, ct_defect_classes=CT_DEFECT_CLASSES, rgb_threshold=0.5)
 
@@ -120,3 +131,110 @@ def test_the_verdict_model_refuses_per_request_in_a_mixed_batch_and_counts_the_r
     tally = verdict_tally(RULE, probs, [np.array([[0, 2], [1, 0]], np.float32), None], out, scores, ct_oods, rgb_oods)
     assert sorted(tally["refused"]) == ["ct", "rgb"]
     assert ("not_inspectable", "cell") in tally["verdicts"] and ("not_inspectable", "unknown") in tally["verdicts"]
+
+
+def test_the_spread_measured_out_of_sample_is_as_wide_as_what_the_network_did_not_see():
+    rng = np.random.default_rng(4)
+    labels = rng.integers(0, 2, 300)
+    centre = np.where(labels == 0, 3.0, -3.0)[:, None] * np.eye(8)[0]
+    memorised = centre + 0.2 * rng.normal(size=(300, 8))  # training features, pulled onto their class means
+    unseen_labels = rng.integers(0, 2, 200)
+    unseen = np.where(unseen_labels == 0, 3.0, -3.0)[:, None] * np.eye(8)[0] + rng.normal(size=(200, 8))
+    tight = fit_gaussian(memorised, labels, 2)
+    wide = fit_gaussian(memorised, labels, 2, spread=unseen[:100], spread_labels=unseen_labels[:100])
+    assert wide["spread_from"] == "held-out" and wide["spread_on"] == 100
+    np.testing.assert_allclose(wide["means"][0][0] / wide["scale"][0], 3.0 - memorised[:, 0].mean(), atol=0.1)
+    # unseen rows lie about sqrt(8) from the class means in the held-out spread, 5x farther in the memorised one
+    d_wide, d_tight = distances(wide, unseen[100:]), distances(tight, unseen[100:])
+    assert 2.0 < np.median(d_wide) < 4.0 and np.median(d_tight) > 4 * np.median(d_wide)
+    far = unseen[100:] + 10.0 * np.eye(8)[3]  # ten held-out standard deviations along a dimension
+    assert (distances(wide, far) > np.quantile(d_wide, 0.99)).mean() > 0.95
+
+
+def test_cross_fitting_scores_each_block_with_the_gate_fitted_without_it():
+    assert [len(b) for b in folds_of(10, 3)] == [4, 3, 3] and np.concatenate(folds_of(10, 3)).tolist() == list(range(10))
+    rows = np.random.default_rng(5).normal(size=(40, 3))
+    rows[7] += 50.0  # one outlier: scored far when held out, since the spread of the others does not include it
+    fitted_on = []
+
+    def fit(rest):
+        fitted_on.append(set(rest.tolist()))
+        return fit_gaussian(rows[rest], spread=None)
+
+    d = cross_fitted_distances(fit, rows, None, 4)
+    assert len(fitted_on) == 4 and all(7 not in f for f in fitted_on if 0 not in f)
+    assert all(len(f) == 30 for f in fitted_on)
+    assert d[7] > 10 * np.median(np.delete(d, 7))
+    in_sample = distances(fit_gaussian(rows), rows)
+    assert d[7] > 2 * in_sample[7]  # in sample, the outlier widened its own Gaussian
+
+
+def test_the_ct_gate_with_validation_labels_is_calibrated_on_cross_fitted_distances():
+    rng = np.random.default_rng(6)
+    train_meta = np.array([[0, k % 3] for k in range(90)], np.float32)
+    labels = np.zeros(90, np.int64)
+    train = 0.1 * rng.normal(size=(90, 6))  # memorised
+    val_meta = np.array([[0, k % 3] for k in range(60)], np.float32)
+    val = rng.normal(size=(60, 6))
+    groups = [0, 0, 0, 0, 0]
+    cfg = {"quantile": 1.0, "margin": 1.0, "folds": 5}
+    in_sample = fit_ct_gate_on(train, labels, train_meta, val, val_meta, groups, cfg)
+    out = fit_ct_gate_on(train, labels, train_meta, val, val_meta, groups, cfg, val_labels=np.zeros(60, np.int64))
+    assert out["spread_from"] == "held-out" and in_sample["spread_from"] == "training"
+    # the memorised spread puts unseen slices 10x farther: its threshold is 10x larger in its own units
+    assert in_sample["threshold"] > 5 * out["threshold"]
+    own = distances(out, val, val_meta[:, 0] * 3 + val_meta[:, 1])
+    assert (own < out["threshold"]).all()  # cross-fitted distances are at least as far as the final gate's
+    with pytest.raises(ValueError, match="folds"):
+        calibrate(out, own, {"folds": 1})
+
+
+def _slice(size=128, box=(40, 30, 90, 100), level=200):
+    a = np.random.default_rng(0).normal(4, 2, (size, size)).clip(0, 255)
+    x0, y0, x1, y1 = box
+    a[y0:y1, x0:x1] = level
+    return a.astype(np.uint8)
+
+
+def _png(a) -> bytes:
+    import io
+
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(a).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def test_the_placement_check_refuses_what_training_never_had_where_it_was_and_says_which_fact():
+    facts = []
+    for k, box in enumerate([(40, 30, 90, 100), (30, 30, 100, 95), (35, 40, 95, 92), (38, 28, 88, 104)]):
+        encoded_ct_input(_png(_slice(box=box)), 32, facts_out=facts)
+    frame = fit_frame(facts, margin=0.25)
+    assert frame["fitted_on"] == 4 and set(frame["ranges"]) == {"span", "aspect", "offset", "edge", "fill"}
+    span = [f["span"] for f in facts]
+    lo, hi = frame["ranges"]["span"]
+    assert lo == pytest.approx(min(span) - 0.25 * (max(span) - min(span)))
+    assert hi == pytest.approx(max(span) + 0.25 * (max(span) - min(span)))
+    x, _ = encoded_ct_input(_png(_slice(box=(36, 32, 92, 98))), 32, frame=frame)  # another cell, placed as in training
+    assert x.shape == (1, 32, 32)
+    with pytest.raises(ImageError, match="CT slice: not inspectable as placed: the battery sits 54% of the way from"):
+        encoded_ct_input(_png(_slice(box=(70, 70, 128, 128))), 32, frame=frame)  # cut off by the frame's corner
+    with pytest.raises(ImageError, match="spans 95% of the frame, where the model knows 45%-64%"):
+        encoded_ct_input(_png(_slice(box=(4, 4, 124, 124))), 32, frame=frame)  # fills the frame
+    with pytest.raises(ImageError, match="no battery found"):
+        check_frame(None, frame, "CT slice")
+    check_frame(None, None, "CT slice")  # a model without placement ranges checks nothing
+
+
+def test_an_empty_bench_photo_is_refused_by_the_placement_check():
+    rng = np.random.default_rng(1)
+    bench = np.clip(rng.normal(150, 2, (90, 160, 3)), 0, 255).astype(np.uint8)
+    cell = bench.copy()
+    cell[25:65, 50:110] = [40, 90, 160]
+    facts = []
+    x, _ = encoded_rgb_input(_png(cell), 32, facts_out=facts)
+    frame = fit_frame(facts * 2)
+    encoded_rgb_input(_png(cell), 32, frame=frame)
+    with pytest.raises(ImageError, match="photo: no battery found"):
+        encoded_rgb_input(_png(bench), 32, frame=frame)
