@@ -63,10 +63,13 @@ from tqdm import tqdm
 
 from client.dataset import pair_cells
 from core.decode import decode_ct
+from core.preprocess import find_battery_ct, find_object_rgb
 from export.local import TorchPipeline
 from serving.runtime import ct_tensor, rgb_tensor
 from training.metrics import binary_auc
+from training.synth.plan import DEFECT_VISIBILITY, SynthConfig
 from training.synth.rgb import RGBPhotoSpec, render_empty_bench
+from training.synth.writer import CONFIG_FILE, generate
 
 FALSE_REJECTION_TARGET = 0.01
 REJECTION_TARGET = 0.95
@@ -231,8 +234,6 @@ def _photo(path: Path) -> np.ndarray:
 
 
 def _object_box(a: np.ndarray) -> tuple[int, int, int, int]:
-    from core.preprocess import find_object_rgb
-
     return find_object_rgb(a)
 
 
@@ -252,8 +253,6 @@ def noisy_frame(size: tuple[int, int], level: int, seed: int, photo: bool = Fals
 
 def unknown_pack(paths: list[Path]) -> bytes:
     """Four slices' batteries, each cut to its box, tiled 2 x 2 on black at the first slice's size."""
-    from core.preprocess import find_battery_ct
-
     tiles = []
     for path in paths[:4]:
         a = _u8(_decoded(path)) if _decoded(path).dtype != np.uint8 else _decoded(path)
@@ -387,9 +386,6 @@ OTHER_SIZES = {"512": (512, 960, 540), "line": (4000, 1920, 1080)}
 
 def other_size_sets(root: Path, batteries: int, seed: int = 2000, progress: bool = True) -> dict[str, Path]:
     """Fresh cells at sizes the training never had, another seed each, generated once under `root`."""
-    from training.synth.plan import DEFECT_VISIBILITY, SynthConfig
-    from training.synth.writer import CONFIG_FILE, generate
-
     out = {}
     for k, (name, (ct, w, h)) in enumerate(OTHER_SIZES.items()):
         path = root / f"{name}-{batteries}b-seed{seed + k}"

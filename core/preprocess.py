@@ -442,9 +442,7 @@ def encoded_rgb_input(
         seen.append(facts)
         return _rect_around(box, CROP_MARGIN)
 
-    decoded, crop = _decode_for(
-        open_rgb(data, limits), RGB_CROP_SHARE, size, locate, lambda p: _rgb(rgb_pixels(p))
-    )
+    decoded, crop = _decode_for(open_rgb(data, limits), RGB_CROP_SHARE, size, locate, lambda p: _rgb(rgb_pixels(p)))
     if facts_out is not None:
         facts_out.append(seen[0])
     check_frame(seen[0], frame, "photo")

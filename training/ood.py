@@ -41,13 +41,12 @@ import numpy as np
 import torch
 from sklearn.covariance import LedoitWolf
 from torch import nn
-
 from tqdm import tqdm
 
 from core.aihub import scan
 from core.decode import ImageError
-from core.preprocess import encoded_ct_input, encoded_rgb_input, fit_frame
 from core.labels import BATTERY_TYPES, CT_CLASSES, class_type
+from core.preprocess import encoded_ct_input, encoded_rgb_input, fit_frame
 from training.checkpoint import load_checkpoint, save_checkpoint
 from training.data.split import read_split, split_dataset
 from training.datasets import load_ct, load_rgb

@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
+import io
+
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from core import interface as api
+from core.decode import ImageError
 from core.labels import CT_CLASSES, CT_DEFECT_CLASSES
+from core.preprocess import check_frame, encoded_ct_input, encoded_rgb_input, fit_frame
 from ensemble.rule import VerdictRule, decide
 from serving.runtime import verdict_outputs, verdict_tally
-from core.decode import ImageError
-from core.preprocess import check_frame, encoded_ct_input, encoded_rgb_input, fit_frame
 from training.ood import (
     GaussianGate,
     border_contrast,
@@ -152,7 +155,9 @@ def test_the_spread_measured_out_of_sample_is_as_wide_as_what_the_network_did_no
 
 
 def test_cross_fitting_scores_each_block_with_the_gate_fitted_without_it():
-    assert [len(b) for b in folds_of(10, 3)] == [4, 3, 3] and np.concatenate(folds_of(10, 3)).tolist() == list(range(10))
+    assert [len(b) for b in folds_of(10, 3)] == [4, 3, 3] and np.concatenate(folds_of(10, 3)).tolist() == list(
+        range(10)
+    )
     rows = np.random.default_rng(5).normal(size=(40, 3))
     rows[7] += 50.0  # one outlier: scored far when held out, since the spread of the others does not include it
     fitted_on = []
@@ -197,10 +202,6 @@ def _slice(size=128, box=(40, 30, 90, 100), level=200):
 
 
 def _png(a) -> bytes:
-    import io
-
-    from PIL import Image
-
     buf = io.BytesIO()
     Image.fromarray(a).save(buf, format="PNG")
     return buf.getvalue()
@@ -208,7 +209,7 @@ def _png(a) -> bytes:
 
 def test_the_placement_check_refuses_what_training_never_had_where_it_was_and_says_which_fact():
     facts = []
-    for k, box in enumerate([(40, 30, 90, 100), (30, 30, 100, 95), (35, 40, 95, 92), (38, 28, 88, 104)]):
+    for box in [(40, 30, 90, 100), (30, 30, 100, 95), (35, 40, 95, 92), (38, 28, 88, 104)]:
         encoded_ct_input(_png(_slice(box=box)), 32, facts_out=facts)
     frame = fit_frame(facts, margin=0.25)
     assert frame["fitted_on"] == 4 and set(frame["ranges"]) == {"span", "aspect", "offset", "edge", "fill"}
