@@ -82,15 +82,15 @@ def fit_gaussian(
     raw_means = np.zeros((n_classes, features.shape[1]))
     for k in present:
         raw_means[k] = features[labels == k].mean(axis=0)
-    if spread is None:
-        residuals = features - raw_means[labels]
-    else:
+    residuals = features - raw_means[labels]
+    if spread is not None:
         spread = np.asarray(spread, np.float64)
         spread_labels = np.zeros(len(spread), np.int64) if spread_labels is None else np.asarray(spread_labels)
         known = np.isin(spread_labels, present)
-        if known.sum() < 2:
-            raise ValueError("need at least 2 out-of-sample rows of the trained classes to measure the spread")
-        residuals = spread[known] - raw_means[spread_labels[known]]
+        if known.sum() >= 2:  # else (a tiny data set) the training spread is all there is
+            residuals = spread[known] - raw_means[spread_labels[known]]
+        else:
+            spread = None
     std = residuals.std(axis=0)
     scale = 1.0 / np.maximum(std, max(float(np.median(std)), 1e-6) * 0.05)
     means = (raw_means - center) * scale
