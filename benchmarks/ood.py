@@ -210,10 +210,15 @@ def _decoded(path: Path) -> np.ndarray:
     return np.asarray(decode_ct(path.read_bytes()))
 
 
+def _slice_u8(path: Path) -> np.ndarray:
+    """A test slice as 8-bit grey: an 8-bit one as it is, a 16-bit one stretched to 0..255."""
+    a = _decoded(path)
+    return a if a.dtype == np.uint8 else _u8(a)
+
+
 def cut_off(path: Path, share: float = 0.65) -> bytes:
     """The slice shifted right and down by `share` of its size, the corner's background filling in."""
-    a = _decoded(path)
-    a8 = _u8(a) if a.dtype != np.uint8 else a
+    a8 = _slice_u8(path)
     h, w = a8.shape[:2]
     fill = int(np.median(a8[: h // 10, : w // 10]))
     out = np.full_like(a8, fill)
@@ -223,8 +228,7 @@ def cut_off(path: Path, share: float = 0.65) -> bytes:
 
 
 def half_reconstructed(path: Path) -> bytes:
-    a = _decoded(path)
-    a8 = (_u8(a) if a.dtype != np.uint8 else a).copy()
+    a8 = _slice_u8(path).copy()
     a8[a8.shape[0] // 2 :] = 0
     return _encode(a8)
 
@@ -233,13 +237,9 @@ def _photo(path: Path) -> np.ndarray:
     return np.asarray(Image.open(path).convert("RGB"))
 
 
-def _object_box(a: np.ndarray) -> tuple[int, int, int, int]:
-    return find_object_rgb(a)
-
-
 def scaled(path: Path, gain: float, photo: bool = False) -> bytes:
     """The image with its brightness multiplied by `gain`, clipped (over- or under-exposed)."""
-    a = (_photo(path) if photo else _u8(_decoded(path))).astype(np.float64)
+    a = (_photo(path) if photo else _slice_u8(path)).astype(np.float64)
     return _encode(np.clip(a * gain, 0, 255).astype(np.uint8), "JPEG" if photo else "PNG")
 
 
@@ -255,10 +255,10 @@ def unknown_pack(paths: list[Path]) -> bytes:
     """Four slices' batteries, each cut to its box, tiled 2 x 2 on black at the first slice's size."""
     tiles = []
     for path in paths[:4]:
-        a = _u8(_decoded(path)) if _decoded(path).dtype != np.uint8 else _decoded(path)
+        a = _slice_u8(path)
         x0, y0, x1, y1 = find_battery_ct(a)
         tiles.append(a[y0:y1, x0:x1])
-    h, w = _decoded(paths[0]).shape[:2]
+    h, w = _slice_u8(paths[0]).shape[:2]
     out = np.zeros((h, w), np.uint8)
     cell = (int(h * 0.45), int(w * 0.45))
     for k, t in enumerate(tiles):
@@ -270,7 +270,8 @@ def unknown_pack(paths: list[Path]) -> bytes:
 
 
 def _bench_fill(a: np.ndarray, box) -> np.ndarray:
-    """The photo with the box painted with the bench around it (the rows above and below, blurred)."""
+    """The photo with the box (widened by a tenth) painted over: each row blends the bench just left
+    of the box into the bench just right of it."""
     x0, y0, x1, y1 = box
     h, w = a.shape[:2]
     out = a.astype(np.float64).copy()
@@ -287,7 +288,7 @@ def two_cells(a_path: Path, b_path: Path) -> bytes:
     """Photo a, with photo b's cell (its box) set beside a's cell on the bench, both at half size."""
     a, b = _photo(a_path), _photo(b_path)
     h, w = a.shape[:2]
-    ab, bb = _object_box(a), _object_box(b)
+    ab, bb = find_object_rgb(a), find_object_rgb(b)
     canvas = _bench_fill(a, ab)
     for k, (img, (x0, y0, x1, y1)) in enumerate(((a, ab), (b, bb))):
         crop = img[y0:y1, x0:x1]
@@ -302,7 +303,7 @@ def two_cells(a_path: Path, b_path: Path) -> bytes:
 def edge_on(path: Path) -> bytes:
     """The cell seen from its edge: its box squeezed to a sixth of its height, on the bench."""
     a = _photo(path)
-    x0, y0, x1, y1 = _object_box(a)
+    x0, y0, x1, y1 = find_object_rgb(a)
     canvas = _bench_fill(a, (x0, y0, x1, y1))
     crop = a[y0:y1, x0:x1]
     ch = max(4, crop.shape[0] // 6)
@@ -315,7 +316,7 @@ def edge_on(path: Path) -> bytes:
 def painted_over(path: Path) -> bytes:
     """A test photo whose cell was painted over with the bench around it (an empty fixture)."""
     a = _photo(path)
-    return _encode(np.clip(_bench_fill(a, _object_box(a)), 0, 255).astype(np.uint8), "JPEG")
+    return _encode(np.clip(_bench_fill(a, find_object_rgb(a)), 0, 255).astype(np.uint8), "JPEG")
 
 
 def empty_benches(n: int, size: tuple[int, int], seed: int = 77) -> list[tuple[str, bytes]]:
@@ -405,8 +406,11 @@ def other_size_sets(root: Path, batteries: int, seed: int = 2000, progress: bool
     return out
 
 
-def false_rejections(scorer: Scorer, data: Path, inputs, progress: bool = True, limit: int | None = None) -> dict:
-    """Refusals of the fresh cells of `data` (CT_OOD or RGB_OOD >= 1, or refused by the preprocessing)."""
+def false_rejections(
+    scorer: Scorer, data: Path, inputs, progress: bool = True, limit: int | None = None
+) -> tuple[dict, tuple]:
+    """Refusals of the fresh cells of `data` (CT_OOD or RGB_OOD >= 1, or refused by the preprocessing):
+    (summary, (CT scores, photo scores, cells)); a score is inf where the preprocessing refused."""
     cells, _ = pair_cells(data, progress=False)
     cells = cells[:limit] if limit else cells
     if not cells:
@@ -430,8 +434,7 @@ def false_rejections(scorer: Scorer, data: Path, inputs, progress: bool = True, 
         "ct_p99": float(np.quantile(ct_in, 0.99)),
         "rgb_p99": float(np.quantile(rgb_in, 0.99)),
         "refused_cells": [c.cell_id for c, r in zip(cells, refused) if r],
-        "_scores": (ct_in, rgb_in, cells),
-    }
+    }, (ct_in, rgb_in, cells)
 
 
 def _auroc(inside: np.ndarray, outside: np.ndarray) -> float | None:
@@ -447,13 +450,11 @@ def evaluate(
 ) -> dict:
 
     scorer = Scorer(runs)
-    inside = false_rejections(scorer, data, inputs, progress, limit)
-    ct_in, rgb_in, cells = inside.pop("_scores")
-    sizes = {}
-    for name, path in (other_sizes or {}).items():
-        r = false_rejections(scorer, path, inputs, progress)
-        r.pop("_scores")
-        sizes[name] = r | {"data": str(path)}
+    inside, (ct_in, rgb_in, cells) = false_rejections(scorer, data, inputs, progress, limit)
+    sizes = {
+        name: false_rejections(scorer, path, inputs, progress)[0] | {"data": str(path)}
+        for name, path in (other_sizes or {}).items()
+    }
 
     slice_size = Image.open(cells[0].ct_path).size if cells[0].ct_path.suffix.lower() != ".dcm" else (512, 512)
     photo_size = Image.open(cells[0].rgb_path).size

@@ -211,12 +211,13 @@ def find_battery_ct(gray: np.ndarray) -> tuple[int, int, int, int]:
 
 
 FRAME_FACTS = ("span", "aspect", "offset", "edge", "fill")
+# each fact in words: the sentence and how its value reads (aspect as the width to height ratio)
 FRAME_WORDS = {
-    "span": "the battery spans {:.0%} of the frame",
-    "aspect": "the battery's box has a width to height ratio of {:.2f}",
-    "offset": "the battery sits {:.0%} of the way from the centre to the edge",
-    "edge": "the battery touches {:.0%} of the frame's sides",
-    "fill": "the object fills {:.0%} of its box",
+    "span": ("the battery spans {} of the frame", "{:.0%}"),
+    "aspect": ("the battery's box has a width to height ratio of {}", "{:.2f}"),
+    "offset": ("the battery sits {} of the way from the centre to the edge", "{:.0%}"),
+    "edge": ("the battery touches {} of the frame's sides", "{:.0%}"),
+    "fill": ("the object fills {} of its box", "{:.0%}"),
 }
 
 
@@ -246,12 +247,12 @@ def check_frame(facts: dict[str, float] | None, frame: dict | None, what: str) -
     for name, (lo, hi) in frame["ranges"].items():
         v = facts[name]
         if not lo <= v <= hi:
-            shown = np.exp([v, lo, hi]) if name == "aspect" else np.array([v, lo, hi])
-            fmt = FRAME_WORDS[name].split("{")[1].split("}")[0]
-            bound = f"{{{fmt}}}-{{{fmt}}}".format(max(shown[1], 0), shown[2])
+            sentence, number = FRAME_WORDS[name]
+            value, lo, hi = np.exp([v, lo, hi]) if name == "aspect" else (v, max(lo, 0.0), hi)
             raise ImageError(
-                f"{what}: not inspectable as placed: {FRAME_WORDS[name].format(shown[0])}, where the model "
-                f"knows {bound} (not a battery cell, cut off, or another set-up than training)"
+                f"{what}: not inspectable as placed: {sentence.format(number.format(value))}, where the model "
+                f"knows {number.format(lo)}-{number.format(hi)} (not a battery cell, cut off, or another set-up "
+                "than training)"
             )
 
 

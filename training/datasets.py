@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import multiprocessing as mp
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -21,6 +21,7 @@ class CTArrays:
     labels: np.ndarray  # (N,) int64
     crops: list[Crop]
     masks: np.ndarray | None = None  # (N, S, S) uint8: 1 inside a labelled defect polygon
+    placements: list = field(default_factory=list)  # what the battery search saw per image (None: nothing found)
 
 
 @dataclass
@@ -28,18 +29,21 @@ class RGBArrays:
     images: np.ndarray  # (N, 3, S, S) float16 in 0..1
     anomalous: np.ndarray  # (N,) bool
     crops: list[Crop]
+    placements: list = field(default_factory=list)  # what the battery search saw per image (None: nothing found)
 
 
 def _ct_one(args):
     path, size, mean, std = args
-    x, crop = encoded_ct_input(Path(path).read_bytes(), size, mean, std)  # exactly as the server reads a request
-    return x.astype(np.float16), crop
+    facts: list = []
+    x, crop = encoded_ct_input(Path(path).read_bytes(), size, mean, std, facts_out=facts)  # as the server reads it
+    return x.astype(np.float16), crop, facts[0]
 
 
 def _rgb_one(args):
     path, size = args
-    x, crop = encoded_rgb_input(Path(path).read_bytes(), size)
-    return x.astype(np.float16), crop
+    facts: list = []
+    x, crop = encoded_rgb_input(Path(path).read_bytes(), size, facts_out=facts)
+    return x.astype(np.float16), crop, facts[0]
 
 
 def _map(fn, jobs, desc: str, workers: int | None, progress: bool):
@@ -71,20 +75,24 @@ def load_ct(
     with_masks: bool = False,
 ) -> CTArrays:
     out = _map(_ct_one, [(r.path, size, mean, std) for r in records], f"preprocess CT {size}px", workers, progress)
-    images = np.stack([x for x, _ in out]) if out else np.zeros((0, 1, size, size), np.float16)
-    crops = [c for _, c in out]
+    images = np.stack([x for x, _, _ in out]) if out else np.zeros((0, 1, size, size), np.float16)
+    crops = [c for _, c, _ in out]
     return CTArrays(
         images=images,
         meta=np.array([r.meta for r in records], np.float32).reshape(-1, 2),
         labels=np.array([r.label_index for r in records], np.int64),
         crops=crops,
         masks=defect_masks(records, crops, size) if with_masks else None,
+        placements=[f for _, _, f in out],
     )
 
 
 def load_rgb(records: list[RGBRecord], size: int, workers: int | None = None, progress: bool = True) -> RGBArrays:
     out = _map(_rgb_one, [(r.path, size) for r in records], f"preprocess RGB {size}px", workers, progress)
-    images = np.stack([x for x, _ in out]) if out else np.zeros((0, 3, size, size), np.float16)
+    images = np.stack([x for x, _, _ in out]) if out else np.zeros((0, 3, size, size), np.float16)
     return RGBArrays(
-        images=images, anomalous=np.array([not r.is_normal for r in records], bool), crops=[c for _, c in out]
+        images=images,
+        anomalous=np.array([not r.is_normal for r in records], bool),
+        crops=[c for _, c, _ in out],
+        placements=[f for _, _, f in out],
     )

@@ -142,7 +142,7 @@ def evaluate_ct(model, info: dict, records, out_png: Path, progress: bool = True
         refused = (
             distances(info["ood"], ct_feature_array(model, arrays.images, arrays.meta), ct_group(arrays.meta))
             >= info["ood"]["threshold"]
-        ) | frame_refused(records, "ct", info["input_size"], info.get("frame"))
+        ) | frame_refused(arrays.placements, info.get("frame"))
         gated = np.where(refused, -1, pred)
         result["gate"] = {
             "refused": float(refused.mean()),
@@ -198,7 +198,7 @@ def evaluate_rgb(model, info: dict, records, out_png: Path, progress: bool = Tru
     }
     if info.get("ood"):  # the gate as served: a refused photo counts as an error (a miss or a false alarm)
         refused = distances(info["ood"], rgb_feature_array(scorer, images)) >= info["ood"]["threshold"]
-        refused |= frame_refused(records, "rgb", size, info.get("frame"))
+        refused |= frame_refused(arrays.placements, info.get("frame"))
         worst = np.where(labels, scores.min() - 1.0, scores.max() + 1.0)
         result["gate"] = {
             "refused": float(refused.mean()),

@@ -41,12 +41,11 @@ import numpy as np
 import torch
 from sklearn.covariance import LedoitWolf
 from torch import nn
-from tqdm import tqdm
 
 from core.aihub import scan
 from core.decode import ImageError
 from core.labels import BATTERY_TYPES, CT_CLASSES, class_type
-from core.preprocess import encoded_ct_input, encoded_rgb_input, fit_frame
+from core.preprocess import check_frame, encoded_rgb_input, fit_frame
 from training.checkpoint import load_checkpoint, save_checkpoint
 from training.data.split import read_split, split_dataset
 from training.datasets import load_ct, load_rgb
@@ -351,25 +350,28 @@ def fit_rgb_gate(scorer: nn.Module, train_images: np.ndarray, val_images: np.nda
     return fit_rgb_gate_on(rgb_feature_array(scorer, train_images), rgb_feature_array(scorer, val_images), cfg)
 
 
-def fit_frame_on(records, kind: str, size: int, progress: bool = False) -> dict:
-    """The placement ranges (`core.preprocess.fit_frame`) of the battery search over the images of
-    `records` (AI Hub records of the training data), searched as the server searches a request."""
-    prepare = encoded_ct_input if kind == "ct" else encoded_rgb_input
+def placements(records, size: int) -> list:
+    """What the battery search sees in each RGB photo of `records` (AI Hub records), searched as the
+    server searches a request: for photos the training did not load (its defective ones)."""
     facts: list = []
-    for r in tqdm(records, desc=f"{kind} placement", unit="img", disable=not progress):
-        prepare(Path(r.path).read_bytes(), size, facts_out=facts)
-    return fit_frame(facts)
+    for r in records:
+        encoded_rgb_input(Path(r.path).read_bytes(), size, facts_out=facts)
+    return facts
 
 
-def frame_refused(records, kind: str, size: int, frame: dict | None) -> np.ndarray:
-    """(N,) bool: which images of `records` the served preprocessing refuses for their placement."""
-    out = np.zeros(len(records), bool)
-    if not frame:
-        return out
-    prepare = encoded_ct_input if kind == "ct" else encoded_rgb_input
-    for i, r in enumerate(records):
+def rgb_frame(ds, assignment: dict, train, val, size: int) -> dict:
+    """The photo placement ranges over all training and validation photos: those `train` and `val`
+    (RGBArrays) hold, and the defective training photos, which the autoencoder's training skips."""
+    skipped = [r for r in ds.rgb if assignment.get(r.battery_key) == "train" and not r.is_normal]
+    return fit_frame(train.placements + val.placements + placements(skipped, size))
+
+
+def frame_refused(found: list, frame: dict | None) -> np.ndarray:
+    """(N,) bool: which of the search results `found` (per image) the served preprocessing refuses."""
+    out = np.zeros(len(found), bool)
+    for i, facts in enumerate(found):
         try:
-            prepare(Path(r.path).read_bytes(), size, frame=frame)
+            check_frame(facts, frame, "image")
         except ImageError:
             out[i] = True
     return out
@@ -413,7 +415,7 @@ def recalibrate(run: Path, data: Path | None = None, progress: bool = True) -> d
         )
         groups = [BATTERY_TYPES.index(class_type(c)) for c in CT_CLASSES]
         info["ood"] = fit_ct_gate(model, train, val, groups, cfg)
-        info["frame"] = fit_frame_on(parts["train"] + parts["val"], "ct", info["input_size"], progress)
+        info["frame"] = fit_frame(train.placements + val.placements)
     else:
         train = load_rgb(
             [r for r in ds.rgb if assignment.get(r.battery_key) == "train" and r.is_normal],
@@ -424,8 +426,7 @@ def recalibrate(run: Path, data: Path | None = None, progress: bool = True) -> d
             [r for r in ds.rgb if assignment.get(r.battery_key) == "val"], info["input_size"], progress=progress
         )
         info["ood"] = fit_rgb_gate(scorer_from(model, info["score"]), train.images, val.images, cfg)
-        placed = [r for r in ds.rgb if assignment.get(r.battery_key) in ("train", "val")]
-        info["frame"] = fit_frame_on(placed, "rgb", info["input_size"], progress)
+        info["frame"] = rgb_frame(ds, assignment, train, val, info["input_size"])
     save_checkpoint(run, model, info)
     return info["ood"]
 

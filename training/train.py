@@ -26,7 +26,7 @@ from tqdm import tqdm
 
 from core.aihub import Dataset, scan
 from core.labels import BATTERY_TYPES, CT_CLASSES, SLICE_AXES, class_type
-from core.preprocess import CT_MEAN, CT_STD
+from core.preprocess import CT_MEAN, CT_STD, fit_frame
 from training.augment import acquisition, augment, synthetic_anomalies
 from training.checkpoint import save_checkpoint
 from training.config import load_config
@@ -36,7 +36,7 @@ from training.losses import FocalLoss, ReconstructionLoss, binary_focal_loss
 from training.metrics import f1_optimal_threshold, fit_temperature, macro_f1, roc_optimal_threshold
 from training.models import create_model
 from training.models.autoencoder import AnomalyScorer, scorer_from
-from training.ood import describe, describe_frame, fit_ct_gate, fit_frame_on, fit_rgb_gate
+from training.ood import describe, describe_frame, fit_ct_gate, fit_rgb_gate, rgb_frame
 
 
 def seed_everything(seed: int) -> torch.Generator:
@@ -335,7 +335,7 @@ def train_ct(data: Path, cfg: dict, run: Path, splits: Path | None = None, progr
     logits = ct_logits(model, val.images, val.meta)
     temperature = fit_temperature(logits, val.labels)
     gate = fit_ct_gate(model, train, val, [BATTERY_TYPES.index(class_type(name)) for name in CT_CLASSES], c["ood"])
-    frame = fit_frame_on(parts["train"] + parts["val"], "ct", size, progress)
+    frame = fit_frame(train.placements + val.placements)
     if progress:
         print(f"ct {describe(gate)}")
         print(f"ct {describe_frame(frame)}")
@@ -479,8 +479,7 @@ def train_rgb(data: Path, cfg: dict, run: Path, splits: Path | None = None, prog
     scorer.cpu().eval()  # wraps the model, now holding its best weights
     scores, _ = rgb_scores(scorer, val.images)
     gate = fit_rgb_gate(scorer, train.images, val.images, c["ood"])
-    placed = [r for r in ds.rgb if assignment.get(r.battery_key) in ("train", "val")]
-    frame = fit_frame_on(placed, "rgb", size, progress)
+    frame = rgb_frame(ds, assignment, train, val, size)
     if progress:
         print(f"rgb {describe(gate)}")
         print(f"rgb {describe_frame(frame)}")
