@@ -221,10 +221,16 @@ FRAME_WORDS = {
 }
 
 
+# facts that move in steps widen their range by at least one step: `edge` counts the box's sides on
+# the border in quarters, so one more side than training ever had is no more unusual than the others
+FRAME_STEPS = {"edge": 0.25}
+
+
 def fit_frame(facts: list[dict[str, float] | None], margin: float = 0.25) -> dict:
     """The range of each search fact over images of the training data, widened on each side by
-    `margin` of its width: what the preprocessing accepts as a battery placed as the model knows
-    it. Stored with the model (`frame` in the checkpoint and the serving facts)."""
+    `margin` of its width (at least one step for a fact that moves in steps): what the
+    preprocessing accepts as a battery placed as the model knows it. Stored with the model
+    (`frame` in the checkpoint and the serving facts)."""
     seen = [f for f in facts if f is not None]
     if not seen:
         raise ValueError("no image of the training data had a battery found in it")
@@ -232,7 +238,7 @@ def fit_frame(facts: list[dict[str, float] | None], margin: float = 0.25) -> dic
     for name in FRAME_FACTS:
         v = np.array([f[name] for f in seen], np.float64)
         lo, hi = float(v.min()), float(v.max())
-        pad = margin * max(hi - lo, 1e-3)
+        pad = max(margin * max(hi - lo, 1e-3), FRAME_STEPS.get(name, 0.0))
         ranges[name] = [lo - pad, hi + pad]
     return {"ranges": ranges, "margin": margin, "fitted_on": len(seen), "missed": len(facts) - len(seen)}
 

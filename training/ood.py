@@ -51,7 +51,11 @@ from training.data.split import read_split, split_dataset
 from training.datasets import load_ct, load_rgb
 from training.models.autoencoder import scorer_from
 
-GATE_DEFAULTS = {"quantile": 0.995, "margin": 1.2, "folds": 5}
+GATE_DEFAULTS = {"quantile": 0.995, "margin": 1.2, "folds": 5, "spread": "held-out"}
+SPREADS = ("held-out", "training")
+# The photo gate's default: a spread held out on photos of one resolution refused 6-19% of normal photos
+# of other resolutions (docs/robustness.md)
+RGB_SPREAD = "training"
 # What each gate reads; a gate fitted on other features cannot be used (refit it: python -m training.ood RUN)
 CT_FEATURES = "ct/pooled+mean+border/class-and-axis/2"
 N_AXES = 3  # slice_axis values x, y, z
@@ -142,8 +146,8 @@ def distances(gate: dict, features: np.ndarray, groups: np.ndarray | None = None
 def calibrate(gate: dict, val_distances: np.ndarray, cfg: dict) -> dict:
     """The gate with its threshold: the `quantile` of validation distances times `margin`."""
     cfg = GATE_DEFAULTS | dict(cfg or {})
-    if not (0 < cfg["quantile"] <= 1 and cfg["margin"] > 0 and int(cfg["folds"]) >= 2):
-        raise ValueError(f"ood needs 0 < quantile <= 1, margin > 0 and folds >= 2, got {cfg}")
+    if not (0 < cfg["quantile"] <= 1 and cfg["margin"] > 0 and int(cfg["folds"]) >= 2 and cfg["spread"] in SPREADS):
+        raise ValueError(f"ood needs 0 < quantile <= 1, margin > 0, folds >= 2 and spread in {SPREADS}, got {cfg}")
     v = np.asarray(val_distances, np.float64)
     if not len(v):
         raise ValueError("no validation images to calibrate the out-of-distribution threshold on")
@@ -289,10 +293,11 @@ def fit_ct_gate_on(
     """The CT gate from features: one mean per (class, slice axis) from the training slices,
     compared only with slices of the battery type and axis their metadata names.
 
-    With `val_labels`, the spread around those means is measured on the validation slices
-    (out of sample) and the threshold is cross-fitted: each block of validation slices is
-    scored by the spread of the others (`cfg["folds"]` blocks). Without, spread and threshold
-    come from the training and validation features as they are (tiny test models)."""
+    With `val_labels` and `cfg["spread"]` "held-out" (the default), the spread around those
+    means is measured on the validation slices (out of sample) and the threshold is
+    cross-fitted: each block of validation slices is scored by the spread of the others
+    (`cfg["folds"]` blocks). Otherwise the spread comes from the training features and the
+    threshold from the validation distances as they are."""
     cfg = GATE_DEFAULTS | dict(cfg or {})
     axes = np.asarray(train_meta)[:, 1].astype(np.int64)
     components = np.asarray(labels, np.int64) * N_AXES + axes
@@ -302,7 +307,7 @@ def fit_ct_gate_on(
         "features": CT_FEATURES,
     }
     groups = ct_group(np.asarray(val_meta))
-    if val_labels is None:
+    if val_labels is None or cfg["spread"] == "training":
         gate = fit_gaussian(train_features, components, k) | extra
         return calibrate(gate, distances(gate, val_features, groups), cfg)
     val_components = np.asarray(val_labels, np.int64) * N_AXES + np.asarray(val_meta)[:, 1].astype(np.int64)
@@ -332,10 +337,14 @@ def fit_ct_gate(classifier: nn.Module, train, val, class_types: list[int], cfg: 
 
 
 def fit_rgb_gate_on(train_features: np.ndarray, val_features: np.ndarray, cfg: dict) -> dict:
-    """The RGB gate from features: the mean of normal training photos, the spread of the
-    validation photos around it (out of sample), the threshold cross-fitted over blocks of
-    validation photos (defective ones included: they must pass)."""
-    cfg = GATE_DEFAULTS | dict(cfg or {})
+    """The RGB gate from features: the mean of normal training photos; with `cfg["spread"]`
+    "held-out", the spread of the validation photos around it (out of sample) and the threshold
+    cross-fitted over blocks of validation photos, else the training photos' spread and the
+    threshold from all validation photos (defective ones included: they must pass)."""
+    cfg = GATE_DEFAULTS | {"spread": RGB_SPREAD} | dict(cfg or {})
+    if cfg["spread"] == "training":
+        gate = fit_gaussian(train_features) | {"features": RGB_FEATURES}
+        return calibrate(gate, distances(gate, val_features), cfg)
 
     def fit(rows):
         return fit_gaussian(train_features, spread=val_features[rows]) | {"features": RGB_FEATURES}

@@ -23,6 +23,7 @@ from training.ood import (
     distances,
     fit_ct_gate_on,
     fit_gaussian,
+    fit_rgb_gate_on,
     folds_of,
 )
 
@@ -217,6 +218,7 @@ def test_the_placement_check_refuses_what_training_never_had_where_it_was_and_sa
     lo, hi = frame["ranges"]["span"]
     assert lo == pytest.approx(min(span) - 0.25 * (max(span) - min(span)))
     assert hi == pytest.approx(max(span) + 0.25 * (max(span) - min(span)))
+    assert frame["ranges"]["edge"] == [-0.25, 0.25]  # no training box touched the border: one side is allowed
     x, _ = encoded_ct_input(_png(_slice(box=(36, 32, 92, 98))), 32, frame=frame)  # another cell, placed as in training
     assert x.shape == (1, 32, 32)
     with pytest.raises(ImageError, match="CT slice: not inspectable as placed: the battery sits 54% of the way from"):
@@ -239,3 +241,16 @@ def test_an_empty_bench_photo_is_refused_by_the_placement_check():
     encoded_rgb_input(_png(cell), 32, frame=frame)
     with pytest.raises(ImageError, match="photo: no battery found"):
         encoded_rgb_input(_png(bench), 32, frame=frame)
+
+
+def test_the_photo_gate_keeps_the_training_spread_unless_told_to_hold_it_out():
+    rng = np.random.default_rng(7)
+    train, val = 0.2 * rng.normal(size=(80, 5)), rng.normal(size=(40, 5))
+    plain = fit_rgb_gate_on(train, val, {})
+    expected = fit_gaussian(train)
+    assert plain["spread_from"] == "training" and plain["precision"] == expected["precision"]
+    assert plain["threshold"] == pytest.approx(np.quantile(distances(expected, val), 0.995) * 1.2)
+    held = fit_rgb_gate_on(train, val, {"spread": "held-out"})
+    assert held["spread_from"] == "held-out" and held["threshold"] < plain["threshold"] / 3
+    with pytest.raises(ValueError, match="spread"):
+        fit_rgb_gate_on(train, val, {"spread": "validation"})
