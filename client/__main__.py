@@ -272,7 +272,12 @@ def main(argv=None) -> int:
         prog="python -m client", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--url", default="localhost:8001", help="Triton gRPC address (default localhost:8001)")
+    common.add_argument(
+        "--url",
+        default="localhost:8001",
+        help="Triton gRPC address (default localhost:8001); several replicas: HOST:PORT,HOST:PORT,... or "
+        "dns:///NAME:PORT (every address of the name); cells are spread over them",
+    )
     common.add_argument("--timeout", type=float, default=60.0, help="seconds per request (default 60)")
     common.add_argument(
         "--tls-ca", type=Path, metavar="PEM", help="connect over TLS, trusting this CA (or self-signed) certificate"

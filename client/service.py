@@ -1,9 +1,11 @@
 """gRPC clients of the inspection service: `InspectionClient` (sync) and `AsyncInspectionClient`.
 
-with InspectionClient("localhost:8001") as client:
+with InspectionClient("localhost:8001") as client:     # or "host1:8001,host2:8001", or "dns:///name:8001"
     result = client.inspect(ct_bytes, "cell,z", rgb_bytes)
     print(result.verdict, result.confidence)
     results = client.inspect_many(cells, concurrency=8)   # one Inspection or CellError per cell, in order
+
+Several replicas are balanced and failed over by gRPC itself (client/channel.py).
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ import tritonclient.grpc as grpcclient
 import tritonclient.grpc.aio as aio
 from tritonclient.utils import InferenceServerException
 
-from client import metrics
+from client import channel, metrics
 from client.inspection import Cell, CellError, Inspection, InspectionFailed, error_kind, parse_meta
 from core import interface as api
 from core.facts import CONFIG_KEY, ServingFacts
@@ -78,10 +80,16 @@ def _refused_cell(error: CellError, n: int) -> tuple[int, CellError] | None:
     return int(m.group(1)), dataclasses.replace(error, message=error.message[m.end() :])
 
 
+STOPPING = (
+    "is not healthy",  # a crashed Python-backend process
+    "has no available versions",  # a stopping server unloading its models (NOT_FOUND)
+)
+
+
 def retryable(error: CellError) -> bool:
-    """A fault of the service rather than of the cell (unreachable, restarting, a crashed
-    backend process): worth sending again after a pause. A refused cell is never retried."""
-    return error.kind == "unavailable" or "is not healthy" in error.message
+    """A fault of the service rather than of the cell (unreachable, restarting or stopping, a
+    crashed backend process): worth sending again after a pause. A refused cell is never retried."""
+    return error.kind == "unavailable" or any(s in error.message for s in STOPPING)
 
 
 class Backoff:
@@ -102,11 +110,15 @@ def _cell(ct_bytes, meta, rgb_bytes, cell_id) -> Cell:
 
 
 class InspectionClient:
-    """Synchronous client (thread-safe: `inspect_many` runs requests from a thread pool)."""
+    """Synchronous client (thread-safe: `inspect_many` runs requests from a thread pool).
+
+    `url`: one server's HOST:PORT, several replicas' (a list, or separated by commas), or
+    dns:///NAME:PORT for every address of a name; requests are spread over them and moved off
+    a replica that fails (client/channel.py)."""
 
     def __init__(
         self,
-        url: str = "localhost:8001",
+        url: str | list[str] = "localhost:8001",
         model: str = api.INSPECT,
         timeout: float = 60.0,
         heatmaps: bool = True,
@@ -116,7 +128,9 @@ class InspectionClient:
     ):
         self.url, self.model, self.timeout, self.heatmaps = url, model, timeout, heatmaps
         self.backoff = backoff or Backoff()
-        self._client = grpcclient.InferenceServerClient(url, ssl=ssl, root_certificates=root_certificates)
+        self._client = grpcclient.InferenceServerClient(
+            channel.target(url), ssl=ssl, root_certificates=root_certificates, channel_args=channel.channel_args()
+        )
 
     def ready(self) -> bool:
         """Whether the server is up and the inspect model is ready."""
@@ -259,7 +273,7 @@ class AsyncInspectionClient:
 
     def __init__(
         self,
-        url: str = "localhost:8001",
+        url: str | list[str] = "localhost:8001",
         model: str = api.INSPECT,
         timeout: float = 60.0,
         heatmaps: bool = True,
@@ -270,7 +284,9 @@ class AsyncInspectionClient:
 
         self.url, self.model, self.timeout, self.heatmaps = url, model, timeout, heatmaps
         self.backoff = backoff or Backoff()
-        self._client = aio.InferenceServerClient(url, ssl=ssl, root_certificates=root_certificates)
+        self._client = aio.InferenceServerClient(
+            channel.target(url), ssl=ssl, root_certificates=root_certificates, channel_args=channel.channel_args()
+        )
 
     async def ready(self) -> bool:
         try:

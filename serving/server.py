@@ -215,8 +215,14 @@ class TritonServer:
     """A tritonserver process: `with TritonServer(repo, ports) as server: ...`."""
 
     def __init__(
-        self, repository: str | Path, ports: Ports = Ports(), log_path: str | Path | None = None, extra: list[str] = ()
+        self,
+        repository: str | Path,
+        ports: Ports = Ports(),
+        log_path: str | Path | None = None,
+        extra: list[str] = (),
+        cpus: str | None = None,
     ):
+        self.cpus = cpus  # e.g. "0" or "2-3": the server and its backend processes run only there (taskset)
         self.repository = Path(repository)
         self.ports = ports
         self.log_path = Path(log_path) if log_path else None
@@ -237,6 +243,8 @@ class TritonServer:
         if busy:
             raise RuntimeError(f"port {', '.join(busy)} already in use: stop what listens there or choose other ports")
         cmd, env = server_command(self.repository, self.ports, self.extra)
+        if self.cpus is not None:
+            cmd = ["taskset", "--cpu-list", self.cpus, *cmd]
         if foreground:
             out = None
         else:

@@ -14,6 +14,8 @@ from pathlib import Path
 
 import yaml
 
+from client.channel import addresses, host_port
+
 # role -> default node name under the station's prefix
 INPUT_NODES = {
     "trigger": "Trigger",
@@ -80,7 +82,7 @@ class Plc:
 
 @dataclass(frozen=True)
 class Triton:
-    url: str = "localhost:8001"
+    url: str = "localhost:8001"  # or several replicas, separated by commas, or dns:///NAME:PORT
     timeout_s: float = 10.0
     tls_ca: Path | None = None
     concurrency: int = 8  # cells in flight to Triton
@@ -120,6 +122,20 @@ def _pair(value, where: str) -> tuple[float, float]:
     if not (isinstance(value, (list, tuple)) and len(value) == 2 and all(isinstance(v, (int, float)) for v in value)):
         raise ConfigError(f"{where}: expected two numbers, got {value!r}")
     return float(value[0]), float(value[1])
+
+
+def _replicas(url) -> str:
+    """triton.url: one HOST:PORT, several (a list, or separated by commas), or dns:///NAME:PORT."""
+    try:
+        parts = addresses(url if isinstance(url, (str, list)) else str(url))
+        if len(parts) > 1:
+            for part in parts:
+                if "://" in part:
+                    raise ValueError(f"{part!r}: a dns:/// name stands alone, not in a list")
+                host_port(part)
+    except ValueError as e:
+        raise ConfigError(f"triton.url: {e}") from None
+    return ",".join(parts)
 
 
 def _station(raw: dict, i: int, base: Path) -> Station:
@@ -187,6 +203,8 @@ def parse_config(raw: dict, base: Path = Path(".")) -> GatewayConfig:
     if len(set(names)) != len(names):
         raise ConfigError(f"stations: names must be unique, got {names}")
     triton = dict(raw.pop("triton", {}) or {})
+    if "url" in triton:
+        triton["url"] = _replicas(triton["url"])
     if "retry_s" in triton:
         triton["retry_s"] = _pair(triton["retry_s"], "triton.retry_s")
     if triton.get("tls_ca"):

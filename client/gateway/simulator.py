@@ -56,6 +56,7 @@ class Result:
     error: str
     counter: int
     seconds: float  # Trigger raised -> result seen (nan when the cell was not sent by this simulator)
+    triggered: float = float("nan")  # time.monotonic() when Trigger was raised (nan as above)
 
 
 @dataclass
@@ -197,6 +198,7 @@ class PlcSimulator:
                         await nodes["error"].read_value() if "error" in nodes else "",
                         int(counter),
                         time.monotonic() - sent if sent is not None else float("nan"),
+                        sent if sent is not None else float("nan"),
                     )
                 )
                 if "result_ack" in nodes:
@@ -218,17 +220,27 @@ class PlcSimulator:
 
 
 async def run_line(
-    sim: PlcSimulator, cells, rate: float, seconds: float | None = None, count: int | None = None, on_result=None
+    sim: PlcSimulator,
+    cells,
+    rate: float,
+    seconds: float | None = None,
+    count: int | None = None,
+    on_result=None,
+    stop: asyncio.Event | None = None,
 ) -> int:
     """Send cells ((cell_id, ct, rgb, meta), cycled, ids made unique) round-robin over the
-    stations at `rate` cells/s for `seconds` or `count` cells (default: each cell once); how
-    many were sent."""
-    if seconds is None and count is None:
+    stations at `rate` cells/s for `seconds`, `count` cells or until `stop` is set (default:
+    each cell once); how many were sent."""
+    if seconds is None and count is None and stop is None:
         count = len(cells)
     stations = list(sim.lines)
     start, sent = time.monotonic(), 0
     sends: list[asyncio.Task] = []
-    while (count is None or sent < count) and (seconds is None or time.monotonic() - start < seconds):
+    while (
+        (count is None or sent < count)
+        and (seconds is None or time.monotonic() - start < seconds)
+        and not (stop is not None and stop.is_set())
+    ):
         due = start + sent / rate
         if due > time.monotonic():
             await asyncio.sleep(due - time.monotonic())
