@@ -209,5 +209,10 @@ def test_the_probe_cell_passes_the_services_input_checks_and_the_http_probe_agre
     with TritonServer(setup["repo"], Ports(*free_ports(3)), log_path=tmp_path / "tritonserver.log") as server:
         assert probe_http(f"127.0.0.1:{server.ports.http}")[0] is None
         assert probe_grpc(server.grpc_url)[0] is None
+        liveness = [sys.executable, "-m", "serving.probe", "--url", server.grpc_url]  # the Kubernetes exec probe
+        ok = subprocess.run(liveness, capture_output=True, text=True, timeout=60)
+        assert ok.returncode == 0 and ok.stdout.startswith("probe ok"), ok.stderr
     reason, _ = probe_http(f"127.0.0.1:{server.ports.http}", timeout=2)
     assert reason  # nothing listens any more: the probe says so instead of raising
+    failed = subprocess.run([*liveness, "--timeout", "2"], capture_output=True, text=True, timeout=60)
+    assert failed.returncode == 1 and "probe failed" in failed.stderr

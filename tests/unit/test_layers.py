@@ -5,7 +5,9 @@ with training/ and export/ absent."""
 from __future__ import annotations
 
 import ast
+import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -250,3 +252,68 @@ def test_the_client_command_line_starts_without_torch():
     out = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "[]"
+
+
+def _closure(requirements: list[str]) -> set[str]:
+    """The distributions pip installs for `requirements` (name[extras]==version), as this
+    environment's metadata declares them: the packages and what they require, transitively."""
+    from importlib import metadata  # noqa: PLC0415
+
+    from packaging.requirements import Requirement  # noqa: PLC0415
+    from packaging.utils import canonicalize_name  # noqa: PLC0415
+
+    seen: set[str] = set()
+    todo = [Requirement(r) for r in requirements]
+    while todo:
+        req = todo.pop()
+        name = canonicalize_name(req.name)
+        key = name + "[" + ",".join(sorted(req.extras)) + "]"
+        if key in seen:
+            continue
+        seen.add(key)
+        seen.add(name)
+        for text in metadata.requires(req.name) or []:
+            dep = Requirement(text)
+            if dep.marker is None or any(dep.marker.evaluate({"extra": e}) for e in ("", *req.extras)):
+                todo.append(dep)
+    return {s for s in seen if "[" not in s}
+
+
+def test_the_gateway_image_holds_what_the_gateway_runs(tmp_path):
+    """docker/Dockerfile.gateway copies core/, ensemble/ and client/ and installs a short list of
+    packages; with only those folders, `python -m client gateway --help` starts and every
+    third-party module the gateway imports comes from a listed package or one it requires."""
+    dockerfile = (ROOT / "docker" / "Dockerfile.gateway").read_text()
+    copied = re.findall(r"^COPY (\w+) /opt/battery/\1$", dockerfile, re.M)
+    assert set(copied) == {"core", "ensemble", "client"}
+    for name in copied:
+        shutil.copytree(ROOT / name, tmp_path / "battery" / name, ignore=shutil.ignore_patterns("__pycache__"))
+    install = " ".join(re.findall(r"pip install --no-cache-dir ((?:[^&\\\n]|\\\n)+)", dockerfile)[0].split("\\\n"))
+    listed = [p.strip('"') for p in install.split()]
+    assert "tritonclient[grpc]==2.51.0" in listed and not any(p.startswith("torch") for p in listed)
+    allowed = _closure(listed)
+    body = (
+        "import json, sys\n"
+        "from importlib import metadata\n"
+        "from client.__main__ import main\n"
+        "import client.gateway.gateway\n"
+        "try:\n"
+        "    main(['gateway', '--help'])\n"
+        "except SystemExit as e:\n"
+        "    assert e.code == 0\n"
+        "ours = {'client', 'core', 'ensemble'}\n"
+        "top = {m.split('.')[0] for m in sys.modules} - set(sys.stdlib_module_names) - ours\n"
+        "dists = metadata.packages_distributions()\n"
+        "print(json.dumps({m: dists.get(m, []) for m in sorted(top) if not m.startswith('_')}))\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"} | {"PYTHONPATH": str(tmp_path / "battery")}
+    # brotli: urllib3 uses it where it is installed, and does without
+    absent = ("torch", "training", "export", "serving", "benchmarks", "transformers", "timm", "onnxruntime", "brotli")
+    out = run_without(absent, body, cwd=tmp_path, env=env)
+    assert out.returncode == 0, out.stderr
+    modules = json.loads(out.stdout.strip().splitlines()[-1])
+    from packaging.utils import canonicalize_name  # noqa: PLC0415
+
+    outside = {m: d for m, d in modules.items() if d and not {canonicalize_name(x) for x in d} & allowed and m != "pip"}
+    assert outside == {}, f"imported by the gateway but not installed in its image: {outside}"
+    assert {"asyncua", "tritonclient", "yaml"} <= set(modules)
