@@ -53,10 +53,11 @@ def _cpuinfo() -> tuple[str, set[str]]:
 
 def instruction_set() -> str:
     """The vector instructions that decide this CPU's speed, as every figure names them:
-    "AVX-512 VNNI", "AVX-512 (no VNNI)", "AVX2 + AVX-VNNI" or "AVX2 (no VNNI)"."""
+    "AVX-512 VNNI + AMX", "AVX-512 VNNI", "AVX-512 (no VNNI)", "AVX2 + AVX-VNNI" or "AVX2 (no VNNI)"."""
     _, flags = _cpuinfo()
     if "avx512f" in flags:
-        return "AVX-512 VNNI" if "avx512_vnni" in flags else "AVX-512 (no VNNI)"
+        amx = " + AMX" if "amx_int8" in flags else ""
+        return "AVX-512 VNNI" + amx if "avx512_vnni" in flags else "AVX-512 (no VNNI)" + amx
     if "avx2" in flags:
         return "AVX2 + AVX-VNNI" if "avx_vnni" in flags else "AVX2 (no VNNI)"
     return "no AVX2"

@@ -414,6 +414,28 @@ def summary(r: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def write_results(out: dict, folder: Path, settings: dict, cpus: list, machine: str) -> str:
+    """plant.json and summary.md in `folder` from what run_plant returned; the summary's text."""
+    steady = out["traffic"].get("steady", [])
+    result = {
+        "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "machine": machine,
+        "cpus": cpus,
+        "settings": {k: v for k, v in settings.items() if k != "func"},
+        "sent": out["sent"],
+        "answered": out["answered"],
+        "phases": out["phases"],
+        "events": out["events"],
+        "traffic": out["traffic"],
+        "steady_evenness": evenness(steady) if steady else float("nan"),
+        "exactly_once": out["exactly_once"],
+    }
+    text = summary(result)
+    (folder / "summary.md").write_text(text)
+    (folder / "plant.json").write_text(json.dumps(result, indent=2, default=str))
+    return text
+
+
 def main(argv=None) -> int:
     from benchmarks import measure  # noqa: PLC0415
     from benchmarks.serving import prepare  # noqa: PLC0415
@@ -437,23 +459,7 @@ def main(argv=None) -> int:
         )
     finally:
         replicas.stop()
-    steady = out["traffic"].get("steady", [])
-    result = {
-        "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        "machine": machine_line(measure.machine()),
-        "cpus": cpus,
-        "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k != "func"},
-        "sent": out["sent"],
-        "answered": out["answered"],
-        "phases": out["phases"],
-        "events": out["events"],
-        "traffic": out["traffic"],
-        "steady_evenness": evenness(steady) if steady else float("nan"),
-        "exactly_once": out["exactly_once"],
-    }
-    (folder / "plant.json").write_text(json.dumps(result, indent=2))
-    text = summary(result)
-    (folder / "summary.md").write_text(text)
+    text = write_results(out, folder, vars(args), cpus, machine_line(measure.machine()))
     print(text)
     print(f"results: {folder}")
     eo = out["exactly_once"]

@@ -9,6 +9,7 @@ twice, and each answer must be the one the service gives the cell when nothing g
 from __future__ import annotations
 
 import asyncio
+import json
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -16,7 +17,7 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 import tritonclient.grpc as grpcclient
 
-from benchmarks.plant import Replicas, cpu_lists, evenness, run_plant
+from benchmarks.plant import Replicas, cpu_lists, evenness, run_plant, write_results
 from client.dataset import pair_cells
 from client.inspection import Cell, CellError, Inspection
 from client.service import Backoff, InspectionClient
@@ -101,5 +102,11 @@ def test_a_plant_loses_no_cell_and_answers_none_twice_through_kill_restart_drain
         for server in replicas.servers:  # the new version serves on every replica, the old one is retired
             with grpcclient.InferenceServerClient(server.grpc_url) as c:
                 assert c.is_model_ready(api.CT_CLASSIFIER, "2") and not c.is_model_ready(api.CT_CLASSIFIER, "1")
+        # what the benchmark command writes from it
+        settings = {"stations": 3, "rate": 6.0, "replicas": 2, "repository": tmp_path}
+        text = write_results(out, tmp_path, settings, ["0", "1"], "this machine")
+        assert "**0 lost, 0 answered twice**" in text and "| kill |" in text and "| rollout |" in text
+        saved = json.loads((tmp_path / "plant.json").read_text())
+        assert saved["exactly_once"] == {"lost": [], "twice": []} and saved["steady_evenness"] <= 0.2
     finally:
         replicas.stop()
