@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import signal
 from pathlib import Path
 
 from prometheus_client import start_http_server
 
+from client.channel import addresses
 from client.dataset import pair_cells
 from client.gateway.config import ConfigError, load_config
 from client.gateway.gateway import Gateway, triton_client
@@ -114,13 +116,15 @@ async def _check(cfg) -> int:
     finally:
         await client.disconnect()
     t = cfg.triton
-    async with triton_client(t) as c:
-        ready = await c.ready()
-    print(
-        f"  {'ok  ' if ready else 'FAIL'}  Triton {t.url}: "
-        f"{'inspect is ready' if ready else 'not ready (start it with make serve)'}"
-    )
-    problems += not ready
+    replicas = addresses(t.url)  # each replica of a list on its own; a dns:/// name as a whole
+    for url in replicas if len(replicas) > 1 else [t.url]:
+        async with triton_client(dataclasses.replace(t, url=url)) as c:
+            ready = await c.ready()
+        print(
+            f"  {'ok  ' if ready else 'FAIL'}  Triton {url}: "
+            f"{'inspect is ready' if ready else 'not ready (start it with make serve)'}"
+        )
+        problems += not ready
     print("all good" if not problems else f"{problems} problem(s)")
     return 0 if not problems else 1
 

@@ -562,6 +562,8 @@ def test_check_reads_every_node_and_names_the_ones_that_are_wrong(service, tmp_p
     good = tmp_path / "good.yaml"
     good.write_text(yaml.safe_dump(cfg))
     cfg["stations"][0]["nodes"] = {"verdict": "ns=2;s=Line1.s1.NoSuchNode"}
+    dead = f"127.0.0.1:{_port()}"  # a second replica where nothing listens: each replica is checked
+    cfg["triton"]["url"] = [service["server"].grpc_url, dead]
     bad = tmp_path / "bad.yaml"
     bad.write_text(yaml.safe_dump(cfg))
 
@@ -590,6 +592,8 @@ def test_check_reads_every_node_and_names_the_ones_that_are_wrong(service, tmp_p
     (ok_code, ok_out), (bad_code, bad_out) = asyncio.run(run())
     assert ok_code == 0 and "all good" in ok_out and ok_out.count("  ok ") == 13, ok_out
     assert bad_code == 1 and "FAIL" in bad_out and "NoSuchNode" in bad_out, bad_out
+    assert f"ok    Triton {service['server'].grpc_url}: inspect is ready" in bad_out, bad_out
+    assert f"FAIL  Triton {dead}: not ready" in bad_out, bad_out
 
 
 @pytest.mark.parametrize(
