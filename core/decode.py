@@ -32,7 +32,12 @@ SCALES = (1, 2, 4, 8)  # the reductions JPEG decodes in the DCT domain; the othe
 
 
 class ImageError(ValueError):
-    """A request's image cannot be used; the message names the reason."""
+    """A request's image cannot be used; the message names the problem, `reason` is its kind
+    (one of core.interface.REFUSAL_REASONS, for the refusal metrics)."""
+
+    def __init__(self, message: str, reason: str = "not_an_image"):
+        super().__init__(message)
+        self.reason = reason
 
 
 @dataclass(frozen=True)
@@ -156,7 +161,7 @@ class Source:
                 im = Image.open(io.BytesIO(data))
                 _check_size(im.width, im.height, limits, what)
                 if getattr(im, "n_frames", 1) > 1:
-                    raise ImageError(f"{what} has {im.n_frames} frames; send one slice per request")
+                    raise ImageError(f"{what} has {im.n_frames} frames; send one slice per request", "multi_frame")
                 self.width, self.height = im.width, im.height
 
     def decode(self, scale: int = 1) -> Decoded:
@@ -244,18 +249,22 @@ def _first_bytes(data: bytes) -> str:
 
 def _check_size(width: int, height: int, limits: Limits, what: str) -> None:
     if width * height > limits.max_pixels:
-        raise ImageError(f"{what} is {width}x{height} = {width * height} pixels, over the limit of {limits.max_pixels}")
+        raise ImageError(
+            f"{what} is {width}x{height} = {width * height} pixels, over the limit of {limits.max_pixels}", "too_large"
+        )
     if min(width, height) < limits.min_side:
-        raise ImageError(f"{what} is {width}x{height}; both sides must be at least {limits.min_side} pixels")
+        raise ImageError(
+            f"{what} is {width}x{height}; both sides must be at least {limits.min_side} pixels", "too_small"
+        )
 
 
 def _check_bytes(data: bytes, limits: Limits, what: str) -> None:
     if not isinstance(data, (bytes, bytearray, memoryview)):
-        raise ImageError(f"{what} must be bytes, got {type(data).__name__}")
+        raise ImageError(f"{what} must be bytes, got {type(data).__name__}", "not_bytes")
     if len(data) == 0:
-        raise ImageError(f"{what} is empty")
+        raise ImageError(f"{what} is empty", "empty")
     if len(data) > limits.max_bytes:
-        raise ImageError(f"{what} is {len(data)} bytes, over the limit of {limits.max_bytes}")
+        raise ImageError(f"{what} is {len(data)} bytes, over the limit of {limits.max_bytes}", "too_large")
 
 
 class _pil_errors:
@@ -274,7 +283,7 @@ class _pil_errors:
         if e is None or isinstance(e, ImageError):
             return False
         if isinstance(e, (Image.DecompressionBombError, Image.DecompressionBombWarning)):
-            raise ImageError(f"{self.what} is too large to decode safely: {e}") from None
+            raise ImageError(f"{self.what} is too large to decode safely: {e}", "too_large") from None
         if isinstance(e, Exception):  # PIL raises OSError, SyntaxError, ValueError...
             raise ImageError(f"{self.what} could not be decoded ({type(e).__name__}: {e})") from None
         return False
@@ -291,10 +300,13 @@ def _read_dicom(data: bytes, limits: Limits, what: str):
     rows, cols = int(ds.get("Rows", 0)), int(ds.get("Columns", 0))
     _check_size(cols, rows, limits, what)
     if int(ds.get("NumberOfFrames", 1) or 1) > 1:
-        raise ImageError(f"{what} is a multi-frame DICOM ({ds.NumberOfFrames} frames); send one slice per request")
+        raise ImageError(
+            f"{what} is a multi-frame DICOM ({ds.NumberOfFrames} frames); send one slice per request", "multi_frame"
+        )
     if int(ds.get("SamplesPerPixel", 1)) != 1:
         raise ImageError(
-            f"{what} is a DICOM with {ds.SamplesPerPixel} samples per pixel; a CT slice must be monochrome"
+            f"{what} is a DICOM with {ds.SamplesPerPixel} samples per pixel; a CT slice must be monochrome",
+            "not_monochrome",
         )
     return ds
 

@@ -36,6 +36,36 @@ RGB_OOD = "RGB_OOD"  # FP32 [1]: out-of-distribution score of the photo, >= 1 no
 CT_TENSOR = "CT_TENSOR"  # FP32 [1, S, S], normalised crop
 RGB_TENSOR = "RGB_TENSOR"  # FP32 [3, S, S], crop in 0..1
 
+# why the service refused a request (`battery_refused_total{reason}`, docs/interface.md): every
+# refusal of the preprocessing, the metadata check or a network has exactly one of these
+REFUSAL_REASONS = (
+    "empty",  # an image of 0 bytes
+    "not_bytes",  # an image sent as a text string
+    "not_an_image",  # bytes that are no PNG, JPEG, TIFF or DICOM, or that do not decode
+    "too_large",  # over the byte or pixel limit, or a decompression bomb
+    "too_small",  # a side under the minimum
+    "multi_frame",  # several frames or slices in one image
+    "not_monochrome",  # a colour DICOM sent as the CT slice
+    "blank",  # every pixel equal
+    "no_battery",  # the battery search found nothing
+    "placement",  # a battery placed where no training image had it
+    "metadata",  # CT_META of a wrong dtype or shape, NaN, or out of range
+    "inference",  # a network could not run the request
+)
+
+# the networks' results on their way to `verdict`, which hands them on as the public outputs:
+# an ensemble output that another step also reads makes Triton 2.51 prune the step that
+# produces it when a client asks for a subset of the outputs (the request then fails with
+# "unexpected deadlock"); so every public output of `inspect` and `inspect_rgb` comes from
+# `verdict`, and every subset of them works
+PASSED_THROUGH = ("CT_PROBS", "RGB_SCORE", "CT_CAM", "RGB_ERROR_MAP", "CT_OOD", "RGB_OOD")
+
+
+def internal(name: str) -> str:
+    """The internal tensor that carries a network's output `name` to `verdict` ("ct_probs")."""
+    return name.lower()
+
+
 INSPECT_CT_OUTPUTS = (CT_PROBS, CT_CAM, CT_OOD)
 INSPECT_RGB_OUTPUTS = (RGB_SCORE, RGB_THRESHOLD, RGB_ERROR_MAP, RGB_OOD)
 INSPECT_OUTPUTS = (VERDICT, CONFIDENCE, CT_PROBS, RGB_SCORE, RGB_THRESHOLD, CT_CAM, RGB_ERROR_MAP, CT_OOD, RGB_OOD)

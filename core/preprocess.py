@@ -249,7 +249,9 @@ def check_frame(facts: dict[str, float] | None, frame: dict | None, what: str) -
     if not frame:
         return
     if facts is None:
-        raise ImageError(f"{what}: no battery found in the image (an empty station, or not a battery cell)")
+        raise ImageError(
+            f"{what}: no battery found in the image (an empty station, or not a battery cell)", "no_battery"
+        )
     for name, (lo, hi) in frame["ranges"].items():
         v = facts[name]
         if not lo <= v <= hi:
@@ -258,7 +260,8 @@ def check_frame(facts: dict[str, float] | None, frame: dict | None, what: str) -
             raise ImageError(
                 f"{what}: not inspectable as placed: {sentence.format(number.format(value))}, where the model "
                 f"knows {number.format(lo)}-{number.format(hi)} (not a battery cell, cut off, or another set-up "
-                "than training)"
+                "than training)",
+                "placement",
             )
 
 
@@ -287,7 +290,8 @@ def _not_blank(image: np.ndarray, what: str) -> np.ndarray:
     if low == high:
         value = low if image.dtype.kind in "ui" else round(float(low) * 255)  # a box-reduced 16-bit image is 0..1
         raise ImageError(
-            f"{what} is blank: every pixel is {value} (a camera or reconstruction fault); nothing to inspect"
+            f"{what} is blank: every pixel is {value} (a camera or reconstruction fault); nothing to inspect",
+            "blank",
         )
     return image
 

@@ -153,17 +153,26 @@ def model_specs(
     def identity(*names):
         return {n: n for n in names}
 
+    def internal(*names):  # a network's outputs on their way to `verdict` (api.PASSED_THROUGH says why)
+        return {n: api.internal(n) for n in names}
+
+    def from_internal(*names):  # `verdict` reads them under the same internal names
+        return {api.internal(n): api.internal(n) for n in names}
+
+    ct_outputs = (api.CT_PROBS, api.CT_CAM, api.CT_OOD)
+    rgb_outputs = (api.RGB_SCORE, api.RGB_ERROR_MAP, api.RGB_OOD)
     ct_pre = Step(api.CT_PREPROCESS, identity(api.CT_IMAGE, api.CT_META), identity(api.CT_TENSOR))
-    ct_net = Step(
-        api.CT_CLASSIFIER, identity(api.CT_TENSOR, api.CT_META), identity(api.CT_PROBS, api.CT_CAM, api.CT_OOD)
-    )
+    ct_net = Step(api.CT_CLASSIFIER, identity(api.CT_TENSOR, api.CT_META), identity(*ct_outputs))
     rgb_pre = Step(api.RGB_PREPROCESS, identity(api.RGB_IMAGE), identity(api.RGB_TENSOR))
     both_pre = Step(
         api.PREPROCESS, identity(api.CT_IMAGE, api.CT_META, api.RGB_IMAGE), identity(api.CT_TENSOR, api.RGB_TENSOR)
     )
-    rgb_net = Step(
-        api.RGB_AUTOENCODER, identity(api.RGB_TENSOR), identity(api.RGB_SCORE, api.RGB_ERROR_MAP, api.RGB_OOD)
-    )
+    ct_net_to_verdict = Step(api.CT_CLASSIFIER, identity(api.CT_TENSOR, api.CT_META), internal(*ct_outputs))
+    rgb_net_to_verdict = Step(api.RGB_AUTOENCODER, identity(api.RGB_TENSOR), internal(*rgb_outputs))
+
+    def passed(name: str, optional: bool = True) -> Tensor:  # a verdict input: a network's output, internal name
+        return Tensor(api.internal(name), t[name].dtype, t[name].dims, optional=optional)
+
     mb = tuning.max_batch_size
     return [
         ModelSpec(
@@ -199,13 +208,11 @@ def model_specs(
         ModelSpec(
             api.VERDICT_MODEL,
             (
-                Tensor(api.CT_PROBS, "FP32", (n_classes,), optional=True),
-                t[api.RGB_SCORE],
+                passed(api.RGB_SCORE, optional=False),
                 Tensor(api.CT_META, "FP32", (2,), optional=True),
-                Tensor(api.CT_OOD, "FP32", (1,), optional=True),
-                Tensor(api.RGB_OOD, "FP32", (1,), optional=True),
+                *(passed(n) for n in (api.CT_PROBS, api.CT_CAM, api.RGB_ERROR_MAP, api.CT_OOD, api.RGB_OOD)),
             ),
-            ts(api.VERDICT, api.CONFIDENCE, api.RGB_THRESHOLD),
+            ts(*api.INSPECT_OUTPUTS),
             batching=batching,
             parameters={"rule": rule_json},
         ),
@@ -215,12 +222,12 @@ def model_specs(
             ts(*api.INSPECT_OUTPUTS),
             (
                 both_pre,
-                ct_net,
-                rgb_net,
+                ct_net_to_verdict,
+                rgb_net_to_verdict,
                 Step(
                     api.VERDICT_MODEL,
-                    identity(api.CT_PROBS, api.RGB_SCORE, api.CT_META, api.CT_OOD, api.RGB_OOD),
-                    identity(api.VERDICT, api.CONFIDENCE, api.RGB_THRESHOLD),
+                    identity(api.CT_META) | from_internal(*ct_outputs, *rgb_outputs),
+                    identity(*api.INSPECT_OUTPUTS),
                 ),
             ),
             mb,
@@ -232,8 +239,8 @@ def model_specs(
             ts(*api.INSPECT_RGB_OUTPUTS),
             (
                 rgb_pre,
-                rgb_net,
-                Step(api.VERDICT_MODEL, identity(api.RGB_SCORE, api.RGB_OOD), identity(api.RGB_THRESHOLD)),
+                rgb_net_to_verdict,
+                Step(api.VERDICT_MODEL, from_internal(*rgb_outputs), identity(*api.INSPECT_RGB_OUTPUTS)),
             ),
             mb,
         ),

@@ -19,7 +19,12 @@ from ensemble.rule import VerdictRule, apply_ood, decide, rgb_anomalous, rgb_con
 
 
 class RequestError(ValueError):
-    """A request that cannot be answered; the message is sent back to the client."""
+    """A request that cannot be answered; the message is sent back to the client, `reason`
+    (one of core.interface.REFUSAL_REASONS) is what the refusal metrics count."""
+
+    def __init__(self, message: str, reason: str):
+        super().__init__(message)
+        self.reason = reason
 
 
 def check_meta(meta: np.ndarray) -> np.ndarray:
@@ -29,19 +34,20 @@ def check_meta(meta: np.ndarray) -> np.ndarray:
     client can answer the others (`InspectionClient.inspect_cells`)."""
     meta = np.asarray(meta)
     if meta.dtype != np.float32:
-        raise RequestError(f"CT_META must be FP32, got {meta.dtype}")
+        raise RequestError(f"CT_META must be FP32, got {meta.dtype}", "metadata")
     if meta.ndim != 2 or meta.shape[1] != 2:
         raise RequestError(
-            f"CT_META must hold 2 values per cell [battery_type, slice_axis], got shape {list(meta.shape[1:])}"
+            f"CT_META must hold 2 values per cell [battery_type, slice_axis], got shape {list(meta.shape[1:])}",
+            "metadata",
         )
     for i, row in enumerate(meta):
         where = f"cell {i}: " if len(meta) > 1 else ""
         if not np.isfinite(row).all():
-            raise RequestError(f"{where}CT_META contains NaN or infinity: {row.tolist()}")
+            raise RequestError(f"{where}CT_META contains NaN or infinity: {row.tolist()}", "metadata")
         for value, (name, values) in zip(row, (("battery_type", BATTERY_TYPES), ("slice_axis", SLICE_AXES))):
             if value != round(float(value)) or not 0 <= value < len(values):
                 choices = ", ".join(f"{k} {n}" for k, n in enumerate(values))
-                raise RequestError(f"{where}CT_META {name} must be one of {choices}; got {float(value)}")
+                raise RequestError(f"{where}CT_META {name} must be one of {choices}; got {float(value)}", "metadata")
     return meta
 
 
@@ -49,7 +55,7 @@ def _image_bytes(item) -> bytes:
     if isinstance(item, np.ndarray):
         item = item.item() if item.size == 1 else item.tobytes()
     if isinstance(item, str):
-        raise RequestError("image must be sent as raw bytes (BYTES tensor), got a text string")
+        raise RequestError("image must be sent as raw bytes (BYTES tensor), got a text string", "not_bytes")
     return bytes(item)
 
 
@@ -71,7 +77,8 @@ def _encoded_batch(images: np.ndarray, one_cell, facts: ServingFacts, limits: Li
         try:
             out.append(one_cell(_image_bytes(item), facts, limits))
         except (ImageError, ValueError) as e:
-            raise RequestError(f"cell {i}: {e}" if len(images) > 1 else str(e)) from None
+            reason = e.reason if isinstance(e, (ImageError, RequestError)) else "not_an_image"
+            raise RequestError(f"cell {i}: {e}" if len(images) > 1 else str(e), reason) from None
     return np.stack(out).astype(np.float32, copy=False)
 
 
@@ -151,7 +158,7 @@ class OrtRunner:
             outputs = self.session.run(self.outputs, joined)
         except Exception as e:
             if len(requests) == 1:  # nothing to isolate: its error is this one
-                return [RequestError(f"inference failed: {e}")]
+                return [RequestError(f"inference failed: {e}", "inference")]
             return [self._run_one(r) for r in requests]
         bounds = np.cumsum([0, *sizes])
         return [{n: o[a:b] for n, o in zip(self.outputs, outputs)} for a, b in zip(bounds[:-1], bounds[1:])]
@@ -160,7 +167,7 @@ class OrtRunner:
         try:
             return dict(zip(self.outputs, self.session.run(self.outputs, {n: request[n] for n in self.inputs})))
         except Exception as e:
-            return RequestError(f"inference failed: {e}")
+            return RequestError(f"inference failed: {e}", "inference")
 
 
 def verdict_outputs(
@@ -231,19 +238,17 @@ def verdict_tally(
 ) -> dict[str, list]:
     """What the `verdict` model's metrics count for one batch of requests.
 
-    verdicts: (verdict name, battery type) per cell (battery type "unknown" without CT_META,
-    as from `inspect_rgb`); ct_classes: the top CT class per cell that has CT_PROBS;
-    scores: every RGB anomaly score; refused: "ct" / "rgb" per input out of distribution.
+    verdicts: (verdict name, battery type) per whole cell, i.e. per request with CT_PROBS and
+    CT_META (`inspect`; a request of `inspect_rgb` decides only its photo and is not a cell's
+    verdict); ct_classes: the top CT class per cell that has CT_PROBS; scores: every RGB
+    anomaly score; refused: "ct" / "rgb" per input out of distribution.
     """
     verdicts, classes, values, refused = [], [], [], []
     for i, (p, m, out, s) in enumerate(zip(probs, metas, outputs, scores)):
-        codes = np.asarray(out[api.VERDICT]).reshape(-1)
-        types = (
-            ["unknown"] * len(codes)
-            if m is None
-            else [BATTERY_TYPES[int(v)] for v in np.asarray(m).reshape(-1, 2)[:, 0]]
-        )
-        verdicts += [(api.VERDICT_NAMES[int(c)], t) for c, t in zip(codes, types)]
+        if p is not None and m is not None:
+            codes = np.asarray(out[api.VERDICT]).reshape(-1)
+            types = [BATTERY_TYPES[int(v)] for v in np.asarray(m).reshape(-1, 2)[:, 0]]
+            verdicts += [(api.VERDICT_NAMES[int(c)], t) for c, t in zip(codes, types)]
         if p is not None:
             classes += [rule.class_names[int(i)] for i in np.asarray(p).argmax(axis=1)]
         values += [float(v) for v in np.asarray(s).reshape(-1)]

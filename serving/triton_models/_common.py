@@ -5,6 +5,7 @@ import json
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
+from core import interface as api
 from core.decode import Limits
 from core.facts import CONFIG_KEY, ServingFacts
 from serving.runtime import RequestError
@@ -25,6 +26,26 @@ def response(outputs: dict):
     )
 
 
+class Refusals:
+    """`battery_refused_total{model, reason}`: the requests this model refused (INVALID_ARGUMENT),
+    by reason (core.interface.REFUSAL_REASONS); every reason at 0 from the start, so a rate over
+    it exists before the first refusal. The instances of a model count into the same series."""
+
+    def __init__(self, model: str):
+        self.family = pb_utils.MetricFamily(
+            name="battery_refused_total",
+            description="Requests refused with INVALID_ARGUMENT, by the model that refused them and the reason",
+            kind=pb_utils.MetricFamily.COUNTER,
+        )
+        self.metrics = {r: self.family.Metric(labels={"model": model, "reason": r}) for r in api.REFUSAL_REASONS}
+
+    def error(self, e: RequestError):
+        """The error response for `e`, counted."""
+        reason = getattr(e, "reason", None)
+        self.metrics[reason if reason in self.metrics else "not_an_image"].increment(1)
+        return error(str(e))
+
+
 def input_array(request, name: str):
     tensor = pb_utils.get_input_tensor_by_name(request, name)
     return None if tensor is None else tensor.as_numpy()
@@ -43,6 +64,7 @@ class PreprocessModel:
         self.facts = ServingFacts.from_json(params[CONFIG_KEY]) if CONFIG_KEY in params else None
         self.both = {k[: -len(suffix)]: ServingFacts.from_json(v) for k, v in params.items() if k.endswith(suffix)}
         self.limits = Limits.from_parameters(params)
+        self.refusals = Refusals(args["model_name"])
 
     def tensors(self, request) -> dict:
         raise NotImplementedError
@@ -53,5 +75,5 @@ class PreprocessModel:
             try:
                 responses.append(response(self.tensors(request)))
             except RequestError as e:
-                responses.append(error(str(e)))
+                responses.append(self.refusals.error(e))
         return responses

@@ -1,12 +1,20 @@
-"""CT_PROBS + RGB_SCORE (+ CT_META, CT_OOD, RGB_OOD) -> VERDICT, CONFIDENCE, RGB_THRESHOLD by the rule of `ensemble/`.
+"""The networks' results (+ CT_META) -> VERDICT, CONFIDENCE, RGB_THRESHOLD by the rule of `ensemble/`,
+and the networks' results handed on as the public outputs.
 
-The resolved rule (thresholds included) is the config parameter `rule`. CT_PROBS is
-optional: without it (the `inspect_rgb` ensemble) only the RGB half is decided. CT_META,
-also optional, gives the battery type the metrics are labelled with. CT_OOD and RGB_OOD,
-optional, make the verdict 4 (not_inspectable) where either is >= 1.
+Inputs are the internal tensors `ct_probs`, `rgb_score`, `ct_ood`, `rgb_ood`, `ct_cam`,
+`rgb_error_map` (core.interface.internal) and CT_META; outputs the public tensors. Every
+public output of `inspect` and `inspect_rgb` comes from this step, so Triton runs it (and so
+decides and counts the cell) for any subset of outputs a client asks for
+(core.interface.PASSED_THROUGH says why).
+
+The resolved rule (thresholds included) is the config parameter `rule`. ct_probs is
+optional: without it (the `inspect_rgb` ensemble) only the RGB half is decided. CT_META
+gives the battery type the metrics are labelled with. ct_ood and rgb_ood make the verdict 4
+(not_inspectable) where either is >= 1.
 
 Metrics (Triton's custom metrics API, on Triton's metrics port beside `nv_inference_*`):
-- `battery_verdicts_total{verdict, battery_type}`: cells decided (verdict `not_inspectable` included);
+- `battery_verdicts_total{verdict, battery_type}`: cells decided by `inspect` (verdict
+  `not_inspectable` included); `inspect_rgb` decides only a photo, which is not counted here;
 - `battery_not_inspectable_total{input}`: cells refused, by the input that was out of distribution (`ct`, `rgb`);
 - `battery_ct_class_total{ct_class}`: the CT classifier's top class, per cell with a CT slice;
 - `battery_rgb_anomaly_score`: histogram of the RGB scores, buckets at multiples of the threshold;
@@ -88,14 +96,15 @@ class TritonPythonModel:
         self.metrics = VerdictMetrics(self.rule)
 
     def execute(self, requests):
-        probs = [input_array(r, api.CT_PROBS) for r in requests]
+        given = [{n: input_array(r, api.internal(n)) for n in api.PASSED_THROUGH} for r in requests]
+        probs = [g[api.CT_PROBS] for g in given]
         metas = [input_array(r, api.CT_META) for r in requests]
-        scores = [input_array(r, api.RGB_SCORE) for r in requests]
-        ct_oods = [input_array(r, api.CT_OOD) for r in requests]
-        rgb_oods = [input_array(r, api.RGB_OOD) for r in requests]
+        scores = [g[api.RGB_SCORE] for g in given]
+        ct_oods = [g[api.CT_OOD] for g in given]
+        rgb_oods = [g[api.RGB_OOD] for g in given]
         outputs = verdict_outputs(self.rule, probs, scores, ct_oods, rgb_oods)
         try:
             self.metrics.record(verdict_tally(self.rule, probs, metas, outputs, scores, ct_oods, rgb_oods))
         except Exception as e:  # counting must never cost a cell its answer
             pb_utils.Logger.log_warn(f"verdict metrics not recorded: {e}")
-        return [response(out) for out in outputs]
+        return [response(out | {n: a for n, a in g.items() if a is not None}) for out, g in zip(outputs, given)]

@@ -134,7 +134,8 @@ def test_the_verdict_model_refuses_per_request_in_a_mixed_batch_and_counts_the_r
     assert out[0][api.CONFIDENCE][0, 0] == pytest.approx(1.0)
     tally = verdict_tally(RULE, probs, [np.array([[0, 2], [1, 0]], np.float32), None], out, scores, ct_oods, rgb_oods)
     assert sorted(tally["refused"]) == ["ct", "rgb"]
-    assert ("not_inspectable", "cell") in tally["verdicts"] and ("not_inspectable", "unknown") in tally["verdicts"]
+    # whole cells only: the inspect_rgb request's photo-only answer is no cell's verdict
+    assert tally["verdicts"] == [("not_inspectable", "cell"), ("internal_defect", "module")]
 
 
 def test_the_spread_measured_out_of_sample_is_as_wide_as_what_the_network_did_not_see():
