@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import re
 import shutil
@@ -561,3 +562,72 @@ def test_the_container_pins_the_same_versions_as_the_project():
         "protobuf",
     ):  # both stages pin what decodes and reads configs
         assert len(re.findall(rf"(?i)\b{package}==", dockerfile)) == 2, package
+
+
+def _pruned(config, requested: set[str]) -> set[int]:
+    """The steps tritonserver 2.51 leaves out of an ensemble request that asks for `requested`:
+    a port of the backward traversal in EnsembleContext's constructor (core,
+    src/ensemble_scheduler/ensemble_scheduler.cc, "Prune ensemble first if not all outputs are
+    requested"), including its way of counting: a step goes when as many of its outputs were
+    found unneeded as it has, whether or not another step reads them."""
+    steps = list(config.ensemble_scheduling.step)
+    producer = {t: i for i, s in enumerate(steps) for t in s.output_map.values()}
+    consumers: dict[str, set[int]] = {}
+    for i, s in enumerate(steps):
+        for t in s.input_map.values():
+            consumers.setdefault(t, set()).add(i)
+    ignored = {o.name for o in config.output} - requested
+    left = {}
+    pruned: set[int] = set()
+    while ignored:
+        new = set()
+        for tensor in ignored:
+            i = producer.get(tensor, 0)  # Triton's map yields step 0 for a tensor no step produces
+            left.setdefault(i, len(steps[i].output_map))
+            left[i] -= 1
+            if left[i] == 0:
+                pruned.add(i)
+                for t in steps[i].input_map.values():
+                    consumers[t].discard(i)
+                    if not consumers[t]:
+                        new.add(t)
+        ignored = new
+    return pruned
+
+
+def _stranded(config, requested: set[str]) -> list[str]:
+    """What a request for `requested` would wait for forever ("unexpected deadlock"): a requested
+    output or a kept step's input that only a pruned step produces."""
+    steps = list(config.ensemble_scheduling.step)
+    pruned = _pruned(config, requested)
+    made = {i.name for i in config.input} | {
+        t for k, s in enumerate(steps) if k not in pruned for t in s.output_map.values()
+    }
+    needed = set(requested) | {t for k, s in enumerate(steps) if k not in pruned for t in s.input_map.values()}
+    return sorted(needed - made)
+
+
+def test_every_subset_of_an_ensembles_outputs_keeps_the_steps_it_needs_under_tritons_pruning(repository):
+    """The python-ort repository's ensembles (the native runtimes' are the same files, checked
+    above) under Triton's pruning, for every subset of outputs: nothing stranded, and `inspect`
+    always runs `verdict` (so every cell is decided and counted). The old layout, where
+    `verdict` read CT_PROBS that was also an ensemble output, strands most subsets."""
+    out, _ = repository
+    for name in (api.INSPECT, api.INSPECT_CT, api.INSPECT_RGB):
+        config = parse_pbtxt((out / name / "config.pbtxt").read_text())
+        outputs = [o.name for o in config.output]
+        verdict = [i for i, s in enumerate(config.ensemble_scheduling.step) if s.model_name == api.VERDICT_MODEL]
+        for r in range(1, len(outputs) + 1):
+            for subset in itertools.combinations(outputs, r):
+                assert _stranded(config, set(subset)) == [], (name, subset)
+                if name == api.INSPECT:
+                    assert not set(verdict) & _pruned(config, set(subset)), subset
+    old = parse_pbtxt((out / api.INSPECT_RGB / "config.pbtxt").read_text())
+    rgb_net, verdict_step = old.ensemble_scheduling.step[1], old.ensemble_scheduling.step[2]
+    for tensor in list(rgb_net.output_map):
+        rgb_net.output_map[tensor] = tensor  # the network's outputs straight to the ensemble's
+    verdict_step.ClearField("output_map")
+    verdict_step.output_map[api.RGB_THRESHOLD] = api.RGB_THRESHOLD
+    verdict_step.ClearField("input_map")
+    verdict_step.input_map.update({api.internal(api.RGB_SCORE): api.RGB_SCORE, api.internal(api.RGB_OOD): api.RGB_OOD})
+    assert _stranded(old, {api.RGB_SCORE}) == [api.RGB_SCORE]  # the failure tritonserver showed
