@@ -9,8 +9,12 @@ from __future__ import annotations
 
 import io
 import itertools
+import json
+import subprocess
+import sys
 import time
 import urllib.request
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -20,12 +24,14 @@ from PIL import Image
 from tritonclient.utils import InferenceServerException
 
 from client.dataset import pair_cells
+from client.service import InspectionClient
 from core import interface as api
-from core.preprocess import encoded_ct_input
+from core.preprocess import encoded_ct_input, encoded_rgb_input, fit_frame
 from export.repository import build_repository
 from serving.server import Ports, TritonServer, free_ports
 from tests.support.tiny_models import make_ct_run, make_rgb_run
 
+DOC = Path(__file__).resolve().parents[2] / "docs" / "interface.md"
 ENSEMBLES = {
     api.INSPECT: ((api.CT_IMAGE, api.CT_META, api.RGB_IMAGE), api.INSPECT_OUTPUTS),
     api.INSPECT_CT: ((api.CT_IMAGE, api.CT_META), api.INSPECT_CT_OUTPUTS),
@@ -37,12 +43,24 @@ ENSEMBLES = {
 def service(tmp_path_factory, small_dataset):
     root = tmp_path_factory.mktemp("interface")
     cells, _ = pair_cells(small_dataset[0], progress=False)
-    ct_x = np.stack([encoded_ct_input(c.ct_path.read_bytes(), 64)[0] for c in cells])
+    ct_facts, rgb_facts = [], []
+    ct_x = np.stack([encoded_ct_input(c.ct_path.read_bytes(), 64, facts_out=ct_facts)[0] for c in cells])
+    rgb_x = np.stack([encoded_rgb_input(c.rgb_path.read_bytes(), 64, facts_out=rgb_facts)[0] for c in cells])
     meta = np.array([c.meta for c in cells], np.float32)
-    runs = [  # a CT gate calibrated on the data set's cells, so that verdict 4 can happen
-        make_ct_run(root / "ct", size=64, images=torch.from_numpy(ct_x), meta=torch.from_numpy(meta), gate=True),
-        make_rgb_run(root / "rgb", size=64, threshold=0.05),
-    ]
+    # gates calibrated on the data set's cells (so that verdict 4 can happen) and the placement
+    # check fitted on them, as training does
+    ct_run = make_ct_run(
+        root / "ct",
+        size=64,
+        images=torch.from_numpy(ct_x),
+        meta=torch.from_numpy(meta),
+        gate=True,
+        frame=fit_frame(ct_facts),
+    )
+    rgb_run = make_rgb_run(
+        root / "rgb", size=64, threshold=0.05, images=torch.from_numpy(rgb_x), gate=True, frame=fit_frame(rgb_facts)
+    )
+    runs = [ct_run, rgb_run]
     repo = root / "model_repository"
     build_repository(runs, "python-ort", repo, progress=lambda *_: None)
     server = TritonServer(repo, Ports(*free_ports(3)), log_path=root / "tritonserver.log")
@@ -195,3 +213,132 @@ def test_the_metrics_count_every_cell_decided_whatever_was_asked_and_every_refus
     # Triton's own count: a refused ensemble request counts twice under the ensemble (docs/interface.md)
     refused_inspect = sum(1 for m, _, _ in refusals if m == api.INSPECT)
     assert delta("nv_inference_request_failure", model=api.INSPECT) == 2 * refused_inspect
+
+
+def test_asking_for_no_outputs_returns_all_of_them(service):
+    inputs = _inputs(service["cells"][:1])
+    with grpcclient.InferenceServerClient(service["server"].grpc_url) as client:
+        for model, (names, outputs) in ENSEMBLES.items():
+            tensors = []
+            for name in names:
+                t = grpcclient.InferInput(name, list(inputs[name].shape), "BYTES" if name != api.CT_META else "FP32")
+                t.set_data_from_numpy(inputs[name])
+                tensors.append(t)
+            result = client.infer(model, tensors)
+            assert {o["name"] for o in result.get_response(as_json=True)["outputs"]} == set(outputs), model
+
+
+def _jpeg(array: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(array).save(buf, format="JPEG", quality=92)
+    return buf.getvalue()
+
+
+def _tiff(array: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(array).save(buf, format="TIFF")
+    return buf.getvalue()
+
+
+def _wrong_inputs(cell) -> dict[str, tuple[dict, set[str]]]:
+    """docs/interface.md's "What each kind of wrong input gets": kind -> (inputs, what may come
+    back: "verdict 4" or a part of the error message)."""
+    ct, rgb = cell.ct_path.read_bytes(), cell.rgb_path.read_bytes()
+    photo = np.asarray(Image.open(io.BytesIO(rgb)).convert("RGB"))
+    slice_ = np.asarray(Image.open(io.BytesIO(ct)).convert("L"))
+    h, w = photo.shape[:2]
+    yy, xx = np.mgrid[:h, :w]
+    bench = np.stack([90 + 40 * yy / h + 10 * xx / w] * 3, axis=-1).astype(np.uint8)  # a bench, no battery
+    noise = (np.random.default_rng(5).random(photo.shape) * 255).astype(np.uint8)
+    either = {"verdict 4", "not inspectable as placed", "no battery found"}
+    one = _inputs([cell])
+    return {
+        "text as the CT slice": (
+            one | {api.CT_IMAGE: np.array([[b"cell 42, shift B"]], object)},
+            {"CT_IMAGE is not a PNG, JPEG, TIFF or DICOM image"},
+        ),
+        "a truncated CT file": (
+            one | {api.CT_IMAGE: np.array([[ct[: len(ct) // 2]]], object)},
+            {"CT_IMAGE could not be decoded"},
+        ),
+        "a TIFF as the photo": (
+            one | {api.RGB_IMAGE: np.array([[_tiff(photo)]], object)},
+            {"RGB_IMAGE is not a PNG or JPEG image"},
+        ),
+        "empty bytes": (one | {api.CT_IMAGE: np.array([[b""]], object)}, {"CT_IMAGE is empty"}),
+        "a blank CT slice": (
+            one | {api.CT_IMAGE: np.array([[_png(np.zeros((64, 64), np.uint8))]], object)},
+            {"CT_IMAGE is blank: every pixel is 0"},
+        ),
+        "an empty bench": (one | {api.RGB_IMAGE: np.array([[_jpeg(bench)]], object)}, {"photo: no battery found"}),
+        "a battery type out of range": (
+            one | {api.CT_META: np.array([[5, 2]], np.float32)},
+            {"CT_META battery_type must be one of 0 cell, 1 module; got 5.0"},
+        ),
+        "a photo as the CT slice": (one | {api.CT_IMAGE: np.array([[rgb]], object)}, either),
+        "a CT slice as the photo": (
+            one | {api.RGB_IMAGE: np.array([[_png(np.stack([slice_] * 3, -1))]], object)},
+            either,
+        ),
+        "metadata that contradicts the image": (
+            one | {api.CT_META: np.array([[1 - cell.meta[0], cell.meta[1]]], np.float32)},
+            either,
+        ),
+        "random noise as the photo": (one | {api.RGB_IMAGE: np.array([[_png(noise)]], object)}, either),
+    }
+
+
+def test_each_kind_of_wrong_input_gets_what_the_interface_document_says(service):
+    text = DOC.read_text().split("### What each kind of wrong input gets", 1)[1].split("\n## ", 1)[0]
+    seen = {}
+    with grpcclient.InferenceServerClient(service["server"].grpc_url) as client:
+        for kind, (inputs, allowed) in _wrong_inputs(service["cells"][0]).items():
+            try:
+                got = _infer(client, api.INSPECT, inputs, (api.VERDICT, api.CT_OOD, api.RGB_OOD))
+                outcome = "verdict 4" if int(got[api.VERDICT][0, 0]) == api.NOT_INSPECTABLE else "a verdict"
+            except InferenceServerException as e:
+                assert e.status() == "StatusCode.INVALID_ARGUMENT", (kind, e)
+                outcome = e.message()
+            seen[kind] = outcome
+            assert any(a in outcome for a in allowed), (kind, outcome)
+    for message in ("CT_IMAGE is not a PNG, JPEG, TIFF or DICOM image", "CT_IMAGE is empty", "no battery found"):
+        assert message in text
+    print(seen)  # which check caught the kinds either may catch, for the record (-s)
+
+
+def _example(name: str) -> str:
+    """The code block of docs/interface.md marked `<!-- example: name -->`, as a reader copies it."""
+    block = DOC.read_text().split(f"<!-- example: {name} -->", 1)[1]
+    return block.split("```", 2)[1].split("\n", 1)[1]
+
+
+def test_the_examples_on_the_interface_page_answer_like_the_projects_client(service, tmp_path):
+    """The HTTP (bash + curl) and gRPC (tritonclient alone) examples, copied from the page as a
+    reader would, against the real server: the client's answer, and a refused cell's reason."""
+    cell = service["cells"][0]
+    with InspectionClient(service["server"].grpc_url, heatmaps=False) as client:
+        expected = client.inspect(cell.ct_path.read_bytes(), cell.meta, cell.rgb_path.read_bytes())
+    meta = [str(int(v)) for v in cell.meta]
+    http_script, grpc_script = tmp_path / "inspect_http.sh", tmp_path / "inspect_grpc.py"
+    http_script.write_text(_example("inspect_http.sh"))
+    grpc_script.write_text(_example("inspect_grpc.py"))
+    http = f"127.0.0.1:{service['server'].ports.http}"
+
+    def run(*args):
+        return subprocess.run([*map(str, args)], capture_output=True, text=True, timeout=60)
+
+    out = run("bash", http_script, cell.ct_path, *meta, cell.rgb_path, http)
+    assert out.returncode == 0, out.stderr
+    answer = {o["name"]: o["data"] for o in json.loads(out.stdout)["outputs"]}
+    assert answer["VERDICT"] == [expected.verdict_code]
+    assert answer["CONFIDENCE"][0] == pytest.approx(expected.confidence, abs=1e-5)
+    assert answer["CT_OOD"][0] == pytest.approx(expected.ct_ood, abs=1e-5)
+    out = run(sys.executable, grpc_script, cell.ct_path, *meta, cell.rgb_path, service["server"].grpc_url)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout == f"verdict {expected.verdict_code} {expected.verdict}, confidence {expected.confidence:.3f}\n"
+    note = tmp_path / "notes.txt"
+    note.write_bytes(b"not an image")
+    out = run("bash", http_script, note, *meta, cell.rgb_path, http)
+    assert out.returncode != 0 and "CT_IMAGE is not a PNG, JPEG, TIFF or DICOM image" in out.stdout + out.stderr
+    out = run(sys.executable, grpc_script, note, *meta, cell.rgb_path, service["server"].grpc_url)
+    assert out.returncode == 1 and "refused: StatusCode.INVALID_ARGUMENT" in out.stderr

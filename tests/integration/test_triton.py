@@ -17,7 +17,6 @@ import subprocess
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -608,47 +607,3 @@ def test_the_allocator_can_be_chosen_or_turned_off_from_the_environment(monkeypa
     monkeypatch.setenv(MALLOC_ENV, str(tmp_path / "missing.so"))
     with pytest.raises(FileNotFoundError, match="no such allocator library"):
         malloc_library()
-
-
-def test_the_documented_examples_answer_like_the_client(service, client, tmp_path):
-    """docs/interface.md's two examples: bash + curl over HTTP, tritonclient alone over gRPC."""
-    root = Path(__file__).resolve().parents[2] / "docs" / "examples"
-    cell = service["cells"][0]
-    expected = client.inspect(cell.ct_path.read_bytes(), cell.meta, cell.rgb_path.read_bytes())
-    meta = [str(int(v)) for v in cell.meta]
-    http = f"127.0.0.1:{service['server'].ports.http}"
-    out = subprocess.run(
-        ["bash", str(root / "inspect_http.sh"), str(cell.ct_path), *meta, str(cell.rgb_path), http],
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
-    assert out.returncode == 0, out.stderr
-    answer = {o["name"]: o["data"] for o in json.loads(out.stdout)["outputs"]}
-    assert answer["VERDICT"] == [expected.verdict_code]
-    assert answer["CONFIDENCE"][0] == pytest.approx(expected.confidence, abs=1e-5)
-    assert answer["CT_PROBS"] == pytest.approx(list(expected.ct_probs.values()), abs=1e-5)
-    out = subprocess.run(
-        [
-            sys.executable,
-            str(root / "inspect_tritonclient.py"),
-            str(cell.ct_path),
-            *meta,
-            str(cell.rgb_path),
-            service["url"],
-        ],
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
-    assert out.returncode == 0, out.stderr
-    assert out.stdout.startswith(f"verdict {expected.verdict_code} {expected.verdict},")
-    note = tmp_path / "note.txt"
-    note.write_bytes(b"not an image")  # refused, with the reason in the answer
-    out = subprocess.run(
-        ["bash", str(root / "inspect_http.sh"), str(note), *meta, str(cell.rgb_path), http],
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
-    assert out.returncode != 0 and "CT_IMAGE is not a PNG, JPEG, TIFF or DICOM image" in out.stdout + out.stderr

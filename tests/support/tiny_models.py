@@ -105,9 +105,11 @@ def make_ct_run(
     images=None,
     meta=None,
     gate: bool = False,
+    frame: dict | None = None,
     **args,
 ) -> Path:
-    """A CT run; with `gate`, an out-of-distribution gate calibrated on the images (default: none, CT_OOD is 0)."""
+    """A CT run; with `gate`, an out-of-distribution gate calibrated on the images (default: none,
+    CT_OOD is 0); with `frame` (core.preprocess.fit_frame), the placement check."""
     torch.manual_seed(seed)
     arch_args = CT_ARGS | args
     model = create_model(arch, **arch_args)
@@ -119,6 +121,8 @@ def make_ct_run(
     info = ct_info(size, arch, arch_args)
     if gate:
         info["ood"] = ct_gate(model, images, meta)
+    if frame:
+        info["frame"] = frame
     save_checkpoint(run, model, info)
     return Path(run)
 
@@ -131,6 +135,7 @@ def make_rgb_run(
     score: dict | None = None,
     images=None,
     gate: bool = False,
+    frame: dict | None = None,
     **args,
 ) -> Path:
     torch.manual_seed(seed)
@@ -158,6 +163,8 @@ def make_rgb_run(
     )
     if gate:
         info["ood"] = rgb_gate(model, images, info["score"])
+    if frame:
+        info["frame"] = frame
     save_checkpoint(run, model, info)
     return Path(run)
 
