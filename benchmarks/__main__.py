@@ -1,4 +1,4 @@
-"""python -m benchmarks serving|decode|ood|robustness|int8|soak|gateway|plant|study|synth ...
+"""python -m benchmarks serving|decode|ood|robustness|int8|soak|gateway|plant|outputs|study|synth ...
 
 Cells are line-size by default (CT 4000 x 4000 with some 16-bit TIFF and DICOM slices,
 photos 1920 x 1080), generated once into build/bench_data/; each command's --help says more.
@@ -16,6 +16,8 @@ photos 1920 x 1080), generated once into build/bench_data/; each command's --hel
   int8      INT8 against FP32 for the CT classifier: throughput and macro-F1 on a test split
   soak      hours at 80% of saturation (failures, server memory growth), then a burst at 3x
   gateway   trigger-to-answer latency through the line gateway (simulated OPC UA PLC) at a line rate
+  outputs   what the outputs asked for cost: inspect with all nine, without the maps, with
+            VERDICT and CONFIDENCE only (cells/s, latency, bytes per answer)
   plant     several stations through the gateway to several Triton replicas while one is killed,
             one drained and restarted and a model version rolled across them: cells lost or
             answered twice, latency per phase, traffic per replica
@@ -30,6 +32,7 @@ import sys
 from benchmarks.decode import main as decode
 from benchmarks.gateway import main as gateway
 from benchmarks.ood import main as ood
+from benchmarks.outputs import main as outputs
 from benchmarks.plant import main as plant
 from benchmarks.quantized import main as int8
 from benchmarks.robustness import main as robustness
@@ -58,6 +61,8 @@ def main() -> int:
         return soak(rest)
     if command == "gateway":
         return gateway(rest)
+    if command == "outputs":
+        return outputs(rest)
     if command == "plant":
         return plant(rest)
     if command == "study":

@@ -13,6 +13,7 @@ import json
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
 from pathlib import Path
 
@@ -166,7 +167,7 @@ def test_the_metrics_count_every_cell_decided_whatever_was_asked_and_every_refus
         (api.INSPECT_CT, _inputs(cells[:1], ct=_png(np.zeros((64, 64), np.uint8))), ("ct_preprocess", "blank")),
         (api.INSPECT_RGB, _inputs(cells[:1], rgb=_png(np.zeros((8, 8, 3), np.uint8))), ("rgb_preprocess", "too_small")),
     ]
-    decided = 0
+    decided, refused = 0, {"ct": 0, "rgb": 0}
     with grpcclient.InferenceServerClient(server.grpc_url) as client:
         for model, inputs, _ in refusals:
             with pytest.raises(InferenceServerException):
@@ -177,6 +178,15 @@ def test_the_metrics_count_every_cell_decided_whatever_was_asked_and_every_refus
             decided += n
         verdicts = _infer(client, api.INSPECT, _inputs(cells[:decided]), (api.VERDICT,))[api.VERDICT].ravel()
         decided += len(verdicts)
+        # cells the gate refuses: a slice sent as a module's and a CT slice sent as the photo (docs/interface.md)
+        odd = _wrong_inputs(cells[0])
+        for kind in ("metadata that contradicts the image", "a CT slice as the photo"):
+            out = _infer(client, api.INSPECT, odd[kind][0], (api.CT_OOD, api.RGB_OOD, api.CT_PROBS))
+            gated = {"ct": int((out[api.CT_OOD] >= 1).sum()), "rgb": int((out[api.RGB_OOD] >= 1).sum())}
+            assert sum(gated.values()) >= 1, (kind, out)  # verdict 4, as test_each_kind_of_wrong_input... shows
+            for source, n in gated.items():
+                refused[source] += n
+            decided += 1
         _infer(client, api.INSPECT_RGB, _inputs(cells[:1]), (api.RGB_SCORE,))  # a photo alone: no cell's verdict
     after = _scrape(url)
 
@@ -197,8 +207,11 @@ def test_the_metrics_count_every_cell_decided_whatever_was_asked_and_every_refus
         "cell",
         "module",
     }
+    assert delta("battery_ct_class_total") == decided  # one top class per cell
     # the photo-only request is in the RGB score histogram, beside the cells
     assert delta("battery_rgb_anomaly_score_count") == decided + 1
+    for source, n in refused.items():  # the gate's refusals, by input
+        assert delta("battery_not_inspectable_total", input=source) == n, source
     # each refusal once, under its model and reason; nothing else counted
     expected: dict[tuple[str, str], int] = {}
     for _, _, key in refusals:
@@ -342,3 +355,55 @@ def test_the_examples_on_the_interface_page_answer_like_the_projects_client(serv
     assert out.returncode != 0 and "CT_IMAGE is not a PNG, JPEG, TIFF or DICOM image" in out.stdout + out.stderr
     out = run(sys.executable, grpc_script, note, *meta, cell.rgb_path, service["server"].grpc_url)
     assert out.returncode == 1 and "refused: StatusCode.INVALID_ARGUMENT" in out.stderr
+
+
+def test_an_http_client_written_from_the_five_steps_alone_gets_binary_outputs_too(service):
+    """docs/interface.md's "HTTP without tritonclient", followed step by step with the standard
+    library only, here asking for a map as binary output (step 5)."""
+    cell = service["cells"][0]
+    ct, rgb = cell.ct_path.read_bytes(), cell.rgb_path.read_bytes()
+
+    def element(data: bytes) -> bytes:  # step 2
+        return len(data).to_bytes(4, "little") + data
+
+    header = json.dumps(
+        {
+            "inputs": [
+                {
+                    "name": "CT_IMAGE",
+                    "datatype": "BYTES",
+                    "shape": [1, 1],
+                    "parameters": {"binary_data_size": len(ct) + 4},
+                },
+                {"name": "CT_META", "datatype": "FP32", "shape": [1, 2], "data": list(cell.meta)},  # step 3
+                {
+                    "name": "RGB_IMAGE",
+                    "datatype": "BYTES",
+                    "shape": [1, 1],
+                    "parameters": {"binary_data_size": len(rgb) + 4},
+                },
+            ],
+            "outputs": [{"name": "VERDICT"}, {"name": "CT_CAM", "parameters": {"binary_data": True}}],
+        }
+    ).encode()
+    request = urllib.request.Request(  # steps 1, 4, 5
+        f"http://127.0.0.1:{service['server'].ports.http}/v2/models/inspect/infer",
+        data=header + element(ct) + element(rgb),
+        headers={"Content-Type": "application/octet-stream", "Inference-Header-Content-Length": str(len(header))},
+    )
+    with urllib.request.urlopen(request, timeout=60) as r:
+        body, json_length = r.read(), int(r.headers["Inference-Header-Content-Length"])
+    answer = json.loads(body[:json_length])
+    outputs = {o["name"]: o for o in answer["outputs"]}
+    cam = outputs["CT_CAM"]
+    raw = body[json_length : json_length + cam["parameters"]["binary_data_size"]]
+    cam_map = np.frombuffer(raw, np.float32).reshape(cam["shape"])
+    with InspectionClient(service["server"].grpc_url) as client:
+        expected = client.inspect(ct, cell.meta, rgb)
+    assert outputs["VERDICT"]["data"] == [expected.verdict_code]
+    np.testing.assert_allclose(cam_map[0], expected.ct_cam, atol=1e-6)
+    request.data = b'{"inputs": []}'  # a refusal: HTTP 400 with {"error": ...}
+    request.remove_header("Inference-header-content-length")
+    with pytest.raises(urllib.error.HTTPError) as e:
+        urllib.request.urlopen(request, timeout=60)
+    assert e.value.code == 400 and "error" in json.loads(e.value.read())
