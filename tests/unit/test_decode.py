@@ -340,3 +340,22 @@ def test_verdict_outputs_decide_a_dynamic_batch_that_mixes_inspect_and_inspect_r
         np.concatenate([o[api.VERDICT] for o in both])[:, 0],
         decide(rule, np.concatenate([probs[0], probs[2]]), np.array([0.1, 0.3, 0.5])).verdict,
     )
+
+
+def test_the_two_pixel_limits_of_the_interface_page_give_their_messages_and_the_reason_too_large():
+    """docs/interface.md's limits: past 50 Mpixel the service's own message; past the image
+    library's limit (Pillow's MAX_IMAGE_PIXELS, about 89.5 Mpixel) Pillow refuses to open it
+    first, with its own words. Both before any pixel is decoded, both counted as too_large."""
+    assert 89_000_000 < Image.MAX_IMAGE_PIXELS < 90_000_000
+
+    def png(side: int) -> bytes:
+        buf = io.BytesIO()
+        Image.new("1", (side, side)).save(buf, format="PNG")  # bilevel: small in memory and on disk
+        return buf.getvalue()
+
+    with pytest.raises(ImageError, match=r"is 8000x8000 = 64000000 pixels, over the limit of 50000000") as e:
+        open_ct(png(8000))
+    assert e.value.reason == "too_large"
+    with pytest.raises(ImageError, match="CT_IMAGE is too large to decode safely: Image size") as e:
+        open_ct(png(9500))
+    assert e.value.reason == "too_large"
