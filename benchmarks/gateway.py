@@ -32,11 +32,10 @@ import numpy as np
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
-from benchmarks.serving import add_cell_arguments, prepare, results_folder_and_server
+from benchmarks.serving import add_served_arguments, prepare, results_folder_and_server
 from client.dataset import pair_cells
 from client.gateway.config import load_config
 from client.gateway.simulator import PlcSimulator, run_line
-from export.options import add_tuning_arguments
 from serving.server import free_ports
 
 
@@ -62,15 +61,7 @@ def parser() -> argparse.ArgumentParser:
         help="the gateway's plc.watch: OPC UA subscription or polling (default subscribe)",
     )
     p.add_argument("--poll-ms", type=float, default=10.0, help="the gateway's plc.poll_ms (default 10)")
-    add_cell_arguments(p)
-    p.add_argument(
-        "--repository", type=Path, default=Path("build/bench_repository"), help="repository to build and serve"
-    )
-    p.add_argument(
-        "--out", type=Path, default=Path("benchmarks/results"), help="results folder (default benchmarks/results)"
-    )
-
-    add_tuning_arguments(p)
+    add_served_arguments(p)
     return p
 
 

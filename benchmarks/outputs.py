@@ -18,7 +18,6 @@ import argparse
 import json
 import threading
 import time
-from pathlib import Path
 
 import numpy as np
 import tritonclient.grpc as grpcclient
@@ -83,8 +82,7 @@ def joined(rows: list[dict], seconds: float) -> dict:
 
 
 def parser() -> argparse.ArgumentParser:
-    from benchmarks.serving import add_cell_arguments  # noqa: PLC0415 - torch only for the command
-    from export.options import add_tuning_arguments  # noqa: PLC0415
+    from benchmarks.serving import add_served_arguments  # noqa: PLC0415 - torch only for the command
 
     p = argparse.ArgumentParser(
         prog="python -m benchmarks outputs", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -92,14 +90,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--concurrency", type=int, default=4, help="requests in flight (default 4)")
     p.add_argument("--seconds", type=float, default=30.0, help="seconds per output set, over all rounds (default 30)")
     p.add_argument("--rounds", type=int, default=3, help="turns the sets take (default 3)")
-    add_cell_arguments(p)
-    p.add_argument(
-        "--repository", type=Path, default=Path("build/bench_repository"), help="repository to build and serve"
-    )
-    p.add_argument(
-        "--out", type=Path, default=Path("benchmarks/results"), help="results folder (default benchmarks/results)"
-    )
-    add_tuning_arguments(p)
+    add_served_arguments(p)
     return p
 
 

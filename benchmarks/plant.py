@@ -345,8 +345,7 @@ async def run_plant(
 
 
 def parser() -> argparse.ArgumentParser:
-    from benchmarks.serving import add_cell_arguments  # noqa: PLC0415 - torch only for the benchmark command
-    from export.options import add_tuning_arguments  # noqa: PLC0415
+    from benchmarks.serving import add_served_arguments  # noqa: PLC0415 - torch only for the command
 
     p = argparse.ArgumentParser(
         prog="python -m benchmarks plant", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -361,14 +360,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--rate", type=float, default=4.0, help="cells per second over all stations (default 4)")
     p.add_argument("--phase-s", type=float, default=20.0, help="seconds of each phase (default 20)")
     p.add_argument("--takt-ms", type=float, default=2000.0, help="each station's takt budget (default 2000)")
-    add_cell_arguments(p)
-    p.add_argument(
-        "--repository", type=Path, default=Path("build/bench_repository"), help="repository to build and serve"
-    )
-    p.add_argument(
-        "--out", type=Path, default=Path("benchmarks/results"), help="results folder (default benchmarks/results)"
-    )
-    add_tuning_arguments(p)
+    add_served_arguments(p)
     return p
 
 

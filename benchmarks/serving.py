@@ -73,6 +73,20 @@ def add_cell_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--cells", type=int, default=32, help="distinct cells sent, cycled (default 32)")
 
 
+def add_served_arguments(p: argparse.ArgumentParser) -> None:
+    """What a benchmark that serves the cells through its own tritonserver takes: the runs and
+    cells, the repository it builds and serves, the results folder and the serving tuning."""
+
+    add_cell_arguments(p)
+    p.add_argument(
+        "--repository", type=Path, default=Path("build/bench_repository"), help="repository to build and serve"
+    )
+    p.add_argument(
+        "--out", type=Path, default=Path("benchmarks/results"), help="results folder (default benchmarks/results)"
+    )
+    add_tuning_arguments(p)
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m benchmarks serving", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter

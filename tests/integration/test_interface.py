@@ -30,6 +30,7 @@ from core import interface as api
 from core.preprocess import encoded_ct_input, encoded_rgb_input, fit_frame
 from export.repository import build_repository
 from serving.server import Ports, TritonServer, free_ports
+from tests.integration.test_monitoring import _scrape
 from tests.support.tiny_models import make_ct_run, make_rgb_run
 
 DOC = Path(__file__).resolve().parents[2] / "docs" / "interface.md"
@@ -138,15 +139,9 @@ def test_a_bad_cell_gets_its_own_message_whatever_subset_is_asked(service, model
                 assert message in e.value.message(), (subset, e.value.message())
 
 
-def _scrape(url: str) -> dict[str, float]:
+def _metrics(url: str) -> dict[str, float]:
     with urllib.request.urlopen(url, timeout=10) as r:
-        text = r.read().decode()
-    out = {}
-    for line in text.splitlines():
-        if line and not line.startswith("#"):
-            key, value = line.rsplit(" ", 1)
-            out[key] = float(value)
-    return out
+        return _scrape(r.read().decode())
 
 
 def _png(array: np.ndarray) -> bytes:
@@ -158,7 +153,7 @@ def _png(array: np.ndarray) -> bytes:
 def test_the_metrics_count_every_cell_decided_whatever_was_asked_and_every_refusal_by_its_reason(service):
     server, cells = service["server"], service["cells"]
     url = f"http://127.0.0.1:{server.ports.metrics}/metrics"
-    before = _scrape(url)
+    before = _metrics(url)
     refusals = [  # (model, inputs, outputs) and the (refusing model, reason) it must be counted under
         (api.INSPECT, _inputs(cells[:1], ct=b"not an image"), ("preprocess", "not_an_image")),
         (api.INSPECT, _inputs(cells[:2], ct=b"%PDF-1.7"), ("preprocess", "not_an_image")),
@@ -188,7 +183,7 @@ def test_the_metrics_count_every_cell_decided_whatever_was_asked_and_every_refus
                 refused[source] += n
             decided += 1
         _infer(client, api.INSPECT_RGB, _inputs(cells[:1]), (api.RGB_SCORE,))  # a photo alone: no cell's verdict
-    after = _scrape(url)
+    after = _metrics(url)
 
     def delta(prefix: str, **labels) -> float:
         keys = [
