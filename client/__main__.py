@@ -30,7 +30,7 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
-from client import metrics
+from client import channel, metrics
 from client.dataset import load_cells, pair_cells
 from client.explain import Case
 from client.explain.cli import add_arguments as add_explain_arguments
@@ -267,6 +267,15 @@ def _print_explained(entries: list[dict], folder: Path) -> None:
         print(f"  {name} unavailable for {n} cells: {reason}")
 
 
+def _url(text: str) -> str:
+    """--url as given, once it reads as one address, several, or a dns:/// name."""
+    try:
+        channel.target(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    return text
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(
         prog="python -m client", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -274,6 +283,7 @@ def main(argv=None) -> int:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument(
         "--url",
+        type=_url,
         default="localhost:8001",
         help="Triton gRPC address (default localhost:8001); several replicas: HOST:PORT,HOST:PORT,... or "
         "dns:///NAME:PORT (every address of the name); cells are spread over them",

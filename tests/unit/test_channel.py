@@ -4,6 +4,8 @@ gateway's triton.url that feeds it."""
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 
 import pytest
 
@@ -85,3 +87,13 @@ def test_the_gateway_takes_one_replica_a_list_or_a_dns_name(url, expected):
 def test_a_wrong_replica_list_in_the_gateway_configuration_is_named(url, message):
     with pytest.raises(ConfigError, match=f"triton.url: .*{message}"):
         parse_config(_gateway(url))
+
+
+def test_the_command_line_names_a_wrong_address_list_before_connecting():
+    out = subprocess.run(
+        [sys.executable, "-m", "client", "probe", "--url", "localhost:8001,localhost"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert out.returncode == 2 and "argument --url: 'localhost' is not HOST:PORT" in out.stderr, out.stderr
