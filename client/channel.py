@@ -14,8 +14,9 @@ The balancing and the failover are gRPC's own, set once here as the channel's se
   NOT_FOUND while its models unload) is left out for 5 s, longer if it does it again; at most
   half of the replicas are left out at once, and a lone server never is.
 - **retries**: a request that fails with UNAVAILABLE (the replica died, refused the
-  connection, is stopping) is sent again by gRPC, up to 4 more times, on the next ready
-  replica: an inference is a pure function of its inputs, so a retry cannot do harm. The
+  connection, is stopping) or NOT_FOUND (a stopping replica has unloaded its models) is sent
+  again by gRPC, up to 4 more times, on the next ready replica: an inference is a pure
+  function of its inputs, so a retry cannot do harm. A refused cell is never retried. The
   whole request is kept for that (`grpc.per_rpc_retry_buffer_size`: a line-size cell is a
   few MB).
 - **reconnection**: a replica that went away is tried again every 0.25-2 s, so a restarted one
@@ -70,7 +71,10 @@ def service_config(retries: int = RETRIES) -> dict:
                     "initialBackoff": "0.05s",
                     "maxBackoff": "0.5s",
                     "backoffMultiplier": 2,
-                    "retryableStatusCodes": ["UNAVAILABLE"],
+                    # UNAVAILABLE: a replica died, refused, or is stopping; NOT_FOUND: a stopping
+                    # tritonserver unloading its models ("has no available versions"). A truly
+                    # unknown model fails after the retries, a refused cell (INVALID_ARGUMENT) at once
+                    "retryableStatusCodes": ["UNAVAILABLE", "NOT_FOUND"],
                 },
             }
         ]

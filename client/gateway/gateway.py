@@ -68,6 +68,8 @@ class Gateway:
         self._explain_wake = asyncio.Event()  # a flagged cell was recorded, or a report finished
         self.pipeline = None
         self.triton = None
+        self.heat = None  # the explanations' client (heatmaps)
+        self._inflight: set[asyncio.Task] = set()  # requests to Triton under way
         metrics.start(self.stations)
 
     # ------------------------------------------------------------------ running
@@ -77,6 +79,8 @@ class Gateway:
         stop = stop or asyncio.Event()
         t = self.cfg.triton
         self.triton = triton_client(t, heatmaps=False, backoff=Backoff(retries=0))
+        if self._explaining:
+            self.heat = triton_client(t, heatmaps=True, backoff=Backoff(retries=0))
         resumed = self.outbox.pending()
         for row in resumed:
             self._queue.put_nowait(row.id)
@@ -105,10 +109,30 @@ class Gateway:
             for task in [waiter, *tasks]:
                 task.cancel()
             await asyncio.gather(waiter, *tasks, return_exceptions=True)
+            # requests already sent are let finish (their cells stay pending in the outbox and are
+            # answered after the next start): cancelling a request in flight can crash
+            # tritonserver 2.51 (docs/operations.md, "Faults")
+            if self._inflight:
+                await asyncio.wait(self._inflight, timeout=t.timeout_s)
             await self.triton.close()
+            if self.heat is not None:
+                await self.heat.close()
             if self.pipeline is not None:
                 await asyncio.to_thread(self.pipeline.close)
             self.outbox.close()
+
+    async def _sent(self, call):
+        """Await a request to Triton that a stop does not cancel once sent (see run)."""
+        task = asyncio.ensure_future(call)
+        self._inflight.add(task)
+
+        def done(t: asyncio.Task) -> None:
+            self._inflight.discard(t)
+            if not t.cancelled():
+                t.exception()  # seen: a request whose caller was stopped fails quietly
+
+        task.add_done_callback(done)
+        return await asyncio.shield(task)
 
     async def _gauges(self) -> None:
         last_prune = 0.0
@@ -228,7 +252,7 @@ class Gateway:
             cell = Cell(ct, row.meta, rgb, row.cell_id)
             pause = first
             while True:
-                (result,) = await self.triton.inspect_many([cell], concurrency=1)
+                (result,) = await self._sent(self.triton.inspect_many([cell], concurrency=1))
                 if not (isinstance(result, CellError) and service_fault(result)):
                     break
                 metrics.ERRORS.labels("triton_retry").inc()
@@ -345,57 +369,57 @@ class Gateway:
                 self.outbox.explained(row_id)
             self._explain_wake.set()
 
-        async with triton_client(self.cfg.triton, heatmaps=True, backoff=Backoff(retries=0)) as heat:
-            while True:
-                self._explain_wake.clear()
-                waiting = [r for r in self.outbox.to_explain(most + len(in_flight)) if r.id not in in_flight]
-                if not waiting or len(in_flight) >= most:
-                    try:
-                        async with asyncio.timeout(5.0):
-                            await self._explain_wake.wait()
-                    except TimeoutError:
-                        pass
-                    continue
-                row = waiting[0]
+        heat = self.heat  # lives as long as the gateway: run() closes it once the requests under way are done
+        while True:
+            self._explain_wake.clear()
+            waiting = [r for r in self.outbox.to_explain(most + len(in_flight)) if r.id not in in_flight]
+            if not waiting or len(in_flight) >= most:
                 try:
-                    st = self.stations.get(row.station)
-                    if st is None:
-                        raise ImageUnavailable(f"station {row.station} is no longer configured")
-                    ct, rgb = await self._images(st, row)
-                    if info is None:
-                        info = await asyncio.to_thread(_serving_info, self.cfg.triton)
-                    inspection: Inspection = await heat.inspect(ct, row.meta, rgb, row.cell_id)
-                except Exception as e:
-                    error = getattr(e, "error", None)
-                    if (isinstance(error, CellError) and service_fault(error)) or (
-                        info is None and not isinstance(e, ImageUnavailable)
-                    ):
-                        log.warning(
-                            "cell %s: explanation waits for the service (%s); again in %.1f s", row.cell_id, e, pause
-                        )
-                        await asyncio.sleep(pause)  # the cell stays in the outbox's waiting list
-                        pause = min(longest, pause * 2)
-                        continue
-                    metrics.ERRORS.labels("explain_skipped").inc()
-                    log.warning("cell %s: not explained: %s", row.cell_id, e)
-                    self.outbox.explained(row.id)
+                    async with asyncio.timeout(5.0):
+                        await self._explain_wake.wait()
+                except TimeoutError:
+                    pass
+                continue
+            row = waiting[0]
+            try:
+                st = self.stations.get(row.station)
+                if st is None:
+                    raise ImageUnavailable(f"station {row.station} is no longer configured")
+                ct, rgb = await self._images(st, row)
+                if info is None:
+                    info = await asyncio.to_thread(_serving_info, self.cfg.triton)
+                inspection: Inspection = await self._sent(heat.inspect(ct, row.meta, rgb, row.cell_id))
+            except Exception as e:
+                error = getattr(e, "error", None)
+                if (isinstance(error, CellError) and service_fault(error)) or (
+                    info is None and not isinstance(e, ImageUnavailable)
+                ):
+                    log.warning(
+                        "cell %s: explanation waits for the service (%s); again in %.1f s", row.cell_id, e, pause
+                    )
+                    await asyncio.sleep(pause)  # the cell stays in the outbox's waiting list
+                    pause = min(longest, pause * 2)
                     continue
-                pause = first
-                in_flight.add(row.id)
-                done = asyncio.wrap_future(
-                    self.pipeline.submit(
-                        Case(
-                            inspection,
-                            ct,
-                            row.meta,
-                            rgb,
-                            info["ct"],
-                            info["rgb"],
-                            {"station": row.station, "ct_path": row.ct_path, "rgb_path": row.rgb_path},
-                        )
+                metrics.ERRORS.labels("explain_skipped").inc()
+                log.warning("cell %s: not explained: %s", row.cell_id, e)
+                self.outbox.explained(row.id)
+                continue
+            pause = first
+            in_flight.add(row.id)
+            done = asyncio.wrap_future(
+                self.pipeline.submit(
+                    Case(
+                        inspection,
+                        ct,
+                        row.meta,
+                        rgb,
+                        info["ct"],
+                        info["rgb"],
+                        {"station": row.station, "ct_path": row.ct_path, "rgb_path": row.rgb_path},
                     )
                 )
-                done.add_done_callback(lambda _, row_id=row.id: reported(row_id))
+            )
+            done.add_done_callback(lambda _, row_id=row.id: reported(row_id))
 
 
 def _tls(t: Triton) -> dict:

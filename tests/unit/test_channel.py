@@ -38,7 +38,7 @@ def test_a_wrong_address_list_is_named(url, message):
         target(url)
 
 
-def test_every_channel_balances_ejects_failing_replicas_and_retries_only_unavailable():
+def test_every_channel_balances_ejects_failing_replicas_and_retries_only_a_replicas_faults():
     args = dict(channel_args())
     config = json.loads(args["grpc.service_config"])
     (lb,) = config["loadBalancingConfig"]
@@ -47,7 +47,8 @@ def test_every_channel_balances_ejects_failing_replicas_and_retries_only_unavail
     assert detection["maxEjectionPercent"] <= 50  # never every replica
     assert detection["failurePercentageEjection"]["minimumHosts"] >= 2  # a lone server is never left out
     (method,) = config["methodConfig"]
-    assert method["retryPolicy"]["retryableStatusCodes"] == ["UNAVAILABLE"]  # never a refused cell
+    # a dead or stopping replica's answers; never a refused cell (INVALID_ARGUMENT)
+    assert method["retryPolicy"]["retryableStatusCodes"] == ["UNAVAILABLE", "NOT_FOUND"]
     assert method["retryPolicy"]["maxAttempts"] == RETRIES + 1 <= 5  # gRPC's own ceiling
     assert args["grpc.per_rpc_retry_buffer_size"] >= 64 * 2**20  # a line-size cell is kept for its retry
     assert args["grpc.max_reconnect_backoff_ms"] <= 2000
