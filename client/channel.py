@@ -118,17 +118,29 @@ def host_port(address: str) -> tuple[str, int]:
     return host.strip("[]"), int(port)
 
 
+def replicas(url: str | Sequence[str]) -> list[str]:
+    """The addresses of `url`, checked as written (nothing resolved): one HOST:PORT or
+    dns:///NAME:PORT, or several HOST:PORT."""
+    parts = addresses(url)
+    if len(parts) > 1:
+        for part in parts:
+            if "://" in part or part.startswith(("ipv4:", "ipv6:", "unix:")):
+                raise ValueError(
+                    f"{part!r}: several addresses must each be HOST:PORT (a dns:/// name stands alone, not in a list)"
+                )
+            host_port(part)
+    return parts
+
+
 def target(url: str | Sequence[str]) -> str:
     """The gRPC channel target for one address, a dns:/// name, or several addresses.
 
     One address (or a dns:/// name) is given to gRPC as it is: its resolver finds every address
     of the name. Several are resolved now into gRPC's static list (`ipv4:a:p,b:p`), IPv4 where
     every name has one, else IPv6."""
-    parts = addresses(url)
+    parts = replicas(url)
     if len(parts) == 1:
         return parts[0]
-    if any("://" in p or p.startswith(("ipv4:", "ipv6:", "unix:")) for p in parts):
-        raise ValueError(f"several addresses must each be HOST:PORT, got {', '.join(parts)}")
     v4, v6 = [], []
     for part in parts:
         host, port = host_port(part)

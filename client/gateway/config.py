@@ -14,7 +14,7 @@ from pathlib import Path
 
 import yaml
 
-from client.channel import addresses, host_port
+from client.channel import replicas
 
 # role -> default node name under the station's prefix
 INPUT_NODES = {
@@ -127,12 +127,7 @@ def _pair(value, where: str) -> tuple[float, float]:
 def _replicas(url) -> str:
     """triton.url: one HOST:PORT, several (a list, or separated by commas), or dns:///NAME:PORT."""
     try:
-        parts = addresses(url if isinstance(url, (str, list)) else str(url))
-        if len(parts) > 1:
-            for part in parts:
-                if "://" in part:
-                    raise ValueError(f"{part!r}: a dns:/// name stands alone, not in a list")
-                host_port(part)
+        parts = replicas(url if isinstance(url, (str, list)) else str(url))
     except ValueError as e:
         raise ConfigError(f"triton.url: {e}") from None
     return ",".join(parts)
