@@ -86,7 +86,6 @@ class Replicas:
     def __init__(self, repository: Path, root: Path, n: int, cpus: list[str | None], admin_key: str):
         self.admin_key = admin_key
         self.servers: list[TritonServer] = []
-        self.lock = threading.Lock()
         for i in range(n):
             folder = root / f"replica{i + 1}"
             repo = folder / "model_repository"
