@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -63,6 +64,9 @@ class Inspection:
     rgb_error_map: np.ndarray | None = field(default=None, repr=False)  # (h, w) at the RGB model input
     ct_ood: float = 0.0  # out-of-distribution score of the CT slice; >= 1: not inspectable
     rgb_ood: float = 0.0  # out-of-distribution score of the photo; >= 1: not inspectable
+    # which release and networks answered (MODEL_VERSIONS): {"release": 2, "ct_classifier": "1a2b...", ...};
+    # empty from a server that does not send it
+    model_versions: dict = field(default_factory=dict)
 
     @property
     def ct_class(self) -> str:
@@ -115,6 +119,7 @@ class Inspection:
             rgb_error_map=None if emap is None else emap[row],
             ct_ood=scalar(api.CT_OOD),
             rgb_ood=scalar(api.RGB_OOD),
+            model_versions=parse_versions(outputs.get(api.MODEL_VERSIONS), row),
         )
 
     def to_dict(self) -> dict:
@@ -134,6 +139,7 @@ class Inspection:
             "rgb_ood": round(self.rgb_ood, 6),
             "inspectable": self.inspectable,
             "refusal": self.refusal,
+            "model_versions": self.model_versions,
         }
 
     def describe(self) -> str:
@@ -153,6 +159,18 @@ class Inspection:
                 "more is not inspectable)",
             ]
         )
+
+
+def parse_versions(value: np.ndarray | None, row: int = 0) -> dict:
+    """MODEL_VERSIONS of one cell (a JSON string) as a dict; {} where absent or unreadable."""
+    if value is None:
+        return {}
+    raw = value[row].reshape(-1)[0]
+    try:
+        out = json.loads(raw.decode() if isinstance(raw, bytes) else str(raw))
+    except (ValueError, UnicodeDecodeError):
+        return {}
+    return out if isinstance(out, dict) else {}
 
 
 @dataclass(frozen=True)

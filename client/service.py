@@ -163,12 +163,21 @@ class InspectionClient:
     def serving_info(self) -> dict[str, ServingFacts]:
         """The models' serving facts (input size, normalisation, classes, score definition) as
         the repository's preprocessing models hold them: {"ct": {...}, "rgb": {...}}. Explanations
-        use them to draw the heatmaps on the same view of the image the models saw."""
+        use them to draw the heatmaps on the same view of the image the models saw. They are the
+        facts of the release this client's ensemble runs (the one in service, or the staged one)."""
+        release = self.release()
         out = {}
         for side, model in (("ct", api.CT_PREPROCESS), ("rgb", api.RGB_PREPROCESS)):
             config = self._client.get_model_config(model, as_json=True)["config"]
-            out[side] = ServingFacts.from_json(config["parameters"][CONFIG_KEY]["string_value"])
+            params = {k: v["string_value"] for k, v in config.get("parameters", {}).items()}
+            out[side] = ServingFacts.from_json(api.release_view(params, release)[CONFIG_KEY])
         return out
+
+    def release(self) -> int:
+        """The release this client's ensemble runs (the version its steps are pinned to; 1 where none is)."""
+        steps = self._client.get_model_config(self.model, as_json=True)["config"]["ensemble_scheduling"]["step"]
+        versions = {int(s.get("model_version", -1)) for s in steps}
+        return versions.pop() if len(versions) == 1 and -1 not in versions else 1
 
     def inspect(self, ct_bytes: bytes, meta, rgb_bytes: bytes, cell_id: str = "") -> Inspection:
         """One cell; raises `InspectionFailed` with the service's reason on error."""

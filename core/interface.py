@@ -31,6 +31,7 @@ CT_CAM = "CT_CAM"  # FP32 [h, w], 0..1
 RGB_ERROR_MAP = "RGB_ERROR_MAP"  # FP32 [h, w]
 CT_OOD = "CT_OOD"  # FP32 [1]: out-of-distribution score of the CT slice, >= 1 not inspectable
 RGB_OOD = "RGB_OOD"  # FP32 [1]: out-of-distribution score of the photo, >= 1 not inspectable
+MODEL_VERSIONS = "MODEL_VERSIONS"  # BYTES [1]: JSON, the release and the networks that gave the answer
 
 # internal tensors between the preprocessing models and the networks
 CT_TENSOR = "CT_TENSOR"  # FP32 [1, S, S], normalised crop
@@ -66,10 +67,43 @@ def internal(name: str) -> str:
     return name.lower()
 
 
-INSPECT_CT_OUTPUTS = (CT_PROBS, CT_CAM, CT_OOD)
-INSPECT_RGB_OUTPUTS = (RGB_SCORE, RGB_THRESHOLD, RGB_ERROR_MAP, RGB_OOD)
-INSPECT_OUTPUTS = (VERDICT, CONFIDENCE, CT_PROBS, RGB_SCORE, RGB_THRESHOLD, CT_CAM, RGB_ERROR_MAP, CT_OOD, RGB_OOD)
+INSPECT_CT_OUTPUTS = (CT_PROBS, CT_CAM, CT_OOD, MODEL_VERSIONS)
+INSPECT_RGB_OUTPUTS = (RGB_SCORE, RGB_THRESHOLD, RGB_ERROR_MAP, RGB_OOD, MODEL_VERSIONS)
+INSPECT_OUTPUTS = (
+    VERDICT,
+    CONFIDENCE,
+    CT_PROBS,
+    RGB_SCORE,
+    RGB_THRESHOLD,
+    CT_CAM,
+    RGB_ERROR_MAP,
+    CT_OOD,
+    RGB_OOD,
+    MODEL_VERSIONS,
+)
 
 VERDICT_NAMES: tuple[str, ...] = ("normal", "internal_defect", "external_defect", "combined_defect", "not_inspectable")
 NOT_INSPECTABLE = 4  # either input out of distribution (CT_OOD or RGB_OOD >= 1): the cell goes to a person
 VERDICT_CODES = {name: code for code, name in enumerate(VERDICT_NAMES)}
+
+
+# Releases (docs/operations.md, "Changing the model"): release R is version R of every model inside
+# the ensembles; the ensembles pin the release they serve (`inspect_staged` the one under trial).
+# What differs between releases (serving facts, the rule, the release's own description) is a
+# config parameter per release, `name@R`; each adapter reads the view of its own version.
+STAGED_SUFFIX = "_staged"  # inspect_staged: the staged release, for comparison and shadow traffic
+RELEASE_PARAMETER = "release"  # the verdict model's `release@R`: what MODEL_VERSIONS answers
+
+
+def release_key(name: str, release: int) -> str:
+    """The config parameter that holds `name` for release `release` ("rule@2")."""
+    return f"{name}@{int(release)}"
+
+
+def release_view(parameters: dict[str, str], release: int | str) -> dict[str, str]:
+    """The parameters as release `release` sees them: `name@R` of its own release as `name`,
+    other releases' left out, unversioned ones (a repository of one release) as they are."""
+    own = f"@{int(release)}"
+    out = {k: v for k, v in parameters.items() if "@" not in k}
+    out.update({k[: -len(own)]: v for k, v in parameters.items() if k.endswith(own)})
+    return out

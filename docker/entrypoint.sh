@@ -29,6 +29,10 @@ fi
 if [ -n "$MALLOC" ] && [ "$MALLOC" != system ]; then
   export LD_PRELOAD="$MALLOC${LD_PRELOAD:+:$LD_PRELOAD}"
 fi
+# the adapters compiled by this Python (the backend's) now: a __pycache__ written by the first load
+# looks to Triton like a changed model, and the next load of an ensemble (a promotion, a rollback)
+# would reload every model in it instead of swapping the ensemble in milliseconds
+python3 -m compileall -q "$MODELS"
 exec tritonserver \
   --model-repository="$MODELS" \
   --model-control-mode=explicit --load-model='*' \

@@ -20,11 +20,13 @@ all three. Every size, class name and threshold comes from the checkpoints.
 
 from __future__ import annotations
 
+import compileall
 import datetime as _dt
 import hashlib
 import json
 import shutil
 import tempfile
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -38,6 +40,14 @@ from ensemble.rule import RULE_FILE, load_rule
 from export.onnx_export import export_run
 from export.options import Tuning
 from export.quantize import calibration_tensors, quantize_int8, to_fp16
+from export.release import (
+    kept_releases,
+    merged_configs,
+    read_state,
+    release_state,
+    write_staged_ensembles,
+    write_state,
+)
 from export.spec import MANIFEST, Batching, EnsembleSpec, ModelSpec, Step, Tensor, to_pbtxt
 from serving import triton_models
 from training.checkpoint import CHECKPOINT
@@ -88,7 +98,7 @@ def classify_runs(runs, required=("ct_classifier", "rgb_autoencoder")) -> dict[s
     return found
 
 
-def _network(name: str, runtime: str, inputs, outputs, tuning: Tuning) -> ModelSpec:
+def _network(name: str, runtime: str, inputs, outputs, tuning: Tuning, release: int = 1) -> ModelSpec:
     batching = Batching(
         tuning.max_batch_size, max_queue_delay_us=tuning.max_queue_delay_us, max_queue_size=tuning.max_queue_size
     )
@@ -103,6 +113,7 @@ def _network(name: str, runtime: str, inputs, outputs, tuning: Tuning) -> ModelS
             instances=tuning.network_instances,
             parameters={"onnx_file": "model.onnx", "intra_op_threads": str(tuning.intra_op_threads)},
             warmup=warmup,
+            versions=(release,),
         )
     filename = "model.onnx" if runtime == "onnxruntime" else "model.plan"
     return ModelSpec(
@@ -115,13 +126,23 @@ def _network(name: str, runtime: str, inputs, outputs, tuning: Tuning) -> ModelS
         kind="gpu",
         default_model_filename=filename,
         warmup=warmup,
+        versions=(release,),
     )
 
 
 def model_specs(
-    ct: ServingFacts, rgb: ServingFacts, rule_json: str, runtime: str, tuning: Tuning = Tuning()
+    ct: ServingFacts,
+    rgb: ServingFacts,
+    rule_json: str,
+    runtime: str,
+    tuning: Tuning = Tuning(),
+    release: int = 1,
+    release_json: str | None = None,
 ) -> list[ModelSpec | EnsembleSpec]:
-    """Every model of the repository, from the exported models' serving facts."""
+    """Every model of the repository, from the exported models' serving facts, as release `release`:
+    each model inside the ensembles loads that version, holds what is the release's own as
+    parameters `name@release`, and the ensembles run that release. `release_json` is what
+    MODEL_VERSIONS answers (default: only the release number)."""
     if runtime not in RUNTIMES:
         raise ValueError(f"runtime must be one of {RUNTIMES}, got {runtime!r}")
     cs, rs = ct.input_size, rgb.input_size
@@ -145,7 +166,10 @@ def model_specs(
         api.RGB_THRESHOLD: Tensor(api.RGB_THRESHOLD, "FP32", (1,)),
         api.CT_OOD: Tensor(api.CT_OOD, "FP32", (1,)),
         api.RGB_OOD: Tensor(api.RGB_OOD, "FP32", (1,)),
+        api.MODEL_VERSIONS: Tensor(api.MODEL_VERSIONS, "BYTES", (1,)),
     }
+    own = partial(api.release_key, release=release)  # a parameter of this release: "rule@2"
+    pinned = partial(Step, version=release)
 
     def ts(*names):
         return tuple(t[n] for n in names)
@@ -161,14 +185,13 @@ def model_specs(
 
     ct_outputs = (api.CT_PROBS, api.CT_CAM, api.CT_OOD)
     rgb_outputs = (api.RGB_SCORE, api.RGB_ERROR_MAP, api.RGB_OOD)
-    ct_pre = Step(api.CT_PREPROCESS, identity(api.CT_IMAGE, api.CT_META), identity(api.CT_TENSOR))
-    ct_net = Step(api.CT_CLASSIFIER, identity(api.CT_TENSOR, api.CT_META), identity(*ct_outputs))
-    rgb_pre = Step(api.RGB_PREPROCESS, identity(api.RGB_IMAGE), identity(api.RGB_TENSOR))
-    both_pre = Step(
+    ct_pre = pinned(api.CT_PREPROCESS, identity(api.CT_IMAGE, api.CT_META), identity(api.CT_TENSOR))
+    rgb_pre = pinned(api.RGB_PREPROCESS, identity(api.RGB_IMAGE), identity(api.RGB_TENSOR))
+    both_pre = pinned(
         api.PREPROCESS, identity(api.CT_IMAGE, api.CT_META, api.RGB_IMAGE), identity(api.CT_TENSOR, api.RGB_TENSOR)
     )
-    ct_net_to_verdict = Step(api.CT_CLASSIFIER, identity(api.CT_TENSOR, api.CT_META), internal(*ct_outputs))
-    rgb_net_to_verdict = Step(api.RGB_AUTOENCODER, identity(api.RGB_TENSOR), internal(*rgb_outputs))
+    ct_net_to_verdict = pinned(api.CT_CLASSIFIER, identity(api.CT_TENSOR, api.CT_META), internal(*ct_outputs))
+    rgb_net_to_verdict = pinned(api.RGB_AUTOENCODER, identity(api.RGB_TENSOR), internal(*rgb_outputs))
 
     def passed(name: str, optional: bool = True) -> Tensor:  # a verdict input: a network's output, internal name
         return Tensor(api.internal(name), t[name].dtype, t[name].dims, optional=optional)
@@ -181,7 +204,8 @@ def model_specs(
             ts(api.CT_TENSOR, api.RGB_TENSOR),
             batching=batching,
             instances=tuning.preprocess_instances,
-            parameters={f"ct_{CONFIG_KEY}": ct.to_json(), f"rgb_{CONFIG_KEY}": rgb.to_json(), **limits},
+            parameters={own(f"ct_{CONFIG_KEY}"): ct.to_json(), own(f"rgb_{CONFIG_KEY}"): rgb.to_json(), **limits},
+            versions=(release,),
         ),
         ModelSpec(
             api.CT_PREPROCESS,
@@ -189,10 +213,16 @@ def model_specs(
             ts(api.CT_TENSOR),
             batching=batching,
             instances=tuning.preprocess_instances,
-            parameters={CONFIG_KEY: ct.to_json(), **limits},
+            parameters={own(CONFIG_KEY): ct.to_json(), **limits},
+            versions=(release,),
         ),
         _network(
-            api.CT_CLASSIFIER, runtime, ts(api.CT_TENSOR, api.CT_META), ts(api.CT_PROBS, api.CT_CAM, api.CT_OOD), tuning
+            api.CT_CLASSIFIER,
+            runtime,
+            ts(api.CT_TENSOR, api.CT_META),
+            ts(api.CT_PROBS, api.CT_CAM, api.CT_OOD),
+            tuning,
+            release,
         ),
         ModelSpec(
             api.RGB_PREPROCESS,
@@ -200,21 +230,31 @@ def model_specs(
             ts(api.RGB_TENSOR),
             batching=batching,
             instances=tuning.preprocess_instances,
-            parameters={CONFIG_KEY: rgb.to_json(), **limits},
+            parameters={own(CONFIG_KEY): rgb.to_json(), **limits},
+            versions=(release,),
         ),
         _network(
-            api.RGB_AUTOENCODER, runtime, ts(api.RGB_TENSOR), ts(api.RGB_SCORE, api.RGB_ERROR_MAP, api.RGB_OOD), tuning
+            api.RGB_AUTOENCODER,
+            runtime,
+            ts(api.RGB_TENSOR),
+            ts(api.RGB_SCORE, api.RGB_ERROR_MAP, api.RGB_OOD),
+            tuning,
+            release,
         ),
         ModelSpec(
             api.VERDICT_MODEL,
             (
-                passed(api.RGB_SCORE, optional=False),
+                passed(api.RGB_SCORE),
                 Tensor(api.CT_META, "FP32", (2,), optional=True),
                 *(passed(n) for n in (api.CT_PROBS, api.CT_CAM, api.RGB_ERROR_MAP, api.CT_OOD, api.RGB_OOD)),
             ),
             ts(*api.INSPECT_OUTPUTS),
             batching=batching,
-            parameters={"rule": rule_json},
+            parameters={
+                own("rule"): rule_json,
+                own(api.RELEASE_PARAMETER): release_json or json.dumps({"release": release}),
+            },
+            versions=(release,),
         ),
         EnsembleSpec(
             api.INSPECT,
@@ -224,7 +264,7 @@ def model_specs(
                 both_pre,
                 ct_net_to_verdict,
                 rgb_net_to_verdict,
-                Step(
+                pinned(
                     api.VERDICT_MODEL,
                     identity(api.CT_META) | from_internal(*ct_outputs, *rgb_outputs),
                     identity(*api.INSPECT_OUTPUTS),
@@ -232,7 +272,17 @@ def model_specs(
             ),
             mb,
         ),
-        EnsembleSpec(api.INSPECT_CT, ts(api.CT_IMAGE, api.CT_META), ts(*api.INSPECT_CT_OUTPUTS), (ct_pre, ct_net), mb),
+        EnsembleSpec(
+            api.INSPECT_CT,
+            ts(api.CT_IMAGE, api.CT_META),
+            ts(*api.INSPECT_CT_OUTPUTS),
+            (
+                ct_pre,
+                ct_net_to_verdict,
+                pinned(api.VERDICT_MODEL, from_internal(*ct_outputs), identity(*api.INSPECT_CT_OUTPUTS)),
+            ),
+            mb,
+        ),
         EnsembleSpec(
             api.INSPECT_RGB,
             ts(api.RGB_IMAGE),
@@ -240,7 +290,7 @@ def model_specs(
             (
                 rgb_pre,
                 rgb_net_to_verdict,
-                Step(api.VERDICT_MODEL, from_internal(*rgb_outputs), identity(*api.INSPECT_RGB_OUTPUTS)),
+                pinned(api.VERDICT_MODEL, from_internal(*rgb_outputs), identity(*api.INSPECT_RGB_OUTPUTS)),
             ),
             mb,
         ),
@@ -291,58 +341,83 @@ def _lower_precision(exported: dict, found: dict, tuning: Tuning, progress) -> N
         lowered.replace(e.onnx_path)
 
 
+def _write_release(
+    found: dict[str, Path],
+    runtime: str,
+    folder: Path,
+    release: int,
+    rule_path,
+    tuning: Tuning,
+    progress,
+) -> tuple[list, dict]:
+    """Export the runs as release `release` into `folder`: `<model>/<release>/` of every model and
+    the specs of the whole repository for it. Returns (specs, the release's manifest entry)."""
+    exported = {}
+    for kind, run in found.items():
+        progress(f"exporting {run} to ONNX (parity-checked against PyTorch)")
+        e = export_run(run, folder / "_onnx")
+        worst = max((v for diffs in e.parity.values() for v in diffs.values()), default=0.0)
+        progress(f"  {e.name}: max |ONNX Runtime - PyTorch| {worst:.1e} on batches {sorted(e.parity)}")
+        if e.facts.ood_gate is None:
+            progress(
+                f"  warning: {run} has no out-of-distribution gate, so {e.name} refuses nothing (its OOD score "
+                "is 0); "
+                f"fit one with 'python -m training.ood {run}'"
+            )
+        exported[kind] = e
+    ct, rgb = exported["ct_classifier"].facts, exported["rgb_autoencoder"].facts
+    if tuning.precision != "fp32":
+        _lower_precision(exported, found, tuning, progress)
+    if ct.class_names != CT_CLASSES:
+        raise ValueError(
+            f"the CT checkpoint's classes {list(ct.class_names)} differ from the public order {list(CT_CLASSES)}"
+        )
+    rule = load_rule(rgb, ct.class_names, rule_path)
+    digests = {kind: _checkpoint_digest(run) for kind, run in found.items()}
+    described = {"release": release} | {kind: digests[kind][:12] for kind in sorted(digests)}
+    specs = model_specs(ct, rgb, rule.to_json(), runtime, tuning, release, json.dumps(described, sort_keys=True))
+    for spec in specs:
+        if isinstance(spec, ModelSpec):
+            (folder / spec.name / str(release)).mkdir(parents=True)
+            if spec.backend == "python":
+                source = PYTHON_SOURCES.get(spec.name, "onnx_runner.py")
+                shutil.copy(SOURCES / source, folder / spec.name / str(release) / "model.py")
+        else:
+            (folder / spec.name / "1").mkdir(parents=True, exist_ok=True)  # an ensemble's version is always 1
+    for e in exported.values():
+        e.onnx_path.replace(folder / e.name / str(release) / "model.onnx")
+    shutil.rmtree(folder / "_onnx")
+    entry = {
+        "runs": {kind: {"path": str(run.resolve()), "checkpoint_sha256": digests[kind]} for kind, run in found.items()},
+        "rule": json.loads(rule.to_json()),
+        "precision": tuning.precision,
+        "built": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
+    }
+    return specs, entry
+
+
 def build_repository(
     runs, runtime: str, out: str | Path, rule_path: str | Path | None = None, tuning: Tuning = Tuning(), progress=print
 ) -> dict:
-    """Export the runs and write the whole repository to `out` (replaced only when all succeeded)."""
+    """Export the runs and write the whole repository to `out` (replaced only when all succeeded),
+    serving them as release 1."""
     out = Path(out)
     found = classify_runs(runs)
     out.parent.mkdir(parents=True, exist_ok=True)  # staged beside it: the final rename stays on one file system
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
-        exported = {}
-        for kind, run in found.items():
-            progress(f"exporting {run} to ONNX (parity-checked against PyTorch)")
-            e = export_run(run, staging / "_onnx")
-            worst = max((v for diffs in e.parity.values() for v in diffs.values()), default=0.0)
-            progress(f"  {e.name}: max |ONNX Runtime - PyTorch| {worst:.1e} on batches {sorted(e.parity)}")
-            if e.facts.ood_gate is None:
-                progress(
-                    f"  warning: {run} has no out-of-distribution gate, so {e.name} refuses nothing (its OOD score "
-                    "is 0); "
-                    f"fit one with 'python -m training.ood {run}'"
-                )
-            exported[kind] = e
-        ct, rgb = exported["ct_classifier"].facts, exported["rgb_autoencoder"].facts
-        if tuning.precision != "fp32":
-            _lower_precision(exported, found, tuning, progress)
-        if ct.class_names != CT_CLASSES:
-            raise ValueError(
-                f"the CT checkpoint's classes {list(ct.class_names)} differ from the public order {list(CT_CLASSES)}"
-            )
-        rule = load_rule(rgb, ct.class_names, rule_path)
-        specs = model_specs(ct, rgb, rule.to_json(), runtime, tuning)
+        specs, entry = _write_release(found, runtime, staging, 1, rule_path, tuning, progress)
         for spec in specs:
-            folder = staging / spec.name
-            (folder / "1").mkdir(parents=True)
-            (folder / "config.pbtxt").write_text(to_pbtxt(spec))
-            if isinstance(spec, ModelSpec) and spec.backend == "python":
-                source = PYTHON_SOURCES.get(spec.name, "onnx_runner.py")
-                shutil.copy(SOURCES / source, folder / "1" / "model.py")
-        for e in exported.values():
-            e.onnx_path.replace(staging / e.name / "1" / "model.onnx")
-        shutil.rmtree(staging / "_onnx")
+            (staging / spec.name / "config.pbtxt").write_text(to_pbtxt(spec))
         manifest = {
             "runtime": runtime,
-            "runs": {
-                kind: {"path": str(run.resolve()), "checkpoint_sha256": _checkpoint_digest(run)}
-                for kind, run in found.items()
-            },
-            "rule": json.loads(rule.to_json()),
+            "runs": entry["runs"],
+            "rule": entry["rule"],
             "models": [s.name for s in specs],
             "build_sha256": _build_digest(rule_path, tuning),
             "precision": tuning.precision,
-            "built": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
+            "built": entry["built"],
+            **release_state({"1": entry}, serving=1),
         }
         if runtime == "tensorrt":
             manifest["todo"] = (
@@ -364,6 +439,40 @@ def build_repository(
         return manifest
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+
+
+def stage_release(
+    repository: str | Path, runs, rule_path: str | Path | None = None, tuning: Tuning | None = None, progress=print
+) -> int:
+    """Export the runs into a built repository as its next release, staged: it serves no traffic
+    (`inspect` and the others keep their release); `inspect_staged` runs it. Each model keeps
+    the releases in service and the previous one loaded beside it (export.release). Returns the
+    new release's number; the repository is unchanged where anything fails."""
+    repository = Path(repository)
+    state = read_state(repository)
+    manifest = json.loads((repository / MANIFEST).read_text())
+    found = classify_runs(runs)
+    tuning = tuning or Tuning(precision=manifest.get("precision", "fp32"))
+    release = max(map(int, state["releases"])) + 1
+    scratch = Path(tempfile.mkdtemp(prefix=f".{repository.name}.stage.", dir=repository.parent))
+    try:
+        specs, entry = _write_release(found, manifest["runtime"], scratch, release, rule_path, tuning, progress)
+        configs = merged_configs(repository, specs, release, keep=kept_releases(state, release))
+        for spec in specs:  # files first, configs after: a config never names a version without its files
+            if isinstance(spec, ModelSpec):
+                shutil.copytree(scratch / spec.name / str(release), repository / spec.name / str(release))
+                # compiled now, by the backend's Python (serving.server.compile_adapters says why)
+                compileall.compile_dir(str(repository / spec.name / str(release)), quiet=1)
+        for name, text in configs.items():
+            (repository / name / "config.pbtxt").write_text(text)
+        entry["staged"] = entry.pop("built")
+        state["releases"][str(release)] = entry
+        state["staged"] = release
+        write_state(repository, state)
+        write_staged_ensembles(repository, release)
+        return release
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
 
 
 def is_current(

@@ -65,6 +65,8 @@ class ModelSpec:
     # it is marked ready: the allocator reaches its high-water mark at load instead of at the
     # first rush hour, and the first real batch pays no first-run cost.
     warmup: tuple[int, ...] = ()
+    # the versions Triton loads (version_policy specific): the releases kept ready; () is Triton's default
+    versions: tuple[int, ...] = ()
 
     PLATFORMS = {"onnxruntime": "onnxruntime_onnx", "tensorrt": "tensorrt_plan"}
 
@@ -74,6 +76,7 @@ class Step:
     model: str
     input_map: dict[str, str]  # model input -> ensemble tensor
     output_map: dict[str, str]  # model output -> ensemble tensor
+    version: int = -1  # the model version (release) the step runs; -1: the latest loaded
 
 
 @dataclass(frozen=True)
@@ -108,7 +111,7 @@ def to_config(spec: ModelSpec | EnsembleSpec) -> mc.ModelConfig:
                 raise ValueError(
                     f"ensemble {spec.name}: step {step.model} reads {sorted(missing)} before any step produces it"
                 )
-            s = cfg.ensemble_scheduling.step.add(model_name=step.model, model_version=-1)
+            s = cfg.ensemble_scheduling.step.add(model_name=step.model, model_version=step.version)
             s.input_map.update(step.input_map)
             s.output_map.update(step.output_map)
             produced |= set(step.output_map.values())
@@ -133,6 +136,8 @@ def to_config(spec: ModelSpec | EnsembleSpec) -> mc.ModelConfig:
         if spec.batching.max_queue_size:
             cfg.dynamic_batching.default_queue_policy.max_queue_size = spec.batching.max_queue_size
     cfg.instance_group.add(count=spec.instances, kind=KINDS[spec.kind])
+    if spec.versions:
+        cfg.version_policy.specific.versions.extend(sorted(spec.versions))
     for key, value in spec.parameters.items():
         cfg.parameters[key].string_value = str(value)
     for size in spec.warmup:

@@ -78,6 +78,14 @@ def main(argv=None) -> int:
         help="CPU threads per training (default: the config's, else all cores); "
         "use 1 for each of two trainings run side by side",
     )
+    p.add_argument(
+        "--reviewed",
+        type=Path,
+        action="append",
+        metavar="DIR",
+        help="also learn from the reviewed cells of this line archive or run folder (repeatable; "
+        "python -m training.train --help says how)",
+    )
     args = p.parse_args(argv)
     cfg = load_config(args.preset)
     if args.threads:
@@ -95,7 +103,7 @@ def main(argv=None) -> int:
     models = [args.only] if args.only else ["ct", "rgb"]
     for model in models:
         t = time.perf_counter()
-        (train_ct if model == "ct" else train_rgb)(data, cfg, out / model, None, progress=True)
+        (train_ct if model == "ct" else train_rgb)(data, cfg, out / model, None, progress=True, reviewed=args.reviewed)
         timings[f"train_{model}_s"] = time.perf_counter() - t
     results = {}
     if not args.skip_eval:

@@ -30,6 +30,7 @@ from core.preprocess import CT_MEAN, CT_STD, fit_frame
 from training.augment import acquisition, augment, synthetic_anomalies
 from training.checkpoint import save_checkpoint
 from training.config import load_config
+from training.data.reviewed import ReviewedExamples, reviewed_examples
 from training.data.split import read_split, split_dataset, write_split
 from training.datasets import load_ct, load_rgb
 from training.losses import FocalLoss, ReconstructionLoss, binary_focal_loss
@@ -210,10 +211,15 @@ class DefectMapHead(nn.Module):
     def _keep(self, module, inputs, output):
         self.features = output
 
-    def loss(self, mask: torch.Tensor) -> torch.Tensor:
-        """mask: (B, 1, H, W) in 0..1 at input resolution."""
+    def loss(self, mask: torch.Tensor, known: torch.Tensor | None = None) -> torch.Tensor:
+        """mask: (B, 1, H, W) in 0..1 at input resolution; known: (B,) bool, the images whose
+        defects are outlined (a reviewed line cell confirmed defective has a class, no outline)."""
         logits = self.conv(self.features)
         target = (nn.functional.adaptive_max_pool2d(mask, logits.shape[-2:]) > 0.5).float()
+        if known is not None:
+            if not bool(known.any()):
+                return logits.sum() * 0.0
+            logits, target = logits[known], target[known]
         return self.weight * nn.functional.binary_cross_entropy_with_logits(logits, target)
 
     def remove(self) -> None:
@@ -235,7 +241,30 @@ def _class_weights(labels: np.ndarray, spec) -> torch.Tensor | None:
     return torch.tensor(w, dtype=torch.float32)
 
 
-def train_ct(data: Path, cfg: dict, run: Path, splits: Path | None = None, progress: bool = True) -> dict:
+REVIEWED_REPEAT = 3  # each reviewed line cell counts as this many training images: few, but they are the line's
+
+
+def _reviewed(folders, run: Path, progress: bool) -> ReviewedExamples:
+    examples = reviewed_examples(folders or [])
+    if folders:
+        examples.write(run)
+        if progress:
+            print(
+                f"reviewed line cells from {', '.join(map(str, folders))}: {len(examples.trained)} to train on "
+                f"({len(examples.ct)} CT slices, {len(examples.rgb)} photos, each x{REVIEWED_REPEAT}), "
+                f"{len(examples.held)} held out for comparing releases"
+            )
+    return examples
+
+
+def train_ct(
+    data: Path,
+    cfg: dict,
+    run: Path,
+    splits: Path | None = None,
+    progress: bool = True,
+    reviewed: list[Path] | None = None,
+) -> dict:
     c = cfg["ct"]
     gen = seed_everything(c["seed"])
     _threads(c)
@@ -246,9 +275,14 @@ def train_ct(data: Path, cfg: dict, run: Path, splits: Path | None = None, progr
         raise SystemExit(
             f"error: need CT slices in both train and val splits, got {len(parts['train'])} and {len(parts['val'])}"
         )
+    examples = _reviewed(reviewed, run, progress)
+    outlined = len(parts["train"])  # the data set's slices have their defects outlined; reviewed ones do not
+    parts["train"] += examples.ct * REVIEWED_REPEAT
     size = int(c["input_size"])
     aux_weight = float(c["defect_map_weight"])
     train = load_ct(parts["train"], size, workers=c["workers"], progress=progress, with_masks=aux_weight > 0)
+    # a reviewed normal slice has no defect (all of its mask is known); a confirmed defect's outline is unknown
+    known = np.array([i < outlined or r.label.endswith("_normal") for i, r in enumerate(parts["train"])])
     val = load_ct(parts["val"], size, workers=c["workers"], progress=progress)
     arch_args = {k: v for k, v in c["model"].items() if k != "name"}
     device = _device(c)
@@ -286,7 +320,9 @@ def train_ct(data: Path, cfg: dict, run: Path, splits: Path | None = None, progr
             model(x[:, :1], torch.from_numpy(train.meta[idx]).to(device)),
             torch.from_numpy(train.labels[idx]).to(device),
         )
-        return loss if train.masks is None else loss + defect_map.loss(x[:, 1:])
+        return (
+            loss if train.masks is None else loss + defect_map.loss(x[:, 1:], torch.from_numpy(known[idx]).to(device))
+        )
 
     for epoch in range(int(c["epochs"])):
         train_loss = _train_epoch(
@@ -361,13 +397,21 @@ def train_ct(data: Path, cfg: dict, run: Path, splits: Path | None = None, progr
     return _save_run(run, model, info, history, start, data, c)
 
 
-def train_rgb(data: Path, cfg: dict, run: Path, splits: Path | None = None, progress: bool = True) -> dict:
+def train_rgb(
+    data: Path,
+    cfg: dict,
+    run: Path,
+    splits: Path | None = None,
+    progress: bool = True,
+    reviewed: list[Path] | None = None,
+) -> dict:
     c = cfg["rgb"]
     gen = seed_everything(c["seed"])
     _threads(c)
     ds = scan(data, progress=progress)
     assignment = resolve_split(ds, run, splits, c["split_seed"])
     train_recs = [r for r in ds.rgb if assignment.get(r.battery_key) == "train" and r.is_normal]  # normal only
+    train_recs += _reviewed(reviewed, run, progress).rgb * REVIEWED_REPEAT  # photos reviewed as false alarms
     val_recs = [r for r in ds.rgb if assignment.get(r.battery_key) == "val"]
     if not train_recs or not any(r.is_normal for r in val_recs):
         raise SystemExit(
@@ -530,6 +574,14 @@ def main(argv=None) -> int:
         "--splits", type=Path, help="folder with train/val/test.txt (default: split the data by battery, seeded)"
     )
     p.add_argument("--epochs", type=int, help="override the config's epoch count")
+    p.add_argument(
+        "--reviewed",
+        type=Path,
+        action="append",
+        metavar="DIR",
+        help="also learn from the reviewed cells of this line archive or inspect-dir run folder (repeatable): "
+        "a false alarm is normal for the input it was flagged for, a confirmed CT defect keeps its class",
+    )
     p.add_argument("--quiet", action="store_true")
     args = p.parse_args(argv)
     if not args.data.is_dir():
@@ -545,7 +597,11 @@ def main(argv=None) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "config.yaml").write_text(yaml.safe_dump({args.model: cfg[args.model]}, sort_keys=False))
     trainer = train_ct if args.model == "ct" else train_rgb
-    info = trainer(args.data, cfg, args.out, args.splits, progress=not args.quiet)
+    try:
+        info = trainer(args.data, cfg, args.out, args.splits, progress=not args.quiet, reviewed=args.reviewed)
+    except (FileNotFoundError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     if args.model == "ct":
         print(
             f"wrote {args.out / 'checkpoint.pt'}: val macro-F1 {info['val_macro_f1']:.4f}, temperature "

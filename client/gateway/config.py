@@ -97,6 +97,23 @@ class Explain:
 
 
 @dataclass(frozen=True)
+class Archive:
+    out: Path | None = None  # None: no cell is kept (client/archive.py)
+    sample: float = 0.05  # share of normal cells kept beside every flagged one
+    max_gb: float = 50.0  # retention: the oldest unreviewed cells go first
+    max_days: float = 365.0
+
+
+@dataclass(frozen=True)
+class Shadow:
+    fraction: float = 0.0  # share of answered cells also sent to the staged release; 0: no shadow traffic
+    model: str = "inspect_staged"  # the ensemble that runs the staged release
+    log: Path | None = None  # JSONL of each shadowed cell's two answers (None: beside the outbox)
+    pending: int = 16  # shadow cells waiting at most; more are skipped (counted), never queued behind the line
+    timeout_s: float = 30.0
+
+
+@dataclass(frozen=True)
 class GatewayConfig:
     plc: Plc
     stations: tuple[Station, ...]
@@ -108,6 +125,8 @@ class GatewayConfig:
     metrics_port: int | None = 9108
     error_code: int = -1  # written to Verdict for a cell the service refused (the reason goes to Error)
     explain: Explain = Explain()
+    archive: Archive = Archive()
+    shadow: Shadow = Shadow()
 
 
 def _take(section: dict, cls, where: str, **converted):
@@ -211,9 +230,31 @@ def parse_config(raw: dict, base: Path = Path(".")) -> GatewayConfig:
     if explain.get("out"):
         explain["out"] = base / explain["out"]
     explain = _take(explain, Explain, "explain")
+    archive = dict(raw.pop("archive", {}) or {})
+    if archive.get("out"):
+        archive["out"] = base / archive["out"]
+    archive = _take(archive, Archive, "archive")
+    if not (0.0 <= archive.sample <= 1.0 and archive.max_gb > 0 and archive.max_days > 0):
+        raise ConfigError("archive: sample must be within 0..1, max_gb and max_days positive")
+    shadow = dict(raw.pop("shadow", {}) or {})
+    if shadow.get("log"):
+        shadow["log"] = base / shadow["log"]
+    shadow = _take(shadow, Shadow, "shadow")
+    if not (0.0 <= shadow.fraction <= 1.0 and shadow.pending >= 1 and shadow.timeout_s > 0):
+        raise ConfigError("shadow: fraction must be within 0..1, pending at least 1, timeout_s positive")
     if "outbox" in raw:
         raw["outbox"] = base / raw["outbox"]
-    return _take(raw, GatewayConfig, "gateway", plc=plc, stations=parsed, triton=triton, explain=explain)
+    return _take(
+        raw,
+        GatewayConfig,
+        "gateway",
+        plc=plc,
+        stations=parsed,
+        triton=triton,
+        explain=explain,
+        archive=archive,
+        shadow=shadow,
+    )
 
 
 def load_config(path: str | Path) -> GatewayConfig:

@@ -38,7 +38,7 @@ from client.review.runs import filter_rows, load_run
 from client.service import Backoff, InspectionClient
 from core import interface as api
 from core.labels import BATTERY_TYPES, CT_CLASSES, SLICE_AXES
-from training.data.reviewed import ReviewedLabel, append_review, read_reviewed_labels
+from core.reviewed import ReviewedLabel, append_review, read_reviewed_labels
 
 PAGES = ("Inspect", "Review", "Service status")
 PER_PAGE = 5

@@ -12,8 +12,11 @@ from serving.runtime import RequestError
 
 
 def parameters(args) -> dict:
+    """The config parameters as this model version (its release) sees them (core.interface.release_view)."""
     config = json.loads(args["model_config"])
-    return {k: v["string_value"] for k, v in config.get("parameters", {}).items()}
+    return api.release_view(
+        {k: v["string_value"] for k, v in config.get("parameters", {}).items()}, args["model_version"]
+    )
 
 
 def error(message: str):

@@ -7,8 +7,11 @@ public output of `inspect` and `inspect_rgb` comes from this step, so Triton run
 decides and counts the cell) for any subset of outputs a client asks for
 (core.interface.PASSED_THROUGH says why).
 
-The resolved rule (thresholds included) is the config parameter `rule`. ct_probs is
-optional: without it (the `inspect_rgb` ensemble) only the RGB half is decided. CT_META
+The resolved rule (thresholds included) is the config parameter `rule` of this version's
+release (`rule@R`), and MODEL_VERSIONS is its `release@R`: the release and the networks'
+checkpoint digests, in every answer. ct_probs is optional: without it (the `inspect_rgb`
+ensemble) only the RGB half is decided; without rgb_score (`inspect_ct`) nothing is decided,
+the CT outputs are handed on with MODEL_VERSIONS. CT_META
 gives the battery type the metrics are labelled with. ct_ood and rgb_ood make the verdict 4
 (not_inspectable) where either is >= 1.
 
@@ -21,6 +24,9 @@ Metrics (Triton's custom metrics API, on Triton's metrics port beside `nv_infere
 - `battery_rgb_threshold`: the threshold in force (a gauge, for the dashboard's drift panel).
 """
 
+import json
+
+import numpy as np
 import triton_python_backend_utils as pb_utils
 from serving.triton_models._common import input_array, parameters, response
 
@@ -92,19 +98,38 @@ def _counts(items) -> dict:
 
 class TritonPythonModel:
     def initialize(self, args):
-        self.rule = VerdictRule.from_json(parameters(args)["rule"])
+        params = parameters(args)
+        self.rule = VerdictRule.from_json(params["rule"])
         self.metrics = VerdictMetrics(self.rule)
+        release = params.get(api.RELEASE_PARAMETER, json.dumps({"release": int(args["model_version"])}))
+        self.versions = np.array([release.encode()], dtype=np.object_)
 
     def execute(self, requests):
         given = [{n: input_array(r, api.internal(n)) for n in api.PASSED_THROUGH} for r in requests]
-        probs = [g[api.CT_PROBS] for g in given]
-        metas = [input_array(r, api.CT_META) for r in requests]
-        scores = [g[api.RGB_SCORE] for g in given]
-        ct_oods = [g[api.CT_OOD] for g in given]
-        rgb_oods = [g[api.RGB_OOD] for g in given]
+        # inspect_ct's requests (no rgb_score) are only handed on; a dynamic batch may mix both kinds
+        decided = [i for i, g in enumerate(given) if g[api.RGB_SCORE] is not None]
+        answers = [None if g[api.RGB_SCORE] is not None else self._handed_on(g) for g in given]
+        if not decided:
+            return answers
+        given_d = [given[i] for i in decided]
+        probs = [g[api.CT_PROBS] for g in given_d]
+        metas = [input_array(requests[i], api.CT_META) for i in decided]
+        scores = [g[api.RGB_SCORE] for g in given_d]
+        ct_oods = [g[api.CT_OOD] for g in given_d]
+        rgb_oods = [g[api.RGB_OOD] for g in given_d]
         outputs = verdict_outputs(self.rule, probs, scores, ct_oods, rgb_oods)
         try:
             self.metrics.record(verdict_tally(self.rule, probs, metas, outputs, scores, ct_oods, rgb_oods))
         except Exception as e:  # counting must never cost a cell its answer
             pb_utils.Logger.log_warn(f"verdict metrics not recorded: {e}")
-        return [response(out | {n: a for n, a in g.items() if a is not None}) for out, g in zip(outputs, given)]
+        for i, out, g in zip(decided, outputs, given_d):
+            passed = {n: a for n, a in g.items() if a is not None}
+            answers[i] = response(out | passed | self._versions(len(out[api.VERDICT])))
+        return answers
+
+    def _versions(self, n: int) -> dict:
+        return {api.MODEL_VERSIONS: np.repeat(self.versions[None], n, axis=0)}
+
+    def _handed_on(self, given: dict):
+        n = len(next(a for a in given.values() if a is not None))
+        return response({k: a for k, a in given.items() if a is not None} | self._versions(n))

@@ -22,7 +22,7 @@ from export.repository import build_repository
 from serving.server import Ports, TritonServer, free_ports
 from tests.support.fake_gemini import FakeGemini, answer
 from tests.support.tiny_models import make_ct_run, make_rgb_run
-from training.data.reviewed import read_reviewed_labels
+from core.reviewed import read_reviewed_labels
 
 APP = str(Path(__file__).resolve().parents[2] / "client" / "review" / "app.py")
 CHROMIUM = shutil.which("chromium")
