@@ -31,12 +31,14 @@ from PIL import Image
 from tqdm import tqdm
 
 from client import channel, metrics
+from client.archive import LineArchive, Retention
 from client.dataset import load_cells, pair_cells
 from client.explain import Case
 from client.explain.cli import add_arguments as add_explain_arguments
 from client.explain.cli import build_pipeline
 from client.gateway.cli import add_parsers as add_gateway_parsers
-from client.inspection import CellError, InspectionFailed, parse_meta
+from client.inspection import CellError, Inspection, InspectionFailed, parse_meta
+from client.lifecycle.cli import add_parsers as add_models_parsers
 from client.probe import probe_grpc
 from client.service import InspectionClient
 from core.interface import NOT_INSPECTABLE, VERDICT_NAMES
@@ -180,6 +182,7 @@ def cmd_inspect_dir(args) -> int:
         return 2
     with_labels = all(c.ct_label for c in cells)
     verdicts, errors, confusion = Counter(), Counter(), np.zeros((len(VERDICT_NAMES),) * 2, int)
+    kept = Counter()
     args.out.parent.mkdir(parents=True, exist_ok=True)
     if args.local:
         from client.offline import LocalInspector  # noqa: PLC0415 - torch and the trained runs: only for --local
@@ -193,6 +196,11 @@ def cmd_inspect_dir(args) -> int:
     if args.explain:
         explain = build_pipeline(args, title=str(args.dir))
         info = connect.serving_info()
+    archive = None
+    if args.keep:
+        archive = LineArchive(
+            args.keep, Retention(args.keep_sample, args.keep_max_gb, args.keep_max_days), seed=args.keep_seed
+        )
     with connect as client, open(args.out, "w") as out:
         start = time.perf_counter()
         bar = tqdm(total=len(cells), unit="cell", desc="inspect", disable=args.quiet)
@@ -211,6 +219,13 @@ def cmd_inspect_dir(args) -> int:
                     "expected_verdict": VERDICT_NAMES[cell.expected_verdict],
                 }
             out.write(json.dumps(row) + "\n")
+            if archive is not None and isinstance(result, Inspection):
+                reason = archive.wants(result)
+                if reason:
+                    archive.keep(
+                        cell.load(), result, reason, source={"ct_path": row["ct_path"], "rgb_path": row["rgb_path"]}
+                    )
+                    kept[reason] += 1
             if isinstance(result, CellError):
                 errors[result.kind] += 1
             else:
@@ -254,6 +269,11 @@ def cmd_inspect_dir(args) -> int:
         for i, name in enumerate(VERDICT_NAMES[:NOT_INSPECTABLE]):  # a labelled cell is never expected to be refused
             print(f"  {name:<16}" + "".join(f"{v:>10}" for v in confusion[i]))
     print(f"wrote {args.out}")
+    if archive is not None:
+        print(
+            f"kept {kept['flagged']} flagged and {kept['sample']} sampled normal cells in {args.keep} "
+            f"({archive.size_bytes / 2**20:.1f} MiB in all; review them with python -m client review --run {args.keep})"
+        )
     if explain is not None:
         entries = explain.close(progress=not args.quiet)
         _print_explained(entries, args.explain)
@@ -324,6 +344,19 @@ def main(argv=None) -> int:
         metavar="RUN",
         help="no server: run these checkpoints in-process with PyTorch (same decoding, preprocessing and rule)",
     )
+    d.add_argument(
+        "--keep",
+        type=Path,
+        metavar="ARCHIVE",
+        help="keep every flagged cell and a sample of the normal ones in this line archive, as training data "
+        "(docs/lifecycle.md)",
+    )
+    d.add_argument(
+        "--keep-sample", type=float, default=0.05, metavar="SHARE", help="share of normal cells kept (default 0.05)"
+    )
+    d.add_argument("--keep-max-gb", type=float, default=50.0, help="archive size limit (default 50)")
+    d.add_argument("--keep-max-days", type=float, default=365.0, help="unreviewed cells older go (default 365)")
+    d.add_argument("--keep-seed", type=int, help=argparse.SUPPRESS)  # the sample's random seed (tests)
     add_explain_arguments(d, EXPLAIN_BESIDE_OUT)
     d.set_defaults(func=cmd_inspect_dir, heatmaps=None)
     rv = sub.add_parser(
@@ -358,6 +391,7 @@ def main(argv=None) -> int:
     pr.set_defaults(func=cmd_probe)
 
     add_gateway_parsers(sub)
+    add_models_parsers(sub)
     args = p.parse_args(argv)
     if getattr(args, "metrics_port", None):
         try:

@@ -75,8 +75,16 @@ class LineArchive:
             return "sample"
         return None
 
-    def keep(self, cell: Cell, result: Inspection, reason: str, station: str = "", source: dict | None = None) -> Path:
-        """Store the cell's images and the answer; returns the cell's folder."""
+    def keep(
+        self,
+        cell: Cell,
+        result: Inspection,
+        reason: str,
+        station: str = "",
+        source: dict | None = None,
+        extra: dict | None = None,
+    ) -> Path:
+        """Store the cell's images and the answer (and `extra` fields, a shadow's answer say); returns its folder."""
         now = time.time()
         day = time.strftime("%Y-%m-%d", time.localtime(now))
         name = folder_name(cell.cell_id or f"cell-{now:.6f}")
@@ -105,6 +113,7 @@ class LineArchive:
                 "station": station,
                 "judged_at": time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(now)),
                 **({"source": source} if source else {}),
+                **(extra or {}),
             }
             with open(self.root / RESULTS_FILE, "a") as f:
                 f.write(json.dumps(row) + "\n")

@@ -35,6 +35,7 @@ from core.labels import BATTERY_TYPES, CT_CLASSES
 
 REVIEWED_FILE = "reviewed_labels.jsonl"
 RESULTS_FILE = "results.jsonl"
+REVIEWED_RUN_FILE = "reviewed.json"  # beside a checkpoint: the reviewed cells the run trained on and held out
 DECISIONS = ("confirmed", "false_alarm")
 
 

@@ -16,6 +16,7 @@ from pathlib import Path
 
 from core import interface as api
 from export.options import add_tuning_arguments, quality_line, resolve_runs, tuning_from
+from export.release import read_state
 from export.spec import fit_to_cores
 from export.tensorrt import TensorRTUnavailable, build_repository_engines
 from serving.runtime import available_cores
@@ -59,7 +60,14 @@ def cmd_serve(args) -> int:
     access = Access.from_environment(args.tls_cert, args.tls_key)
     runs = resolve_runs(args.runs)
     tuning = tuning_from(args)
-    if args.rebuild or not is_current(args.repository, runs, "python-ort", args.rule, tuning):
+    managed = _managed(args.repository)
+    if managed and not args.rebuild:
+        print(
+            f"{args.repository} serves release {managed['serving']} of {len(managed['releases'])} (changed by "
+            "python -m client models): served as it is, not rebuilt from "
+            f"{', '.join(map(str, runs))} (--rebuild makes them release 1 again and drops the others)"
+        )
+    elif args.rebuild or not is_current(args.repository, runs, "python-ort", args.rule, tuning):
         print(f"building {args.repository} from {', '.join(map(str, runs))}")
         build_repository(runs, "python-ort", args.repository, args.rule, tuning)
     else:
@@ -93,6 +101,15 @@ def cmd_serve(args) -> int:
         print(f"error: {e}", file=sys.stderr)
         server.stop()
         return 1
+
+
+def _managed(repository: Path) -> dict | None:
+    """The release state of a repository that has more than its first release (None otherwise)."""
+    try:
+        state = read_state(repository)
+    except (FileNotFoundError, ValueError, KeyError):
+        return None
+    return state if len(state["releases"]) > 1 else None
 
 
 def _allocator(library) -> str:

@@ -36,6 +36,7 @@ import torch
 from core import interface as api
 from core.facts import CONFIG_KEY, ServingFacts
 from core.labels import CT_CLASSES
+from core.reviewed import REVIEWED_RUN_FILE
 from ensemble.rule import RULE_FILE, load_rule
 from export.onnx_export import export_run
 from export.options import Tuning
@@ -305,7 +306,7 @@ PYTHON_SOURCES = {
 }
 
 
-KEPT_FILES = ("README.md",)
+KEPT_FILES = ("README.md", "audit.jsonl")  # the folder's documentation, and the record of its releases
 
 
 def _lower_precision(exported: dict, found: dict, tuning: Tuning, progress) -> None:
@@ -388,12 +389,32 @@ def _write_release(
         e.onnx_path.replace(folder / e.name / str(release) / "model.onnx")
     shutil.rmtree(folder / "_onnx")
     entry = {
-        "runs": {kind: {"path": str(run.resolve()), "checkpoint_sha256": digests[kind]} for kind, run in found.items()},
+        "runs": {kind: _run_record(run, digests[kind]) for kind, run in found.items()},
         "rule": json.loads(rule.to_json()),
         "precision": tuning.precision,
         "built": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
     }
     return specs, entry
+
+
+def _run_record(run: Path, digest: str) -> dict:
+    """What a release records of a run: where, which checkpoint, and what it was trained on and how."""
+    ckpt = torch.load(run / CHECKPOINT, map_location="cpu", weights_only=False, mmap=True)
+    config = ckpt.get("config") or {}
+    side = "ct" if ckpt.get("kind") == "ct_classifier" else "rgb"
+    record = {"path": str(run.resolve()), "checkpoint_sha256": digest}
+    record |= {k: ckpt[k] for k in ("data", "epochs_trained", "val_macro_f1", "threshold") if k in ckpt}
+    if side in config:
+        record["config"] = config[side]
+    reviewed = run / REVIEWED_RUN_FILE  # the reviewed line cells it learnt from (training.data.reviewed)
+    if reviewed.exists():
+        held = json.loads(reviewed.read_text())
+        record["reviewed"] = {
+            "folders": held.get("folders", []),
+            "trained": len(held.get("trained", [])),
+            "held_out": len(held.get("held_out", [])),
+        }
+    return record
 
 
 def build_repository(

@@ -15,6 +15,9 @@ Per station, over OPC UA (node names are the defaults under the station's prefix
    the previous ResultCounter into ResultAck, so no result is overwritten unread.
 5. Flagged cells are queued for explanation (the explanation pipeline) after their answer
    is recorded; the PLC's answer never waits for it.
+6. After its answer is recorded, a cell may also be kept in the line archive (`archive`:
+   every flagged cell and a sample of the others, as training data) and sent to a staged
+   release as shadow traffic (`shadow.fraction`); neither delays the PLC's answer.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ import shlex
 import time
 from pathlib import Path
 
+from client.archive import LineArchive, Retention
 from client.explain import Case
 from client.explain.cli import add_arguments, build_pipeline
 from client.gateway import metrics
@@ -33,7 +37,9 @@ from client.gateway.config import GatewayConfig, Station, Triton
 from client.gateway.outbox import Outbox, Row
 from client.gateway.plc import PlcLink, PlcRejected, PlcUnavailable
 from client.inspection import Cell, CellError, Inspection
+from client.lifecycle.shadow import Shadow
 from client.service import AsyncInspectionClient, Backoff, InspectionClient, retryable
+from core import interface as api
 from core.interface import VERDICT_NAMES
 
 log = logging.getLogger("battery.gateway")
@@ -70,6 +76,14 @@ class Gateway:
         self.triton = None
         self.heat = None  # the explanations' client (heatmaps)
         self._inflight: set[asyncio.Task] = set()  # requests to Triton under way
+        a = cfg.archive
+        self.archive = LineArchive(a.out, Retention(a.sample, a.max_gb, a.max_days)) if a.out else None
+        self._archiving: set[asyncio.Task] = set()
+        sh = cfg.shadow
+        self.shadow = (
+            Shadow(sh.fraction, sh.log or cfg.outbox.with_name("shadow.jsonl"), sh.pending) if sh.fraction > 0 else None
+        )
+        self.shadow_client = None
         metrics.start(self.stations)
 
     # ------------------------------------------------------------------ running
@@ -81,6 +95,10 @@ class Gateway:
         self.triton = triton_client(t, heatmaps=False, backoff=Backoff(retries=0))
         if self._explaining:
             self.heat = triton_client(t, heatmaps=True, backoff=Backoff(retries=0))
+        if self.shadow is not None:
+            self.shadow_client = triton_client(
+                t, backoff=Backoff(retries=0), model=self.cfg.shadow.model, timeout=self.cfg.shadow.timeout_s
+            )
         resumed = self.outbox.pending()
         for row in resumed:
             self._queue.put_nowait(row.id)
@@ -99,6 +117,8 @@ class Gateway:
         tasks.append(asyncio.create_task(self._gauges(), name="gauges"))
         if self._explaining:
             tasks.append(asyncio.create_task(self._explainer(), name="explain"))
+        if self.shadow is not None:
+            tasks.append(asyncio.create_task(self._shadower(), name="shadow"))
         waiter = asyncio.create_task(stop.wait())
         try:
             done, _ = await asyncio.wait([waiter, *tasks], return_when=asyncio.FIRST_COMPLETED)
@@ -114,7 +134,11 @@ class Gateway:
             # tritonserver 2.51 (docs/operations.md, "Faults")
             if self._inflight:
                 await asyncio.wait(self._inflight, timeout=t.timeout_s)
+            if self._archiving:  # cells being written to the archive are written whole
+                await asyncio.wait(self._archiving, timeout=60)
             await self.triton.close()
+            if self.shadow_client is not None:
+                await self.shadow_client.close()
             if self.heat is not None:
                 await self.heat.close()
             if self.pipeline is not None:
@@ -284,7 +308,40 @@ class Gateway:
                 )
                 if explain:
                     self._explain_wake.set()
+                self._wake[st.name].set()  # the PLC's answer first; the archive and the shadow after it
+                self._keep(cell, result, st.name, row)
+                if self.shadow is not None:
+                    self.shadow.offer(cell, result, st.name)
             self._wake[st.name].set()
+
+    def _keep(self, cell: Cell, result: Inspection, station: str, row: Row, reason: str | None = None, extra=None):
+        """Keep the cell in the line archive (if it wants it), in a thread, without holding the caller."""
+        if self.archive is None:
+            return
+        reason = reason or self.archive.wants(result)
+        if reason is None:
+            return
+        source = {"ct_path": row.ct_path, "rgb_path": row.rgb_path} if row is not None and row.ct_path else None
+        task = asyncio.create_task(asyncio.to_thread(self.archive.keep, cell, result, reason, station, source, extra))
+        self._archiving.add(task)
+        task.add_done_callback(self._archived)
+
+    def _archived(self, task: asyncio.Task) -> None:
+        self._archiving.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            metrics.ERRORS.labels("archive").inc()
+            log.warning("line archive: a cell was not kept: %s", task.exception())
+
+    async def _shadower(self) -> None:
+        """Shadow cells, one at a time, to the staged release; recorded beside the line's answer."""
+        while True:
+            cell, answer, station, _ = await self.shadow.next()
+            (staged,) = await self._sent(self.shadow_client.inspect_many([cell], concurrency=1))
+            outcome = await asyncio.to_thread(self.shadow.record, cell, answer, staged, station)
+            if outcome == "flip":  # a cell the staged release would judge otherwise: kept for review
+                self._keep(cell, answer, station, None, "shadow_flip", {"shadow": staged.to_dict()})
+            elif outcome == "error" and isinstance(staged, CellError) and staged.kind in ("not_found", "unavailable"):
+                await asyncio.sleep(5.0)  # no release staged (or it is loading): try again later
 
     # ------------------------------------------------------------------ outbox -> PLC
     async def _writer(self, st: Station) -> None:
@@ -426,10 +483,12 @@ def _tls(t: Triton) -> dict:
     return {"ssl": t.tls_ca is not None, "root_certificates": str(t.tls_ca) if t.tls_ca else None}
 
 
-def triton_client(t: Triton, heatmaps: bool = False, backoff=None):
+def triton_client(t: Triton, heatmaps: bool = False, backoff=None, model: str = api.INSPECT, timeout=None):
     """The asyncio client for the configuration's Triton (address, timeout, TLS)."""
 
-    return AsyncInspectionClient(t.url, timeout=t.timeout_s, heatmaps=heatmaps, backoff=backoff, **_tls(t))
+    return AsyncInspectionClient(
+        t.url, model=model, timeout=timeout or t.timeout_s, heatmaps=heatmaps, backoff=backoff, **_tls(t)
+    )
 
 
 def _serving_info(t: Triton) -> dict:

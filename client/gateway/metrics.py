@@ -13,7 +13,7 @@
 - `battery_gateway_errors_total{kind}`: plc_connect, plc_lost, plc_rejected, triton_retry
   (the service unavailable, retried), refused (a cell the service refused), image (an image
   file missing or unreadable), explain_skipped, plc_subscribe (the PLC refused the subscription:
-  watched nodes are polled);
+  watched nodes are polled), archive (a cell could not be written to the line archive);
 - `battery_gateway_plc_requests_total{kind}`: OPC UA Read and Write requests sent to the PLC
   (`read`, `write`): the load the gateway puts on the PLC;
 - `battery_gateway_plc_connected`: 1 while the OPC UA session is up.
@@ -44,6 +44,7 @@ ERROR_KINDS = (
     "refused",
     "image",
     "explain_skipped",
+    "archive",
 )
 PLC_REQUESTS = Counter("battery_gateway_plc_requests", "OPC UA Read and Write requests sent to the PLC", ["kind"])
 

@@ -21,10 +21,17 @@ Metrics (Triton's custom metrics API, on Triton's metrics port beside `nv_infere
 - `battery_not_inspectable_total{input}`: cells refused, by the input that was out of distribution (`ct`, `rgb`);
 - `battery_ct_class_total{ct_class}`: the CT classifier's top class, per cell with a CT slice;
 - `battery_rgb_anomaly_score`: histogram of the RGB scores, buckets at multiples of the threshold;
-- `battery_rgb_threshold`: the threshold in force (a gauge, for the dashboard's drift panel).
+- `battery_rgb_threshold`: the threshold in force (a gauge, for the dashboard's drift panel);
+- `battery_release_verdicts_total{release, verdict}`: cells decided by each release, the staged
+  one's shadow and comparison traffic included.
+
+The series above `battery_release_verdicts_total` describe the line: only the release in
+service counts into them (the manifest beside the models says which; re-read when it
+changes), so shadow traffic to a staged release never shows as line cells.
 """
 
 import json
+from pathlib import Path
 
 import numpy as np
 import triton_python_backend_utils as pb_utils
@@ -67,7 +74,11 @@ class VerdictMetrics:
             kind=pb_utils.MetricFamily.COUNTER,
         )
         self.threshold = self.threshold_family.Metric(labels={})
-        self.threshold.set(rule.rgb_threshold)
+        self.by_release = pb_utils.MetricFamily(
+            name="battery_release_verdicts_total",
+            description="Cells decided, by the release that decided them (shadow and comparison traffic included)",
+            kind=pb_utils.MetricFamily.COUNTER,
+        )
         self.series = {}
         for source in ("ct", "rgb"):  # at zero from the start, so a rate over it exists before the first refusal
             self._count(self.refused, {"input": source}, 0)
@@ -78,7 +89,12 @@ class VerdictMetrics:
             self.series[key] = family.Metric(labels=labels)
         self.series[key].increment(n)
 
+    def record_release(self, release: int, tally: dict) -> None:
+        for (verdict, _), n in _counts(tally["verdicts"]).items():
+            self._count(self.by_release, {"release": str(release), "verdict": verdict}, n)
+
     def record(self, tally: dict) -> None:
+        self.threshold.set(self.rule.rgb_threshold)
         for (verdict, battery_type), n in _counts(tally["verdicts"]).items():
             self._count(self.verdicts, {"verdict": verdict, "battery_type": battery_type}, n)
         for ct_class, n in _counts(tally["ct_classes"]).items():
@@ -96,11 +112,35 @@ def _counts(items) -> dict:
     return out
 
 
+class ServingRelease:
+    """Whether this model version is the release `inspect` serves: the repository's manifest says,
+    re-read when it changes (a promotion or rollback rewrites it; nothing is reloaded)."""
+
+    def __init__(self, args):
+        self.release = int(args["model_version"])
+        self.path = Path(args["model_repository"]).parent / "manifest.json"
+        self.stamp, self.serving = None, True
+
+    def __call__(self) -> bool:
+        try:
+            stamp = self.path.stat().st_mtime_ns
+        except OSError:
+            return True  # a repository without a manifest has one release
+        if stamp != self.stamp:
+            self.stamp = stamp
+            try:
+                self.serving = int(json.loads(self.path.read_text()).get("serving", self.release)) == self.release
+            except (OSError, ValueError, TypeError):
+                pass  # a manifest being rewritten: the last answer stands
+        return self.serving
+
+
 class TritonPythonModel:
     def initialize(self, args):
         params = parameters(args)
         self.rule = VerdictRule.from_json(params["rule"])
         self.metrics = VerdictMetrics(self.rule)
+        self.serving = ServingRelease(args)
         release = params.get(api.RELEASE_PARAMETER, json.dumps({"release": int(args["model_version"])}))
         self.versions = np.array([release.encode()], dtype=np.object_)
 
@@ -119,7 +159,10 @@ class TritonPythonModel:
         rgb_oods = [g[api.RGB_OOD] for g in given_d]
         outputs = verdict_outputs(self.rule, probs, scores, ct_oods, rgb_oods)
         try:
-            self.metrics.record(verdict_tally(self.rule, probs, metas, outputs, scores, ct_oods, rgb_oods))
+            tally = verdict_tally(self.rule, probs, metas, outputs, scores, ct_oods, rgb_oods)
+            self.metrics.record_release(self.serving.release, tally)
+            if self.serving():
+                self.metrics.record(tally)
         except Exception as e:  # counting must never cost a cell its answer
             pb_utils.Logger.log_warn(f"verdict metrics not recorded: {e}")
         for i, out, g in zip(decided, outputs, given_d):

@@ -18,11 +18,11 @@ from client.__main__ import main as client_main
 from client.dataset import pair_cells
 from client.service import InspectionClient
 from core import interface as api
+from core.reviewed import read_reviewed_labels
 from export.repository import build_repository
 from serving.server import Ports, TritonServer, free_ports
 from tests.support.fake_gemini import FakeGemini, answer
 from tests.support.tiny_models import make_ct_run, make_rgb_run
-from core.reviewed import read_reviewed_labels
 
 APP = str(Path(__file__).resolve().parents[2] / "client" / "review" / "app.py")
 CHROMIUM = shutil.which("chromium")

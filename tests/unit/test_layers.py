@@ -28,7 +28,15 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("client library", ("client",)),
     (
         "applications",
-        ("client.__main__", "client.offline", "client.explain", "client.gateway", "client.review", "benchmarks"),
+        (
+            "client.__main__",
+            "client.offline",
+            "client.explain",
+            "client.gateway",
+            "client.review",
+            "client.lifecycle",
+            "benchmarks",
+        ),
     ),
 ]
 # Layers on one level: neither imports the other.

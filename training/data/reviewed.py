@@ -17,9 +17,7 @@ from pathlib import Path
 
 from core.aihub import CTRecord, RGBRecord
 from core.labels import BATTERY_TYPES, SLICE_AXES
-from core.reviewed import ReviewedCell, reviewed_cells
-
-REVIEWED_RUN_FILE = "reviewed.json"
+from core.reviewed import REVIEWED_RUN_FILE, ReviewedCell, reviewed_cells
 HELD_OUT = 0.2  # share of reviewed cells kept for comparing releases
 
 
