@@ -26,7 +26,7 @@ from client.service import build_inputs
 from core import interface as api
 
 SETS = {
-    "all nine outputs": api.INSPECT_OUTPUTS,
+    "all outputs": api.INSPECT_OUTPUTS,
     "without the maps": tuple(n for n in api.INSPECT_OUTPUTS if n not in (api.CT_CAM, api.RGB_ERROR_MAP)),
     "VERDICT and CONFIDENCE": (api.VERDICT, api.CONFIDENCE),
 }

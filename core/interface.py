@@ -81,6 +81,7 @@ INSPECT_OUTPUTS = (
     RGB_OOD,
     MODEL_VERSIONS,
 )
+NUMERIC_OUTPUTS = tuple(n for n in INSPECT_OUTPUTS if n != MODEL_VERSIONS)
 
 VERDICT_NAMES: tuple[str, ...] = ("normal", "internal_defect", "external_defect", "combined_defect", "not_inspectable")
 NOT_INSPECTABLE = 4  # either input out of distribution (CT_OOD or RGB_OOD >= 1): the cell goes to a person

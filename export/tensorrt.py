@@ -114,13 +114,19 @@ def build_repository_engines(
         config = parse_pbtxt(config_path.read_text())
         if config.platform != "tensorrt_plan":
             continue
-        version = config_path.parent / "1"
-        plan = version / (config.default_model_filename or "model.plan")
-        if plan.exists() and not force:
-            progress(f"{config.name}: {plan} exists (--force rebuilds it)")
-            continue
-        progress(f"{config.name}: building a {precision} engine, batch 1..{config.max_batch_size} ...")
-        built.append(build_engine(version / "model.onnx", plan, config.max_batch_size, precision, workspace_gb))
+        # every release of the network (export.release): each version folder that holds its ONNX graph
+        for version in sorted(
+            (p for p in config_path.parent.iterdir() if p.name.isdigit() and (p / "model.onnx").exists()),
+            key=lambda p: int(p.name),
+        ):
+            plan = version / (config.default_model_filename or "model.plan")
+            if plan.exists() and not force:
+                progress(f"{config.name}: {plan} exists (--force rebuilds it)")
+                continue
+            progress(
+                f"{config.name} {version.name}: building a {precision} engine, batch 1..{config.max_batch_size} ..."
+            )
+            built.append(build_engine(version / "model.onnx", plan, config.max_batch_size, precision, workspace_gb))
     if built:
         manifest.pop("todo", None)
         manifest["engines"] = [str(p.relative_to(repository)) for p in built]

@@ -131,6 +131,10 @@ def cmd_stage(args) -> int:
     release = stage_release(
         args.repository, args.runs, args.rule, Tuning(precision=args.precision) if args.precision else None
     )
+    if json.loads((Path(args.repository) / "manifest.json").read_text()).get("runtime") == "tensorrt":
+        from export.tensorrt import build_repository_engines  # noqa: PLC0415 - TensorRT, on the GPU that serves
+
+        build_repository_engines(args.repository)  # the new release's engines; the others exist
     exported = time.monotonic() - start
     state = _state(args)
     loaded = None

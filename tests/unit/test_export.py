@@ -215,9 +215,23 @@ def test_repository_has_every_model_with_facts_from_the_checkpoints(repository, 
     assert [o.name for o in configs[api.INSPECT_RGB].output] == list(api.INSPECT_RGB_OUTPUTS)
     cam = next(o for o in inspect.output if o.name == api.CT_CAM)
     assert list(cam.dims) == [64, 64]  # the checkpoint's input size
-    rule = json.loads(configs[api.VERDICT_MODEL].parameters["rule"].string_value)
+    # release 1: what is the release's own is a parameter `name@1`, each model loads version 1 and
+    # every ensemble step runs it; the verdict model's release@1 is what MODEL_VERSIONS answers
+    params = {n: {k: v.string_value for k, v in c.parameters.items()} for n, c in configs.items()}
+    rule = json.loads(params[api.VERDICT_MODEL]["rule@1"])
     assert rule["rgb_threshold"] == pytest.approx(0.3)  # from the RGB checkpoint
-    info = json.loads(configs[api.CT_PREPROCESS].parameters["serving_info"].string_value)
+    assert json.loads(params[api.VERDICT_MODEL]["release@1"]) == {
+        "release": 1,
+        "ct_classifier": manifest["runs"]["ct_classifier"]["checkpoint_sha256"][:12],
+        "rgb_autoencoder": manifest["runs"]["rgb_autoencoder"]["checkpoint_sha256"][:12],
+    }
+    for name, cfg in configs.items():
+        if cfg.platform == "ensemble":
+            assert {s.model_version for s in cfg.ensemble_scheduling.step} == {1}, name
+        else:
+            assert list(cfg.version_policy.specific.versions) == [1], name
+    assert manifest["serving"] == 1 and set(manifest["releases"]) == {"1"} and manifest["staged"] is None
+    info = json.loads(api.release_view(params[api.CT_PREPROCESS], 1)["serving_info"])
     assert info["input_size"] == 64 and info["normalization"] == load_checkpoint(runs["ct"])[1]["normalization"]
     assert (out / api.CT_CLASSIFIER / "1" / "model.onnx").exists() and (
         out / api.CT_CLASSIFIER / "1" / "model.py"
@@ -362,7 +376,12 @@ def test_tensorrt_engines_answer_like_onnx_runtime(runs, tmp_path, precision):
     built = build_repository_engines(repo, workspace_gb=1)
     assert sorted(p.parent.parent.name for p in built) == [api.CT_CLASSIFIER, api.RGB_AUTOENCODER]
     ct_facts, rgb_facts = (
-        ServingFacts.from_json(parse_pbtxt((repo / m / "config.pbtxt").read_text()).parameters[CONFIG_KEY].string_value)
+        ServingFacts.from_json(
+            api.release_view(
+                {k: v.string_value for k, v in parse_pbtxt((repo / m / "config.pbtxt").read_text()).parameters.items()},
+                1,
+            )[CONFIG_KEY]
+        )
         for m in (api.CT_PREPROCESS, api.RGB_PREPROCESS)
     )
     feeds = calibration_tensors(data, ct_facts, rgb_facts, n=5)  # batch 5: inside the profile, not at its optimum
