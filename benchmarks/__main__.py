@@ -16,7 +16,7 @@ photos 1920 x 1080), generated once into build/bench_data/; each command's --hel
   int8      INT8 against FP32 for the CT classifier: throughput and macro-F1 on a test split
   soak      hours at 80% of saturation (failures, server memory growth), then a burst at 3x
   gateway   trigger-to-answer latency through the line gateway (simulated OPC UA PLC) at a line rate
-  outputs   what the outputs asked for cost: inspect with all nine, without the maps, with
+  outputs   what the outputs asked for cost: inspect with all of them, without the maps, with
             VERDICT and CONFIDENCE only (cells/s, latency, bytes per answer)
   plant     several stations through the gateway to several Triton replicas while one is killed,
             one drained and restarted and a model version rolled across them: cells lost or

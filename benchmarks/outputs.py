@@ -1,4 +1,4 @@
-"""What the outputs a client asks for cost: `inspect` with all nine, without the two maps, and
+"""What the outputs a client asks for cost: `inspect` with all of them, without the two maps, and
 with only VERDICT and CONFIDENCE (what a PLC needs), on the same server and cells.
 
     python -m benchmarks outputs [--concurrency 4] [--seconds 20]

@@ -52,6 +52,17 @@ ARCHIVES = {
 }
 
 
+# a CT file name that says its battery type and slice axis: AI Hub's, or any CT_<type>_..._<axis>_<slice>
+_CT_META_NAME = re.compile(r"^CT_(?P<type>cell|module)_.*_(?P<axis>[xyz])_(?P<slice>\d+)$", re.IGNORECASE)
+
+
+def meta_from_name(filename: str) -> tuple[str, str] | None:
+    """(battery_type, slice_axis) from a CT slice's file name ("CT_module_pouch_012_z_004.jpg" ->
+    ("module", "z")), or None where the name does not say."""
+    m = _CT_META_NAME.match(Path(filename).stem)
+    return (m["type"].lower(), m["axis"].lower()) if m else None
+
+
 def ct_stem(battery_type: str, form: str, battery_id: int, axis: str, slice_index: int) -> str:
     return f"CT_{battery_type}_{form}_{battery_id:03d}_{axis}_{slice_index:03d}"
 

@@ -61,6 +61,11 @@ class View:
             int(round(self.crop.y0 + y1 * sy)),
         ]
 
+    def from_source(self, points) -> list[tuple[float, float]]:
+        """Points (x, y) in pixels of the station's image -> the same points in view pixels."""
+        sx, sy = self.size / max(self.crop.width, 1), self.size / max(self.crop.height, 1)
+        return [((x - self.crop.x0) * sx, (y - self.crop.y0) * sy) for x, y in points]
+
 
 @dataclass
 class Case:
@@ -74,6 +79,11 @@ class Case:
     ct_facts: ServingFacts
     rgb_facts: ServingFacts
     extra: dict = field(default_factory=dict)  # paths, labels: copied into the report as they are
+
+    def labelled(self, side: str) -> list[dict]:
+        """The labelled defect polygons of one image ("ct" or "rgb"), in its source pixels: where a
+        labelled data set (inspect-dir) gives them, as {"name", "points": [x1, y1, x2, y2, ...]}."""
+        return list((self.extra.get("labels") or {}).get(side) or [])
 
     @property
     def cell_id(self) -> str:

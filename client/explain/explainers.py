@@ -74,6 +74,7 @@ class CTHeatmap:
         if self.torch_cam is not None:
             cam = self.torch_cam(case.ct_tensor, case.meta)
         image, boxes = ct_cam_overlay(case, cam, self.threshold)
+        image, labelled = _with_labels(case, "ct", image)
         files = {
             "image": _save(overlays.image_png(case.ct_view.image), folder, "ct.png"),
             "overlay": _save(image, folder, "ct_cam.png"),
@@ -84,6 +85,7 @@ class CTHeatmap:
             "class": case.inspection.ct_class,
             "view_size": case.ct_view.size,
             "regions": [b.to_dict(case.ct_view) for b in boxes],
+            "labelled_defects": labelled,
         }
         if self.torch_cam is not None and case.inspection.ct_cam is not None:
             served = case.inspection.ct_cam
@@ -103,6 +105,7 @@ class RGBErrorMap:
 
     def explain(self, case: Case, folder: Path):
         image, boxes = rgb_error_overlay(case, self.threshold)
+        image, labelled = _with_labels(case, "rgb", image)
         files = {
             "image": _save(overlays.image_png(case.rgb_view.image), folder, "rgb.png"),
             "overlay": _save(image, folder, "rgb_error.png"),
@@ -115,8 +118,18 @@ class RGBErrorMap:
             "peak_error": float(case.inspection.rgb_error_map.max()),
             "view_size": case.rgb_view.size,
             "regions": [b.to_dict(case.rgb_view) for b in boxes],
+            "labelled_defects": labelled,
         }
         return data, files
+
+
+def _with_labels(case: Case, side: str, image):
+    """The overlay with the cell's labelled defect polygons drawn on it (white, named), and their names."""
+    view = case.ct_view if side == "ct" else case.rgb_view
+    polygons = [(d["name"], view.from_source(zip(d["points"][0::2], d["points"][1::2]))) for d in case.labelled(side)]
+    if not polygons:
+        return image, []
+    return overlays.draw_labelled(image, polygons, view.size), [name for name, _ in polygons]
 
 
 def flagged_sides(case: Case) -> list[str]:

@@ -20,6 +20,7 @@ from client.explain.case import Box
 MIN_SIDE = 256  # overlays smaller than this are enlarged (nearest) so a reviewer can see them
 BOX_COLOUR = (0, 255, 0)
 CONTOUR_COLOUR = (0, 255, 255)
+LABEL_COLOUR = (255, 255, 255)  # a labelled defect's outline: white, apart from the green boxes and cyan contour
 
 
 def hot_regions(heat: np.ndarray, threshold: float, min_area: int = 4, max_regions: int = 8) -> list[Box]:
@@ -118,4 +119,22 @@ def boxes_overlay(image: np.ndarray, boxes: list[Box]) -> Image.Image:
     """Detector boxes (with their labels) over a view."""
     im, factor = _scale(Image.fromarray(_rgb8(image)))
     _draw_boxes(im, boxes, factor, colour=(255, 64, 64))
+    return im
+
+
+def draw_labelled(
+    im: Image.Image, polygons: list[tuple[str, list[tuple[float, float]]]], view_size: int
+) -> Image.Image:
+    """Outline labelled defect polygons (name, points in view pixels) on an overlay of a view of
+    `view_size` pixels, each named, so a reviewer sees whether the boxes found them."""
+    im = im.copy()
+    draw = ImageDraw.Draw(im)
+    factor = im.width / view_size
+    width = max(2, im.width // 160)
+    for name, points in polygons:
+        xy = [(x * factor, y * factor) for x, y in points]
+        if len(xy) >= 2:
+            draw.line([*xy, xy[0]], fill=LABEL_COLOUR, width=width, joint="curve")
+            x0, y0 = min(x for x, _ in xy), min(y for _, y in xy)
+            draw.text((x0, max(0, y0 - 12)), f"label: {name}", fill=LABEL_COLOUR)
     return im

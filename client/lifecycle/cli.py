@@ -177,7 +177,10 @@ def cmd_compare(args) -> int:
     if args.test:
         sets["test"] = compare.test_cases(args.test)
     if args.reviewed:
-        sets["reviewed"] = compare.reviewed_cases(args.reviewed, exclude=trained_on)
+        every = compare.reviewed_cases(args.reviewed, exclude=set())
+        sets["reviewed"] = [c for c in every if c.cell_id not in trained_on]
+        if trained_on:  # reported apart, not ruled on: what the release learnt from the line's reviews
+            sets["reviewed_trained"] = [c for c in every if c.cell_id in trained_on]
     if args.replay:
         sets["replay"] = compare.replay_cases(args.replay, args.replay_limit)
     if not sets:
@@ -194,7 +197,12 @@ def cmd_compare(args) -> int:
             compare.answer(cases, "serving", serving, args.concurrency, bar.update)
             compare.answer(cases, "staged", staged_client, args.concurrency, bar.update)
         bar.close()
-    metrics = {"test": compare.LABELLED, "reviewed": compare.REVIEWED, "replay": {}}
+    metrics = {
+        "test": compare.LABELLED,
+        "reviewed": compare.REVIEWED,
+        "reviewed_trained": compare.REVIEWED,
+        "replay": {},
+    }
     comparison = {
         "serving": state["serving"],
         "staged": staged,
@@ -204,7 +212,7 @@ def cmd_compare(args) -> int:
     }
     for name, cases in sets.items():
         comparison["sets"][name] = {
-            "source": str(args.test if name == "test" else args.replay if name == "replay" else args.reviewed),
+            "source": _source(args, name),
             "counts": compare.counts(cases),
             "figures": compare.figures(cases, metrics[name], seed=args.seed),
             "flips": compare.flips(cases, name),
@@ -231,6 +239,15 @@ def cmd_compare(args) -> int:
         comparison=str(out / "comparison.json"),
     )
     return 0
+
+
+def _source(args, name: str) -> str:
+    if name == "test":
+        return str(args.test)
+    if name == "replay":
+        return str(args.replay)
+    folders = ", ".join(map(str, args.reviewed))
+    return folders + (" (cells the staged release trained on)" if name == "reviewed_trained" else " (not trained on)")
 
 
 def _value(value: float, interval: list[float], signed: bool = False) -> str:

@@ -37,6 +37,7 @@ from client.inspection import InspectionFailed
 from client.review.runs import filter_rows, load_run
 from client.service import Backoff, InspectionClient
 from core import interface as api
+from core.aihub import meta_from_name
 from core.labels import BATTERY_TYPES, CT_CLASSES, SLICE_AXES
 from core.reviewed import ReviewedLabel, append_review, read_reviewed_labels
 
@@ -150,8 +151,19 @@ def inspect_page(cfg: dict) -> None:
     ct_file = left.file_uploader(
         "CT slice (PNG, JPEG, TIFF, DICOM)", type=["png", "jpg", "jpeg", "tif", "tiff", "dcm"], key="ct_file"
     )
+    named = meta_from_name(ct_file.name) if ct_file is not None else None
+    if ct_file is not None and st.session_state.get("meta_from") != ct_file.name:
+        # a new slice: its file name says its battery type and axis (AI Hub's CT_module_..._z_004.jpg);
+        # the form follows it once, and stays as the user sets it afterwards
+        st.session_state["meta_from"] = ct_file.name
+        if named:
+            st.session_state["battery"], st.session_state["axis"] = named
     battery = left.selectbox("Battery type", BATTERY_TYPES, key="battery")
     axis = left.selectbox("Slice axis", SLICE_AXES, index=2, key="axis")
+    if named:
+        left.caption(f"Read from the file name: {named[0]}, slice axis {named[1]}. Change them if the name is wrong.")
+    elif ct_file is not None:
+        left.caption("The file name does not say the battery type and axis: check them before inspecting.")
     rgb_file = right.file_uploader("Photo (PNG, JPEG)", type=["png", "jpg", "jpeg"], key="rgb_file")
     options = explain_options(cfg)
     ask_vlm = right.checkbox("Ask the VLM", key="ask_vlm", help=f"backend: {options.vlm}")
@@ -234,6 +246,22 @@ def show_agreement(agreement: dict | None) -> None:
             st.dataframe(label_rows(agreement), hide_index=True, key="agreement_labels")
 
 
+def _release_note(r: dict) -> str:
+    """Which release judged the cell, and for a comparison's flipped cell what the other release said."""
+    note = ""
+    release = (r.get("model_versions") or {}).get("release")
+    if r.get("flip"):  # a row of `python -m client models compare`: the staged release's answer
+        before = (r.get("serving") or {}).get("verdict", "?")
+        note += f" · **flip** {r['flip']} (release in service: {before}, staged release {release or '?'})"
+        if r.get("expected"):
+            note += f"; label: {r['expected']}"
+    elif release is not None:
+        note += f" · release {release}"
+    if r.get("shadow"):  # kept by the gateway because a shadowed release would judge it otherwise
+        note += f" · staged release would say **{r['shadow'].get('verdict')}**"
+    return note
+
+
 def review_page(cfg: dict) -> None:
 
     st.header("Review a run")
@@ -274,6 +302,7 @@ def review_page(cfg: dict) -> None:
                 f"RGB score {r['rgb_score']:.4f} vs {r['rgb_threshold']:.4f}"
                 + (f" · **not inspectable**: {r['refusal']}" if r.get("refusal") else "")
                 + (f" · reviewed: **{done.decision.replace('_', ' ')}**" if done else "")
+                + _release_note(r)
             )
             report = run.reports.get(cell)
             if report and report.exists():

@@ -550,6 +550,21 @@ def _mask(box, size: int = 256) -> np.ndarray:
     return m
 
 
+def _check_labelled_defects_are_drawn(report_json: Path, report: dict, cell) -> None:
+    """The cell report names the labelled defects and outlines them on the heatmap overlays (in white,
+    a colour no colour map or box uses), instead of printing the label as data."""
+    html = report_json.with_name("report.html").read_text()
+    assert "{&#39;ct&#39;" not in html and "{'ct'" not in html  # not the label dict as text
+    for side, name, defects in (("ct", "ct_heatmap", cell.ct_defects), ("rgb", "rgb_error_map", cell.rgb_defects)):
+        part = report["explanations"][name]
+        assert part["data"]["labelled_defects"] == [d.name for d in defects]
+        overlay = np.asarray(Image.open(report_json.parent / part["files"]["overlay"]).convert("RGB"))
+        white = np.all(overlay == 255, axis=2).sum()
+        assert (white > 20) == bool(defects), (side, white, len(defects))
+        for d in defects:
+            assert d.name in html
+
+
 def test_the_index_says_how_far_the_three_systems_agree(explained_run, flagged):
     """The fake VLM's answers (`by_prompt`) fix the VLM numbers exactly; the box overlaps are
     recounted here on pixel masks; the polygons come from the data set's labels."""
@@ -599,6 +614,7 @@ def test_the_index_says_how_far_the_three_systems_agree(explained_run, flagged):
         report = json.loads((explained_run / "explain" / entry["json"]).read_text())
         cell = cells[entry["cell_id"]]
         assert report["source"]["labels"] == cell.labels()
+        _check_labelled_defects_are_drawn(explained_run / "explain" / entry["json"], report, cell)
         polygons["ct"] += len(cell.ct_defects)
         polygons["rgb"] += len(cell.rgb_defects)
         if entry["verdict"] == "external_defect":

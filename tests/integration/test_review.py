@@ -302,3 +302,55 @@ def test_a_browser_uploads_a_cell_and_finds_the_verdict(service, tmp_path):
     finally:
         proc.terminate()
         proc.wait(timeout=30)
+
+
+def test_a_slice_named_as_ai_hub_names_it_fills_battery_type_and_axis(app, service):
+    """An uploaded module slice is sent as a module's, not as the form's default cell's."""
+    cell = next(c for c in service["cells"] if c.meta[0] == 1 and c.meta[1] != 2)  # a module, axis x or y
+    assert cell.ct_path.name.startswith("CT_module_")
+    ct, rgb = cell.ct_path.read_bytes(), cell.rgb_path.read_bytes()
+    _upload(app, (cell.ct_path.name, ct), (cell.rgb_path.name, rgb))
+    app.run()
+    assert (app.selectbox(key="battery").value, app.selectbox(key="axis").value) == (
+        "module",
+        ("x", "y", "z")[int(cell.meta[1])],
+    )
+    assert "Read from the file name: module" in " ".join(c.value for c in app.caption)
+    app.button(key="inspect").click().run()
+    with InspectionClient(service["url"]) as c:
+        expected = c.inspect(ct, cell.meta, rgb)
+    assert _metric(app, "Verdict") == expected.verdict and _metric(app, "Confidence") == f"{expected.confidence:.3f}"
+    # a user's own choice afterwards stands: the name fills the form once per file
+    app.selectbox(key="axis").set_value("z").run()
+    assert app.selectbox(key="axis").value == "z"
+    # a name that says nothing leaves the form as it is, and says so
+    _upload(app, ("slice.png", ct), (cell.rgb_path.name, rgb))
+    app.run()
+    assert app.selectbox(key="battery").value == "module"
+    assert "does not say the battery type" in " ".join(c.value for c in app.caption)
+
+
+def test_the_review_page_shows_a_comparisons_flips_with_both_releases(service, tmp_path, monkeypatch):
+    """The folder `python -m client models compare --out` writes opens as a run: each flipped cell
+    with the staged release's verdict, the one in service and the label."""
+    cell = service["cells"][0]
+    with InspectionClient(service["url"], heatmaps=False) as c:
+        answer = c.inspect(cell.ct_path.read_bytes(), cell.meta, cell.rgb_path.read_bytes(), cell.cell_id)
+    row = {
+        "cell_id": cell.cell_id,
+        "ct_path": str(cell.ct_path),
+        "rgb_path": str(cell.rgb_path),
+        "meta": list(cell.meta),
+    }
+    row |= answer.to_dict() | {"verdict": "internal_defect", "model_versions": {"release": 2}}
+    row |= {"serving": answer.to_dict() | {"verdict": "normal"}, "set": "test", "flip": "normal -> internal_defect"}
+    row["expected"] = "normal"
+    (tmp_path / "results.jsonl").write_text(json.dumps(row) + "\n")
+    monkeypatch.setenv("BATTERY_REVIEW_URL", service["url"])
+    monkeypatch.setenv("BATTERY_REVIEW_RUN", str(tmp_path))
+    at = AppTest.from_file(APP, default_timeout=180)
+    at.run()
+    at.radio(key="page_choice").set_value("Review").run()
+    assert not at.exception and not at.error
+    text = " ".join(m.value for m in at.markdown)
+    assert "**flip** normal -> internal_defect (release in service: normal, staged release 2); label: normal" in text
