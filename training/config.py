@@ -46,6 +46,8 @@ DEFAULTS = {
         "weighted_sampling": False,
         # Weight of the training-only defect-map loss (0: train on slice labels alone).
         "defect_map_weight": 1.0,
+        # each reviewed line cell (--reviewed) counts as this many training slices
+        "reviewed_repeat": 2,
         "early_stopping": {"patience": 6},
         # out-of-distribution gate (training/ood.py): threshold = quantile of validation distances x margin;
         # spread: the covariance from the validation slices (held-out, cross-fitted over `folds`) or the training ones
@@ -69,6 +71,7 @@ DEFAULTS = {
         "acquisition": {"probability": 0.0},
         # Random blemishes painted on the input, clean image as the target (0: plain autoencoder).
         "anomalies": {"probability": 0.5, "max_blobs": 2, "radius": [0.03, 0.12]},
+        "reviewed_repeat": 2,  # each photo reviewed as a false alarm (--reviewed) counts this many times
         "early_stopping": {"patience": 8},
         "score": dict(DEFAULT_SCORE),
         "threshold": "f1",  # which validation-calibrated threshold is stored: f1 | roc

@@ -241,17 +241,14 @@ def _class_weights(labels: np.ndarray, spec) -> torch.Tensor | None:
     return torch.tensor(w, dtype=torch.float32)
 
 
-REVIEWED_REPEAT = 3  # each reviewed line cell counts as this many training images: few, but they are the line's
-
-
-def _reviewed(folders, run: Path, progress: bool) -> ReviewedExamples:
+def _reviewed(folders, run: Path, progress: bool, repeat: int) -> ReviewedExamples:
     examples = reviewed_examples(folders or [])
     if folders:
         examples.write(run)
         if progress:
             print(
                 f"reviewed line cells from {', '.join(map(str, folders))}: {len(examples.trained)} to train on "
-                f"({len(examples.ct)} CT slices, {len(examples.rgb)} photos, each x{REVIEWED_REPEAT}), "
+                f"({len(examples.ct)} CT slices, {len(examples.rgb)} photos, each x{repeat}), "
                 f"{len(examples.held)} held out for comparing releases"
             )
     return examples
@@ -275,9 +272,9 @@ def train_ct(
         raise SystemExit(
             f"error: need CT slices in both train and val splits, got {len(parts['train'])} and {len(parts['val'])}"
         )
-    examples = _reviewed(reviewed, run, progress)
+    examples = _reviewed(reviewed, run, progress, int(c["reviewed_repeat"]))
     outlined = len(parts["train"])  # the data set's slices have their defects outlined; reviewed ones do not
-    parts["train"] += examples.ct * REVIEWED_REPEAT
+    parts["train"] += examples.ct * int(c["reviewed_repeat"])
     size = int(c["input_size"])
     aux_weight = float(c["defect_map_weight"])
     train = load_ct(parts["train"], size, workers=c["workers"], progress=progress, with_masks=aux_weight > 0)
@@ -411,7 +408,8 @@ def train_rgb(
     ds = scan(data, progress=progress)
     assignment = resolve_split(ds, run, splits, c["split_seed"])
     train_recs = [r for r in ds.rgb if assignment.get(r.battery_key) == "train" and r.is_normal]  # normal only
-    train_recs += _reviewed(reviewed, run, progress).rgb * REVIEWED_REPEAT  # photos reviewed as false alarms
+    # photos reviewed as false alarms: normal photos of the line
+    train_recs += _reviewed(reviewed, run, progress, int(c["reviewed_repeat"])).rgb * int(c["reviewed_repeat"])
     val_recs = [r for r in ds.rgb if assignment.get(r.battery_key) == "val"]
     if not train_recs or not any(r.is_normal for r in val_recs):
         raise SystemExit(
@@ -582,6 +580,9 @@ def main(argv=None) -> int:
         help="also learn from the reviewed cells of this line archive or inspect-dir run folder (repeatable): "
         "a false alarm is normal for the input it was flagged for, a confirmed CT defect keeps its class",
     )
+    p.add_argument(
+        "--reviewed-repeat", type=int, metavar="N", help="each reviewed cell counts N times (default: the config's, 2)"
+    )
     p.add_argument("--quiet", action="store_true")
     args = p.parse_args(argv)
     if not args.data.is_dir():
@@ -594,6 +595,8 @@ def main(argv=None) -> int:
         return 2
     if args.epochs:
         cfg[args.model]["epochs"] = args.epochs
+    if args.reviewed_repeat:
+        cfg[args.model]["reviewed_repeat"] = args.reviewed_repeat
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "config.yaml").write_text(yaml.safe_dump({args.model: cfg[args.model]}, sort_keys=False))
     trainer = train_ct if args.model == "ct" else train_rgb

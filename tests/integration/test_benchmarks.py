@@ -214,23 +214,29 @@ def test_soak_runs_end_to_end_and_reports_failures_memory_and_the_burst(tmp_path
     assert "failed cells in the soak" in summary and "server memory growth" in summary
 
 
-def test_gateway_benchmark_times_every_cell_from_trigger_to_answer(tmp_path):
+def test_gateway_benchmark_times_every_cell_from_trigger_to_answer_with_and_without_shadow_traffic(tmp_path):
 
-    code, folder, r = _run_small(gateway, "gateway", tmp_path, "--rate", "6", "--seconds", "3", "--stations", "2")
-    assert code == 0, (folder / "summary.md").read_text() + (folder / "gateway.log").read_text()[-2000:]
-    assert r["sent"] >= 12 and r["answered"] == r["sent"] and r["duplicates"] == 0 and r["errors"] == 0
-    lat = r["latency_ms"]
-    assert 0 < lat["p50"] <= lat["p90"] <= lat["p99"] <= lat["max"] < 30_000
-    # each cell takes at least a read of Trigger and of its fields, the acknowledgement, the handshake's read
-    # and two writes
-    assert r["plc_requests_per_s"] * r["elapsed_s"] >= 5 * r["sent"]
-    assert 0 < r["cpu_cores"]["gateway"] < 4 and 0 < r["cpu_cores"]["plc"] < 4
-    summary = (folder / "summary.md").read_text()
-    assert (
-        "trigger -> result on the PLC" in summary
-        and "OPC UA requests to the PLC" in summary
-        and "watching by subscribe" in summary
+    code, folder, r = _run_small(
+        gateway, "gateway", tmp_path, "--rate", "6", "--seconds", "3", "--stations", "2", "--shadow", "0,1"
     )
+    assert code == 0, (folder / "summary.md").read_text() + (folder / "gateway-shadow0-round1.log").read_text()[-2000:]
+    assert [leg["shadow"] for leg in r["legs"]] == [0.0, 1.0]
+    for leg in r["legs"]:
+        assert leg["sent"] >= 12 and leg["answered"] == leg["sent"] and leg["duplicates"] == 0 and leg["errors"] == 0
+        lat = leg["latency_ms"]
+        assert 0 < lat["p50"] <= lat["p90"] <= lat["p99"] <= lat["max"] < 30_000
+        # each cell takes at least a read of Trigger and of its fields, the acknowledgement, the handshake's read
+        # and two writes
+        assert leg["plc_requests_per_s"] * leg["elapsed_s"] >= 5 * leg["sent"]
+        assert 0 < leg["cpu_cores"]["gateway"] < 4 and 0 < leg["cpu_cores"]["plc"] < 4
+    off, on = r["legs"]
+    assert off["shadowed"] == 0
+    # the answered cells shadowed to the same networks staged again (the 4 warm-up cells too; those still queued
+    # when the gateway stops are not sent): they agree on every one
+    assert 0 < on["shadowed"] <= on["sent"] + 4
+    assert on["shadow_outcomes"] == {"agree": on["shadowed"], "flip": 0, "error": 0}
+    summary = (folder / "summary.md").read_text()
+    assert "trigger -> result p50" in summary and "watching by subscribe" in summary and "| 1 (1) |" in summary
 
 
 def test_the_ood_and_robustness_evaluations_run_on_a_data_set_and_say_when_a_target_is_missed(small_dataset, tmp_path):
