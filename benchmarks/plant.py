@@ -13,9 +13,10 @@ line runs, in phases of `--phase-s` seconds:
   restart    replica 1 started again
   drain      replica 2 stopped as an orchestrator stops it (SIGTERM: it refuses new requests
              while it finishes the ones it has), then started again
-  rollout    a new version of the CT classifier loaded on each replica in turn (the repository
-             API with the admin key), so for a while the replicas serve different versions
-  after      all replicas up on the new version
+  rollout    a new release promoted on each replica in turn (staged on every replica before the
+             start: the served runs exported again; promoted through the repository API with
+             the admin key), so for a while the replicas answer with different releases
+  after      all replicas up on the new release
 
 Every trigger must get exactly one answer: the PLC's side counts lost cells (triggered, never
 answered) and cells answered twice. Reported per phase: cells triggered, trigger-to-answer
@@ -43,17 +44,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-import tritonclient.grpc as grpcclient
 import yaml
 
 from client.dataset import pair_cells
 from client.gateway.config import load_config
 from client.gateway.simulator import PlcSimulator, Result, run_line
 from core import interface as api
+from export import release
 from export.spec import fit_to_cores
 from serving.server import ADMIN_KEY_ENV, Access, Ports, TritonServer, free_ports
 
-ADMIN_HEADER = "triton-grpc-protocol-admin-key"
 PHASES = ("steady", "kill", "restart", "drain", "rollout", "after")
 _SUCCESS = re.compile(r'^nv_inference_request_success\{model="' + api.INSPECT + r'",version="\d+"\} (\d+)', re.M)
 
@@ -83,9 +83,21 @@ class Replicas:
     """n tritonservers, each on its own copy of `repository` fitted to its CPUs and pinned to them,
     with the administrative APIs open to `admin_key` (for version rollouts)."""
 
-    def __init__(self, repository: Path, root: Path, n: int, cpus: list[str | None], admin_key: str):
+    def __init__(
+        self, repository: Path, root: Path, n: int, cpus: list[str | None], admin_key: str, stage=None
+    ) -> None:
+        """`stage`: runs staged as the next release of every replica (what the rollout promotes)."""
         self.admin_key = admin_key
         self.servers: list[TritonServer] = []
+        if stage:
+            from export.repository import stage_release  # noqa: PLC0415 - torch, for the staged release
+
+            staged = root / "staged_repository"
+            if staged.exists():
+                shutil.rmtree(staged)
+            shutil.copytree(repository, staged)
+            stage_release(staged, stage, progress=lambda *_: None)
+            repository = staged
         for i in range(n):
             folder = root / f"replica{i + 1}"
             repo = folder / "model_repository"
@@ -149,21 +161,13 @@ class Replicas:
         self.servers[i].start(timeout=timeout)
         return time.monotonic() - start
 
-    def roll_version(self, i: int, model: str = api.CT_CLASSIFIER, timeout: float = 120.0) -> float:
-        """Load the next version of `model` on replica i (a copy of its newest version, as a
-        retrained model is deployed) and wait until the old one is retired; the seconds it took."""
+    def promote(self, i: int) -> float:
+        """Promote the staged release on replica i (export.release.promote: the line's ensembles
+        re-pinned and swapped); the seconds it took."""
         server = self.servers[i]
-        folder = server.repository / model
-        versions = sorted(int(p.name) for p in folder.iterdir() if p.is_dir() and p.name.isdigit())
-        new = versions[-1] + 1
-        shutil.copytree(folder / str(versions[-1]), folder / str(new))
         start = time.monotonic()
-        with grpcclient.InferenceServerClient(server.grpc_url) as admin:
-            admin.load_model(model, headers={ADMIN_HEADER: self.admin_key})
-            while not admin.is_model_ready(model, str(new)) or admin.is_model_ready(model, str(versions[-1])):
-                if time.monotonic() - start > timeout:
-                    raise TimeoutError(f"replica {i + 1}: {model} version {new} not serving after {timeout:.0f} s")
-                time.sleep(0.1)
+        with release.Server(server.grpc_url, self.admin_key) as admin:
+            release.promote(server.repository, admin)
         return time.monotonic() - start
 
     def served(self) -> list[int | None]:
@@ -298,7 +302,7 @@ async def run_plant(
         await asyncio.sleep(phase_s / 2)
         await phase("rollout")
         for i in range(n):
-            await event(f"replica {i + 1}: {api.CT_CLASSIFIER} version rolled", replicas.roll_version, i)
+            await event(f"replica {i + 1}: staged release promoted", replicas.promote, i)
             await asyncio.sleep(phase_s / (2 * n))
         await phase("after")
         await asyncio.sleep(phase_s)
@@ -434,13 +438,13 @@ def main(argv=None) -> int:
     args = parser().parse_args(argv)
     if args.replicas < 2:
         raise SystemExit("error: --replicas must be at least 2 (the phases stop one while the others serve)")
-    _, data, _, _ = prepare(args)
+    runs, data, _, _ = prepare(args)
     folder = args.out / time.strftime("plant-%Y%m%d-%H%M%S")
     folder.mkdir(parents=True, exist_ok=True)
     cpus = cpu_lists(args.replicas, args.cores)
     key = os.environ.get(ADMIN_KEY_ENV) or "plant-" + os.urandom(12).hex()
     print(f"plant: {args.replicas} replicas on CPUs {cpus}, {args.stations} stations, {args.rate:g} cells/s")
-    replicas = Replicas(args.repository, folder, args.replicas, cpus, key).start()
+    replicas = Replicas(args.repository, folder, args.replicas, cpus, key, stage=runs).start()
     try:
         paired, _ = pair_cells(data, progress=False)
         step = max(1, len(paired) // args.cells)

@@ -170,6 +170,42 @@ def remove_staged_ensembles(repository: str | Path) -> None:
         folder.rmdir()
 
 
+def promote(repository: str | Path, server: Server) -> tuple[int, int, float]:
+    """Switch the line's ensembles to the staged release, keep the one in service as the previous,
+    drop `inspect_staged`. Returns (old, new, the seconds the swap took). Checks nothing: the
+    promotion rule is the caller's (python -m client models promote)."""
+    state = read_state(repository)
+    old, new = state["serving"], state.get("staged")
+    if new is None:
+        raise ValueError(f"{repository} has no staged release to promote")
+    pin(repository, new)
+    seconds = server.load(SERVED)
+    state.update(serving=new, previous=old, staged=None)
+    write_state(repository, state)
+    remove_staged_ensembles(repository)
+    server.unload(STAGED)
+    return old, new, seconds
+
+
+def rollback(repository: str | Path, server: Server, to: int | None = None) -> tuple[int, int, float]:
+    """Switch the line's ensembles back to the previous release (or release `to`, loaded first
+    if it is no longer); returns (old, new, the seconds the swap took)."""
+    state = read_state(repository)
+    old, new = state["serving"], to if to is not None else state.get("previous")
+    if new is None:
+        raise ValueError("there is no previous release to go back to")
+    if str(new) not in state["releases"]:
+        raise ValueError(f"release {new} is not in {repository}")
+    if new not in kept_releases(state):  # an older release: load it first
+        set_loaded(repository, tuple(sorted({*kept_releases(state), new})))
+        server.load(RELEASED)
+    pin(repository, new)
+    seconds = server.load(SERVED)
+    state.update(serving=new, previous=old)
+    write_state(repository, state)
+    return old, new, seconds
+
+
 class Server:
     """A running tritonserver's model-repository API (gRPC, with the admin key)."""
 

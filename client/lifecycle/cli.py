@@ -280,13 +280,6 @@ def _print_comparison(c: dict) -> None:
 
 
 # ----------------------------------------------------------------------------- promote / rollback / discard
-def _switch(args, release: int) -> float:
-    """Pin the line's ensembles to `release` and swap them on the server; returns the seconds the swap took."""
-    rel.pin(args.repository, release)
-    with _server(args) as server:
-        return server.load(rel.SERVED)
-
-
 def cmd_promote(args) -> int:
     state = _state(args)
     staged = state.get("staged")
@@ -309,13 +302,9 @@ def cmd_promote(args) -> int:
     if problem and not args.reason:
         print("error: --force needs --reason: the audit trail records why the rule was overridden", file=sys.stderr)
         return 2
-    old = state["serving"]
-    seconds = _switch(args, staged)
-    state.update(serving=staged, previous=old, staged=None)
-    rel.write_state(args.repository, state)
-    rel.remove_staged_ensembles(args.repository)
     with _server(args) as server:
-        server.unload(STAGED)
+        old, _, seconds = rel.promote(args.repository, server)
+    state = _state(args)
     print(f"release {staged} in service ({api.INSPECT} switched in {seconds:.2f} s); release {old} kept loaded")
     print("back: python -m client models rollback")
     audit.record(
@@ -341,30 +330,20 @@ def _comparison_summary(comparison: dict | None) -> dict | None:
 
 
 def cmd_rollback(args) -> int:
-    state = _state(args)
-    target_release = args.to or state.get("previous")
-    if target_release is None:
-        print("error: there is no previous release to go back to", file=sys.stderr)
-        return 2
-    if str(target_release) not in state["releases"]:
-        print(f"error: release {target_release} is not in {args.repository}", file=sys.stderr)
-        return 2
-    old = state["serving"]
-    if target_release not in rel.kept_releases(state):  # an older release: load it first
-        keep = tuple(sorted({*rel.kept_releases(state), target_release}))
-        rel.set_loaded(args.repository, keep)
+    try:
         with _server(args) as server:
-            server.load(rel.RELEASED)
-    seconds = _switch(args, target_release)
-    state.update(serving=target_release, previous=old)
-    rel.write_state(args.repository, state)
-    print(f"release {target_release} in service again ({api.INSPECT} switched in {seconds:.2f} s); release {old} kept")
+            old, back, seconds = rel.rollback(args.repository, server, args.to)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    state = _state(args)
+    print(f"release {back} in service again ({api.INSPECT} switched in {seconds:.2f} s); release {old} kept")
     audit.record(
         args.repository,
         "rollback",
         audit.actor(args.by),
-        **{"from": old, "to": target_release},
-        models={"from": _digests(state, old), "to": _digests(state, target_release)},
+        **{"from": old, "to": back},
+        models={"from": _digests(state, old), "to": _digests(state, back)},
         reason=args.reason or "",
         seconds=round(seconds, 3),
     )

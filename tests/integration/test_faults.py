@@ -22,7 +22,8 @@ from client.inspection import Cell, CellError, Inspection
 from client.probe import probe_grpc
 from client.service import Backoff, InspectionClient
 from core import interface as api
-from export.repository import build_repository
+from export import release
+from export.repository import build_repository, stage_release
 from serving.server import Access, Ports, TritonServer, free_ports
 from serving.watchdog import probe_http
 from tests.support.tiny_models import make_ct_run, make_rgb_run
@@ -155,7 +156,7 @@ def test_the_client_reconnects_with_backoff_to_a_restarted_server(setup, tmp_pat
         server.stop()
 
 
-def test_a_new_model_version_is_rolled_out_under_traffic_without_a_failed_request(setup, tmp_path):
+def test_a_new_release_is_staged_and_promoted_under_traffic_without_a_failed_request(setup, tmp_path):
     repo = tmp_path / "model_repository"
     shutil.copytree(setup["repo"], repo)
     ports = Ports(*free_ports(3))
@@ -177,28 +178,31 @@ def test_a_new_model_version_is_rolled_out_under_traffic_without_a_failed_reques
             for k in range(4):
                 pool.submit(traffic, k)
             time.sleep(1.5)
-            # version 2 of the CT classifier: copied beside version 1, then loaded with the admin key
-            shutil.copytree(repo / api.CT_CLASSIFIER / "1", repo / api.CT_CLASSIFIER / "2")
-            with grpcclient.InferenceServerClient(server.grpc_url) as admin:
-                with pytest.raises(Exception, match="restricted"):
-                    admin.load_model(api.CT_CLASSIFIER)
-                admin.load_model(api.CT_CLASSIFIER, headers={"triton-grpc-protocol-admin-key": KEY})
-                deadline = time.monotonic() + 60
-                while not admin.is_model_ready(api.CT_CLASSIFIER, "2"):
-                    assert time.monotonic() < deadline
-                    time.sleep(0.2)
-                served_before = len(results)
-                time.sleep(1.5)
-                assert not admin.is_model_ready(api.CT_CLASSIFIER, "1")  # the old version is retired
+            # a new release staged beside release 1 (exported again from the same runs), loaded with the
+            # admin key, then promoted: the line's ensembles swapped to it under traffic
+            with (
+                grpcclient.InferenceServerClient(server.grpc_url) as admin,
+                pytest.raises(Exception, match="restricted"),
+            ):
+                admin.load_model(api.CT_CLASSIFIER)
+            stage_release(repo, setup["runs"], progress=lambda *_: None)
+            with release.Server(server.grpc_url, KEY) as admin:
+                admin.load([*release.RELEASED, release.STAGED])
+                assert admin.ready(api.CT_CLASSIFIER, 2) and admin.ready(api.CT_CLASSIFIER, 1)
+                release.promote(repo, admin)
+            served_before = len(results)
+            time.sleep(1.5)
+            with InspectionClient(server.grpc_url, heatmaps=False) as c:
+                assert c.inspect_many([setup["cells"][0]])[0].model_versions["release"] == 2
             stop.set()
         failed = [r for r in results if isinstance(r, CellError)]
         assert not failed, failed[:3]
         assert len(results) > served_before > 0  # traffic flowed before, during and after the swap
-        # and the server is ready again once version 1 has finished unloading (with strict readiness
-        # /v2/health/ready says no while a version unloads; inference went on meanwhile, as checked above)
+        # and the server is ready once the models have reloaded (with strict readiness /v2/health/ready
+        # says no while a model loads or unloads; inference went on meanwhile, as checked above)
         deadline = time.monotonic() + 30
         while not _http_ready(ports.http):
-            assert time.monotonic() < deadline, "not ready 30 s after the new version was loaded"
+            assert time.monotonic() < deadline, "not ready 30 s after the new release was promoted"
             time.sleep(0.2)
     finally:
         stop.set()

@@ -35,7 +35,7 @@ def setup(tmp_path_factory, small_dataset):
     repo = root / "model_repository"
     build_repository(runs, "python-ort", repo, progress=lambda *_: None)
     paired, _ = pair_cells(small_dataset[0], progress=False)
-    return {"repo": repo, "paired": paired}
+    return {"repo": repo, "paired": paired, "runs": runs}
 
 
 def test_the_client_spreads_cells_evenly_and_a_draining_replica_fails_no_request(setup, tmp_path):
@@ -78,7 +78,7 @@ def test_the_client_spreads_cells_evenly_and_a_draining_replica_fails_no_request
 
 
 def test_a_plant_loses_no_cell_and_answers_none_twice_through_kill_restart_drain_and_rollout(setup, tmp_path):
-    replicas = Replicas(setup["repo"], tmp_path, 2, cpu_lists(2, None), KEY).start()
+    replicas = Replicas(setup["repo"], tmp_path, 2, cpu_lists(2, None), KEY, stage=setup["runs"]).start()
     chosen = setup["paired"][:12]
     try:
         with InspectionClient(replicas.url, heatmaps=False) as client:
@@ -101,9 +101,12 @@ def test_a_plant_loses_no_cell_and_answers_none_twice_through_kill_restart_drain
         assert min(traffic["after"]) > 0, traffic
         for phase in ("kill", "restart", "drain", "rollout"):
             assert out["phases"][phase]["cells"] > 0 and out["phases"][phase]["errors"] == 0, out["phases"]
-        for server in replicas.servers:  # the new version serves on every replica, the old one is retired
+        for server in replicas.servers:  # release 2 serves on every replica, release 1 stays loaded for a rollback
+            with InspectionClient(server.grpc_url, heatmaps=False) as c:
+                assert c.inspect_many([chosen[0].load()])[0].model_versions["release"] == 2
             with grpcclient.InferenceServerClient(server.grpc_url) as c:
-                assert c.is_model_ready(api.CT_CLASSIFIER, "2") and not c.is_model_ready(api.CT_CLASSIFIER, "1")
+                assert c.is_model_ready(api.CT_CLASSIFIER, "2") and c.is_model_ready(api.CT_CLASSIFIER, "1")
+                assert not c.is_model_ready(api.INSPECT + api.STAGED_SUFFIX)
         # what the benchmark command writes from it
         settings = {"stations": 3, "rate": 6.0, "replicas": 2, "repository": tmp_path}
         text = write_results(out, tmp_path, settings, ["0", "1"], "this machine")
