@@ -88,13 +88,14 @@ def cmd_status(args) -> int:
     loaded = {}
     try:
         with _server(args) as server:
+            server.client.is_server_live()  # raises where no server answers
             loaded = {r: server.ready(api.CT_CLASSIFIER, r) for r in map(int, state["releases"])}
             staged_ready = server.ready(STAGED)
         ready = ", ".join(str(r) for r, ok in loaded.items() if ok) or "none"
         print(f"loaded on {args.url}: release(s) {ready}; {STAGED} {'ready' if staged_ready else 'not loaded'}")
     except Exception as e:  # the repository can be read without a server
         print(f"server {args.url}: not reachable ({type(e).__name__})")
-    for entry in audit.read(args.repository)[-args.history :]:
+    for entry in audit.read(args.repository)[-args.history :] if args.history > 0 else []:
         print(f"  {entry['time']}  {entry['action']:<9} {entry['by']}  {_audit_line(entry)}")
     return 0
 
