@@ -40,11 +40,11 @@ import numpy as np
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
-from benchmarks.serving import add_served_arguments, prepare, results_folder_and_server
+from benchmarks.serving import add_served_arguments, prepare
 from client.dataset import pair_cells
 from client.gateway.config import load_config
 from client.gateway.simulator import PlcSimulator, run_line
-from serving.server import free_ports
+from serving.server import Ports, TritonServer, free_ports
 
 
 def parser() -> argparse.ArgumentParser:
@@ -166,12 +166,12 @@ def _staged_copy(args, runs, folder: Path) -> Path:
 def run(args) -> Path:
 
     runs, data, cells, _ = prepare(args)
-    shadowing = any(f > 0 for f in args.shadow)
-    if shadowing:
-        folder = args.out / time.strftime("gateway-%Y%m%d-%H%M%S")
-        folder.mkdir(parents=True, exist_ok=True)
+    folder = args.out / time.strftime("gateway-%Y%m%d-%H%M%S")
+    folder.mkdir(parents=True, exist_ok=True)
+    if any(f > 0 for f in args.shadow):
         args.repository = _staged_copy(args, runs, folder)
-    folder, server = results_folder_and_server(args, "gateway")
+    server = TritonServer(args.repository, Ports(*free_ports(3)), log_path=folder / "tritonserver.log")
+    server.start(timeout=300)
     paired, _ = pair_cells(data, progress=False)
     step = max(1, len(paired) // args.cells)
     chosen = paired[::step][: args.cells]

@@ -56,6 +56,7 @@ def cell_record(case, parts) -> dict:
             "refusal": inspection.refusal,
         },
         "explanations": {p.name: p.to_dict() for p in parts},
+        "model_versions": inspection.model_versions,  # the release and networks that judged the cell
         "source": case.extra,
         "written": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }

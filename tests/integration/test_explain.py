@@ -530,6 +530,10 @@ def test_inspect_dir_explain_writes_a_report_per_flagged_cell_and_an_index(expla
         }
         report = json.loads((explained_run / "explain" / entry["json"]).read_text())
         assert report["confidence"] == pytest.approx(row["confidence"], abs=1e-6)
+        # the release that judged the cell, in the results and the report (and shown on its page)
+        assert report["model_versions"] == row["model_versions"] and row["model_versions"]["release"] == 1
+        page = (explained_run / "explain" / entry["report"]).read_text()
+        assert f"release 1</span> (CT {row['model_versions']['ct_classifier']}" in page
         vlm = report["explanations"]["vlm"]["data"]
         answers = [vlm[s] for s in ("ct", "rgb") if s in vlm]
         assert answers and all(a["malformed"] or a["finding"] in (GOOD, PHOTO_DEFECT, CT_NORMAL) for a in answers)
