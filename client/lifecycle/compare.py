@@ -134,6 +134,29 @@ LABELLED: dict[str, tuple[bool, Callable]] = {
     "miss_rate": (False, lambda a: _share(a["verdict"] == 0, a["expected"] != 0)),
     "refusal_rate": (False, lambda a: float(np.mean(a["refused"]))),
 }
+
+
+def _class_f1(k: int) -> Callable:
+    def f1(a: dict) -> float:
+        pred = np.where(a["refused"], -1, a["ct_pred"])
+        tp = np.sum((pred == k) & (a["ct_label"] == k))
+        wrong = np.sum((pred == k) & (a["ct_label"] != k)) + np.sum((pred != k) & (a["ct_label"] == k))
+        return float(2 * tp / (2 * tp + wrong)) if tp + wrong else float("nan")
+
+    return f1
+
+
+def _verdict_recall(code: int) -> Callable:
+    return lambda a: _share(a["verdict"] == code, a["expected"] == code)
+
+
+# per class, reported beside the overall figures (the rule reads the overall ones): each CT class's
+# F1 and each expected verdict's recall (the share of its cells that get it)
+PER_CLASS: dict[str, tuple[bool, Callable]] = {
+    **{f"ct_f1 {name}": (True, _class_f1(k)) for k, name in enumerate(CT_CLASSES)},
+    **{f"recall {name}": (True, _verdict_recall(code)) for code, name in enumerate(VERDICT_NAMES[:NOT_INSPECTABLE])},
+}
+
 REVIEWED: dict[str, tuple[bool, Callable]] = {
     "false_alarms_repeated": (False, lambda a: _share(a["verdict"] != 0, a["expected"] == 0)),
     "confirmed_still_flagged": (True, lambda a: _share((a["verdict"] != 0) & ~a["refused"], a["expected"] != 0)),
@@ -270,6 +293,7 @@ __all__ = [
     "Case",
     "CellError",
     "LABELLED",
+    "PER_CLASS",
     "REVIEWED",
     "answer",
     "counts",

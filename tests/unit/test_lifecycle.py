@@ -187,7 +187,10 @@ def test_identical_releases_differ_by_nothing_on_every_resample_and_the_rule_let
 def test_a_release_worse_on_the_labels_is_refused_with_the_figure_that_failed():
     # the staged release flags 30 of 120 normal cells (10 batteries of 3) that the one in service passes
     cases = [_case(i, f"b{i // 3}", 0, "normal", "internal_defect" if i < 30 else "normal") for i in range(120)]
-    figures = compare.figures(cases, compare.LABELLED, rounds=300)
+    figures = compare.figures(cases, compare.LABELLED | compare.PER_CLASS, rounds=300)
+    per_class = figures["recall normal"]  # per class too: the normal cells' share answered normal
+    assert (per_class["serving"], per_class["staged"]) == (1.0, 0.75) and per_class["difference_ci95"][1] < 0
+    assert np.isnan(figures["recall internal_defect"]["serving"])  # no such cells: undefined, not 0
     fa = figures["false_alarm_rate"]
     assert (fa["serving"], fa["staged"]) == (0.0, 0.25) and fa["difference_ci95"][0] > 0
     part = {"counts": compare.counts(cases), "figures": figures, "flips": compare.flips(cases, "test")}
