@@ -77,6 +77,13 @@ def parser() -> argparse.ArgumentParser:
         help="shares of shadow traffic to a staged release, each run in turn, e.g. 0,0.5 (default 0: none)",
     )
     p.add_argument("--rounds", type=int, default=1, help="times each --shadow share is run, alternating (default 1)")
+    p.add_argument(
+        "--shadow-server",
+        choices=("line", "own"),
+        default="line",
+        help="where the staged release runs: on the line's tritonserver, or on one of its own (shadow.url), the "
+        "line's pinned to CPU 0 and the shadow's to CPU 1 in every run, shadowed or not (default line)",
+    )
     add_served_arguments(p)
     return p
 
@@ -170,8 +177,19 @@ def run(args) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     if any(f > 0 for f in args.shadow):
         args.repository = _staged_copy(args, runs, folder)
-    server = TritonServer(args.repository, Ports(*free_ports(3)), log_path=folder / "tritonserver.log")
+    own = args.shadow_server == "own"
+    server = TritonServer(
+        args.repository, Ports(*free_ports(3)), log_path=folder / "tritonserver.log", cpus="0" if own else None
+    )
     server.start(timeout=300)
+    shadow_server = None
+    if own:
+        shadow_repo = folder / "shadow_repository"
+        shutil.copytree(args.repository, shadow_repo)
+        shadow_server = TritonServer(
+            shadow_repo, Ports(*free_ports(3)), log_path=folder / "tritonserver-shadow.log", cpus="1"
+        )
+        shadow_server.start(timeout=300)
     paired, _ = pair_cells(data, progress=False)
     step = max(1, len(paired) // args.cells)
     chosen = paired[::step][: args.cells]
@@ -203,6 +221,7 @@ def run(args) -> Path:
                         "fraction": share,
                         "log": str((folder / f"shadow-{tag}.jsonl").resolve()),
                         "pending": 16,
+                        "url": shadow_server.grpc_url if shadow_server else None,
                     },
                     "stations": [
                         {
@@ -227,6 +246,8 @@ def run(args) -> Path:
                 legs.append((share, round_ + 1, out, shadowed))
     finally:
         server.stop()
+        if shadow_server is not None:
+            shadow_server.stop()
     result = {
         "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "runs": [str(r) for r in runs],
@@ -271,7 +292,12 @@ def summary(r: dict) -> str:
         f"# Gateway: trigger to answer, {r['started']}",
         "",
         f"{s['stations']} station(s), {s['rate']:g} cells/s for {s['seconds']:g} s per run, images as {s['images']}, "
-        f"takt {s['takt_ms']:g} ms, watching by {s['watch']} ({s['poll_ms']:g} ms); runs {', '.join(r['runs'])}.",
+        f"takt {s['takt_ms']:g} ms, watching by {s['watch']} ({s['poll_ms']:g} ms); runs {', '.join(r['runs'])}; "
+        + (
+            "the staged release on a tritonserver of its own (CPU 1; the line's on CPU 0)."
+            if s.get("shadow_server") == "own"
+            else "the staged release on the line's tritonserver."
+        ),
         "",
         "| shadow share (round) | triggered / answered / duplicates / errors | trigger -> result p50 / p90 / p99 / max "
         "| within takt | PLC ack wait p50 / p99 | OPC UA requests | CPU gateway / PLC "

@@ -108,6 +108,9 @@ class Archive:
 class Shadow:
     fraction: float = 0.0  # share of answered cells also sent to the staged release; 0: no shadow traffic
     model: str = "inspect_staged"  # the ensemble that runs the staged release
+    # where: the line's Triton (None), or a server of its own (a replica kept for it) so that the
+    # shadow takes no capacity from the line
+    url: str | None = None
     log: Path | None = None  # JSONL of each shadowed cell's two answers (None: beside the outbox)
     pending: int = 16  # shadow cells waiting at most; more are skipped (counted), never queued behind the line
     timeout_s: float = 30.0
@@ -237,6 +240,11 @@ def parse_config(raw: dict, base: Path = Path(".")) -> GatewayConfig:
     if not (0.0 <= archive.sample <= 1.0 and archive.max_gb > 0 and archive.max_days > 0):
         raise ConfigError("archive: sample must be within 0..1, max_gb and max_days positive")
     shadow = dict(raw.pop("shadow", {}) or {})
+    if shadow.get("url"):
+        try:
+            shadow["url"] = ",".join(replicas(shadow["url"]))
+        except ValueError as e:
+            raise ConfigError(f"shadow.url: {e}") from None
     if shadow.get("log"):
         shadow["log"] = base / shadow["log"]
     shadow = _take(shadow, Shadow, "shadow")

@@ -84,9 +84,6 @@ class Gateway:
             Shadow(sh.fraction, sh.log or cfg.outbox.with_name("shadow.jsonl"), sh.pending) if sh.fraction > 0 else None
         )
         self.shadow_client = None
-        self._line_requests = 0  # the line's requests to Triton under way
-        self._line_idle = asyncio.Event()  # set while there are none: when shadow cells may go
-        self._line_idle.set()
         metrics.start(self.stations)
 
     # ------------------------------------------------------------------ running
@@ -100,7 +97,11 @@ class Gateway:
             self.heat = triton_client(t, heatmaps=True, backoff=Backoff(retries=0))
         if self.shadow is not None:
             self.shadow_client = triton_client(
-                t, backoff=Backoff(retries=0), model=self.cfg.shadow.model, timeout=self.cfg.shadow.timeout_s
+                t,
+                backoff=Backoff(retries=0),
+                model=self.cfg.shadow.model,
+                timeout=self.cfg.shadow.timeout_s,
+                url=self.cfg.shadow.url,
             )
         resumed = self.outbox.pending()
         for row in resumed:
@@ -279,11 +280,7 @@ class Gateway:
             cell = Cell(ct, row.meta, rgb, row.cell_id)
             pause = first
             while True:
-                self._line_busy(+1)
-                try:
-                    (result,) = await self._sent(self.triton.inspect_many([cell], concurrency=1))
-                finally:
-                    self._line_busy(-1)
+                (result,) = await self._sent(self.triton.inspect_many([cell], concurrency=1))
                 if not (isinstance(result, CellError) and service_fault(result)):
                     break
                 metrics.ERRORS.labels("triton_retry").inc()
@@ -339,20 +336,11 @@ class Gateway:
             metrics.ERRORS.labels("archive").inc()
             log.warning("line archive: a cell was not kept: %s", task.exception())
 
-    def _line_busy(self, n: int) -> None:
-        self._line_requests += n
-        if self._line_requests:
-            self._line_idle.clear()
-        else:
-            self._line_idle.set()
-
     async def _shadower(self) -> None:
-        """Shadow cells, one at a time, to the staged release, each when no line cell is being
-        inspected (the line's cells never wait behind one in the queue); recorded beside the
-        line's answer."""
+        """Shadow cells, one at a time, to the staged release (on `shadow.url`, the line's Triton by
+        default); recorded beside the line's answer."""
         while True:
             cell, answer, station, _ = await self.shadow.next()
-            await self._line_idle.wait()
             (staged,) = await self._sent(self.shadow_client.inspect_many([cell], concurrency=1))
             outcome = await asyncio.to_thread(self.shadow.record, cell, answer, staged, station)
             if outcome == "flip":  # a cell the staged release would judge otherwise: kept for review
@@ -500,11 +488,13 @@ def _tls(t: Triton) -> dict:
     return {"ssl": t.tls_ca is not None, "root_certificates": str(t.tls_ca) if t.tls_ca else None}
 
 
-def triton_client(t: Triton, heatmaps: bool = False, backoff=None, model: str = api.INSPECT, timeout=None):
-    """The asyncio client for the configuration's Triton (address, timeout, TLS)."""
+def triton_client(
+    t: Triton, heatmaps: bool = False, backoff=None, model: str = api.INSPECT, timeout=None, url: str | None = None
+):
+    """The asyncio client for the configuration's Triton (address, timeout, TLS), or another address of it."""
 
     return AsyncInspectionClient(
-        t.url, model=model, timeout=timeout or t.timeout_s, heatmaps=heatmaps, backoff=backoff, **_tls(t)
+        url or t.url, model=model, timeout=timeout or t.timeout_s, heatmaps=heatmaps, backoff=backoff, **_tls(t)
     )
 
 
