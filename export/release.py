@@ -170,6 +170,19 @@ def remove_staged_ensembles(repository: str | Path) -> None:
         folder.rmdir()
 
 
+def _swap(repository: str | Path, server: Server, release: int) -> float:
+    """Pin the line's ensembles to `release` and load them; where the server does not take them,
+    the repository goes back to the pinning it had, so that it never says what is not served."""
+    before = pinned(repository)
+    server.client.is_server_live()  # an unreachable server fails here, before anything changes
+    pin(repository, release)
+    try:
+        return server.load(SERVED)
+    except Exception:
+        pin(repository, before)
+        raise
+
+
 def promote(repository: str | Path, server: Server) -> tuple[int, int, float]:
     """Switch the line's ensembles to the staged release, keep the one in service as the previous,
     drop `inspect_staged`. Returns (old, new, the seconds the swap took). Checks nothing: the
@@ -178,8 +191,7 @@ def promote(repository: str | Path, server: Server) -> tuple[int, int, float]:
     old, new = state["serving"], state.get("staged")
     if new is None:
         raise ValueError(f"{repository} has no staged release to promote")
-    pin(repository, new)
-    seconds = server.load(SERVED)
+    seconds = _swap(repository, server, new)
     state.update(serving=new, previous=old, staged=None)
     write_state(repository, state)
     remove_staged_ensembles(repository)
@@ -199,8 +211,7 @@ def rollback(repository: str | Path, server: Server, to: int | None = None) -> t
     if new not in kept_releases(state):  # an older release: load it first
         set_loaded(repository, tuple(sorted({*kept_releases(state), new})))
         server.load(RELEASED)
-    pin(repository, new)
-    seconds = server.load(SERVED)
+    seconds = _swap(repository, server, new)
     state.update(serving=new, previous=old)
     write_state(repository, state)
     return old, new, seconds

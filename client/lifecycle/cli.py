@@ -25,6 +25,7 @@ import time
 from pathlib import Path
 
 from tqdm import tqdm
+from tritonclient.utils import InferenceServerException
 
 from client.channel import target
 from client.lifecycle import audit, compare
@@ -77,9 +78,14 @@ def _release_summary(state: dict, release: int | None) -> dict | None:
 def cmd_status(args) -> int:
     state = _state(args)
     roles = {state["serving"]: "in service", state.get("previous"): "previous", state.get("staged"): "staged"}
-    print(
-        f"{args.repository}: {len(state['releases'])} release(s); ensembles run release {rel.pinned(args.repository)}"
-    )
+    running = rel.pinned(args.repository)
+    print(f"{args.repository}: {len(state['releases'])} release(s); ensembles run release {running}")
+    if running != state["serving"]:
+        print(
+            f"warning: the manifest has release {state['serving']} in service but the ensembles run release "
+            f"{running}: a switch did not finish; promote or roll back again",
+            file=sys.stderr,
+        )
     for number in sorted(state["releases"], key=int):
         entry = state["releases"][number]
         runs = ", ".join(f"{k} {r['checkpoint_sha256'][:12]} ({r['path']})" for k, r in sorted(entry["runs"].items()))
@@ -375,6 +381,23 @@ def cmd_discard(args) -> int:
     return 0
 
 
+def _said(command):
+    """A command whose foreseeable failures (no repository, a wrong file, no server, a refused load)
+    end in one line on stderr and exit code 2, not a traceback."""
+
+    def run(args) -> int:
+        try:
+            return command(args)
+        except (FileNotFoundError, ValueError, json.JSONDecodeError) as e:
+            print(f"error: {e}", file=sys.stderr)
+        except InferenceServerException as e:
+            print(f"error: the server at {args.url} did not do it: {e.message() or e}", file=sys.stderr)
+        return 2
+
+    run.__doc__ = command.__doc__
+    return run
+
+
 # ----------------------------------------------------------------------------- parser
 def _url(text: str) -> str:
     try:
@@ -403,14 +426,14 @@ def add_parsers(sub) -> None:
     msub = m.add_subparsers(dest="models_command", required=True)
     s = msub.add_parser("status", parents=[common], help="releases, the one in service, the audit trail")
     s.add_argument("--history", type=int, default=5, help="audit entries shown (default 5)")
-    s.set_defaults(func=cmd_status)
+    s.set_defaults(func=_said(cmd_status))
     s = msub.add_parser("stage", parents=[common], help="export trained runs as the next release, serving no traffic")
     s.add_argument("runs", nargs="+", type=Path, help="run folders (or a preset folder holding ct/ and rgb/)")
     s.add_argument("--rule", type=Path, help="verdict rule file (default ensemble/rule.yaml)")
     s.add_argument("--precision", choices=["fp32", "fp16", "int8"], help="default: the repository's")
     s.add_argument("--replace", action="store_true", help="discard a release already staged")
     s.add_argument("--no-load", action="store_true", help="write the repository only (no server to load it on)")
-    s.set_defaults(func=cmd_stage)
+    s.set_defaults(func=_said(cmd_stage))
     s = msub.add_parser("compare", parents=[common], help="the staged release against the one in service")
     s.add_argument("--test", type=Path, help="a fresh labelled data set (AI Hub layout)")
     s.add_argument(
@@ -429,17 +452,17 @@ def add_parsers(sub) -> None:
     s.add_argument("--concurrency", type=int, default=4, help="requests in flight per release (default 4)")
     s.add_argument("--seed", type=int, default=0, help="the bootstrap's seed")
     s.add_argument("--quiet", action="store_true")
-    s.set_defaults(func=cmd_compare)
+    s.set_defaults(func=_said(cmd_compare))
     s = msub.add_parser("promote", parents=[common], help="the staged release goes live, if the rule allows")
     s.add_argument("--comparison", type=Path, help="comparison.json to decide on (default: the staged release's last)")
     s.add_argument("--force", action="store_true", help="promote although the rule refused (needs --reason)")
     s.add_argument("--reason", help="why, for the audit trail")
-    s.set_defaults(func=cmd_promote)
+    s.set_defaults(func=_said(cmd_promote))
     s = msub.add_parser("rollback", parents=[common], help="back to the previous release")
     s.add_argument("--to", type=int, help="a release number (default the previous one)")
     s.add_argument("--reason", help="why, for the audit trail")
-    s.set_defaults(func=cmd_rollback)
+    s.set_defaults(func=_said(cmd_rollback))
     s = msub.add_parser("discard", parents=[common], help="drop the staged release")
     s.add_argument("--reason", help="why, for the audit trail")
     s.add_argument("--no-load", action="store_true", help="change the repository only")
-    s.set_defaults(func=cmd_discard)
+    s.set_defaults(func=_said(cmd_discard))

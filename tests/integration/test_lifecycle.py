@@ -40,6 +40,7 @@ from core import interface as api
 from core.labels import CT_CLASSES
 from core.preprocess import encoded_ct_input
 from core.reviewed import read_results
+from export import release
 from export.release import read_state
 from export.repository import build_repository
 from serving.server import Access, Ports, TritonServer, free_ports
@@ -75,11 +76,11 @@ def line(tmp_path_factory, small_dataset):
         server.stop()
 
 
-def _models(line, *args, check: bool = True) -> subprocess.CompletedProcess:
+def _models(line, *args, check: bool = True, key: str = KEY) -> subprocess.CompletedProcess:
     """python -m client models ARGS against the module's server and repository."""
     cmd = [sys.executable, "-m", "client", "models", *args, "--repository", str(line["repo"])]
     cmd += ["--url", line["server"].grpc_url, "--by", "test"]
-    done = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=os.environ | {"TRITON_ADMIN_KEY": KEY})
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=os.environ | {"TRITON_ADMIN_KEY": key})
     if check:
         assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     return done
@@ -240,6 +241,11 @@ def test_a_challenger_trained_on_shuffled_labels_is_refused_and_never_goes_live(
     forced = _models(line, "promote", "--force", check=False)
     assert forced.returncode == 2 and "--reason" in forced.stderr
     assert _release_answering(url, cells[0]) == serving  # nothing changed on the line
+    # a switch the server refuses (a wrong admin key) leaves the repository as it was
+    before = read_state(line["repo"])
+    wrong = _models(line, "rollback", "--to", str(before["staged"]), check=False, key="not-the-key")
+    assert wrong.returncode == 2 and "did not do it" in wrong.stderr and "Traceback" not in wrong.stderr
+    assert read_state(line["repo"]) == before and release.pinned(line["repo"]) == serving
     _models(line, "discard", "--reason", "trained on shuffled labels")
     with grpcclient.InferenceServerClient(url) as c:
         assert not c.is_model_ready(STAGED)
