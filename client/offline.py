@@ -7,6 +7,7 @@ decoding, preprocessing, networks and rule as the service) behind the client's
 
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 
 from client.inspection import CellError, Inspection
@@ -20,6 +21,10 @@ class LocalInspector:
 
     def __init__(self, runs, rule_path: str | Path | None = None):
         self.pipeline = TorchPipeline(runs, rule_path)
+        # what MODEL_VERSIONS says of a served release, for the checkpoints run here: "local", no release
+        self.versions = {"release": "local"} | {
+            kind: _digest(run / "checkpoint.pt")[:12] for kind, run in self.pipeline.runs.items()
+        }
 
     def serving_info(self) -> dict[str, ServingFacts]:
         return {"ct": self.pipeline.ct_facts, "rgb": self.pipeline.rgb_facts}
@@ -31,10 +36,20 @@ class LocalInspector:
             except ValueError as e:  # ImageError and bad metadata, as the server would refuse them
                 yield CellError(cell.cell_id, "invalid_argument", str(e))
                 continue
-            yield Inspection.from_outputs(out, 0, cell.cell_id)
+            result = Inspection.from_outputs(out, 0, cell.cell_id)
+            result.model_versions = dict(self.versions)
+            yield result
 
     def __enter__(self):
         return self
 
     def __exit__(self, *exc):
         return None
+
+
+def _digest(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()

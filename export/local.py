@@ -25,6 +25,7 @@ from training.checkpoint import load_checkpoint
 class TorchPipeline:
     def __init__(self, runs, rule_path: str | Path | None = None):
         found = classify_runs(runs)
+        self.runs = found  # kind -> run folder
         ct_model, self.ct_info = load_checkpoint(found["ct_classifier"])
         rgb_model, self.rgb_info = load_checkpoint(found["rgb_autoencoder"])
         self.ct_graph = inference_graph(ct_model, self.ct_info)

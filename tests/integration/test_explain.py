@@ -5,6 +5,7 @@ models saved to a folder), the worker pool, reports, and the pages in headless C
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 import logging
 import re
@@ -530,10 +531,16 @@ def test_inspect_dir_explain_writes_a_report_per_flagged_cell_and_an_index(expla
         }
         report = json.loads((explained_run / "explain" / entry["json"]).read_text())
         assert report["confidence"] == pytest.approx(row["confidence"], abs=1e-6)
-        # the release that judged the cell, in the results and the report (and shown on its page)
-        assert report["model_versions"] == row["model_versions"] and row["model_versions"]["release"] == 1
+        # what judged the cell, in the results and the report (and shown on its page): here the
+        # in-process run (--local) of the fixture's checkpoints, named by their digests
+        versions = row["model_versions"]
+        assert report["model_versions"] == versions and versions["release"] == "local"
+        assert (
+            versions["ct_classifier"]
+            == hashlib.sha256((flagged["runs"][0] / "checkpoint.pt").read_bytes()).hexdigest()[:12]
+        )
         page = (explained_run / "explain" / entry["report"]).read_text()
-        assert f"release 1</span> (CT {row['model_versions']['ct_classifier']}" in page
+        assert f"release local</span> (CT {versions['ct_classifier']}" in page
         vlm = report["explanations"]["vlm"]["data"]
         answers = [vlm[s] for s in ("ct", "rgb") if s in vlm]
         assert answers and all(a["malformed"] or a["finding"] in (GOOD, PHOTO_DEFECT, CT_NORMAL) for a in answers)
