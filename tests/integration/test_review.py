@@ -273,10 +273,15 @@ def test_a_browser_uploads_a_cell_and_finds_the_verdict(service, tmp_path):
                     )
                     time.sleep(1)
             inputs = page.locator("input[type=file]")
+            # uploads finish asynchronously: each shows its file's size when done. One at a time, as a
+            # person uploads them: the page reruns after the first (and fills the battery type and axis
+            # from its name), and a second file set during that rerun was once lost on a loaded machine
+            sizes = page.get_by_text(re.compile(r"^\d+(\.\d+)?\s?[KM]?B$"))
             inputs.nth(0).set_input_files(str(cell.ct_path))
+            sizes.nth(0).wait_for(timeout=60_000)
+            page.get_by_text("Read from the file name").wait_for(timeout=60_000)
             inputs.nth(1).set_input_files(str(cell.rgb_path))
-            # uploads finish asynchronously: each shows its file's size when done
-            page.get_by_text(re.compile(r"^\d+(\.\d+)?\s?[KM]?B$")).nth(1).wait_for(timeout=60_000)
+            sizes.nth(1).wait_for(timeout=60_000)
             verdict = page.locator('[data-testid="stMetricValue"]').first
             try:
                 # a click that lands while the app is still rerunning for the uploads can be dropped
