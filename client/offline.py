@@ -7,12 +7,12 @@ decoding, preprocessing, networks and rule as the service) behind the client's
 
 from __future__ import annotations
 
-import hashlib
 from pathlib import Path
 
 from client.inspection import CellError, Inspection
 from core.facts import ServingFacts
 from export.local import TorchPipeline
+from export.repository import checkpoint_digest
 
 
 class LocalInspector:
@@ -23,7 +23,7 @@ class LocalInspector:
         self.pipeline = TorchPipeline(runs, rule_path)
         # what MODEL_VERSIONS says of a served release, for the checkpoints run here: "local", no release
         self.versions = {"release": "local"} | {
-            kind: _digest(run / "checkpoint.pt")[:12] for kind, run in self.pipeline.runs.items()
+            kind: checkpoint_digest(run)[:12] for kind, run in self.pipeline.runs.items()
         }
 
     def serving_info(self) -> dict[str, ServingFacts]:
@@ -45,11 +45,3 @@ class LocalInspector:
 
     def __exit__(self, *exc):
         return None
-
-
-def _digest(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()

@@ -57,7 +57,7 @@ RUNTIMES = ("python-ort", "onnxruntime", "tensorrt")
 SOURCES = Path(triton_models.__file__).parent  # the Python-backend model sources
 
 
-def _checkpoint_digest(run: Path) -> str:
+def checkpoint_digest(run: Path) -> str:
     h = hashlib.sha256()
     with open(run / CHECKPOINT, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
@@ -374,7 +374,7 @@ def _write_release(
             f"the CT checkpoint's classes {list(ct.class_names)} differ from the public order {list(CT_CLASSES)}"
         )
     rule = load_rule(rgb, ct.class_names, rule_path)
-    digests = {kind: _checkpoint_digest(run) for kind, run in found.items()}
+    digests = {kind: checkpoint_digest(run) for kind, run in found.items()}
     described = {"release": release} | {kind: digests[kind][:12] for kind in sorted(digests)}
     specs = model_specs(ct, rgb, rule.to_json(), runtime, tuning, release, json.dumps(described, sort_keys=True))
     for spec in specs:
@@ -514,7 +514,7 @@ def is_current(
         and manifest.get("build_sha256") == _build_digest(rule_path, tuning)
         and set(recorded) == set(found)
         and all(
-            recorded[k]["path"] == str(run.resolve()) and recorded[k]["checkpoint_sha256"] == _checkpoint_digest(run)
+            recorded[k]["path"] == str(run.resolve()) and recorded[k]["checkpoint_sha256"] == checkpoint_digest(run)
             for k, run in found.items()
         )
     )
