@@ -1,4 +1,4 @@
-"""python -m benchmarks serving|decode|ood|robustness|int8|soak|gateway|plant|outputs|study|synth ...
+"""python -m benchmarks serving|cancel|decode|ood|robustness|int8|soak|gateway|plant|outputs|study|synth ...
 
 Cells are line-size by default (CT 4000 x 4000 with some 16-bit TIFF and DICOM slices,
 photos 1920 x 1080), generated once into build/bench_data/; each command's --help says more.
@@ -24,11 +24,14 @@ photos 1920 x 1080), generated once into build/bench_data/; each command's --hel
   study     the architecture study: train each registered CT network on one split, evaluate it on
             the same fresh test set, export it and measure what it costs to serve (FLOPs,
             ONNX Runtime FP32/INT8, Triton at line size); table and accuracy/cost frontier
+  cancel    requests given up at random moments (deadlines, cancels, dropped connections,
+            through tritonclient and raw gRPC): the server must live and answer every later request
   synth     how long the synthetic data generator takes (`make bench-synth`)
 """
 
 import sys
 
+from benchmarks.cancel import main as cancel
 from benchmarks.decode import main as decode
 from benchmarks.gateway import main as gateway
 from benchmarks.ood import main as ood
@@ -67,6 +70,8 @@ def main() -> int:
         return plant(rest)
     if command == "study":
         return study(rest)
+    if command == "cancel":
+        return cancel(rest)
     if command == "synth":
         sys.argv = [f"{sys.argv[0]} synth", *rest]
         synth()

@@ -33,9 +33,15 @@ fi
 # looks to Triton like a changed model, and the next load of an ensemble (a promotion, a rollback)
 # would reload every model in it instead of swapping the ensemble in milliseconds
 python3 -m compileall -q "$MODELS"
+# exactly the repository's models (the folders with a config.pbtxt): with --load-model='*' a folder
+# that is not a model (a person's backup, an old comparisons folder) stops tritonserver from starting
+LOAD=()
+for config in "$MODELS"/*/config.pbtxt; do
+  LOAD+=("--load-model=$(basename "$(dirname "$config")")")
+done
 exec tritonserver \
   --model-repository="$MODELS" \
-  --model-control-mode=explicit --load-model='*' \
+  --model-control-mode=explicit "${LOAD[@]}" \
   "--grpc-restricted-protocol=$RESTRICTED:admin-key=$KEY" \
   "--http-restricted-api=$RESTRICTED:admin-key=$KEY" \
   --strict-readiness=true \

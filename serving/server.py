@@ -132,11 +132,10 @@ class Access:
     def arguments(self) -> list[str]:
 
         key = self.admin_key or secrets.token_urlsafe(32)
-        # every model loads at start; later loads (a new version copied into the repository) only through
-        # the restricted model-repository API, i.e. with the key; no polling, nothing from the network
+        # the repository's models load at start; later loads (a new release staged into the repository) only
+        # through the restricted model-repository API, i.e. with the key; no polling, nothing from the network
         args = [
-            "--model-control-mode=explicit",
-            "--load-model=*",
+            "--model-control-mode=explicit",  # TritonServer loads the repository's models by name at start
             f"--grpc-restricted-protocol={RESTRICTED}:admin-key={key}",
             f"--http-restricted-api={RESTRICTED}:admin-key={key}",
         ]
@@ -192,6 +191,19 @@ def malloc_library() -> Path | None:
     return next((Path(p) for p in JEMALLOC if Path(p).is_file()), None)
 
 
+def repository_models(repository: str | Path) -> list[str]:
+    """The folders of a repository that are models (they hold a config.pbtxt), by name.
+
+    tritonserver is told to load exactly these (explicit model control): with `--load-model=*`,
+    or without explicit control, it takes every folder for a model and does not start when one
+    is not (a folder of comparisons, a backup a person made)."""
+    return sorted(p.parent.name for p in Path(repository).glob("*/config.pbtxt") if not p.parent.name.startswith("."))
+
+
+def load_arguments(repository: str | Path) -> list[str]:
+    return ["--model-control-mode=explicit", *(f"--load-model={m}" for m in repository_models(repository))]
+
+
 def server_command(repository: Path, ports: Ports, extra: list[str] = ()) -> tuple[list[str], dict]:
     sp = _pytriton_dir()
     binary = sp / "tritonserver" / "bin" / "tritonserver"
@@ -217,9 +229,23 @@ def server_command(repository: Path, ports: Ports, extra: list[str] = ()) -> tup
         "--allow-metrics=true",
         "--strict-readiness=true",
         "--exit-timeout-secs=10",
+        *(a for a in load_arguments(repository) if a not in extra),
         *extra,
     ]
     return cmd, env
+
+
+GRPC_TLS = ("--grpc-use-ssl=", "--grpc-server-cert=", "--grpc-server-key=")
+
+
+def split_grpc_tls(extra: list[str]) -> tuple[list[str], tuple[str, str] | None]:
+    """(tritonserver's arguments without its gRPC TLS ones, (certificate, key) or None): with a front,
+    the front speaks TLS to clients and tritonserver plain gRPC on loopback."""
+    rest = [a for a in extra if not a.startswith(GRPC_TLS)]
+    found = {a.split("=", 1)[0]: a.split("=", 1)[1] for a in extra if a.startswith(GRPC_TLS)}
+    if found.get("--grpc-use-ssl") != "true":
+        return rest, None
+    return rest, (found["--grpc-server-cert"], found["--grpc-server-key"])
 
 
 class TritonServer:
@@ -232,7 +258,12 @@ class TritonServer:
         log_path: str | Path | None = None,
         extra: list[str] = (),
         cpus: str | None = None,
+        front: bool = True,
     ):
+        # front: clients reach gRPC through serving.front, which keeps their cancellations from
+        # tritonserver 2.51 (one can crash it); tritonserver's own gRPC then listens on loopback only
+        self.front = front
+        self.front_process: subprocess.Popen | None = None
         self.cpus = cpus  # e.g. "0" or "2-3": the server and its backend processes run only there (taskset)
         self.repository = Path(repository)
         self.ports = ports
@@ -254,9 +285,13 @@ class TritonServer:
         if busy:
             raise RuntimeError(f"port {', '.join(busy)} already in use: stop what listens there or choose other ports")
         compile_adapters(self.repository)
-        cmd, env = server_command(self.repository, self.ports, self.extra)
-        if self.cpus is not None:
-            cmd = ["taskset", "--cpu-list", self.cpus, *cmd]
+        extra, tls = split_grpc_tls(self.extra) if self.front else (self.extra, None)
+        ports = self.ports
+        if self.front:
+            backend = free_ports(1)[0]
+            ports = Ports(self.ports.http, backend, self.ports.metrics)
+            extra = [*extra, "--grpc-address=127.0.0.1"]
+        cmd, env = server_command(self.repository, ports, extra)
         if foreground:
             out = None
         else:
@@ -265,11 +300,38 @@ class TritonServer:
             # a restart of the same server appends: what ended its last life stays readable
             self._log = open(self.log_path, "ab" if self.process is not None else "wb")
             out = self._log
+        if self.front:
+            front = [sys.executable, "-m", "serving.front", "--listen", f"0.0.0.0:{self.ports.grpc}"]
+            front += ["--backend", f"127.0.0.1:{backend}"]
+            if tls:
+                front += ["--tls-cert", tls[0], "--tls-key", tls[1]]
+            self.front_process = subprocess.Popen(
+                self._pinned(front),
+                env=env,
+                stdout=out,
+                stderr=subprocess.STDOUT if out else None,
+                start_new_session=not foreground,
+            )
         self.process = subprocess.Popen(
-            cmd, env=env, stdout=out, stderr=subprocess.STDOUT if out else None, start_new_session=not foreground
+            self._pinned(cmd),
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT if out else None,
+            start_new_session=not foreground,
         )
         self.wait_ready(timeout)
         return self
+
+    def _pinned(self, cmd: list[str]) -> list[str]:
+        return cmd if self.cpus is None else ["taskset", "--cpu-list", self.cpus, *cmd]
+
+    def exited(self) -> str | None:
+        """Why the server cannot answer any more (tritonserver or its gRPC front exited), or None."""
+        if self.process is not None and self.process.poll() is not None:
+            return f"tritonserver exited with code {self.process.returncode}"
+        if self.front_process is not None and self.front_process.poll() is not None:
+            return f"the gRPC front exited with code {self.front_process.returncode}"
+        return None
 
     def ready(self) -> bool:
         try:
@@ -281,15 +343,22 @@ class TritonServer:
     def wait_ready(self, timeout: float) -> None:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise RuntimeError(
-                    f"tritonserver exited with code {self.process.returncode} while starting{self._log_hint()}"
-                )
-            if self.ready():
+            gone = self.exited()
+            if gone:
+                self.stop()
+                raise RuntimeError(f"{gone} while starting{self._log_hint()}")
+            if self.ready() and self._front_ready():
                 return
             time.sleep(0.25)
         self.stop()
         raise TimeoutError(f"tritonserver was not ready after {timeout:.0f} s{self._log_hint()}")
+
+    def _front_ready(self) -> bool:
+        if self.front_process is None:
+            return True
+        with socket.socket() as s:
+            s.settimeout(1)
+            return s.connect_ex(("127.0.0.1", self.ports.grpc)) == 0
 
     def _log_hint(self) -> str:
         if not self.log_path or not self.log_path.exists():
@@ -298,13 +367,15 @@ class TritonServer:
         return f"; last lines of {self.log_path}:\n" + "\n".join(tail)
 
     def stop(self, timeout: float = 30.0) -> None:
-        if self.process and self.process.poll() is None:
-            self.process.send_signal(signal.SIGINT)
-            try:
-                self.process.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
+        # the front first: it stops taking calls and lets those under way finish on the server
+        for process in (self.front_process, self.process):
+            if process and process.poll() is None:
+                process.send_signal(signal.SIGINT)
+                try:
+                    process.wait(timeout)
+                except subprocess.TimeoutExpired:
+                    process.kill()
+                    process.wait()
         if self._log:
             self._log.close()
             self._log = None

@@ -57,11 +57,13 @@ def watch(server: TritonServer, interval: float, ports: Ports, start_timeout: fl
             code = server.process.wait(timeout=interval)
             reason = f"tritonserver exited with code {code}"
         except subprocess.TimeoutExpired:
-            reason, _ = probe_http(f"127.0.0.1:{ports.http}", timeout=max(5.0, interval))
-            failures = failures + 1 if reason else 0
-            if failures < 2:
-                continue
-            reason = f"the inference probe failed twice: {reason}"
+            reason = server.exited()  # its gRPC front (serving.front) may have gone
+            if reason is None:
+                reason, _ = probe_http(f"127.0.0.1:{ports.http}", timeout=max(5.0, interval))
+                failures = failures + 1 if reason else 0
+                if failures < 2:
+                    continue
+                reason = f"the inference probe failed twice: {reason}"
         restarts += 1
         if restarts > 5:
             print(f"watchdog: {reason}; giving up after 5 restarts", file=sys.stderr, flush=True)

@@ -49,7 +49,19 @@ class _Release:
 
 rel = _Release()
 STAGED = api.INSPECT + api.STAGED_SUFFIX  # the ensemble that runs the staged release
-COMPARISONS = "comparisons"  # <repository>/comparisons/release-R.json: the last comparison of each release
+
+
+def comparison_file(repository, release: int) -> Path:
+    """<repository>/comparison-release-R.json: the last comparison of release R. A file beside the
+    manifest, not a folder: tritonserver takes every folder of the repository for a model."""
+    return Path(repository) / f"comparison-release-{release}.json"
+
+
+def _kept_comparison(repository, release: int) -> Path:
+    """The comparison `promote` judges; where a repository of an older version kept it, read from there."""
+    path = comparison_file(repository, release)
+    old = Path(repository) / "comparisons" / f"release-{release}.json"
+    return old if not path.exists() and old.exists() else path
 
 
 def _state(args) -> dict:
@@ -230,9 +242,7 @@ def cmd_compare(args) -> int:
     out.mkdir(parents=True, exist_ok=True)
     (out / "comparison.json").write_text(json.dumps(comparison, indent=1) + "\n")
     compare.write_results(out, sets)
-    kept = Path(args.repository) / COMPARISONS
-    kept.mkdir(exist_ok=True)
-    (kept / f"release-{staged}.json").write_text(json.dumps(comparison, indent=1) + "\n")
+    comparison_file(args.repository, staged).write_text(json.dumps(comparison, indent=1) + "\n")
     _print_comparison(comparison)
     print(f"wrote {out / 'comparison.json'} and the flipped cells to {out / 'results.jsonl'} (python -m client review)")
     audit.record(
@@ -293,7 +303,7 @@ def cmd_promote(args) -> int:
     if staged is None:
         print("error: no release is staged", file=sys.stderr)
         return 2
-    path = args.comparison or Path(args.repository) / COMPARISONS / f"release-{staged}.json"
+    path = args.comparison or _kept_comparison(args.repository, staged)
     comparison = json.loads(path.read_text()) if Path(path).exists() else None
     if comparison is None:
         problem = f"release {staged} was never compared ('python -m client models compare --test DIR')"

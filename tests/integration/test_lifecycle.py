@@ -336,3 +336,48 @@ def test_the_gateway_shadows_a_share_of_the_line_to_the_staged_release_and_keeps
     shadow_targets = [t for t in targets if "battery_shadow_" in t["expr"]]
     assert shadow_targets and all(_metric_names(t["expr"], {}) <= live for t in shadow_targets)
     _models(line, "discard")
+
+
+def test_the_server_restarts_from_every_state_the_lifecycle_leaves_and_after_a_crash_mid_lifecycle(line, tmp_path):
+    """Stage, compare, promote, rollback and discard each leave the repository in a state a new
+    tritonserver starts from, serving the same release (as `make serve`, the watchdog and the
+    container do after a stop or a crash); so does a server killed while a release is staged."""
+    repo = tmp_path / "model_repository"
+    build_repository([line["runs"]["good"], line["runs"]["rgb"]], "python-ort", repo, progress=lambda *_: None)
+    server = TritonServer(
+        repo, Ports(*free_ports(3)), log_path=tmp_path / "tritonserver.log", extra=Access(admin_key=KEY).arguments()
+    )
+    own = {"server": server, "repo": repo}
+    cell = line["cells"][0]
+
+    def restarted(kill: bool = False) -> int:
+        """The release `inspect` answers with after a stop (or a SIGKILL) and a new start."""
+        if kill:
+            server.process.kill()
+            server.process.wait()
+        server.stop()
+        server.start(timeout=180)
+        return _release_answering(server.grpc_url, cell)
+
+    server.start(timeout=180)
+    try:
+        _models(own, "stage", str(line["runs"]["good"]), str(line["runs"]["rgb"]))
+        staged = read_state(repo)["staged"]
+        _models(own, "compare", "--test", str(line["data"]), "--out", str(tmp_path / "c"), "--quiet")
+        assert [p.name for p in repo.iterdir() if p.is_dir() and not (p / "config.pbtxt").exists()] == []
+        assert restarted(kill=True) == 1  # killed mid-lifecycle, with a release staged and compared
+        with grpcclient.InferenceServerClient(server.grpc_url) as c:
+            assert c.is_model_ready(STAGED)  # the staged release comes back too
+        _models(own, "discard")
+        assert restarted() == 1
+        _models(own, "stage", str(line["runs"]["good"]), str(line["runs"]["rgb"]))
+        staged = read_state(repo)["staged"]
+        _models(own, "promote", "--force", "--reason", "restart test")
+        assert restarted() == staged
+        _models(own, "rollback")
+        # a folder that is no model (a person's backup, an older version's comparisons) is left alone
+        (repo / "comparisons").mkdir()
+        (repo / "comparisons" / "release-2.json").write_text("{}")
+        assert restarted() == 1
+    finally:
+        server.stop()

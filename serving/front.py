@@ -1,0 +1,172 @@
+"""The gRPC front of a local tritonserver 2.51: clients may cancel, the server never sees it.
+
+tritonserver 2.51 (the server the nvidia-pytriton wheel carries, what runs here and in CI)
+crashes with Signal 11 when a gRPC request is cancelled while its answer is being sent: the
+ensemble's response reaches the gRPC frontend after the frontend released the request's
+state (Triton's issue 7368, fixed from 25.01 on; pull requests 7840, 8078 and 8220). A
+client's deadline that passes mid-request, an explicit cancel or a dropped connection is
+such a cancellation, so one impatient client could take the server, and every other
+station's requests in flight, down (reproduced: rounds of 16 requests with deadlines
+between 5 ms and the answer time crash it within 3-7 rounds).
+
+The front answers the public gRPC port and forwards every call, byte for byte and with
+its metadata (the admin key), to tritonserver on a loopback port, without a deadline.
+When a client goes away, its call here ends, but the forwarded request runs to its end
+and its answer is dropped: tritonserver never receives a cancellation. Everything else
+(status codes, messages, message sizes, TLS) is as tritonserver's own gRPC endpoint. The
+NGC image of docker/ runs a release with the fix and needs no front.
+
+    python -m serving.front --listen 0.0.0.0:8001 --backend 127.0.0.1:18001
+
+Measured cost: docs/operations.md ("Cancelled requests").
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import signal
+import sys
+from pathlib import Path
+
+import grpc
+from tritonclient.grpc import service_pb2
+
+SERVICE = "inference.GRPCInferenceService"
+UNLIMITED = [("grpc.max_receive_message_length", -1), ("grpc.max_send_message_length", -1)]
+# the headers gRPC itself sets per hop; everything else (the admin key, user headers) is forwarded
+HOP_HEADERS = {"user-agent", "grpc-accept-encoding", "grpc-encoding", "grpc-timeout", "te", "content-type"}
+
+
+def methods() -> dict[str, tuple[bool, bool]]:
+    """'/inference.GRPCInferenceService/ModelInfer' -> (client streaming, server streaming), from Triton's proto."""
+    service = service_pb2.DESCRIPTOR.services_by_name["GRPCInferenceService"]
+    return {f"/{SERVICE}/{m.name}": (m.client_streaming, m.server_streaming) for m in service.methods}
+
+
+class Forwarder(grpc.GenericRpcHandler):
+    """Every method of Triton's gRPC service, forwarded to `backend` and shielded from cancellation."""
+
+    def __init__(self, backend: str):
+        self.channel = grpc.aio.insecure_channel(backend, options=UNLIMITED)
+        self.methods = methods()
+        self.detached: set[asyncio.Future] = set()  # forwarded calls whose client went away
+        self.absorbed = 0  # cancellations kept from the server
+
+    def service(self, details):
+        kind = self.methods.get(details.method)
+        if kind is None:
+            return None  # UNIMPLEMENTED, as tritonserver answers an unknown method
+        if kind == (False, False):
+            return grpc.unary_unary_rpc_method_handler(self._unary(details.method))
+        return grpc.stream_stream_rpc_method_handler(self._stream(details.method))
+
+    def _detach(self, future: asyncio.Future) -> None:
+        self.absorbed += 1
+        self.detached.add(future)
+        future.add_done_callback(self.detached.discard)
+        future.add_done_callback(lambda f: f.cancelled() or f.exception())  # consumed: no "never retrieved" noise
+
+    def _unary(self, method: str):
+        call = self.channel.unary_unary(method)
+
+        async def forward(request: bytes, context: grpc.aio.ServicerContext) -> bytes:
+            answer = asyncio.ensure_future(call(request, metadata=_metadata(context)))
+            try:
+                return await asyncio.shield(answer)
+            except asyncio.CancelledError:
+                if not answer.done():
+                    self._detach(answer)
+                raise
+            except grpc.aio.AioRpcError as e:
+                await context.abort(e.code(), e.details() or "")
+
+        return forward
+
+    def _stream(self, method: str):
+        call = self.channel.stream_stream(method)
+
+        async def forward(requests, context: grpc.aio.ServicerContext):
+            upstream = call(metadata=_metadata(context))
+
+            async def send():
+                async for request in requests:
+                    await upstream.write(request)
+                await upstream.done_writing()
+
+            sender = asyncio.ensure_future(send())
+            try:
+                async for response in upstream:
+                    yield response
+                await sender
+            except asyncio.CancelledError:
+                # the client went away: close the stream's sending side and let the server finish
+                sender.cancel()
+                self._detach(asyncio.ensure_future(_drain(upstream)))
+                raise
+            except grpc.aio.AioRpcError as e:
+                sender.cancel()
+                await context.abort(e.code(), e.details() or "")
+
+        return forward
+
+
+async def _drain(upstream) -> None:
+    with contextlib.suppress(Exception):
+        await upstream.done_writing()
+    with contextlib.suppress(Exception):
+        async for _ in upstream:
+            pass
+
+
+def _metadata(context) -> tuple:
+    return tuple((k, v) for k, v in (context.invocation_metadata() or ()) if k not in HOP_HEADERS)
+
+
+async def serve(listen: str, backend: str, tls_cert: Path | None = None, tls_key: Path | None = None) -> None:
+    forwarder = Forwarder(backend)
+    server = grpc.aio.server(handlers=[forwarder], options=UNLIMITED)
+    if tls_cert:
+        credentials = grpc.ssl_server_credentials([(Path(tls_key).read_bytes(), Path(tls_cert).read_bytes())])
+        port = server.add_secure_port(listen, credentials)
+    else:
+        port = server.add_insecure_port(listen)
+    if port == 0:
+        raise OSError(f"cannot listen on {listen}")
+    await server.start()
+    print(f"front: {listen} -> tritonserver {backend}", flush=True)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    await server.stop(grace=5)
+    if forwarder.detached:  # let tritonserver finish what it was given rather than cancel it
+        await asyncio.wait(list(forwarder.detached), timeout=10)
+    print(f"front: stopped; {forwarder.absorbed} cancellation(s) kept from tritonserver", flush=True)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(
+        prog="python -m serving.front",
+        description="Forward Triton's gRPC service to a tritonserver on loopback, never passing a client's "
+        "cancellation on (tritonserver 2.51 can crash on one).",
+    )
+    p.add_argument("--listen", required=True, help="address to serve, e.g. 0.0.0.0:8001")
+    p.add_argument("--backend", required=True, help="tritonserver's gRPC address, e.g. 127.0.0.1:18001")
+    p.add_argument("--tls-cert", type=Path, help="serve gRPC over TLS with this certificate (PEM) ...")
+    p.add_argument("--tls-key", type=Path, help="... and this key")
+    args = p.parse_args(argv)
+    if (args.tls_cert is None) != (args.tls_key is None):
+        p.error("TLS needs both --tls-cert and --tls-key")
+    try:
+        asyncio.run(serve(args.listen, args.backend, args.tls_cert, args.tls_key))
+    except OSError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
