@@ -20,6 +20,7 @@ integrator can act on.
 from __future__ import annotations
 
 import io
+import re
 import warnings
 from dataclasses import dataclass
 
@@ -285,8 +286,17 @@ class _pil_errors:
         if isinstance(e, (Image.DecompressionBombError, Image.DecompressionBombWarning)):
             raise ImageError(f"{self.what} is too large to decode safely: {e}", "too_large") from None
         if isinstance(e, Exception):  # PIL raises OSError, SyntaxError, ValueError...
-            raise ImageError(f"{self.what} could not be decoded ({type(e).__name__}: {e})") from None
+            raise ImageError(f"{self.what} could not be decoded ({type(e).__name__}: {_stable(e)})") from None
         return False
+
+
+_OBJECT_AT = re.compile(r"<[\w.]+ object at 0x[0-9a-fA-F]+>")
+
+
+def _stable(e: Exception) -> str:
+    """The library's message without the memory addresses it prints (`<_io.BytesIO object at 0x7f...>`),
+    so the same bad file gets the same message every time."""
+    return " ".join(_OBJECT_AT.sub("", str(e)).split())
 
 
 def _read_dicom(data: bytes, limits: Limits, what: str):

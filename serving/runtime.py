@@ -27,11 +27,7 @@ class RequestError(ValueError):
         self.reason = reason
 
 
-def check_meta(meta: np.ndarray) -> np.ndarray:
-    """CT_META of one request (n, 2) -> the same, validated: finite, integral, in range.
-
-    In a request of several cells the message names the first bad one ("cell 3: ..."), so a
-    client can answer the others (`InspectionClient.inspect_cells`)."""
+def _meta_shape(meta: np.ndarray) -> np.ndarray:
     meta = np.asarray(meta)
     if meta.dtype != np.float32:
         raise RequestError(f"CT_META must be FP32, got {meta.dtype}", "metadata")
@@ -40,14 +36,35 @@ def check_meta(meta: np.ndarray) -> np.ndarray:
             f"CT_META must hold 2 values per cell [battery_type, slice_axis], got shape {list(meta.shape[1:])}",
             "metadata",
         )
+    return meta
+
+
+def _meta_row(row: np.ndarray) -> None:
+    """One cell's [battery_type, slice_axis]: finite whole numbers in range."""
+    if not np.isfinite(row).all():
+        raise RequestError(f"CT_META contains NaN or infinity: {row.tolist()}", "metadata")
+    for value, (name, values) in zip(row, (("battery_type", BATTERY_TYPES), ("slice_axis", SLICE_AXES))):
+        if value != round(float(value)) or not 0 <= value < len(values):
+            choices = ", ".join(f"{k} {n}" for k, n in enumerate(values))
+            raise RequestError(f"CT_META {name} must be one of {choices}; got {float(value)}", "metadata")
+
+
+def _named(i: int, e: Exception) -> RequestError:
+    """`e` as the error of cell i of its request: "cell i: ..." (every refusal names its cell, so a
+    client can answer the others: `InspectionClient.inspect_cells`)."""
+    reason = e.reason if isinstance(e, (ImageError, RequestError)) else "not_an_image"
+    return RequestError(f"cell {i}: {e}", reason)
+
+
+def check_meta(meta: np.ndarray) -> np.ndarray:
+    """CT_META of one request (n, 2) -> the same, validated: finite, whole numbers, in range; the
+    first bad cell is named ("cell 3: ...")."""
+    meta = _meta_shape(meta)
     for i, row in enumerate(meta):
-        where = f"cell {i}: " if len(meta) > 1 else ""
-        if not np.isfinite(row).all():
-            raise RequestError(f"{where}CT_META contains NaN or infinity: {row.tolist()}", "metadata")
-        for value, (name, values) in zip(row, (("battery_type", BATTERY_TYPES), ("slice_axis", SLICE_AXES))):
-            if value != round(float(value)) or not 0 <= value < len(values):
-                choices = ", ".join(f"{k} {n}" for k, n in enumerate(values))
-                raise RequestError(f"{where}CT_META {name} must be one of {choices}; got {float(value)}", "metadata")
+        try:
+            _meta_row(row)
+        except RequestError as e:
+            raise _named(i, e) from None
     return meta
 
 
@@ -70,15 +87,22 @@ def rgb_tensor(data: bytes, facts: ServingFacts, limits: Limits = Limits()) -> n
     return encoded_rgb_input(data, facts.input_size, limits, frame=facts.frame)[0]
 
 
+def _items(images: np.ndarray) -> np.ndarray:
+    return np.asarray(images, object).reshape(len(images), -1)[:, 0]
+
+
+def _one(i: int, make, *args):
+    try:
+        return make(*args)
+    except (ImageError, ValueError) as e:
+        raise _named(i, e) from None
+
+
 def _encoded_batch(images: np.ndarray, one_cell, facts: ServingFacts, limits: Limits) -> np.ndarray:
-    """The (n, 1) encoded images of one request through `one_cell`; a bad cell is named."""
-    out = []
-    for i, item in enumerate(np.asarray(images, object).reshape(len(images), -1)[:, 0]):
-        try:
-            out.append(one_cell(_image_bytes(item), facts, limits))
-        except (ImageError, ValueError) as e:
-            reason = e.reason if isinstance(e, (ImageError, RequestError)) else "not_an_image"
-            raise RequestError(f"cell {i}: {e}" if len(images) > 1 else str(e), reason) from None
+    """The (n, 1) encoded images of one request through `one_cell`; the first bad cell is named."""
+    out = [
+        _one(i, lambda item: one_cell(_image_bytes(item), facts, limits), item) for i, item in enumerate(_items(images))
+    ]
     return np.stack(out).astype(np.float32, copy=False)
 
 
@@ -90,6 +114,20 @@ def ct_tensors(images: np.ndarray, facts: ServingFacts, limits: Limits = Limits(
 def rgb_tensors(images: np.ndarray, facts: ServingFacts, limits: Limits = Limits()) -> np.ndarray:
     """RGB_IMAGE of one request (n, 1) of encoded bytes -> (n, 3, S, S) float32 in 0..1."""
     return _encoded_batch(images, rgb_tensor, facts, limits)
+
+
+def cell_tensors(
+    meta: np.ndarray, ct_images: np.ndarray, rgb_images: np.ndarray, ct: ServingFacts, rgb: ServingFacts, limits: Limits
+) -> tuple[np.ndarray, np.ndarray]:
+    """A whole request of `inspect` -> (CT tensors, RGB tensors), checked cell by cell in order (its
+    metadata, its CT slice, its photo), so the cell named in a refusal is the lowest bad one."""
+    meta = _meta_shape(meta)
+    cts, rgbs = [], []
+    for i, (row, ct_item, rgb_item) in enumerate(zip(meta, _items(ct_images), _items(rgb_images), strict=True)):
+        _one(i, _meta_row, row)
+        cts.append(_one(i, lambda item: ct_tensor(_image_bytes(item), ct, limits), ct_item))
+        rgbs.append(_one(i, lambda item: rgb_tensor(_image_bytes(item), rgb, limits), rgb_item))
+    return np.stack(cts).astype(np.float32, copy=False), np.stack(rgbs).astype(np.float32, copy=False)
 
 
 def available_cores() -> int:

@@ -10,13 +10,17 @@ number of string elements" for its RGB_IMAGE.)
 from serving.triton_models._common import PreprocessModel, input_array
 
 from core import interface as api
-from serving.runtime import check_meta, ct_tensors, rgb_tensors
+from serving.runtime import cell_tensors
 
 
 class TritonPythonModel(PreprocessModel):
     def tensors(self, request) -> dict:
-        check_meta(input_array(request, api.CT_META))
-        return {
-            api.CT_TENSOR: ct_tensors(input_array(request, api.CT_IMAGE), self.both["ct"], self.limits),
-            api.RGB_TENSOR: rgb_tensors(input_array(request, api.RGB_IMAGE), self.both["rgb"], self.limits),
-        }
+        ct, rgb = cell_tensors(
+            input_array(request, api.CT_META),
+            input_array(request, api.CT_IMAGE),
+            input_array(request, api.RGB_IMAGE),
+            self.both["ct"],
+            self.both["rgb"],
+            self.limits,
+        )
+        return {api.CT_TENSOR: ct, api.RGB_TENSOR: rgb}

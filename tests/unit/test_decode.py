@@ -29,7 +29,15 @@ from core.preprocess import (
 from ensemble import VerdictRule, decide
 from export.__main__ import main
 from export.options import add_tuning_arguments, tuning_from
-from serving.runtime import OrtRunner, RequestError, check_meta, ct_tensors, rgb_tensors, verdict_outputs
+from serving.runtime import (
+    OrtRunner,
+    RequestError,
+    cell_tensors,
+    check_meta,
+    ct_tensors,
+    rgb_tensors,
+    verdict_outputs,
+)
 from training.datasets import _ct_one, _rgb_one
 from training.synth.ct import CTSliceSpec, render_ct_slice
 from training.synth.rgb import RGBPhotoSpec, render_rgb_photo
@@ -262,6 +270,33 @@ def test_in_a_batch_the_first_bad_cell_is_named():
     meta = np.array([[0, 2], [1, 0], [0, 7], [np.nan, 0]], np.float32)
     with pytest.raises(RequestError, match=r"^cell 2: CT_META slice_axis must be one of 0 x, 1 y, 2 z; got 7.0$"):
         check_meta(meta)
+
+
+def test_a_whole_request_is_checked_cell_by_cell_and_the_lowest_bad_cell_is_named():
+    ct_info, rgb_info = facts("ct_classifier", 48), facts("rgb_autoencoder", 32)
+    ct = encode(ct_slice(), "PNG")
+    photo = encode((np.random.default_rng(1).random((64, 96, 3)) * 255).astype(np.uint8), "PNG")
+    meta = np.array([[0, 2], [1, 0], [0, 7]], np.float32)  # cell 2's metadata is bad ...
+    cts = np.array([[ct], [ct], [ct]], object)
+    rgbs = np.array([[photo], [b"nonsense"], [photo]], object)  # ... and cell 1's photo, a lower cell
+    with pytest.raises(RequestError, match=r"^cell 1: RGB_IMAGE is not a PNG or JPEG image") as refused:
+        cell_tensors(meta, cts, rgbs, ct_info, rgb_info, Limits())
+    assert refused.value.reason == "not_an_image"
+    x, y = cell_tensors(meta[:2], cts[:2], np.array([[photo], [photo]], object), ct_info, rgb_info, Limits())
+    assert x.shape == (2, 1, 48, 48) and y.shape == (2, 3, 32, 32)
+    # a request of one cell names its cell too, as every refusal does
+    with pytest.raises(RequestError, match=r"^cell 0: CT_IMAGE is empty"):
+        cell_tensors(meta[:1], np.array([[b""]], object), rgbs[:1], ct_info, rgb_info, Limits())
+
+
+def test_the_same_undecodable_file_gets_the_same_message_every_time():
+    broken = b"\x89PNG\r\n\x1a\n" + bytes(range(256)) * 4  # a PNG signature over garbage
+    messages = set()
+    for _ in range(3):
+        with pytest.raises(RequestError) as refused:
+            ct_tensors(np.array([[broken]], object), facts("ct_classifier", 48))
+        messages.add(str(refused.value))
+    assert len(messages) == 1 and "0x" not in messages.pop()
 
 
 def test_image_limits_are_options_of_the_repository_commands():
