@@ -1,4 +1,4 @@
-"""python -m benchmarks serving|cancel|decode|ood|robustness|int8|soak|gateway|plant|outputs|study|synth ...
+"""python -m benchmarks serving|overload|cancel|decode|ood|robustness|int8|soak|gateway|plant|outputs|study|synth ...
 
 Cells are line-size by default (CT 4000 x 4000 with some 16-bit TIFF and DICOM slices,
 photos 1920 x 1080), generated once into build/bench_data/; each command's --help says more.
@@ -24,6 +24,8 @@ photos 1920 x 1080), generated once into build/bench_data/; each command's --hel
   study     the architecture study: train each registered CT network on one split, evaluate it on
             the same fresh test set, export it and measure what it costs to serve (FLOPs,
             ONNX Runtime FP32/INT8, Triton at line size); table and accuracy/cost frontier
+  overload  more cells than a replica carries: answered within the takt, refused at once, lost;
+            one replica with a bare client, two behind the project's client
   cancel    requests given up at random moments (deadlines, cancels, dropped connections,
             through tritonclient and raw gRPC): the server must live and answer every later request
   synth     how long the synthetic data generator takes (`make bench-synth`)
@@ -36,6 +38,7 @@ from benchmarks.decode import main as decode
 from benchmarks.gateway import main as gateway
 from benchmarks.ood import main as ood
 from benchmarks.outputs import main as outputs
+from benchmarks.overload import main as overload
 from benchmarks.plant import main as plant
 from benchmarks.quantized import main as int8
 from benchmarks.robustness import main as robustness
@@ -70,6 +73,8 @@ def main() -> int:
         return plant(rest)
     if command == "study":
         return study(rest)
+    if command == "overload":
+        return overload(rest)
     if command == "cancel":
         return cancel(rest)
     if command == "synth":

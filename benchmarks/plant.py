@@ -84,9 +84,17 @@ class Replicas:
     with the administrative APIs open to `admin_key` (for version rollouts)."""
 
     def __init__(
-        self, repository: Path, root: Path, n: int, cpus: list[str | None], admin_key: str, stage=None
+        self,
+        repository: Path,
+        root: Path,
+        n: int,
+        cpus: list[str | None],
+        admin_key: str,
+        stage=None,
+        takt: float = 0.0,
     ) -> None:
-        """`stage`: runs staged as the next release of every replica (what the rollout promotes)."""
+        """`stage`: runs staged as the next release of every replica (what the rollout promotes);
+        `takt`: each replica sheds what it could not answer within it (serving.front)."""
         self.admin_key = admin_key
         self.servers: list[TritonServer] = []
         if stage:
@@ -113,6 +121,7 @@ class Replicas:
                     log_path=folder / "tritonserver.log",
                     extra=Access(admin_key=admin_key).arguments(),
                     cpus=cpus[i],
+                    takt=takt,
                 )
             )
 
@@ -185,6 +194,12 @@ class Replicas:
     def stop(self) -> None:
         for s in self.servers:
             s.stop()
+
+    def __enter__(self) -> Replicas:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
 
 
 @dataclass

@@ -76,7 +76,7 @@ def cmd_serve(args) -> int:
     if quality:
         print(quality)
     ports = Ports(args.http_port, args.grpc_port, args.metrics_port)
-    server = TritonServer(args.repository, ports, extra=access.arguments())
+    server = TritonServer(args.repository, ports, extra=access.arguments(), takt=args.takt)
     signal.signal(signal.SIGTERM, _interrupt)  # a process manager's stop: the same clean shutdown as Ctrl-C
     signal.signal(signal.SIGINT, _interrupt)
     print("starting tritonserver ...", flush=True)
@@ -205,6 +205,15 @@ def main(argv=None) -> int:
     s.add_argument("--rebuild", action="store_true", help="rebuild the repository even if it is up to date")
     s.add_argument("--grpc-port", type=int, default=8001, help="gRPC port (default 8001)")
     s.add_argument("--http-port", type=int, default=8000, help="HTTP port (default 8000)")
+    s.add_argument(
+        "--takt",
+        type=float,
+        default=2.0,
+        metavar="SECONDS",
+        help="the line's takt: a gRPC inference request that the server, at its recent pace, would not answer "
+        "within it is refused at once (UNAVAILABLE 'overloaded: ...', retried by clients on another replica) "
+        "instead of queueing (default 2; 0: never refuse, queue)",
+    )
     s.add_argument("--metrics-port", type=int, default=8002, help="Prometheus metrics port (default 8002)")
     s.add_argument(
         "--start-timeout", type=float, default=300.0, help="seconds to wait for all models to load (default 300)"

@@ -18,16 +18,21 @@ NGC image of docker/ runs a release with the fix and needs no front.
 
     python -m serving.front --listen 0.0.0.0:8001 --backend 127.0.0.1:18001
 
-Measured cost: docs/operations.md ("Cancelled requests").
+The front also sheds overload (`--takt SECONDS`): a request that could not be answered
+within the takt, by the server's own recent pace, is refused at once with UNAVAILABLE
+"overloaded: ..." instead of waiting in a queue (`Admission`); a client retries it on
+another replica. Measured: docs/operations.md ("Overload").
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import collections
 import contextlib
 import signal
 import sys
+import time
 from pathlib import Path
 
 import grpc
@@ -45,11 +50,82 @@ def methods() -> dict[str, tuple[bool, bool]]:
     return {f"/{SERVICE}/{m.name}": (m.client_streaming, m.server_streaming) for m in service.methods}
 
 
+INFER = f"/{SERVICE}/ModelInfer"
+STAGED_SUFFIX = "_staged"  # core.interface.STAGED_SUFFIX: a release under trial, never the line's
+
+
+def model_name(request: bytes) -> str:
+    """The model a serialized ModelInferRequest names, read from its first field without parsing
+    the rest (the images): field 1, `model_name`, which every client serializes first."""
+    if len(request) < 2 or request[0] != 0x0A:
+        return service_pb2.ModelInferRequest.FromString(request).model_name
+    length, shift, i = 0, 0, 1
+    while i < len(request):
+        byte = request[i]
+        length |= (byte & 0x7F) << shift
+        i += 1
+        if not byte & 0x80:
+            break
+        shift += 7
+    return request[i : i + length].decode("utf-8", "replace")
+
+
+class Admission:
+    """Whether a new request can still be answered within the takt, from the server's recent pace.
+
+    pace: seconds per answer over the last answers of a busy spell (the server's throughput on its
+    CPU, batches and all, as it is now); alone: seconds a request takes with none ahead of it
+    (EWMA). A request with n ahead of it is expected to take `alone + n * pace`; one expected past
+    the takt is refused at once. A staged release's request (shadow or comparison traffic) is
+    admitted only within half the takt, so it never takes the line's last places. Until both
+    are measured (a light load never measures the pace), all are admitted.
+    """
+
+    def __init__(self, takt: float, window: int = 16, weight: float = 0.2):
+        self.takt, self.weight = takt, weight
+        self.in_flight = 0
+        self.pace: float | None = None
+        self.alone: float | None = None
+        self.answers: collections.deque = collections.deque(maxlen=window)  # answer times of this busy spell
+        self.admitted = self.refused = 0
+
+    def expected(self) -> float | None:
+        if self.pace is None or self.alone is None:
+            return None
+        return self.alone + self.in_flight * self.pace
+
+    def admit(self, model: str) -> str | None:
+        """None to admit the request, else why it is refused."""
+        expected = self.expected()
+        limit = self.takt / 2 if model.endswith(STAGED_SUFFIX) else self.takt
+        if self.takt > 0 and expected is not None and expected > limit and self.in_flight > 0:
+            self.refused += 1
+            return (
+                f"overloaded: {self.in_flight} requests in flight, a new one would take about {expected:.2f} s "
+                f"against the takt of {limit:g} s; send it to another replica or again later"
+            )
+        self.admitted += 1
+        self.in_flight += 1
+        return None
+
+    def done(self, started: float, ahead: int, now: float) -> None:
+        self.in_flight -= 1
+        if ahead == 0:
+            took = now - started
+            self.alone = took if self.alone is None else self.alone + self.weight * (took - self.alone)
+        self.answers.append(now)
+        if len(self.answers) >= 4:
+            self.pace = (self.answers[-1] - self.answers[0]) / (len(self.answers) - 1)
+        if self.in_flight == 0:  # idle: the next gap would measure the idleness, not the server
+            self.answers.clear()
+
+
 class Forwarder(grpc.GenericRpcHandler):
     """Every method of Triton's gRPC service, forwarded to `backend` and shielded from cancellation."""
 
-    def __init__(self, backend: str):
+    def __init__(self, backend: str, takt: float = 0.0):
         self.channel = grpc.aio.insecure_channel(backend, options=UNLIMITED)
+        self.admission = Admission(takt)
         self.methods = methods()
         self.detached: set[asyncio.Future] = set()  # forwarded calls whose client went away
         self.absorbed = 0  # cancellations kept from the server
@@ -70,9 +146,17 @@ class Forwarder(grpc.GenericRpcHandler):
 
     def _unary(self, method: str):
         call = self.channel.unary_unary(method)
+        infer = method == INFER
 
         async def forward(request: bytes, context: grpc.aio.ServicerContext) -> bytes:
+            if infer:
+                refused = self.admission.admit(model_name(request))
+                if refused:
+                    await context.abort(grpc.StatusCode.UNAVAILABLE, refused)
+                started, ahead = time.monotonic(), self.admission.in_flight - 1
             answer = asyncio.ensure_future(call(request, metadata=_metadata(context)))
+            if infer:
+                answer.add_done_callback(lambda _: self.admission.done(started, ahead, time.monotonic()))
             try:
                 return await asyncio.shield(answer)
             except asyncio.CancelledError:
@@ -124,8 +208,10 @@ def _metadata(context) -> tuple:
     return tuple((k, v) for k, v in (context.invocation_metadata() or ()) if k not in HOP_HEADERS)
 
 
-async def serve(listen: str, backend: str, tls_cert: Path | None = None, tls_key: Path | None = None) -> None:
-    forwarder = Forwarder(backend)
+async def serve(
+    listen: str, backend: str, tls_cert: Path | None = None, tls_key: Path | None = None, takt: float = 0.0
+) -> None:
+    forwarder = Forwarder(backend, takt)
     server = grpc.aio.server(handlers=[forwarder], options=UNLIMITED)
     if tls_cert:
         credentials = grpc.ssl_server_credentials([(Path(tls_key).read_bytes(), Path(tls_cert).read_bytes())])
@@ -135,7 +221,8 @@ async def serve(listen: str, backend: str, tls_cert: Path | None = None, tls_key
     if port == 0:
         raise OSError(f"cannot listen on {listen}")
     await server.start()
-    print(f"front: {listen} -> tritonserver {backend}", flush=True)
+    shed = f", shedding what cannot be answered within {takt:g} s" if takt > 0 else ""
+    print(f"front: {listen} -> tritonserver {backend}{shed}", flush=True)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -144,7 +231,12 @@ async def serve(listen: str, backend: str, tls_cert: Path | None = None, tls_key
     await server.stop(grace=5)
     if forwarder.detached:  # let tritonserver finish what it was given rather than cancel it
         await asyncio.wait(list(forwarder.detached), timeout=10)
-    print(f"front: stopped; {forwarder.absorbed} cancellation(s) kept from tritonserver", flush=True)
+    a = forwarder.admission
+    print(
+        f"front: stopped; {forwarder.absorbed} cancellation(s) kept from tritonserver, "
+        f"{a.admitted} inference request(s) admitted, {a.refused} refused as overload",
+        flush=True,
+    )
 
 
 def main(argv=None) -> int:
@@ -155,13 +247,20 @@ def main(argv=None) -> int:
     )
     p.add_argument("--listen", required=True, help="address to serve, e.g. 0.0.0.0:8001")
     p.add_argument("--backend", required=True, help="tritonserver's gRPC address, e.g. 127.0.0.1:18001")
+    p.add_argument(
+        "--takt",
+        type=float,
+        default=0.0,
+        help="refuse at once (UNAVAILABLE, 'overloaded: ...') an inference request that would not be answered "
+        "within this many seconds at the server's recent pace (default 0: never)",
+    )
     p.add_argument("--tls-cert", type=Path, help="serve gRPC over TLS with this certificate (PEM) ...")
     p.add_argument("--tls-key", type=Path, help="... and this key")
     args = p.parse_args(argv)
     if (args.tls_cert is None) != (args.tls_key is None):
         p.error("TLS needs both --tls-cert and --tls-key")
     try:
-        asyncio.run(serve(args.listen, args.backend, args.tls_cert, args.tls_key))
+        asyncio.run(serve(args.listen, args.backend, args.tls_cert, args.tls_key, args.takt))
     except OSError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

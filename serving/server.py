@@ -259,7 +259,10 @@ class TritonServer:
         extra: list[str] = (),
         cpus: str | None = None,
         front: bool = True,
+        takt: float = 0.0,
     ):
+        # takt: the front refuses at once what it could not answer within this many seconds (0: never)
+        self.takt = takt
         # front: clients reach gRPC through serving.front, which keeps their cancellations from
         # tritonserver 2.51 (one can crash it); tritonserver's own gRPC then listens on loopback only
         self.front = front
@@ -281,6 +284,10 @@ class TritonServer:
             raise FileNotFoundError(
                 f"{self.repository} is not a built model repository; run 'python -m export repository'"
             )
+        if self.front_process is not None and self.front_process.poll() is None:
+            # tritonserver alone was stopped or killed (a drain, a crash): a new front comes with the new server
+            self.front_process.send_signal(signal.SIGINT)
+            self.front_process.wait(30)
         busy = busy_ports(self.ports)
         if busy:
             raise RuntimeError(f"port {', '.join(busy)} already in use: stop what listens there or choose other ports")
@@ -305,6 +312,8 @@ class TritonServer:
             front += ["--backend", f"127.0.0.1:{backend}"]
             if tls:
                 front += ["--tls-cert", tls[0], "--tls-key", tls[1]]
+            if self.takt > 0:
+                front += ["--takt", str(self.takt)]
             self.front_process = subprocess.Popen(
                 self._pinned(front),
                 env=env,

@@ -5,6 +5,7 @@ explicit error, and the service comes back by itself."""
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -16,12 +17,13 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import tritonclient.grpc as grpcclient
+from tritonclient.utils import InferenceServerException
 
 from benchmarks.cancel import WAYS, storm
 from client.dataset import pair_cells
 from client.inspection import Cell, CellError, Inspection
 from client.probe import probe_grpc
-from client.service import Backoff, InspectionClient
+from client.service import Backoff, InspectionClient, build_inputs, requested_outputs
 from core import interface as api
 from export import release
 from export.repository import build_repository, stage_release
@@ -222,6 +224,41 @@ def test_requests_cancelled_at_random_moments_never_take_the_server_down(setup, 
     for way in WAYS:  # every way really gave requests up (not answered in time for it)
         given_up = sum(n for code, n in result["outcomes"][way].items() if code != "answered")
         assert given_up > 0, result["outcomes"]
+
+
+def test_overload_is_refused_at_once_with_a_retryable_status_and_the_client_loses_no_cell(setup, tmp_path):
+    """More requests than the takt allows: the front refuses the excess with UNAVAILABLE "overloaded"
+    before tritonserver sees them, and the project's client, retrying, gets every cell answered."""
+    ports = Ports(*free_ports(3))
+    with TritonServer(setup["repo"], ports, log_path=tmp_path / "tritonserver.log", takt=0.05) as server:
+        outcomes: list[str] = []
+
+        def bare(k: int):  # 24 impatient clients back to back, no retries
+            with grpcclient.InferenceServerClient(server.grpc_url) as c:
+                for i in range(12):
+                    cell = setup["cells"][(k + i) % len(setup["cells"])]
+                    try:
+                        c.infer(api.INSPECT, build_inputs([cell]), outputs=requested_outputs(False))
+                        outcomes.append("answered")
+                    except InferenceServerException as e:
+                        outcomes.append(f"{e.status()} {e.message()}")
+
+        with ThreadPoolExecutor(24) as pool:
+            list(pool.map(bare, range(24)))
+        refused = [o for o in outcomes if o != "answered"]
+        assert refused and outcomes.count("answered") > 0, outcomes[:5]
+        assert all(o.startswith("StatusCode.UNAVAILABLE overloaded: ") for o in refused), set(refused)
+        with urllib.request.urlopen(f"http://127.0.0.1:{ports.metrics}/metrics", timeout=5) as r:
+            metrics = r.read().decode()
+        reached = sum(
+            float(v) for v in re.findall(r'nv_inference_request_success\{model="inspect",version="1"\} (\S+)', metrics)
+        )
+        assert reached == outcomes.count("answered")  # a refused request never reached tritonserver
+        # the project's client retries a refused cell (with backoff, on another replica where there is one)
+        patient = Backoff(retries=40, first=0.05, longest=0.5)
+        with InspectionClient(server.grpc_url, heatmaps=False, backoff=patient) as client:
+            results = client.inspect_many(setup["cells"] * 2, concurrency=16)
+        assert all(isinstance(r, Inspection) for r in results), [r for r in results if isinstance(r, CellError)][:3]
 
 
 def test_the_probe_cell_passes_the_services_input_checks_and_the_http_probe_agrees(setup, tmp_path):
