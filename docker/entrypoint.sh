@@ -39,6 +39,20 @@ LOAD=()
 for config in "$MODELS"/*/config.pbtxt; do
   LOAD+=("--load-model=$(basename "$(dirname "$config")")")
 done
+# the line's gRPC port is served by serving.front, which sheds overload (a request it could not answer
+# within $TAKT seconds is refused at once with UNAVAILABLE, for a client to send elsewhere) and forwards
+# the rest to tritonserver on loopback; TAKT=0 serves tritonserver's own gRPC endpoint on 8001 instead.
+# FRONT_ARGS: more options of python -m serving.front (--max-connection-age SECONDS)
+TAKT=${TAKT:-2}
+if [ "$TAKT" != 0 ]; then
+  GRPC=(--grpc-address=127.0.0.1 --grpc-port=8011)
+  FRONT_TLS=()
+  if [ -n "${TLS_CERT:-}" ]; then FRONT_TLS=(--tls-cert "$TLS_CERT" --tls-key "$TLS_KEY"); TLS=(); fi
+  python3 -m serving.front --listen 0.0.0.0:8001 --backend 127.0.0.1:8011 --takt "$TAKT" --metrics-port 8003 \
+    ${FRONT_ARGS:-} "${FRONT_TLS[@]}" &
+else
+  GRPC=(--grpc-port=8001)
+fi
 exec tritonserver \
   --model-repository="$MODELS" \
   --model-control-mode=explicit "${LOAD[@]}" \
@@ -46,5 +60,5 @@ exec tritonserver \
   "--http-restricted-api=$RESTRICTED:admin-key=$KEY" \
   --strict-readiness=true \
   --allow-metrics=true --allow-gpu-metrics=true --allow-cpu-metrics=true \
-  --http-port=8000 --grpc-port=8001 --metrics-port=8002 \
+  --http-port=8000 "${GRPC[@]}" --metrics-port=8002 \
   "${TLS[@]}" "$@"

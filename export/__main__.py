@@ -75,7 +75,7 @@ def cmd_serve(args) -> int:
     quality = quality_line(runs)
     if quality:
         print(quality)
-    ports = Ports(args.http_port, args.grpc_port, args.metrics_port)
+    ports = Ports(args.http_port, args.grpc_port, args.metrics_port, args.front_metrics_port)
     server = TritonServer(args.repository, ports, extra=access.arguments(), takt=args.takt)
     signal.signal(signal.SIGTERM, _interrupt)  # a process manager's stop: the same clean shutdown as Ctrl-C
     signal.signal(signal.SIGINT, _interrupt)
@@ -84,7 +84,9 @@ def cmd_serve(args) -> int:
         server.start(timeout=args.start_timeout, foreground=True)
         tls = f" --tls-ca {args.tls_cert}" if args.tls_cert else ""
         print(
-            f"\nready: gRPC localhost:{ports.grpc}  HTTP localhost:{ports.http}  metrics http://localhost:{ports.metrics}/metrics\n"
+            f"\nready: gRPC localhost:{ports.grpc}  HTTP localhost:{ports.http}  metrics http://localhost:{ports.metrics}/metrics"
+            + (f" and http://localhost:{ports.front_metrics}/metrics" if ports.front_metrics else "")
+            + "\n"
             f"access: {access.describe()}\n"
             f"memory: {_allocator(malloc_library())}\n"
             "try:   python -m client inspect --ct CT.png --meta cell,z --rgb PHOTO.png --url "
@@ -210,11 +212,17 @@ def main(argv=None) -> int:
         type=float,
         default=2.0,
         metavar="SECONDS",
-        help="the line's takt: a gRPC inference request that the server, at its recent pace, would not answer "
-        "within it is refused at once (UNAVAILABLE 'overloaded: ...', retried by clients on another replica) "
-        "instead of queueing (default 2; 0: never refuse, queue)",
+        help="the line's takt: a gRPC inference request that the server, judged by how late its last answers "
+        "came, would not answer within it is refused at once (UNAVAILABLE 'overloaded: ...', retried by "
+        "clients on another replica) instead of queueing (default 2; 0: never refuse, queue)",
     )
     s.add_argument("--metrics-port", type=int, default=8002, help="Prometheus metrics port (default 8002)")
+    s.add_argument(
+        "--front-metrics-port",
+        type=int,
+        default=8003,
+        help="the gRPC front's metrics (battery_front_*: answered, refused as overload; default 8003; 0: none)",
+    )
     s.add_argument(
         "--start-timeout", type=float, default=300.0, help="seconds to wait for all models to load (default 300)"
     )

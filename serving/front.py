@@ -19,17 +19,17 @@ NGC image of docker/ runs a release with the fix and needs no front.
     python -m serving.front --listen 0.0.0.0:8001 --backend 127.0.0.1:18001
 
 The front also sheds overload (`--takt SECONDS`): a request that could not be answered
-within the takt, by the server's own recent pace, is refused at once with UNAVAILABLE
-"overloaded: ..." instead of waiting in a queue (`Admission`); a client retries it on
-another replica. Measured: docs/operations.md ("Overload").
+within the takt, judged by how late the last answers came, is refused at once with
+UNAVAILABLE "overloaded: ..." instead of waiting in a queue (`Admission`); a client retries
+it on another replica. Measured: docs/operations.md ("Overload").
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
-import collections
 import contextlib
+import re
 import signal
 import sys
 import time
@@ -70,39 +70,75 @@ def model_name(request: bytes) -> str:
     return request[i : i + length].decode("utf-8", "replace")
 
 
-class Admission:
-    """Whether a new request can still be answered within the takt, from the server's recent pace.
+class FrontMetrics:
+    """What the front does, for Prometheus (`--metrics-port`): inference requests by model and outcome
+    (answered, error, overloaded: refused at once, gone: the client left before the answer), the
+    requests in flight and the limit in force (0: none yet)."""
 
-    pace: seconds per answer over the last answers of a busy spell (the server's throughput on its
-    CPU, batches and all, as it is now); alone: seconds a request takes with none ahead of it
-    (EWMA). A request with n ahead of it is expected to take `alone + n * pace`; one expected past
-    the takt is refused at once. A staged release's request (shadow or comparison traffic) is
-    admitted only within half the takt, so it never takes the line's last places. Until both
-    are measured (a light load never measures the pace), all are admitted.
+    def __init__(self):
+        from prometheus_client import CollectorRegistry, Counter, Gauge  # noqa: PLC0415 - only with a port
+
+        self.registry = CollectorRegistry()
+        self.requests = Counter(
+            "battery_front_requests",
+            "Inference requests through the gRPC front, by model and outcome",
+            ["model", "outcome"],
+            registry=self.registry,
+        )
+        self.in_flight = Gauge("battery_front_in_flight", "Inference requests in flight", registry=self.registry)
+        self.limit = Gauge(
+            "battery_front_limit",
+            "Requests in flight the server answers within the takt, as learnt (0: no limit yet)",
+            registry=self.registry,
+        )
+        for model in ("inspect", "inspect_ct", "inspect_rgb"):
+            for outcome in OUTCOMES:
+                self.requests.labels(model, outcome)
+
+    def serve(self, port: int) -> None:
+        from prometheus_client import start_http_server  # noqa: PLC0415
+
+        start_http_server(port, registry=self.registry)
+
+    def count(self, model: str, outcome: str, admission: Admission) -> None:
+        self.requests.labels(model, outcome).inc()
+        self.in_flight.set(admission.in_flight)
+        self.limit.set(admission.limit or 0)
+
+
+OUTCOMES = ("answered", "error", "overloaded", "gone")
+
+
+class Admission:
+    """Whether a new request can still be answered within the takt: a limit on requests in flight,
+    learnt from the answers' own times (so it follows the load, the models and the CPU it runs on).
+
+    An answer later than the target (0.8 x the takt, a margin for the tail) sets the limit to the
+    number of requests that were ahead of it: fewer may be ahead of the next. An answer in under
+    half the target although the limit was reached when it came raises the limit by one, so it
+    grows back when the server keeps up with more. A request
+    that finds the limit reached is refused at once. A staged release's request (shadow or
+    comparison traffic) is admitted only within half the limit, so it never takes the line's last
+    places. Until the first late answer there is no limit.
     """
 
-    def __init__(self, takt: float, window: int = 16, weight: float = 0.2):
-        self.takt, self.weight = takt, weight
+    def __init__(self, takt: float):
+        self.takt = takt
+        self.target = 0.8 * takt
         self.in_flight = 0
-        self.pace: float | None = None
-        self.alone: float | None = None
-        self.answers: collections.deque = collections.deque(maxlen=window)  # answer times of this busy spell
+        self.limit: int | None = None
         self.admitted = self.refused = 0
-
-    def expected(self) -> float | None:
-        if self.pace is None or self.alone is None:
-            return None
-        return self.alone + self.in_flight * self.pace
 
     def admit(self, model: str) -> str | None:
         """None to admit the request, else why it is refused."""
-        expected = self.expected()
-        limit = self.takt / 2 if model.endswith(STAGED_SUFFIX) else self.takt
-        if self.takt > 0 and expected is not None and expected > limit and self.in_flight > 0:
+        limit = self.limit
+        if limit is not None and model.endswith(STAGED_SUFFIX):
+            limit = max(1, limit // 2)
+        if self.takt > 0 and limit is not None and self.in_flight >= limit:
             self.refused += 1
             return (
-                f"overloaded: {self.in_flight} requests in flight, a new one would take about {expected:.2f} s "
-                f"against the takt of {limit:g} s; send it to another replica or again later"
+                f"overloaded: {self.in_flight} requests in flight, as many as this server answers within the "
+                f"takt of {self.takt:g} s; send it to another replica or again later"
             )
         self.admitted += 1
         self.in_flight += 1
@@ -110,22 +146,22 @@ class Admission:
 
     def done(self, started: float, ahead: int, now: float) -> None:
         self.in_flight -= 1
-        if ahead == 0:
-            took = now - started
-            self.alone = took if self.alone is None else self.alone + self.weight * (took - self.alone)
-        self.answers.append(now)
-        if len(self.answers) >= 4:
-            self.pace = (self.answers[-1] - self.answers[0]) / (len(self.answers) - 1)
-        if self.in_flight == 0:  # idle: the next gap would measure the idleness, not the server
-            self.answers.clear()
+        if self.takt <= 0:
+            return
+        took = now - started
+        if took > self.target:
+            self.limit = max(1, min(ahead, self.limit if self.limit is not None else ahead))
+        elif took < self.target / 2 and self.limit is not None and ahead + 1 >= self.limit:
+            self.limit += 1  # fast although the limit was reached: the server keeps up with more
 
 
 class Forwarder(grpc.GenericRpcHandler):
     """Every method of Triton's gRPC service, forwarded to `backend` and shielded from cancellation."""
 
-    def __init__(self, backend: str, takt: float = 0.0):
+    def __init__(self, backend: str, takt: float = 0.0, metrics: FrontMetrics | None = None):
         self.channel = grpc.aio.insecure_channel(backend, options=UNLIMITED)
         self.admission = Admission(takt)
+        self.metrics = metrics
         self.methods = methods()
         self.detached: set[asyncio.Future] = set()  # forwarded calls whose client went away
         self.absorbed = 0  # cancellations kept from the server
@@ -138,6 +174,10 @@ class Forwarder(grpc.GenericRpcHandler):
             return grpc.unary_unary_rpc_method_handler(self._unary(details.method))
         return grpc.stream_stream_rpc_method_handler(self._stream(details.method))
 
+    def _count(self, model: str, outcome: str) -> None:
+        if self.metrics is not None and model:
+            self.metrics.count(model, outcome, self.admission)
+
     def _detach(self, future: asyncio.Future) -> None:
         self.absorbed += 1
         self.detached.add(future)
@@ -149,22 +189,28 @@ class Forwarder(grpc.GenericRpcHandler):
         infer = method == INFER
 
         async def forward(request: bytes, context: grpc.aio.ServicerContext) -> bytes:
+            model = model_name(request) if infer else ""
             if infer:
-                refused = self.admission.admit(model_name(request))
+                refused = self.admission.admit(model)
                 if refused:
+                    self._count(model, "overloaded")
                     await context.abort(grpc.StatusCode.UNAVAILABLE, refused)
                 started, ahead = time.monotonic(), self.admission.in_flight - 1
             answer = asyncio.ensure_future(call(request, metadata=_metadata(context)))
             if infer:
                 answer.add_done_callback(lambda _: self.admission.done(started, ahead, time.monotonic()))
             try:
-                return await asyncio.shield(answer)
+                reply = await asyncio.shield(answer)
+                self._count(model, "answered")
+                return reply
             except asyncio.CancelledError:
                 if not answer.done():
                     self._detach(answer)
+                self._count(model, "gone")
                 raise
             except grpc.aio.AioRpcError as e:
-                await context.abort(e.code(), e.details() or "")
+                self._count(model, "error")
+                await context.abort(e.code(), plain(e.details() or ""))
 
         return forward
 
@@ -204,15 +250,39 @@ async def _drain(upstream) -> None:
             pass
 
 
+_TRITON_PREFIX = re.compile(r"^(\[request id: [^\]]*\] )?(in ensemble '[^']*', )?")
+
+
+def plain(message: str) -> str:
+    """An error message as the model that refused the request wrote it: without the prefixes
+    tritonserver puts before it (`[request id: ...] `, `in ensemble 'inspect', `)."""
+    return _TRITON_PREFIX.sub("", message, count=1)
+
+
 def _metadata(context) -> tuple:
     return tuple((k, v) for k, v in (context.invocation_metadata() or ()) if k not in HOP_HEADERS)
 
 
 async def serve(
-    listen: str, backend: str, tls_cert: Path | None = None, tls_key: Path | None = None, takt: float = 0.0
+    listen: str,
+    backend: str,
+    tls_cert: Path | None = None,
+    tls_key: Path | None = None,
+    takt: float = 0.0,
+    metrics_port: int = 0,
+    max_connection_age: float = 0.0,
 ) -> None:
-    forwarder = Forwarder(backend, takt)
-    server = grpc.aio.server(handlers=[forwarder], options=UNLIMITED)
+    metrics = FrontMetrics() if metrics_port else None
+    if metrics:
+        metrics.serve(metrics_port)
+    forwarder = Forwarder(backend, takt, metrics)
+    options = list(UNLIMITED)
+    if max_connection_age > 0:  # clients reconnect at this age, resolving a DNS name again (new replicas)
+        options += [
+            ("grpc.max_connection_age_ms", int(max_connection_age * 1000)),
+            ("grpc.max_connection_age_grace_ms", int(max_connection_age * 500)),
+        ]
+    server = grpc.aio.server(handlers=[forwarder], options=options)
     if tls_cert:
         credentials = grpc.ssl_server_credentials([(Path(tls_key).read_bytes(), Path(tls_cert).read_bytes())])
         port = server.add_secure_port(listen, credentials)
@@ -252,7 +322,18 @@ def main(argv=None) -> int:
         type=float,
         default=0.0,
         help="refuse at once (UNAVAILABLE, 'overloaded: ...') an inference request that would not be answered "
-        "within this many seconds at the server's recent pace (default 0: never)",
+        "within this many seconds, judged by how late the last answers came (default 0: never)",
+    )
+    p.add_argument(
+        "--metrics-port", type=int, default=0, help="serve battery_front_* metrics for Prometheus here (default: none)"
+    )
+    p.add_argument(
+        "--max-connection-age",
+        type=float,
+        default=0.0,
+        metavar="SECONDS",
+        help="close client connections at this age (half as long again to finish their calls), so that "
+        "clients of a DNS name find new replicas (default 0: never)",
     )
     p.add_argument("--tls-cert", type=Path, help="serve gRPC over TLS with this certificate (PEM) ...")
     p.add_argument("--tls-key", type=Path, help="... and this key")
@@ -260,7 +341,17 @@ def main(argv=None) -> int:
     if (args.tls_cert is None) != (args.tls_key is None):
         p.error("TLS needs both --tls-cert and --tls-key")
     try:
-        asyncio.run(serve(args.listen, args.backend, args.tls_cert, args.tls_key, args.takt))
+        asyncio.run(
+            serve(
+                args.listen,
+                args.backend,
+                args.tls_cert,
+                args.tls_key,
+                args.takt,
+                args.metrics_port,
+                args.max_connection_age,
+            )
+        )
     except OSError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

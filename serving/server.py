@@ -31,6 +31,7 @@ class Ports:
     http: int = 8000
     grpc: int = 8001
     metrics: int = 8002
+    front_metrics: int = 0  # the gRPC front's battery_front_* metrics (0: not served)
 
 
 def free_ports(n: int) -> list[int]:
@@ -47,7 +48,10 @@ def free_ports(n: int) -> list[int]:
 def busy_ports(ports: Ports) -> list[str]:
     """'8001 (gRPC)' for each port something already listens on."""
     busy = []
-    for name, port in (("HTTP", ports.http), ("gRPC", ports.grpc), ("metrics", ports.metrics)):
+    named = [("HTTP", ports.http), ("gRPC", ports.grpc), ("metrics", ports.metrics)]
+    if ports.front_metrics:
+        named.append(("front metrics", ports.front_metrics))
+    for name, port in named:
         with socket.socket() as s:
             s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             try:
@@ -314,6 +318,8 @@ class TritonServer:
                 front += ["--tls-cert", tls[0], "--tls-key", tls[1]]
             if self.takt > 0:
                 front += ["--takt", str(self.takt)]
+            if self.ports.front_metrics:
+                front += ["--metrics-port", str(self.ports.front_metrics)]
             self.front_process = subprocess.Popen(
                 self._pinned(front),
                 env=env,

@@ -74,8 +74,8 @@ def stack(tmp_path_factory, small_dataset):
         repo,
         progress=lambda *_: None,
     )
-    http, grpc, metrics_port, client_port, prom_port = free_ports(5)
-    server = TritonServer(repo, Ports(http, grpc, metrics_port), log_path=root / "tritonserver.log")
+    http, grpc, metrics_port, client_port, prom_port, front_port = free_ports(6)
+    server = TritonServer(repo, Ports(http, grpc, metrics_port, front_port), log_path=root / "tritonserver.log")
     server.start(timeout=180)
     client_metrics.serve(client_port, addr="127.0.0.1")
     procs = []
@@ -86,7 +86,11 @@ def stack(tmp_path_factory, small_dataset):
             config["rule_files"] = [
                 str(PROMETHEUS_DIR / f) for f in config["rule_files"]
             ]  # the shipped rules, loaded for real
-            targets = {"triton": f"127.0.0.1:{metrics_port}", "inspection-client": f"127.0.0.1:{client_port}"}
+            targets = {
+                "triton": f"127.0.0.1:{metrics_port}",
+                "triton-front": f"127.0.0.1:{front_port}",
+                "inspection-client": f"127.0.0.1:{client_port}",
+            }
             assert {j["job_name"] for j in config["scrape_configs"]} == {*targets, "line-gateway"}
             config["scrape_configs"] = [
                 j for j in config["scrape_configs"] if j["job_name"] in targets
@@ -112,6 +116,7 @@ def stack(tmp_path_factory, small_dataset):
         yield {
             "url": server.grpc_url,
             "metrics": f"http://127.0.0.1:{metrics_port}/metrics",
+            "front_metrics": f"http://127.0.0.1:{front_port}/metrics",
             "client_metrics": f"http://127.0.0.1:{client_port}/metrics",
             "prom": f"http://127.0.0.1:{prom_port}",
             "cells": cells,
@@ -215,9 +220,12 @@ def test_prometheus_sees_the_inspections_and_the_verdicts_the_client_got(stack):
 
 
 def test_verdict_metrics_on_tritons_port_match_the_answers(stack):
-    before = _scrape(_get(stack["metrics"]))
+    before, front_before = _scrape(_get(stack["metrics"])), _scrape(_get(stack["front_metrics"]))
     good, verdicts = _burst(stack, n_bad=0)
-    after = _scrape(_get(stack["metrics"]))
+    after, front_after = _scrape(_get(stack["metrics"])), _scrape(_get(stack["front_metrics"]))
+    answered = 'battery_front_requests_total{model="inspect",outcome="answered"}'
+    assert front_after[answered] - front_before.get(answered, 0.0) == len(good)  # the gRPC front counts them too
+    assert front_after["battery_front_in_flight"] == 0
 
     def delta(key):
         return after.get(key, 0.0) - before.get(key, 0.0)
@@ -309,7 +317,7 @@ def test_every_dashboard_panel_reads_metrics_that_a_live_scrape_has(stack, tmp_p
     assert REGISTRY.get_sample_value("battery_explain_backlog") == 0  # nothing left waiting
     live = {
         re.split(r"[{ ]", line, maxsplit=1)[0]
-        for line in (_get(stack["metrics"]) + _get(stack["client_metrics"])).splitlines()
+        for line in (_get(stack["metrics"]) + _get(stack["front_metrics"]) + _get(stack["client_metrics"])).splitlines()
         if line and not line.startswith("#")
     }
     live.add("up")  # Prometheus' own series per target
