@@ -91,8 +91,13 @@ def run(
     interval_ms: int,
     work: Path,
     progress=print,
+    unmeasured: list | None = None,
 ) -> list[dict]:
-    """One perf_analyzer sweep of `model`; a row per concurrency with throughput, latency and server-side times."""
+    """One perf_analyzer sweep of `model`; a row per concurrency with throughput, latency and server-side times.
+
+    A concurrency perf_analyzer cannot measure (no stable measurement within its trials, or any
+    other failure) is left out of the rows and recorded in `unmeasured` with perf_analyzer's
+    reason: the sweep goes on, and the run keeps what it measured."""
     work.mkdir(parents=True, exist_ok=True)
     data = input_data(cells, model, work / f"{model}_input.json")
     report = work / f"{model}_perf.csv"
@@ -129,9 +134,15 @@ def run(
             cmd, capture_output=True, text=True, env=environment(), timeout=max(120, 20 * interval_ms / 1000)
         )
         if done.returncode != 0:
-            raise RuntimeError(
-                f"perf_analyzer failed on {model} at concurrency {c}: {(done.stderr or done.stdout).strip()[-600:]}"
+            said = (done.stderr or done.stdout).strip()
+            reason = next(
+                (line for line in said.splitlines() if "stable measurement" in line and "concurrency" in line),
+                said.splitlines()[-1] if said else f"exit code {done.returncode}",
             )
+            progress(f"  perf_analyzer {model:<12} concurrency {c:>3}: not measured ({reason})")
+            if unmeasured is not None:
+                unmeasured.append({"model": model, "concurrency": c, "reason": reason})
+            continue
         with open(report) as f:
             row = next(csv.DictReader(f))
         parsed = {

@@ -257,6 +257,14 @@ def summary(r: dict, h: dict) -> str:
         lines += ["", "Why: " + why]
     if isinstance(r["perf_analyzer"], dict) and "skipped" in r["perf_analyzer"]:
         lines += ["", f"perf_analyzer was not run: {r['perf_analyzer']['skipped']}"]
+    for point in r.get("perf_analyzer_unmeasured", []):
+        line = f"perf_analyzer could not measure {point['model']} at concurrency {point['concurrency']}: "
+        line += point["reason"]
+        seen = point.get("loadgen")
+        if seen:
+            line += f"; the load generator measured {seen['cells_per_s']:.2f} cells/s"
+            line += f", p99 {seen.get('p99_ms', float('nan')):.0f} ms"
+        lines += ["", line]
     return "\n".join(lines) + "\n"
 
 

@@ -302,6 +302,9 @@ def run(args) -> Path:
             print(f"  perf_analyzer not run: {missing}")
             results["perf_analyzer"] = {"skipped": missing}
         else:
+            unmeasured: list[
+                dict
+            ] = []  # concurrencies perf_analyzer could not measure stably, with the loadgen's figures
             results["perf_analyzer"] = {
                 m: perf.run(
                     server.grpc_url,
@@ -311,9 +314,15 @@ def run(args) -> Path:
                     args.concurrency,
                     args.perf_interval,
                     args.out / "perf_analyzer",
+                    unmeasured=unmeasured,
                 )
                 for m in (api.INSPECT, api.INSPECT_CT, api.INSPECT_RGB)
             }
+            loadgen_at = {row["concurrency"]: row for row in results["loadgen"]}
+            for point in unmeasured:
+                if point["model"] == api.INSPECT and point["concurrency"] in loadgen_at:
+                    point["loadgen"] = loadgen_at[point["concurrency"]]
+            results["perf_analyzer_unmeasured"] = unmeasured
     finally:
         server.stop()
     return write_results(results, args.out)

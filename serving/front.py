@@ -113,7 +113,7 @@ class Admission:
     """Whether a new request can still be answered within the takt: a limit on requests in flight,
     learnt from the answers' own times (so it follows the load, the models and the CPU it runs on).
 
-    An answer later than the target (0.8 x the takt, a margin for the tail) sets the limit to the
+    An answer later than the target (0.7 x the takt, a margin for the tail) sets the limit to the
     number of requests that were ahead of it: fewer may be ahead of the next. An answer in under
     half the target although the limit was reached when it came raises the limit by one, so it
     grows back when the server keeps up with more. A request
@@ -124,7 +124,7 @@ class Admission:
 
     def __init__(self, takt: float):
         self.takt = takt
-        self.target = 0.8 * takt
+        self.target = 0.7 * takt
         self.in_flight = 0
         self.limit: int | None = None
         self.admitted = self.refused = 0
