@@ -131,6 +131,13 @@ def parser() -> argparse.ArgumentParser:
         "--out", type=Path, default=Path("benchmarks/results"), help="results folder (default benchmarks/results)"
     )
 
+    p.add_argument(
+        "--takt",
+        type=float,
+        default=0.0,
+        help="serve with the gRPC front shedding what it would not answer within this many seconds (as "
+        "`make serve` does with 2); the load generator's client retries a refused cell (default 0: no shedding)",
+    )
     add_tuning_arguments(p)  # the repository's serving knobs, as for `python -m export serve`
     return p
 
@@ -287,7 +294,9 @@ def run(args) -> Path:
         )
 
     http, grpc, metrics = free_ports(3)
-    server = TritonServer(args.repository, Ports(http, grpc, metrics), log_path=args.out / "tritonserver.log")
+    server = TritonServer(
+        args.repository, Ports(http, grpc, metrics), log_path=args.out / "tritonserver.log", takt=args.takt
+    )
     args.out.mkdir(parents=True, exist_ok=True)
     print(f"tritonserver on localhost:{grpc}")
     server.start(timeout=300)

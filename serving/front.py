@@ -113,21 +113,27 @@ class Admission:
     """Whether a new request can still be answered within the takt: a limit on requests in flight,
     learnt from the answers' own times (so it follows the load, the models and the CPU it runs on).
 
-    An answer later than the target (0.7 x the takt, a margin for the tail) sets the limit to the
-    number of requests that were ahead of it: fewer may be ahead of the next. An answer in under
-    half the target although the limit was reached when it came raises the limit by one, so it
-    grows back when the server keeps up with more. A request
+    The limit is adjusted as TCP adjusts its window (additive increase, multiplicative decrease),
+    against a target answer time of half the takt (a margin for the tail): an answer later than
+    the target cuts the limit to 0.8 x what it was (at most once per answer time, so a burst of
+    late answers from one congested moment counts once); an answer within the target while the
+    limit was reached raises it by 1/limit (one place per limit's worth of answers). A request
     that finds the limit reached is refused at once. A staged release's request (shadow or
-    comparison traffic) is admitted only within half the limit, so it never takes the line's last
-    places. Until the first late answer there is no limit.
+    comparison traffic) is admitted only within half the limit, so it never takes the line's
+    last places. Until the first late answer there is no limit.
     """
 
     def __init__(self, takt: float):
         self.takt = takt
-        self.target = 0.7 * takt
+        self.target = 0.5 * takt
         self.in_flight = 0
-        self.limit: int | None = None
+        self.window: float | None = None  # the limit, before rounding down
+        self.last_cut = float("-inf")
         self.admitted = self.refused = 0
+
+    @property
+    def limit(self) -> int | None:
+        return None if self.window is None else max(1, int(self.window))
 
     def admit(self, model: str) -> str | None:
         """None to admit the request, else why it is refused."""
@@ -150,9 +156,12 @@ class Admission:
             return
         took = now - started
         if took > self.target:
-            self.limit = max(1, min(ahead, self.limit if self.limit is not None else ahead))
-        elif took < self.target / 2 and self.limit is not None and ahead + 1 >= self.limit:
-            self.limit += 1  # fast although the limit was reached: the server keeps up with more
+            if now - self.last_cut > took:
+                base = ahead + 1 if self.window is None else self.window
+                self.window = max(1.0, 0.8 * base)
+                self.last_cut = now
+        elif self.window is not None and ahead + 1 >= self.limit:
+            self.window += 1.0 / self.window
 
 
 class Forwarder(grpc.GenericRpcHandler):

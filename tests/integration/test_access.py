@@ -63,7 +63,7 @@ def _self_signed(folder: Path) -> tuple[Path, Path]:
 
 
 def _serve(root: Path, runs, extra: list[str], env: dict) -> tuple[subprocess.Popen, list[str], list[int]]:
-    ports = free_ports(3)
+    ports = free_ports(4)
     cmd = [
         sys.executable,
         "-m",
@@ -79,6 +79,8 @@ def _serve(root: Path, runs, extra: list[str], env: dict) -> tuple[subprocess.Po
         str(ports[1]),
         "--metrics-port",
         str(ports[2]),
+        "--front-metrics-port",
+        str(ports[3]),
         *extra,
     ]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)

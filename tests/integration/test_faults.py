@@ -58,7 +58,7 @@ def _http_ready(port: int) -> bool:
 
 
 def test_a_killed_backend_process_is_found_by_the_probe_and_serve_restarts_the_server(setup):
-    grpc, http, metrics = free_ports(3)
+    grpc, http, metrics, front_metrics = free_ports(4)
     cmd = [
         sys.executable,
         "-m",
@@ -74,6 +74,8 @@ def test_a_killed_backend_process_is_found_by_the_probe_and_serve_restarts_the_s
         str(http),
         "--metrics-port",
         str(metrics),
+        "--front-metrics-port",
+        str(front_metrics),
         "--watchdog",
         "4",
     ]

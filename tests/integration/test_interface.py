@@ -408,3 +408,43 @@ def test_an_http_client_written_from_the_five_steps_alone_gets_binary_outputs_to
     with pytest.raises(urllib.error.HTTPError) as e:
         urllib.request.urlopen(request, timeout=60)
     assert e.value.code == 400 and "error" in json.loads(e.value.read())
+    # the answer's JSON holds each key once when the outputs are named (step 6)
+    request.data = header + element(ct) + element(rgb)
+    request.add_header("Inference-Header-Content-Length", str(len(header)))
+
+    def unique(pairs):
+        keys = [k for k, _ in pairs]
+        assert len(keys) == len(set(keys)), keys
+        return dict(pairs)
+
+    with urllib.request.urlopen(request, timeout=60) as r:
+        body, json_length = r.read(), int(r.headers["Inference-Header-Content-Length"])
+    assert json.loads(body[:json_length], object_pairs_hook=unique)["outputs"]
+    # an unknown model is HTTP 404 ("Errors")
+    request.full_url = f"http://127.0.0.1:{service['server'].ports.http}/v2/models/no_such_model/infer"
+    with pytest.raises(urllib.error.HTTPError) as e:
+        urllib.request.urlopen(request, timeout=60)
+    assert e.value.code == 404 and "no_such_model" in json.loads(e.value.read())["error"]
+
+
+def test_grpc_refusals_name_the_lowest_bad_cell_in_the_services_own_words(service):
+    """docs/interface.md ("Batches", "Errors"): cells are checked in order, each completely; every refusal
+    names its cell, one-cell requests too; over gRPC without tritonserver's prefixes; the same bad file
+    gets the same message every time."""
+    cells = service["cells"][:3]
+    inputs = _inputs(cells)
+    inputs[api.RGB_IMAGE][1, 0] = b"not an image"  # cell 1's photo ...
+    inputs[api.CT_META][2] = (0, 7)  # ... and cell 2's metadata: cell 1 is named
+    broken_png = b"\x89PNG\r\n\x1a\n" + bytes(range(256)) * 4
+    with grpcclient.InferenceServerClient(service["server"].grpc_url) as client:
+        with pytest.raises(InferenceServerException) as e:
+            _infer(client, api.INSPECT, inputs, [api.VERDICT])
+        assert e.value.status() == "StatusCode.INVALID_ARGUMENT"
+        assert e.value.message().startswith("cell 1: RGB_IMAGE is not a PNG or JPEG image"), e.value.message()
+        messages = set()
+        for _ in range(2):
+            with pytest.raises(InferenceServerException) as e:
+                _infer(client, api.INSPECT, _inputs(cells[:1], ct=broken_png), [api.VERDICT])
+            messages.add(e.value.message())
+    (message,) = messages
+    assert message.startswith("cell 0: CT_IMAGE could not be decoded") and "0x" not in message, message

@@ -532,7 +532,7 @@ def test_flagged_cells_from_the_service_get_reports_drawn_on_the_served_heatmaps
 
 
 def test_serve_reuses_an_up_to_date_repository_and_stops_cleanly_on_ctrl_c(service):
-    ports = free_ports(3)
+    ports = free_ports(4)
     cmd = [
         sys.executable,
         "-m",
@@ -548,6 +548,8 @@ def test_serve_reuses_an_up_to_date_repository_and_stops_cleanly_on_ctrl_c(servi
         str(ports[1]),
         "--metrics-port",
         str(ports[2]),
+        "--front-metrics-port",
+        str(ports[3]),
     ]
     start = time.monotonic()
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
