@@ -49,7 +49,7 @@ if [ "$TAKT" != 0 ]; then
   FRONT_TLS=()
   if [ -n "${TLS_CERT:-}" ]; then FRONT_TLS=(--tls-cert "$TLS_CERT" --tls-key "$TLS_KEY"); TLS=(); fi
   python3 -m serving.front --listen 0.0.0.0:8001 --backend 127.0.0.1:8011 --takt "$TAKT" --metrics-port 8003 \
-    ${FRONT_ARGS:-} "${FRONT_TLS[@]}" &
+    --backend-pid $$ ${FRONT_ARGS:-} "${FRONT_TLS[@]}" &   # $$: the PID tritonserver keeps after exec
 else
   GRPC=(--grpc-port=8001)
 fi

@@ -40,6 +40,11 @@ from tritonclient.grpc import service_pb2
 
 SERVICE = "inference.GRPCInferenceService"
 UNLIMITED = [("grpc.max_receive_message_length", -1), ("grpc.max_send_message_length", -1)]
+BACKEND_RECONNECT = [
+    ("grpc.initial_reconnect_backoff_ms", 100),
+    ("grpc.min_reconnect_backoff_ms", 100),
+    ("grpc.max_reconnect_backoff_ms", 500),
+]
 # the headers gRPC itself sets per hop; everything else (the admin key, user headers) is forwarded
 HOP_HEADERS = {"user-agent", "grpc-accept-encoding", "grpc-encoding", "grpc-timeout", "te", "content-type"}
 
@@ -168,7 +173,9 @@ class Forwarder(grpc.GenericRpcHandler):
     """Every method of Triton's gRPC service, forwarded to `backend` and shielded from cancellation."""
 
     def __init__(self, backend: str, takt: float = 0.0, metrics: FrontMetrics | None = None):
-        self.channel = grpc.aio.insecure_channel(backend, options=UNLIMITED)
+        # reconnect within 0.1-0.5 s, not gRPC's default backoff of up to 2 minutes: tritonserver is on
+        # loopback, and a channel waiting out its backoff would refuse every call for a server that is up
+        self.channel = grpc.aio.insecure_channel(backend, options=UNLIMITED + BACKEND_RECONNECT)
         self.admission = Admission(takt)
         self.metrics = metrics
         self.methods = methods()
@@ -268,6 +275,25 @@ def plain(message: str) -> str:
     return _TRITON_PREFIX.sub("", message, count=1)
 
 
+def process_alive(pid: int) -> bool:
+    """Whether process `pid` runs (a zombie, killed and not yet reaped by its parent, does not)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat.rsplit(")", 1)[-1].split()[0] not in ("Z", "X")
+
+
+async def _watch(pid: int, stop: asyncio.Event, every: float = 0.2) -> None:
+    """Set `stop` when tritonserver exits: a front that kept answering UNAVAILABLE for a dead server
+    would look alive to clients (gRPC keeps sending to a connected replica, and counts its errors
+    against it), where a closed port sends them to the other replicas at once and a restarted
+    server is found within a reconnection."""
+    while process_alive(pid):
+        await asyncio.sleep(every)
+    stop.set()
+
+
 def _metadata(context) -> tuple:
     return tuple((k, v) for k, v in (context.invocation_metadata() or ()) if k not in HOP_HEADERS)
 
@@ -280,6 +306,7 @@ async def serve(
     takt: float = 0.0,
     metrics_port: int = 0,
     max_connection_age: float = 0.0,
+    backend_pid: int | None = None,
 ) -> None:
     metrics = FrontMetrics() if metrics_port else None
     if metrics:
@@ -306,7 +333,12 @@ async def serve(
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
+    watcher = asyncio.ensure_future(_watch(backend_pid, stop)) if backend_pid else None
     await stop.wait()
+    if watcher is not None and watcher.done():  # tritonserver is gone: so is this endpoint, at once
+        print(f"front: tritonserver (pid {backend_pid}) exited; stopping", flush=True)
+        await server.stop(grace=0)
+        return
     await server.stop(grace=5)
     if forwarder.detached:  # let tritonserver finish what it was given rather than cancel it
         await asyncio.wait(list(forwarder.detached), timeout=10)
@@ -344,6 +376,9 @@ def main(argv=None) -> int:
         help="close client connections at this age (half as long again to finish their calls), so that "
         "clients of a DNS name find new replicas (default 0: never)",
     )
+    p.add_argument(
+        "--backend-pid", type=int, help="tritonserver's process: the front stops when it exits (default: never)"
+    )
     p.add_argument("--tls-cert", type=Path, help="serve gRPC over TLS with this certificate (PEM) ...")
     p.add_argument("--tls-key", type=Path, help="... and this key")
     args = p.parse_args(argv)
@@ -359,6 +394,7 @@ def main(argv=None) -> int:
                 args.takt,
                 args.metrics_port,
                 args.max_connection_age,
+                args.backend_pid,
             )
         )
     except OSError as e:

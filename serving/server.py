@@ -311,9 +311,20 @@ class TritonServer:
             # a restart of the same server appends: what ended its last life stays readable
             self._log = open(self.log_path, "ab" if self.process is not None else "wb")
             out = self._log
+        self.process = subprocess.Popen(
+            self._pinned(cmd),
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT if out else None,
+            start_new_session=not foreground,
+        )
+        self.front_process = None
+        self.wait_ready(timeout)
+        # the front after tritonserver is ready: the line's port opens when the models answer, as
+        # tritonserver's own does, and the front stops with tritonserver (--backend-pid)
         if self.front:
             front = [sys.executable, "-m", "serving.front", "--listen", f"0.0.0.0:{self.ports.grpc}"]
-            front += ["--backend", f"127.0.0.1:{backend}"]
+            front += ["--backend", f"127.0.0.1:{backend}", "--backend-pid", str(self.process.pid)]
             if tls:
                 front += ["--tls-cert", tls[0], "--tls-key", tls[1]]
             if self.takt > 0:
@@ -327,14 +338,7 @@ class TritonServer:
                 stderr=subprocess.STDOUT if out else None,
                 start_new_session=not foreground,
             )
-        self.process = subprocess.Popen(
-            self._pinned(cmd),
-            env=env,
-            stdout=out,
-            stderr=subprocess.STDOUT if out else None,
-            start_new_session=not foreground,
-        )
-        self.wait_ready(timeout)
+            self.wait_ready(30)
         return self
 
     def _pinned(self, cmd: list[str]) -> list[str]:
