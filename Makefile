@@ -37,7 +37,7 @@ serve: setup
 	$(PY) -m export serve --grpc-port $(GRPC_PORT) --http-port $(HTTP_PORT) --metrics-port $(METRICS_PORT) $(if $(RUNS),--runs $(RUNS)) \
 	  $(if $(TLS_CERT),--tls-cert $(TLS_CERT) --tls-key $(TLS_KEY)) $(SERVE_ARGS)
 
-# Everything: tests/unit and tests/integration (tritonserver, Prometheus, browsers), about 19 min on 2 cores.
+# Everything: tests/unit and tests/integration (tritonserver, Prometheus, browsers), about 21 min on 2 cores.
 test: setup
 	$(PY) -m pytest -n 2 $(PYTEST_ARGS)
 
