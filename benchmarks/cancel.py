@@ -210,16 +210,11 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     from benchmarks.measure import machine  # noqa: PLC0415
-    from benchmarks.serving import prepare  # noqa: PLC0415
-    from serving.server import Ports, TritonServer, free_ports  # noqa: PLC0415
+    from benchmarks.serving import prepare, results_folder_and_server  # noqa: PLC0415
 
     args = parser().parse_args(argv)
     _, data, cells, _ = prepare(args)
-    folder = args.out / time.strftime("cancel-%Y%m%d-%H%M%S")
-    folder.mkdir(parents=True, exist_ok=True)
-    server = TritonServer(
-        args.repository, Ports(*free_ports(3)), log_path=folder / "tritonserver.log", front=args.front
-    ).start(timeout=300)
+    folder, server = results_folder_and_server(args, "cancel", front=args.front)
     front = "with" if args.front else "without"
     print(f"{front} the gRPC front; {args.requests} requests given up, {args.per_round} a round")
     try:

@@ -148,12 +148,11 @@ def parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     from benchmarks.measure import machine  # noqa: PLC0415
     from benchmarks.plant import Replicas, cpu_lists  # noqa: PLC0415
-    from benchmarks.serving import prepare  # noqa: PLC0415
+    from benchmarks.serving import prepare, results_folder  # noqa: PLC0415
 
     args = parser().parse_args(argv)
     _, data, cells, _ = prepare(args)
-    folder = args.out / time.strftime("overload-%Y%m%d-%H%M%S")
-    folder.mkdir(parents=True, exist_ok=True)
+    folder = results_folder(args, "overload")
     cpus = cpu_lists(2, None)
     result = {"takt_s": args.takt, "data": str(data), "machine": machine(), "one_replica": [], "two_replicas": []}
     with Replicas(args.repository, folder, 1, cpus[:1], ADMIN, takt=args.takt).start() as one:

@@ -195,13 +195,19 @@ def prepare(args):
     return runs, data, cells, tuning
 
 
-def results_folder_and_server(args, name: str):
-    """(benchmarks/results/<name>-<time>/, a started tritonserver on free ports serving args.repository,
-    logging there)."""
-
+def results_folder(args, name: str) -> Path:
+    """benchmarks/results/<name>-<time>/ (under --out), made."""
     folder = args.out / time.strftime(f"{name}-%Y%m%d-%H%M%S")
     folder.mkdir(parents=True, exist_ok=True)
-    server = TritonServer(args.repository, Ports(*free_ports(3)), log_path=folder / "tritonserver.log")
+    return folder
+
+
+def results_folder_and_server(args, name: str, **server):
+    """(benchmarks/results/<name>-<time>/, a started tritonserver on free ports serving args.repository,
+    logging there); `server`: more TritonServer options (front, takt)."""
+
+    folder = results_folder(args, name)
+    server = TritonServer(args.repository, Ports(*free_ports(3)), log_path=folder / "tritonserver.log", **server)
     server.start(timeout=300)
     return folder, server
 

@@ -311,13 +311,7 @@ class TritonServer:
             # a restart of the same server appends: what ended its last life stays readable
             self._log = open(self.log_path, "ab" if self.process is not None else "wb")
             out = self._log
-        self.process = subprocess.Popen(
-            self._pinned(cmd),
-            env=env,
-            stdout=out,
-            stderr=subprocess.STDOUT if out else None,
-            start_new_session=not foreground,
-        )
+        self.process = self._spawn(cmd, env, out, foreground)
         self.front_process = None
         self.wait_ready(timeout)
         # the front after tritonserver is ready: the line's port opens when the models answer, as
@@ -331,18 +325,17 @@ class TritonServer:
                 front += ["--takt", str(self.takt)]
             if self.ports.front_metrics:
                 front += ["--metrics-port", str(self.ports.front_metrics)]
-            self.front_process = subprocess.Popen(
-                self._pinned(front),
-                env=env,
-                stdout=out,
-                stderr=subprocess.STDOUT if out else None,
-                start_new_session=not foreground,
-            )
+            self.front_process = self._spawn(front, env, out, foreground)
             self.wait_ready(30)
         return self
 
-    def _pinned(self, cmd: list[str]) -> list[str]:
-        return cmd if self.cpus is None else ["taskset", "--cpu-list", self.cpus, *cmd]
+    def _spawn(self, cmd: list[str], env: dict, out, foreground: bool) -> subprocess.Popen:
+        """tritonserver or its front, on this server's CPUs, logging to `out` (None: the terminal)."""
+        if self.cpus is not None:
+            cmd = ["taskset", "--cpu-list", self.cpus, *cmd]
+        return subprocess.Popen(
+            cmd, env=env, stdout=out, stderr=subprocess.STDOUT if out else None, start_new_session=not foreground
+        )
 
     def exited(self) -> str | None:
         """Why the server cannot answer any more (tritonserver or its gRPC front exited), or None."""
