@@ -1,4 +1,5 @@
-"""python -m benchmarks serving|overload|cancel|decode|ood|robustness|int8|soak|gateway|plant|outputs|study|synth ...
+"""python -m benchmarks COMMAND ... (serving, overload, cancel, decode, ood, robustness, int8, soak, gateway,
+plant, outputs, study, synth, training)
 
 Cells are line-size by default (CT 4000 x 4000 with some 16-bit TIFF and DICOM slices,
 photos 1920 x 1080), generated once into build/bench_data/; each command's --help says more.
@@ -29,6 +30,8 @@ photos 1920 x 1080), generated once into build/bench_data/; each command's --hel
   cancel    requests given up at random moments (deadlines, cancels, dropped connections,
             through tritonclient and raw gRPC): the server must live and answer every later request
   synth     how long the synthetic data generator takes (`make bench-synth`)
+  training  where each preset's training time goes: the networks' training GFLOP/s against SGEMM,
+            and the share of the real loop spent in the networks' arithmetic
 """
 
 import sys
@@ -46,6 +49,7 @@ from benchmarks.serving import main as serving
 from benchmarks.soak import main as soak
 from benchmarks.study import main as study
 from benchmarks.synth_speed import main as synth
+from benchmarks.training import main as training
 
 
 def main() -> int:
@@ -77,6 +81,8 @@ def main() -> int:
         return overload(rest)
     if command == "cancel":
         return cancel(rest)
+    if command == "training":
+        return training(rest)
     if command == "synth":
         sys.argv = [f"{sys.argv[0]} synth", *rest]
         synth()

@@ -44,6 +44,11 @@ DEFAULTS = {
         # random acquisition drift in training (training/augment.py `acquisition`; probability 0: none)
         "acquisition": {"probability": 0.0},
         "weighted_sampling": False,
+        # channels_last: the memory layout oneDNN's convolutions run fastest in on CPUs (0.6 -> 0.7 of SGEMM)
+        "memory_format": "channels_last",
+        # progressive resizing: the first `epochs` epochs see the batches scaled down to `size` pixels
+        # (a 128-px step costs 0.64 of a 160-px one); the rest train at input_size
+        "progressive": {"size": None, "epochs": 0},
         # Weight of the training-only defect-map loss (0: train on slice labels alone).
         "defect_map_weight": 1.0,
         # each reviewed line cell (--reviewed) counts as this many training slices
@@ -68,6 +73,7 @@ DEFAULTS = {
         # segment_weight: the segmentation head's focal loss (only with model.segment > 0)
         "loss": {"ssim_weight": 0.5, "segment_weight": 1.0},
         "augment": {"hflip": True},
+        "memory_format": "channels_last",
         "acquisition": {"probability": 0.0},
         # Random blemishes painted on the input, clean image as the target (0: plain autoencoder).
         "anomalies": {"probability": 0.5, "max_blobs": 2, "radius": [0.03, 0.12]},

@@ -50,6 +50,39 @@ def _threads(cfg: dict) -> None:
     torch.set_num_threads(int(cfg.get("threads") or os.cpu_count() or 1))
 
 
+FORMATS = {"channels_last": torch.channels_last, "contiguous": torch.contiguous_format}
+
+
+def _memory_format(cfg: dict) -> torch.memory_format:
+    name = cfg.get("memory_format") or "contiguous"
+    if name not in FORMATS:
+        raise ValueError(f"memory_format must be one of {sorted(FORMATS)}, got {name!r}")
+    return FORMATS[name]
+
+
+def progressive_size(cfg: dict, epoch: int) -> int | None:
+    """The side the batches of this (0-based) epoch are scaled down to, or None for input_size."""
+    p = cfg.get("progressive") or {}
+    size = p.get("size")
+    if not size or epoch >= int(p.get("epochs") or 0):
+        return None
+    if int(size) >= int(cfg["input_size"]):
+        raise ValueError(f"progressive.size {size} must be smaller than input_size {cfg['input_size']}")
+    return int(size)
+
+
+def scaled_down(x: torch.Tensor, size: int | None, masks_from: int | None = None) -> torch.Tensor:
+    """A batch scaled to size x size: images antialiased, and channels from `masks_from` on (0/1 defect
+    masks) max-pooled, so that a void of one pixel still marks its cell."""
+    if size is None or x.shape[-1] == size:
+        return x
+    k = x.shape[1] if masks_from is None else masks_from
+    out = [nn.functional.interpolate(x[:, :k], size=(size, size), mode="bilinear", antialias=True, align_corners=False)]
+    if k < x.shape[1]:
+        out.append(nn.functional.adaptive_max_pool2d(x[:, k:], (size, size)))
+    return torch.cat(out, 1)
+
+
 def _device(cfg: dict) -> torch.device:
     """'auto' takes a GPU when there is one (the full preset is meant for GPUs)."""
     name = cfg.get("device") or "auto"
@@ -121,6 +154,7 @@ def _save_run(
     run: Path, model: torch.nn.Module, info: dict, history: list, start: float, data: Path, cfg: dict
 ) -> dict:
     """Write the checkpoint (with what every run records) and the per-epoch history."""
+    model.to(memory_format=torch.contiguous_format)  # the saved and exported weights in the plain layout
     info = info | {
         "epochs_trained": len(history),
         "train_seconds": time.perf_counter() - start,
@@ -277,14 +311,20 @@ def train_ct(
     parts["train"] += examples.ct * int(c["reviewed_repeat"])
     size = int(c["input_size"])
     aux_weight = float(c["defect_map_weight"])
+    progressive_size(c, 0)  # a wrong progressive size stops the run before the slices are read
+    loading = time.perf_counter()
     train = load_ct(parts["train"], size, workers=c["workers"], progress=progress, with_masks=aux_weight > 0)
     # a reviewed normal slice has no defect (all of its mask is known); a confirmed defect's outline is unknown
     known = np.array([i < outlined or r.label.endswith("_normal") for i, r in enumerate(parts["train"])])
     val = load_ct(parts["val"], size, workers=c["workers"], progress=progress)
+    load_seconds = time.perf_counter() - loading
     arch_args = {k: v for k, v in c["model"].items() if k != "name"}
     device = _device(c)
+    fmt = _memory_format(c)
     model = create_model(c["model"]["name"], **arch_args).to(device)
     defect_map = DefectMapHead(model, aux_weight).to(device)
+    model.to(memory_format=fmt)
+    defect_map.to(memory_format=fmt)
     opt = torch.optim.AdamW(
         list(model.parameters()) + list(defect_map.parameters()),
         lr=c["optimizer"]["lr"],
@@ -305,6 +345,7 @@ def train_ct(
     history, stopper = [], EarlyStopping(c["early_stopping"]["patience"], higher_is_better=True)
     fill = -CT_MEAN / CT_STD  # black after normalisation
     start = time.perf_counter()
+    scale = [None]  # the side this epoch's batches are scaled to (progressive resizing)
 
     def batch_loss(idx):
         x = torch.from_numpy(train.images[idx].astype(np.float32))
@@ -312,7 +353,7 @@ def train_ct(
             x = torch.cat([x, torch.from_numpy(train.masks[idx]).float()[:, None]], 1)
         x = augment(x, c["augment"], gen, fill=torch.tensor([fill, 0.0][: x.shape[1]]).view(1, -1, 1, 1))
         x[:, :1] = acquisition(x[:, :1], c["acquisition"], gen, CT_MEAN, CT_STD)  # the slice, not its defect mask
-        x = x.to(device)
+        x = scaled_down(x, scale[0], masks_from=1).to(device).contiguous(memory_format=fmt)
         loss = loss_fn(
             model(x[:, :1], torch.from_numpy(train.meta[idx]).to(device)),
             torch.from_numpy(train.labels[idx]).to(device),
@@ -322,6 +363,8 @@ def train_ct(
         )
 
     for epoch in range(int(c["epochs"])):
+        scale[0] = progressive_size(c, epoch)
+        looping = time.perf_counter()
         train_loss = _train_epoch(
             model,
             opt,
@@ -332,6 +375,7 @@ def train_ct(
             progress,
             3,
         )
+        evaluating = time.perf_counter()
         logits = ct_logits(model, val.images, val.meta)
         val_loss = float(loss_fn(torch.from_numpy(logits).to(device), torch.from_numpy(val.labels).to(device)))
         f1 = macro_f1(val.labels, logits.argmax(1), len(CT_CLASSES))
@@ -343,6 +387,10 @@ def train_ct(
             "val_macro_f1": f1,
             "val_accuracy": acc,
             "lr": opt.param_groups[0]["lr"],
+            "input_size": scale[0] or size,
+            "samples": steps * bs,
+            "loop_seconds": evaluating - looping,
+            "eval_seconds": time.perf_counter() - evaluating,
             "seconds": time.perf_counter() - start,
         }
         history.append(row)
@@ -362,9 +410,10 @@ def train_ct(
             break
     tb.close()
     defect_map.remove()
+    fitting = time.perf_counter()
     model.load_state_dict(stopper.best_state)
     best = stopper.best_value
-    model.cpu()
+    model.cpu().to(memory_format=torch.contiguous_format)
     logits = ct_logits(model, val.images, val.meta)
     temperature = fit_temperature(logits, val.labels)
     gate = fit_ct_gate(model, train, val, [BATTERY_TYPES.index(class_type(name)) for name in CT_CLASSES], c["ood"])
@@ -390,6 +439,8 @@ def train_ct(
         "ood": gate,
         "frame": frame,
         "val_macro_f1": best,
+        "load_seconds": load_seconds,
+        "fit_seconds": time.perf_counter() - fitting,
     }
     return _save_run(run, model, info, history, start, data, c)
 
@@ -422,8 +473,12 @@ def train_rgb(
     model = create_model(c["model"]["name"], **arch_args).to(device)
     if size % model.multiple:
         raise SystemExit(f"error: rgb input_size {size} must be a multiple of {model.multiple} for this autoencoder")
+    loading = time.perf_counter()
     train = load_rgb(train_recs, size, workers=c["workers"], progress=progress)
     val = load_rgb(val_recs, size, workers=c["workers"], progress=progress)
+    load_seconds = time.perf_counter() - loading
+    fmt = _memory_format(c)
+    model.to(memory_format=fmt)
     val_normal = val.images[~val.anomalous]
     opt = torch.optim.AdamW(model.parameters(), lr=c["optimizer"]["lr"], weight_decay=c["optimizer"]["weight_decay"])
     bs = int(c["batch_size"])
@@ -446,6 +501,7 @@ def train_rgb(
     start = time.perf_counter()
 
     def rgb_loss(clean: torch.Tensor, blemished: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        blemished = blemished.contiguous(memory_format=fmt)
         recon = model(blemished)
         loss = loss_fn(recon, clean)
         if segmenting:  # the head sees the reconstruction as it is, but does not train the autoencoder
@@ -470,7 +526,9 @@ def train_rgb(
             )
         )
     val_clean = val_clean.to(device)
+    steps = max(1, len(train.images) // bs)
     for epoch in range(int(c["epochs"])):
+        looping = time.perf_counter()
         train_loss = _train_epoch(
             model,
             opt,
@@ -481,6 +539,7 @@ def train_rgb(
             progress,
             4,
         )
+        evaluating = time.perf_counter()
         model.eval()
         with torch.no_grad():
             val_loss = float(np.mean([float(loss_fn(model(x), x)) for x in val_clean.split(32)]))
@@ -498,6 +557,9 @@ def train_rgb(
             "train_loss": train_loss,
             "val_loss": val_loss,
             "lr": opt.param_groups[0]["lr"],
+            "samples": steps * bs,
+            "loop_seconds": evaluating - looping,
+            "eval_seconds": time.perf_counter() - evaluating,
             "seconds": time.perf_counter() - start,
         }
         history.append(row)
@@ -516,8 +578,10 @@ def train_rgb(
                 print(f"early stop: no better val loss for {stopper.bad_epochs} epochs")
             break
     tb.close()
+    fitting = time.perf_counter()
     model.load_state_dict(stopper.best_state)
     best = stopper.best_value
+    model.to(memory_format=torch.contiguous_format)
     scorer.cpu().eval()  # wraps the model, now holding its best weights
     scores, _ = rgb_scores(scorer, val.images)
     gate = fit_rgb_gate(scorer, train.images, val.images, c["ood"])
@@ -554,6 +618,8 @@ def train_rgb(
         "ood": gate,
         "frame": frame,
         "val_loss": best,
+        "load_seconds": load_seconds,
+        "fit_seconds": time.perf_counter() - fitting,
     }
     return _save_run(run, model, info, history, start, data, c)
 
