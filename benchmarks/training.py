@@ -117,6 +117,8 @@ def bare_network(c: dict, network: str, seconds: float, memory_format: str | Non
 def real_loop(cfg: dict, network: str, data: Path, epochs: int, bare_rate: float) -> dict:
     """The preset's trainer for `epochs` epochs: where its time went."""
     c = cfg[network]
+    if (c.get("progressive") or {}).get("size"):  # the same share of epochs at the smaller size
+        c["progressive"]["epochs"] = min(epochs - 1, round(epochs * c["progressive"]["epochs"] / c["epochs"]))
     c["epochs"] = epochs
     c["early_stopping"]["patience"] = epochs + 1
     with tempfile.TemporaryDirectory() as run:

@@ -4,18 +4,24 @@ onnx RUN... --out DIR       export checkpoints to ONNX (opset 17, dynamic batch)
 repository --runs RUN...    write the Triton model repository for a runtime
 tensorrt REPOSITORY         build TensorRT engines for a --runtime tensorrt repository (on its GPU)
 serve                       train (quick preset) if no runs exist, build the repository if stale,
-                            start tritonserver in the foreground (what `make serve` runs)
+                            start tritonserver in the foreground (what `make serve` runs); on a
+                            first start, train the standard preset in the background and move to
+                            it through stage / compare / promote (python -m training.improve)
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import os
+import secrets
 import signal
+import subprocess
 import sys
 from pathlib import Path
 
 from core import interface as api
-from export.options import add_tuning_arguments, quality_line, resolve_runs, tuning_from
+from export.options import add_tuning_arguments, has_runs, quality_line, resolve_runs, tuning_from
 from export.release import read_state
 from export.spec import fit_to_cores
 from export.tensorrt import TensorRTUnavailable, build_repository_engines
@@ -58,6 +64,7 @@ def cmd_serve(args) -> int:
     from serving.watchdog import watch  # noqa: PLC0415 - tritonclient.http, see above
 
     access = Access.from_environment(args.tls_cert, args.tls_key)
+    improve = _improvement(args)
     runs = resolve_runs(args.runs)
     tuning = tuning_from(args)
     managed = _managed(args.repository)
@@ -76,7 +83,11 @@ def cmd_serve(args) -> int:
     if quality:
         print(quality)
     ports = Ports(args.http_port, args.grpc_port, args.metrics_port, args.front_metrics_port)
-    server = TritonServer(args.repository, ports, extra=access.arguments(), takt=args.takt)
+    served = access
+    if improve and not access.admin_key:  # the background improver stages through the administrative API
+        served = dataclasses.replace(access, admin_key=secrets.token_urlsafe(32))
+    server = TritonServer(args.repository, ports, extra=served.arguments(), takt=args.takt)
+    improver = None
     signal.signal(signal.SIGTERM, _interrupt)  # a process manager's stop: the same clean shutdown as Ctrl-C
     signal.signal(signal.SIGINT, _interrupt)
     print("starting tritonserver ...", flush=True)
@@ -94,6 +105,8 @@ def cmd_serve(args) -> int:
             "stop:  Ctrl-C",
             flush=True,
         )
+        if improve:
+            improver = _start_improver(args, ports.grpc, served.admin_key)
         return watch(server, args.watchdog, ports, args.start_timeout)
     except KeyboardInterrupt:
         print("\nstopping tritonserver ...", flush=True)
@@ -103,6 +116,45 @@ def cmd_serve(args) -> int:
         print(f"error: {e}", file=sys.stderr)
         server.stop()
         return 1
+    finally:
+        if improver is not None and improver.poll() is None:
+            print("stopping the background training (make serve starts it again)", flush=True)
+            os.killpg(improver.pid, signal.SIGTERM)
+
+
+def _improvement(args) -> bool:
+    """Train the standard preset in the background and move to it? On a first start: no runs given,
+    no standard runs yet, not turned off, and a server the improver can reach without TLS."""
+    if args.no_improve or args.runs or has_runs(Path("runs/standard")):
+        return False
+    if args.tls_cert:
+        print("not training the standard preset in the background: with TLS, run python -m training.improve yourself")
+        return False
+    return True
+
+
+def _start_improver(args, grpc_port: int, key: str) -> subprocess.Popen:
+    from serving.server import ADMIN_KEY_ENV  # noqa: PLC0415 - pytriton, see above
+
+    print(
+        "\nfirst start: the standard preset trains in the background (about an hour on 2 cores, at the lowest CPU "
+        "priority) and then replaces these models through stage / compare / promote (docs/lifecycle.md); "
+        "--no-improve turns this off\n",
+        flush=True,
+    )
+    return subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "training.improve",
+            "--url",
+            f"localhost:{grpc_port}",
+            "--repository",
+            str(args.repository),
+        ],
+        env=os.environ | {ADMIN_KEY_ENV: key},
+        start_new_session=True,  # its own process group: stopped with everything it started
+    )
 
 
 def _managed(repository: Path) -> dict | None:
@@ -238,6 +290,12 @@ def main(argv=None) -> int:
         "--tls-cert", type=Path, metavar="PEM", help="serve gRPC over TLS with this certificate (with --tls-key)"
     )
     s.add_argument("--tls-key", type=Path, metavar="PEM", help="the certificate's private key")
+    s.add_argument(
+        "--no-improve",
+        action="store_true",
+        help="on a first start (no runs given, runs/standard not trained), do not train the standard preset in "
+        "the background and move to it (python -m training.improve)",
+    )
     add_tuning_arguments(s)
     s.set_defaults(func=cmd_serve)
     args = p.parse_args(argv)

@@ -74,6 +74,7 @@ DEFAULTS = {
         "loss": {"ssim_weight": 0.5, "segment_weight": 1.0},
         "augment": {"hflip": True},
         "memory_format": "channels_last",
+        "progressive": {"size": None, "epochs": 0},  # as for ct; the size must be a multiple of the model's
         "acquisition": {"probability": 0.0},
         # Random blemishes painted on the input, clean image as the target (0: plain autoencoder).
         "anomalies": {"probability": 0.5, "max_blobs": 2, "radius": [0.03, 0.12]},

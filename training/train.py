@@ -64,6 +64,8 @@ def progressive_size(cfg: dict, epoch: int) -> int | None:
     """The side the batches of this (0-based) epoch are scaled down to, or None for input_size."""
     p = cfg.get("progressive") or {}
     size = p.get("size")
+    if size and int(p.get("epochs") or 0) >= int(cfg["epochs"]):
+        raise ValueError(f"progressive.epochs must leave at least one of the {cfg['epochs']} epochs at input_size")
     if not size or epoch >= int(p.get("epochs") or 0):
         return None
     if int(size) >= int(cfg["input_size"]):
@@ -397,7 +399,8 @@ def train_ct(
         for k in ("train_loss", "val_loss", "val_macro_f1", "val_accuracy", "lr"):
             if row[k] is not None:
                 tb.add_scalar(f"ct/{k}", row[k], epoch + 1)
-        improved = stopper.improved(f1, model)
+        # the kept model is one trained at the size it serves at (progressive epochs are not candidates)
+        improved = scale[0] is None and stopper.improved(f1, model)
         if progress:
             print(
                 f"ct epoch {epoch + 1:>3}: train loss {row['train_loss']:.4f}  val loss {val_loss:.4f}  "
@@ -473,6 +476,8 @@ def train_rgb(
     model = create_model(c["model"]["name"], **arch_args).to(device)
     if size % model.multiple:
         raise SystemExit(f"error: rgb input_size {size} must be a multiple of {model.multiple} for this autoencoder")
+    if (progressive_size(c, 0) or size) % model.multiple:
+        raise SystemExit(f"error: rgb progressive.size must be a multiple of {model.multiple} for this autoencoder")
     loading = time.perf_counter()
     train = load_rgb(train_recs, size, workers=c["workers"], progress=progress)
     val = load_rgb(val_recs, size, workers=c["workers"], progress=progress)
@@ -512,6 +517,7 @@ def train_rgb(
         x = acquisition(
             augment(torch.from_numpy(train.images[idx].astype(np.float32)), c["augment"], gen), c["acquisition"], gen
         )
+        x = scaled_down(x, scale[0])
         blemished, mask = synthetic_anomalies(x, c["anomalies"], gen, with_mask=True)  # denoising: clean target
         return rgb_loss(x.to(device), blemished.to(device), mask.to(device))
 
@@ -527,7 +533,9 @@ def train_rgb(
         )
     val_clean = val_clean.to(device)
     steps = max(1, len(train.images) // bs)
+    scale = [None]  # the side this epoch's photos are scaled to (progressive resizing)
     for epoch in range(int(c["epochs"])):
+        scale[0] = progressive_size(c, epoch)
         looping = time.perf_counter()
         train_loss = _train_epoch(
             model,
@@ -557,6 +565,7 @@ def train_rgb(
             "train_loss": train_loss,
             "val_loss": val_loss,
             "lr": opt.param_groups[0]["lr"],
+            "input_size": scale[0] or size,
             "samples": steps * bs,
             "loop_seconds": evaluating - looping,
             "eval_seconds": time.perf_counter() - evaluating,
@@ -566,7 +575,7 @@ def train_rgb(
         for k in ("train_loss", "val_loss", "lr"):
             if row[k] is not None:
                 tb.add_scalar(f"rgb/{k}", row[k], epoch + 1)
-        improved = stopper.improved(val_loss, model)
+        improved = scale[0] is None and stopper.improved(val_loss, model)
         if progress:
             print(
                 f"rgb epoch {epoch + 1:>3}: train loss {row['train_loss']:.5f}  val loss "

@@ -381,3 +381,57 @@ def test_the_server_restarts_from_every_state_the_lifecycle_leaves_and_after_a_c
         assert restarted() == 1
     finally:
         server.stop()
+
+
+def test_a_first_start_moves_itself_to_the_better_models_through_stage_compare_and_promote(line, tmp_path):
+    """`python -m training.improve` (what a first `make serve` starts in the background once its
+    quick models serve): with the better runs trained, it stages them, compares them with the release
+    in service on fresh labelled data, and promotes them because the rule allows it; the line then
+    answers with the new release and the audit trail says who did it. Against a release the rule
+    refuses it stops with the release staged and the line unchanged."""
+    repo = tmp_path / "model_repository"
+    build_repository([line["runs"]["shuffled"], line["runs"]["rgb"]], "python-ort", repo, progress=lambda *_: None)
+    server = TritonServer(
+        repo, Ports(*free_ports(3)), log_path=tmp_path / "tritonserver.log", extra=Access(admin_key=KEY).arguments()
+    )
+    better = tmp_path / "runs" / "standard"  # a trained preset folder: ct/, rgb/ and summary.json
+    better.mkdir(parents=True)
+    (better / "ct").symlink_to(line["runs"]["good"])
+    (better / "rgb").symlink_to(line["runs"]["rgb"])
+    (better / "summary.json").write_text(json.dumps({"preset": "standard", "results": {}}))
+
+    def improve(runs: Path) -> subprocess.CompletedProcess:
+        cmd = [sys.executable, "-m", "training.improve", "--runs", str(runs), "--url", server.grpc_url]
+        cmd += ["--repository", str(repo), "--test-data", str(line["data"]), "--rule", str(_small_rule(tmp_path))]
+        cmd += ["--nice", "0"]
+        return subprocess.run(
+            cmd, capture_output=True, text=True, timeout=600, env=os.environ | {"TRITON_ADMIN_KEY": KEY}
+        )
+
+    server.start(timeout=180)
+    try:
+        assert _release_answering(server.grpc_url, line["cells"][0]) == 1
+        done = improve(better)
+        log = (better / "improve.log").read_text()
+        assert done.returncode == 0, done.stdout + log[-3000:]
+        assert "trained already" in done.stdout and "in service now" in done.stdout
+        assert [s for s in ("$ python -m client models stage", "compare", "promote") if s not in log] == []
+        state = read_state(repo)
+        assert state["serving"] == 2 and state.get("staged") is None
+        assert _release_answering(server.grpc_url, line["cells"][0]) == 2
+        entries = [json.loads(x) for x in (repo / "audit.jsonl").read_text().splitlines()]
+        assert [e["action"] for e in entries] == ["stage", "compare", "promote"]
+        assert {e["by"] for e in entries} == {"first start"}
+
+        worse = tmp_path / "runs" / "worse"  # the shuffled classifier against the good one now in service
+        worse.mkdir()
+        (worse / "ct").symlink_to(line["runs"]["shuffled"])
+        (worse / "rgb").symlink_to(line["runs"]["rgb"])
+        (worse / "summary.json").write_text(json.dumps({"preset": "standard", "results": {}}))
+        done = improve(worse)
+        assert done.returncode == 1 and "refused" in done.stdout, done.stdout
+        state = read_state(repo)
+        assert state["serving"] == 2 and state["staged"] == 3
+        assert _release_answering(server.grpc_url, line["cells"][0]) == 2
+    finally:
+        server.stop()

@@ -32,7 +32,7 @@ from training.models.autoencoder import AnomalyScorer, scorer_from
 from training.preset import merge_summary
 from training.synth.plan import SynthConfig
 from training.synth.writer import generate
-from training.train import EarlyStopping
+from training.train import EarlyStopping, progressive_size, scaled_down
 
 CT_MODELS = [
     "resnet18_late_fusion",
@@ -445,3 +445,21 @@ def test_preset_runs_of_one_model_keep_the_other_models_numbers():
         "train_rgb_s": 700.0,
         "evaluate_rgb_s": 20.0,
     }
+
+
+def test_progressive_resizing_scales_the_first_epochs_and_keeps_a_one_pixel_void_in_the_mask():
+    cfg = {"input_size": 160, "epochs": 26, "progressive": {"size": 128, "epochs": 13}}
+    assert [progressive_size(cfg, e) for e in (0, 12, 13, 25)] == [128, 128, None, None]
+    assert progressive_size({"input_size": 160, "epochs": 5}, 0) is None  # not configured
+    with pytest.raises(ValueError, match="smaller than input_size"):
+        progressive_size(cfg | {"progressive": {"size": 160, "epochs": 2}}, 0)
+    with pytest.raises(ValueError, match="at least one"):
+        progressive_size(cfg | {"progressive": {"size": 128, "epochs": 26}}, 0)
+    x = torch.zeros(2, 2, 160, 160)
+    x[:, 0] = torch.linspace(0, 1, 160)  # a ramp: antialiased scaling keeps its range
+    x[1, 1, 77, 91] = 1.0  # a void of one pixel in the second image's defect mask
+    y = scaled_down(x, 128, masks_from=1)
+    assert y.shape == (2, 2, 128, 128)
+    assert float(y[:, 0].min()) >= 0.0 and float(y[:, 0].max()) <= 1.0
+    assert float(y[0, 1].max()) == 0.0 and float(y[1, 1].max()) == 1.0 and float(y[1, 1].sum()) >= 1.0
+    assert scaled_down(x, None) is x
