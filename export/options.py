@@ -111,8 +111,9 @@ def quality_line(runs: list[Path]) -> str | None:
         )
         if s.get("preset") == "quick":
             line += (
-                "\n  these are demonstration models, not good enough to inspect cells: "
-                "train the standard preset (make train-standard, about 1 h 45 min on 2 cores) and serve it"
+                "\n  these are demonstration models, not good enough to inspect cells: a first start trains the "
+                "standard preset in the background and moves to it (about an hour on 2 cores; make train-standard "
+                "does it by hand)"
             )
         return line
     return None

@@ -59,6 +59,8 @@ DEFAULTS = {
         "ood": {"quantile": 0.995, "margin": 1.2, "folds": 5, "spread": "held-out"},
         "seed": 0,
         "split_seed": 0,
+        # train / val / test shares of the batteries (the presets judge on a fresh set generated apart)
+        "split": [0.7, 0.1, 0.2],
         "threads": None,
         "workers": None,
         "device": "auto",
@@ -87,6 +89,8 @@ DEFAULTS = {
         "ood": {"quantile": 0.995, "margin": 1.2, "folds": 5, "spread": "training"},
         "seed": 0,
         "split_seed": 0,
+        # train / val / test shares of the batteries (the presets judge on a fresh set generated apart)
+        "split": [0.7, 0.1, 0.2],
         "threads": None,
         "workers": None,
         "device": "auto",

@@ -33,9 +33,10 @@ from sklearn.metrics import roc_auc_score  # noqa: E402
 from core.aihub import scan  # noqa: E402
 from core.labels import CT_CLASSES, CT_DEFECT_CLASSES  # noqa: E402
 from training.checkpoint import load_checkpoint  # noqa: E402
-from training.data.split import read_split, split_dataset  # noqa: E402
+from training.data.split import DEFAULT_FRACTIONS, read_split, split_dataset  # noqa: E402
 from training.datasets import defect_masks, load_ct, load_rgb  # noqa: E402
 from training.metrics import (  # noqa: E402
+    battery_interval,
     binary_ap,
     binary_auc,
     confusion_matrix,
@@ -61,7 +62,9 @@ def _select(ds, run: Path, info: dict, data: Path, split: str, splits: Path | No
     elif Path(info.get("data", "")).resolve() == data.resolve() and (run / "split").exists():
         assignment = read_split(run / "split")  # the very split the run trained with
     else:
-        assignment = split_dataset(ds, seed=info["config"]["split_seed"])
+        assignment = split_dataset(
+            ds, tuple(info["config"].get("split", DEFAULT_FRACTIONS)), seed=info["config"]["split_seed"]
+        )
     return lambda key: assignment.get(key) == split
 
 
@@ -124,6 +127,9 @@ def evaluate_ct(model, info: dict, records, out_png: Path, progress: bool = True
         "temperature": info["temperature"],
         "ece_before_temperature": expected_calibration_error(raw, y),
         "ece_after_temperature": expected_calibration_error(cal, y),
+        "ece_after_temperature_ci95": battery_interval(
+            lambda ix: expected_calibration_error(cal[ix], y[ix]), [r.battery_key for r in records]
+        ),
         "nll_before_temperature": float(-np.log(raw[np.arange(len(y)), y] + 1e-12).mean()),
         "nll_after_temperature": float(-np.log(cal[np.arange(len(y)), y] + 1e-12).mean()),
         "binary_defect": _binary(is_defect, np.isin(pred, DEFECT_IDX), cal[:, DEFECT_IDX].sum(axis=1)),
@@ -188,6 +194,9 @@ def evaluate_rgb(model, info: dict, records, out_png: Path, progress: bool = Tru
         "photos": int(len(labels)),
         "anomalous": int(labels.sum()),
         "image_roc_auc": binary_auc(labels, scores),
+        "image_roc_auc_ci95": battery_interval(
+            lambda ix: binary_auc(labels[ix], scores[ix]), [r.battery_key for r in records]
+        ),
         "image_pr_auc": binary_ap(labels, scores),
         "pixel_roc_auc": float(roc_auc_score(masks.ravel(), maps.ravel())) if masks.any() and not masks.all() else None,
         "threshold_in_checkpoint": {"value": info["threshold"], "method": info["threshold_method"]},
@@ -252,6 +261,10 @@ def evaluate(run: Path, data: Path, split: str = "test", splits: Path | None = N
     return result
 
 
+def _interval(ci) -> str:
+    return f" (95% {ci[0]:.3f}-{ci[1]:.3f})" if ci else ""
+
+
 def summary(result: dict) -> str:
     if result["kind"] == "ct_classifier":
         lines = [
@@ -264,8 +277,8 @@ def summary(result: dict) -> str:
             lines.append(f"  {name:<22} {m['precision']:>9.3f} {m['recall']:>7.3f} {m['f1']:>7.3f} {m['support']:>8}")
         b = result["binary_defect"]
         lines += [
-            f"  ECE {result['ece_before_temperature']:.4f} -> {result['ece_after_temperature']:.4f} after "
-            f"temperature {result['temperature']:.3f}",
+            f"  ECE {result['ece_before_temperature']:.4f} -> {result['ece_after_temperature']:.4f}"
+            f"{_interval(result.get('ece_after_temperature_ci95'))} after temperature {result['temperature']:.3f}",
             f"  defect vs normal: F1 {b['f1']:.4f}  recall {b['recall']:.4f}  precision {b['precision']:.4f}  "
             f"ROC-AUC {b['roc_auc'] or float('nan'):.4f}",
             f"  {result['slices_of_defective_batteries_showing_no_defect']} slices of defective batteries show no "
@@ -286,7 +299,8 @@ def summary(result: dict) -> str:
     t = result["thresholds_applied"]
     lines = [
         f"RGB {result['split']}: {result['photos']} photos ({result['anomalous']} defective)  image ROC-AUC "
-        f"{result['image_roc_auc'] or float('nan'):.4f}  PR-AUC {result['image_pr_auc'] or float('nan'):.4f}  "
+        f"{result['image_roc_auc'] or float('nan'):.4f}{_interval(result.get('image_roc_auc_ci95'))}  "
+        f"PR-AUC {result['image_pr_auc'] or float('nan'):.4f}  "
         f"pixel AUROC {result['pixel_roc_auc'] or float('nan'):.4f}",
         f"  reconstruction MSE {result['reconstruction_mse_normal']:.5f} vs flat mean colour "
         f"{result['flat_mean_colour_mse_normal']:.5f}",

@@ -47,6 +47,28 @@ def macro_f1_interval(
     return float(low), float(high)
 
 
+def battery_interval(
+    statistic, groups, resamples: int = 1000, level: float = 0.95, seed: int = 0
+) -> tuple[float, float] | None:
+    """The same percentile bootstrap over whole groups (batteries) for any `statistic(indices)`;
+    resamples where it is undefined (None or NaN: one class only, say) are skipped."""
+    groups = np.asarray(groups)
+    members = [np.flatnonzero(groups == g) for g in np.unique(groups)]
+    if not members:
+        return None
+    rng = np.random.default_rng(seed)
+    values = []
+    for _ in range(resamples):
+        v = statistic(np.concatenate([members[i] for i in rng.integers(0, len(members), len(members))]))
+        if v is not None and np.isfinite(v):
+            values.append(v)
+    if not values:
+        return None
+    tail = (1 - level) / 2 * 100
+    low, high = np.percentile(values, [tail, 100 - tail])
+    return float(low), float(high)
+
+
 def softmax(logits: np.ndarray, temperature: float = 1.0) -> np.ndarray:
     z = logits / temperature
     z = z - z.max(axis=1, keepdims=True)

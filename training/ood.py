@@ -47,7 +47,7 @@ from core.decode import ImageError
 from core.labels import BATTERY_TYPES, CT_CLASSES, class_type
 from core.preprocess import check_frame, encoded_rgb_input, fit_frame
 from training.checkpoint import load_checkpoint, save_checkpoint
-from training.data.split import read_split, split_dataset
+from training.data.split import DEFAULT_FRACTIONS, read_split, split_dataset
 from training.datasets import load_ct, load_rgb
 from training.models.autoencoder import scorer_from
 
@@ -412,7 +412,13 @@ def recalibrate(run: Path, data: Path | None = None, progress: bool = True) -> d
     ds = scan(data, progress=progress)
     same = Path(info.get("data", "")).resolve() == data.resolve() and (run / "split").exists()
     assignment = (
-        read_split(run / "split") if same else split_dataset(ds, seed=info.get("config", {}).get("split_seed", 0))
+        read_split(run / "split")
+        if same
+        else split_dataset(
+            ds,
+            tuple(info.get("config", {}).get("split", DEFAULT_FRACTIONS)),
+            seed=info.get("config", {}).get("split_seed", 0),
+        )
     )
     cfg = info.get("config", {}).get("ood") or {}
     if info["kind"] == "ct_classifier":

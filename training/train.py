@@ -31,7 +31,7 @@ from training.augment import acquisition, augment, synthetic_anomalies
 from training.checkpoint import save_checkpoint
 from training.config import load_config
 from training.data.reviewed import ReviewedExamples, reviewed_examples
-from training.data.split import read_split, split_dataset, write_split
+from training.data.split import DEFAULT_FRACTIONS, read_split, split_dataset, write_split
 from training.datasets import load_ct, load_rgb
 from training.losses import FocalLoss, ReconstructionLoss, binary_focal_loss
 from training.metrics import f1_optimal_threshold, fit_temperature, macro_f1, roc_optimal_threshold
@@ -168,9 +168,11 @@ def _save_run(
     return info
 
 
-def resolve_split(ds: Dataset, run: Path, splits: Path | None, seed: int) -> dict[str, str]:
-    assignment = read_split(splits) if splits else split_dataset(ds, seed=seed)
-    write_split(assignment, run / "split", seed=seed)
+def resolve_split(
+    ds: Dataset, run: Path, splits: Path | None, seed: int, fractions=DEFAULT_FRACTIONS
+) -> dict[str, str]:
+    assignment = read_split(splits) if splits else split_dataset(ds, tuple(fractions), seed=seed)
+    write_split(assignment, run / "split", seed=seed, fractions=tuple(fractions))
     return assignment
 
 
@@ -302,7 +304,7 @@ def train_ct(
     gen = seed_everything(c["seed"])
     _threads(c)
     ds = scan(data, progress=progress)
-    assignment = resolve_split(ds, run, splits, c["split_seed"])
+    assignment = resolve_split(ds, run, splits, c["split_seed"], c["split"])
     parts = {name: [r for r in ds.ct if assignment.get(r.battery_key) == name] for name in ("train", "val")}
     if not parts["train"] or not parts["val"]:
         raise SystemExit(
@@ -460,7 +462,7 @@ def train_rgb(
     gen = seed_everything(c["seed"])
     _threads(c)
     ds = scan(data, progress=progress)
-    assignment = resolve_split(ds, run, splits, c["split_seed"])
+    assignment = resolve_split(ds, run, splits, c["split_seed"], c["split"])
     train_recs = [r for r in ds.rgb if assignment.get(r.battery_key) == "train" and r.is_normal]  # normal only
     # photos reviewed as false alarms: normal photos of the line
     train_recs += _reviewed(reviewed, run, progress, int(c["reviewed_repeat"])).rgb * int(c["reviewed_repeat"])

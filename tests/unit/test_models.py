@@ -17,6 +17,8 @@ from training.checkpoint import load_checkpoint, save_checkpoint
 from training.config import load_config
 from training.losses import FocalLoss, ReconstructionLoss, binary_focal_loss, ssim
 from training.metrics import (
+    battery_interval,
+    binary_auc,
     confusion_matrix,
     expected_calibration_error,
     f1_optimal_threshold,
@@ -241,6 +243,17 @@ def test_macro_f1_interval_resamples_whole_batteries():
     assert low < macro_f1(y, wrong, 2) < high == 1.0  # samples without battery 2 are perfect
     one = macro_f1_interval(y, wrong, np.zeros(8), 2)  # one battery: every resample is the set itself
     assert one == (macro_f1(y, wrong, 2),) * 2
+
+
+def test_battery_interval_bootstraps_any_statistic_over_whole_batteries():
+    labels = np.array([0, 1, 0, 1, 0, 1, 0, 1], bool)
+    scores = np.array([0.1, 0.9, 0.2, 0.8, 0.3, 0.7, 0.9, 0.1])  # battery 3 is ranked the wrong way round
+    batteries = np.arange(8) // 2
+    low, high = battery_interval(lambda ix: binary_auc(labels[ix], scores[ix]), batteries)
+    assert low < binary_auc(labels, scores) < high == 1.0
+    assert battery_interval(lambda ix: binary_auc(labels[ix], labels[ix] * 1.0), batteries) == (1.0, 1.0)
+    assert battery_interval(lambda ix: None, batteries) is None  # undefined on every resample
+    assert battery_interval(lambda ix: 1.0, []) is None
 
 
 def test_confusion_precision_recall_f1_by_hand():
