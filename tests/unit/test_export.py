@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import itertools
 import json
 import re
@@ -650,3 +651,24 @@ def test_every_subset_of_an_ensembles_outputs_keeps_the_steps_it_needs_under_tri
     verdict_step.ClearField("input_map")
     verdict_step.input_map.update({api.internal(api.RGB_SCORE): api.RGB_SCORE, api.internal(api.RGB_OOD): api.RGB_OOD})
     assert _stranded(old, {api.RGB_SCORE}) == [api.RGB_SCORE]  # the failure tritonserver showed
+
+
+def test_serve_improves_in_the_background_only_on_a_first_start(tmp_path, monkeypatch, capsys):
+    """`make serve` trains the standard preset in the background when it serves the default runs and
+    runs/standard is not trained; never with runs given, when turned off, or with TLS."""
+    from export.__main__ import _improvement  # noqa: PLC0415
+
+    monkeypatch.chdir(tmp_path)
+
+    def args(**given):
+        return argparse.Namespace(**({"no_improve": False, "runs": None, "tls_cert": None} | given))
+
+    assert _improvement(args()) is True
+    assert _improvement(args(no_improve=True)) is False
+    assert _improvement(args(runs=[Path("runs/mine")])) is False
+    assert _improvement(args(tls_cert=Path("cert.pem"))) is False
+    assert "with TLS, run python -m training.improve yourself" in capsys.readouterr().out
+    for model in ("ct", "rgb"):
+        (tmp_path / "runs" / "standard" / model).mkdir(parents=True)
+        (tmp_path / "runs" / "standard" / model / "checkpoint.pt").write_bytes(b"")
+    assert _improvement(args()) is False  # the standard preset is trained: serve it
