@@ -20,15 +20,18 @@ The administrative key is taken from $TRITON_ADMIN_KEY (`make serve` hands its o
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-from export.options import has_runs
-
 LOG = "improve.log"
+
+
+def has_runs(folder: Path) -> bool:
+    return (folder / "ct" / "checkpoint.pt").exists() and (folder / "rgb" / "checkpoint.pt").exists()
 
 
 class Improver:
@@ -87,9 +90,15 @@ class Improver:
 
 
 def _quality(runs: Path) -> str:
-    from export.options import quality_line  # noqa: PLC0415 - the same line serve prints
-
-    return (quality_line([runs]) or "no figures").split("\n")[0]
+    """What the preset's summary.json says its models reach on fresh test data."""
+    try:
+        results = json.loads((runs / "summary.json").read_text())["results"]
+        return (
+            f"CT macro-F1 {results['ct']['macro_f1']:.2f}, RGB image AUROC {results['rgb']['image_roc_auc']:.2f} "
+            "on fresh test data"
+        )
+    except (OSError, ValueError, KeyError, TypeError):
+        return "no figures in its summary.json"
 
 
 def main(argv=None) -> int:
