@@ -76,8 +76,10 @@ def test_a_killed_backend_process_is_found_by_the_probe_and_serve_restarts_the_s
         str(metrics),
         "--front-metrics-port",
         str(front_metrics),
+        # two failed probes 8 s apart restart the server: time enough for the checks below to see the
+        # broken model first, even on a loaded machine (at 4 s the restart could come before the CLI probe)
         "--watchdog",
-        "4",
+        "8",
     ]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     lines: list[str] = []
