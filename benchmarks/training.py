@@ -149,6 +149,32 @@ def real_loop(cfg: dict, network: str, data: Path, epochs: int, bare_rate: float
     }
 
 
+def measure_preset(args, preset: str, cfg: dict, data: Path | None, sgemm: float, out: dict) -> None:
+    """Each network of one preset: bare in its layout and the plain one, then (with data) the real loop."""
+    for network in NETWORKS:
+        c = cfg[network]
+        row = out[network] = {"bare": {}}
+        for fmt in dict.fromkeys([c["memory_format"], "contiguous"]):
+            bare = bare_network(c, network, args.seconds, fmt)
+            bare["vs_sgemm"] = bare["gflops"] / sgemm
+            row["bare"][fmt] = bare
+            print(
+                f"  {preset} {network} bare ({fmt}, batch {bare['batch']}, {bare['input_size']} px): "
+                f"{bare['samples_per_s']:.1f} samples/s, {bare['gflop_per_sample']:.2f} GFLOP each, "
+                f"{bare['gflops']:.1f} GFLOP/s = {bare['vs_sgemm']:.2f} of SGEMM"
+            )
+        if data is not None:
+            rate = row["bare"][c["memory_format"]]["samples_per_s"]
+            loop = row["loop"] = real_loop(load_config(preset) | {network: c}, network, data, args.epochs, rate)
+            s = loop["seconds"]
+            print(
+                f"  {preset} {network} real loop: {loop['samples_per_s']:.1f} samples/s; of {s['total']:.0f} s, "
+                f"network {s['network_arithmetic']:.0f} s ({loop['network_share']:.0%}), rest of the loop "
+                f"{s['rest_of_loop']:.0f} s, validation {s['validation']:.0f} s, fitting "
+                f"{s['fitting_after_training']:.0f} s (reading once: {s['reading_and_preprocessing_once']:.0f} s)"
+            )
+
+
 def run(args) -> Path:
     folder = results_folder(args, "training")
     torch.set_num_threads(args.threads)
@@ -168,33 +194,13 @@ def run(args) -> Path:
         for network in NETWORKS:
             cfg[network]["threads"] = args.threads
         out = results["presets"][preset] = {}
-        data = None
-        if not args.skip_loop:
-            data = Path(tempfile.mkdtemp(prefix=f"train-bench-{preset}-", dir=folder))
-            print(f"{preset}: generating {args.batteries} batteries with the preset's data configuration")
-            generate(data, synth_config(cfg["data"], cfg["data"]["seed"], args.batteries))
-        for network in NETWORKS:
-            c = cfg[network]
-            row = out[network] = {"bare": {}}
-            for fmt in dict.fromkeys([c["memory_format"], "contiguous"]):
-                bare = bare_network(c, network, args.seconds, fmt)
-                bare["vs_sgemm"] = bare["gflops"] / sgemm
-                row["bare"][fmt] = bare
-                print(
-                    f"  {preset} {network} bare ({fmt}, batch {bare['batch']}, {bare['input_size']} px): "
-                    f"{bare['samples_per_s']:.1f} samples/s, {bare['gflop_per_sample']:.2f} GFLOP each, "
-                    f"{bare['gflops']:.1f} GFLOP/s = {bare['vs_sgemm']:.2f} of SGEMM"
-                )
-            if data is not None:
-                rate = row["bare"][c["memory_format"]]["samples_per_s"]
-                loop = row["loop"] = real_loop(load_config(preset) | {network: c}, network, data, args.epochs, rate)
-                s = loop["seconds"]
-                print(
-                    f"  {preset} {network} real loop: {loop['samples_per_s']:.1f} samples/s; of {s['total']:.0f} s, "
-                    f"network {s['network_arithmetic']:.0f} s ({loop['network_share']:.0%}), rest of the loop "
-                    f"{s['rest_of_loop']:.0f} s, validation {s['validation']:.0f} s, fitting "
-                    f"{s['fitting_after_training']:.0f} s (reading once: {s['reading_and_preprocessing_once']:.0f} s)"
-                )
+        with tempfile.TemporaryDirectory(prefix=f"train-bench-{preset}-") as tmp:
+            data = None
+            if not args.skip_loop:
+                data = Path(tmp)
+                print(f"{preset}: generating {args.batteries} batteries with the preset's data configuration")
+                generate(data, synth_config(cfg["data"], cfg["data"]["seed"], args.batteries))
+            measure_preset(args, preset, cfg, data, sgemm, out)
     (folder / "results.json").write_text(json.dumps(results, indent=1) + "\n")
     (folder / "summary.md").write_text(markdown(results) + "\n")
     print(markdown(results))

@@ -489,7 +489,8 @@ def train_rgb(
     val_normal = val.images[~val.anomalous]
     opt = torch.optim.AdamW(model.parameters(), lr=c["optimizer"]["lr"], weight_decay=c["optimizer"]["weight_decay"])
     bs = int(c["batch_size"])
-    sched = _scheduler(opt, c, max(1, len(train.images) // bs))
+    steps = max(1, len(train.images) // bs)
+    sched = _scheduler(opt, c, steps)
     loss_fn = ReconstructionLoss(c["loss"]["ssim_weight"])
     segmenting = getattr(model, "segmenter", None) is not None
     seg_weight = float(c["loss"]["segment_weight"]) if segmenting else 0.0
@@ -534,7 +535,6 @@ def train_rgb(
             )
         )
     val_clean = val_clean.to(device)
-    steps = max(1, len(train.images) // bs)
     scale = [None]  # the side this epoch's photos are scaled to (progressive resizing)
     for epoch in range(int(c["epochs"])):
         scale[0] = progressive_size(c, epoch)
