@@ -1,4 +1,8 @@
 """python -m benchmarks ood [--runs runs/quick] [--data TEST_DATA]
+   python -m benchmarks ood --fresh [--seeds S,S,...] [--sizes 256:480x270,...]
+
+With --fresh: false refusals of good cells generated fresh (new seeds, the generator's
+default configuration and the preset's, several sizes), by subgroup (benchmarks/fresh.py).
 
 Does the out-of-distribution gate refuse what is not an inspectable cell, and only that?
 
@@ -61,6 +65,12 @@ from pydicom.data import get_testdata_file
 from scipy import ndimage
 from tqdm import tqdm
 
+from benchmarks.fresh import OVERALL_TARGET as FRESH_OVERALL
+from benchmarks.fresh import SEEDS as FRESH_SEEDS
+from benchmarks.fresh import SIZES as FRESH_SIZES
+from benchmarks.fresh import SUBGROUP_TARGET as FRESH_SUBGROUP
+from benchmarks.fresh import evaluate_fresh, fresh_sets, parse_sizes
+from benchmarks.fresh import markdown as fresh_markdown
 from client.dataset import pair_cells
 from core.decode import decode_ct
 from core.preprocess import find_battery_ct, find_object_rgb
@@ -660,6 +670,37 @@ def write_results(out: Path, name: str, result: dict, text: str) -> None:
     print(f"wrote {stem}.json and .md")
 
 
+def main_fresh(p: argparse.ArgumentParser, args) -> int:
+    runs = args.runs or _default_runs_and_data()[0]
+    preset = args.preset or _preset_of(runs)
+    try:
+        seeds = [int(x) for x in args.seeds.split(",")]
+        sizes = parse_sizes(args.sizes)
+    except ValueError as e:
+        p.error(str(e))
+    print(f"fresh cells: seeds {', '.join(map(str, seeds))}; the generator's default configuration and {preset}'s")
+    sets = fresh_sets(args.out / "ood-fresh", preset, seeds, sizes, args.fresh_batteries, progress=not args.quiet)
+    result = evaluate_fresh(runs, sets, progress=not args.quiet)
+    text = fresh_markdown(result)
+    print("\n" + text)
+    print(
+        f"\n{'all targets met' if result['met'] else 'TARGET MISSED'}: <= {FRESH_OVERALL:.0%} of the cells refused, "
+        f"<= {FRESH_SUBGROUP:.0%} in every subgroup"
+    )
+    write_results(args.out, "ood-fresh", result, text)
+    return 0 if result["met"] else 1
+
+
+def _preset_of(runs) -> str:
+    """The preset a run folder was trained with (its summary.json), else quick."""
+    for r in runs:
+        for folder in (Path(r), Path(r).parent):
+            summary = folder / "summary.json"
+            if summary.exists():
+                return json.loads(summary.read_text()).get("preset", "quick")
+    return "quick"
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(
         prog="python -m benchmarks ood", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -672,7 +713,31 @@ def main(argv=None) -> int:
         help="batteries of fresh cells at sizes training never had (CT 512 and 4000 px, photos 960 x 540 and "
         "1920 x 1080), generated once into OUT/ood-sizes; 0 skips them (default 8: 48 cells each)",
     )
+    fresh = p.add_argument_group(
+        "fresh cells (--fresh)",
+        "false refusals of good cells the design never saw, by subgroup (benchmarks/fresh.py); this replaces the "
+        "default measurement",
+    )
+    fresh.add_argument("--fresh", action="store_true", help="measure false refusals on freshly generated cells")
+    fresh.add_argument(
+        "--seeds",
+        default=",".join(map(str, FRESH_SEEDS)),
+        help="generator seeds, comma-separated (default %(default)s: used nowhere else)",
+    )
+    fresh.add_argument(
+        "--sizes",
+        default=",".join(f"{c}:{w}x{h}" for c, (w, h) in FRESH_SIZES),
+        help="CT_SIDE:WIDTHxHEIGHT pairs (default %(default)s)",
+    )
+    fresh.add_argument(
+        "--fresh-batteries", type=int, default=8, help="batteries per seed, size and configuration (default 8)"
+    )
+    fresh.add_argument(
+        "--preset", help="the preset whose configuration the second half of the sets has (default: the runs')"
+    )
     args = p.parse_args(argv)
+    if args.fresh:
+        return main_fresh(p, args)
     runs, data, inputs = test_set(p, args)
     sizes = (
         other_size_sets(args.out / "ood-sizes", args.size_batteries, progress=not args.quiet)

@@ -224,23 +224,35 @@ FRAME_WORDS = {
 # facts that move in steps widen their range by at least one step: `edge` counts the box's sides on
 # the border in quarters, so one more side than training ever had is no more unusual than the others
 FRAME_STEPS = {"edge": 0.25}
+# each fact's spread over the training images, kept with the frame: its 1st percentile, median and
+# 99th percentile (the units the gate's calibration measures a placement in, training/conformal.py)
+SPREAD_QUANTILES = (0.01, 0.5, 0.99)
 
 
 def fit_frame(facts: list[dict[str, float] | None], margin: float = 0.25) -> dict:
     """The range of each search fact over images of the training data, widened on each side by
     `margin` of its width (at least one step for a fact that moves in steps): what the
-    preprocessing accepts as a battery placed as the model knows it. Stored with the model
-    (`frame` in the checkpoint and the serving facts)."""
+    preprocessing accepts as a battery placed as the model knows it, until the gate's calibration
+    (training/conformal.py) sets the ranges from held-out images. Also each fact's `spread` (1st
+    percentile, median, 99th percentile). Stored with the model (`frame` in the checkpoint and the
+    serving facts)."""
     seen = [f for f in facts if f is not None]
     if not seen:
         raise ValueError("no image of the training data had a battery found in it")
-    ranges = {}
+    ranges, spread = {}, {}
     for name in FRAME_FACTS:
         v = np.array([f[name] for f in seen], np.float64)
         lo, hi = float(v.min()), float(v.max())
         pad = max(margin * max(hi - lo, 1e-3), FRAME_STEPS.get(name, 0.0))
         ranges[name] = [lo - pad, hi + pad]
-    return {"ranges": ranges, "margin": margin, "fitted_on": len(seen), "missed": len(facts) - len(seen)}
+        spread[name] = [float(q) for q in np.quantile(v, SPREAD_QUANTILES)]
+    return {
+        "ranges": ranges,
+        "margin": margin,
+        "spread": spread,
+        "fitted_on": len(seen),
+        "missed": len(facts) - len(seen),
+    }
 
 
 def check_frame(facts: dict[str, float] | None, frame: dict | None, what: str) -> None:

@@ -1,7 +1,8 @@
 """Training configuration: defaults here, overridden by a YAML file (training/configs/NAME.yaml).
 
-A preset file has up to three sections: `data` (the synthetic set it is meant for), `ct`
-and `rgb`. Unknown keys are errors, so a typo never silently trains the default.
+A preset file has up to four sections: `data` (the synthetic set it is meant for), `ct`,
+`rgb` and `calibration` (the held-out cells the gate is calibrated on). Unknown keys are
+errors, so a typo never silently trains the default.
 """
 
 from __future__ import annotations
@@ -94,6 +95,18 @@ DEFAULTS = {
         "threads": None,
         "workers": None,
         "device": "auto",
+    },
+    # The gate's calibration (training/conformal.py): after training, held-out cells are generated at each
+    # size (CT slice side, photo width x height), `batteries` with the generator's default configuration and
+    # as many with the preset's, seeds from `seed` on; each input's gate then refuses at most `rate` of new
+    # cells of that kind with `confidence`. batteries 0: no calibration (the fit-time thresholds stay).
+    "calibration": {
+        "rate": 0.005,
+        "confidence": 0.95,
+        "batteries": 17,
+        "photos": 6,
+        "sizes": [[256, [480, 270]], [512, [960, 540]], [4000, [1920, 1080]]],
+        "seed": 3000,
     },
 }
 

@@ -33,17 +33,17 @@ class RGBArrays:
 
 
 def _ct_one(args):
-    path, size, mean, std = args
+    path, size, mean, std, dtype = args
     facts: list = []
     x, crop = encoded_ct_input(Path(path).read_bytes(), size, mean, std, facts_out=facts)  # as the server reads it
-    return x.astype(np.float16), crop, facts[0]
+    return x.astype(dtype, copy=False), crop, facts[0]
 
 
 def _rgb_one(args):
-    path, size = args
+    path, size, dtype = args
     facts: list = []
     x, crop = encoded_rgb_input(Path(path).read_bytes(), size, facts_out=facts)
-    return x.astype(np.float16), crop, facts[0]
+    return x.astype(dtype, copy=False), crop, facts[0]
 
 
 def _map(fn, jobs, desc: str, workers: int | None, progress: bool):
@@ -73,9 +73,12 @@ def load_ct(
     workers: int | None = None,
     progress: bool = True,
     with_masks: bool = False,
+    dtype=np.float16,
 ) -> CTArrays:
-    out = _map(_ct_one, [(r.path, size, mean, std) for r in records], f"preprocess CT {size}px", workers, progress)
-    images = np.stack([x for x, _, _ in out]) if out else np.zeros((0, 1, size, size), np.float16)
+    """`dtype`: float16 keeps a training set in memory; float32 is exactly what the server feeds the network."""
+    jobs = [(r.path, size, mean, std, dtype) for r in records]
+    out = _map(_ct_one, jobs, f"preprocess CT {size}px", workers, progress)
+    images = np.stack([x for x, _, _ in out]) if out else np.zeros((0, 1, size, size), dtype)
     crops = [c for _, c, _ in out]
     return CTArrays(
         images=images,
@@ -87,9 +90,11 @@ def load_ct(
     )
 
 
-def load_rgb(records: list[RGBRecord], size: int, workers: int | None = None, progress: bool = True) -> RGBArrays:
-    out = _map(_rgb_one, [(r.path, size) for r in records], f"preprocess RGB {size}px", workers, progress)
-    images = np.stack([x for x, _, _ in out]) if out else np.zeros((0, 3, size, size), np.float16)
+def load_rgb(
+    records: list[RGBRecord], size: int, workers: int | None = None, progress: bool = True, dtype=np.float16
+) -> RGBArrays:
+    out = _map(_rgb_one, [(r.path, size, dtype) for r in records], f"preprocess RGB {size}px", workers, progress)
+    images = np.stack([x for x, _, _ in out]) if out else np.zeros((0, 3, size, size), dtype)
     return RGBArrays(
         images=images,
         anomalous=np.array([not r.is_normal for r in records], bool),

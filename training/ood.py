@@ -28,7 +28,12 @@ wakes up on foreign inputs counts fully.
 Calibration: the threshold is the `quantile` of the validation distances (defective
 validation cells included: they must not be refused) times `margin`. Both are the
 training config's (`ct.ood`, `rgb.ood`), and the resulting gate is stored in the
-checkpoint under `ood`. `python -m training.ood RUN --data DIR` recalibrates a run.
+checkpoint under `ood`. `python -m training.ood RUN --data DIR` fits a run's gate again.
+
+That threshold and the placement ranges are only provisional: fitted on the training data,
+they say nothing about how many of the next line's cells they refuse. The preset then
+calibrates both on held-out cells drawn the way the line draws them, for a stated
+false-refusal rate (training/conformal.py; `--calibration DIR ...` here).
 """
 
 from __future__ import annotations
@@ -46,6 +51,7 @@ from core.aihub import scan
 from core.decode import ImageError
 from core.labels import BATTERY_TYPES, CT_CLASSES, class_type
 from core.preprocess import check_frame, encoded_rgb_input, fit_frame
+from training import conformal
 from training.checkpoint import load_checkpoint, save_checkpoint
 from training.data.split import DEFAULT_FRACTIONS, read_split, split_dataset
 from training.datasets import load_ct, load_rgb
@@ -159,6 +165,7 @@ def calibrate(gate: dict, val_distances: np.ndarray, cfg: dict) -> dict:
         "validation": {
             "count": int(len(v)),
             "median": float(np.median(v)),
+            "q99": float(np.quantile(v, 0.99)),
             "max": float(v.max()),
             "rejected": float((v >= threshold).mean()),
         },
@@ -446,6 +453,62 @@ def recalibrate(run: Path, data: Path | None = None, progress: bool = True) -> d
     return info["ood"]
 
 
+# --- calibration on held-out cells (training/conformal.py) ---------------------------------
+
+
+def calibration_records(dirs, kind: str, progress: bool = True) -> list:
+    """Every CT slice (kind "ct") or photo ("rgb") of the data sets `dirs`, whatever their split."""
+    out = []
+    for d in dirs:
+        ds = scan(Path(d), progress=progress)
+        out += ds.ct if kind == "ct" else ds.rgb
+    if not out:
+        what = "CT slices" if kind == "ct" else "photos"
+        raise ValueError(f"no {what} in the calibration data {', '.join(map(str, dirs))}")
+    return out
+
+
+def ct_scores(model, info: dict, records, progress: bool = True) -> tuple[np.ndarray, list]:
+    """(distances, placement facts) of CT records, read as the server reads them."""
+    norm = info["normalization"]
+    arrays = load_ct(records, info["input_size"], norm["mean"], norm["std"], progress=progress, dtype=np.float32)
+    feats = ct_feature_array(model, arrays.images, arrays.meta)
+    return distances(info["ood"], feats, ct_group(arrays.meta)), arrays.placements
+
+
+def rgb_scores(model, info: dict, records, progress: bool = True) -> tuple[np.ndarray, list]:
+    """(distances, placement facts) of RGB records, read as the server reads them."""
+    arrays = load_rgb(records, info["input_size"], progress=progress, dtype=np.float32)
+    feats = rgb_feature_array(scorer_from(model, info["score"]), arrays.images)
+    return distances(info["ood"], feats), arrays.placements
+
+
+def calibrate_info(model, info: dict, dirs, cfg: dict | None = None, progress: bool = True) -> dict:
+    """A checkpoint's info with its gate and placement ranges calibrated on the data sets `dirs`."""
+    gate, frame = info.get("ood"), info.get("frame")
+    if not gate or not frame or "spread" not in frame or "q99" not in gate.get("validation", {}):
+        raise ValueError(
+            "this run's gate was fitted before calibration existed (no spreads stored): fit it again first with "
+            "'python -m training.ood RUN'"
+        )
+    kind = "ct" if info["kind"] == "ct_classifier" else "rgb"
+    records = calibration_records(dirs, kind, progress)
+    distances, facts = (ct_scores if kind == "ct" else rgb_scores)(model, info, records, progress)
+    scores, worst = conformal.nonconformity(distances, facts, gate, frame)
+    gate, frame = conformal.calibrated(gate, frame, scores, worst, cfg or {}, [str(d) for d in dirs])
+    return info | {"ood": gate, "frame": frame}
+
+
+def calibrate_run(run: Path, dirs, cfg: dict | None = None, progress: bool = True) -> dict:
+    """Calibrate a run's gate on the data sets `dirs`, save it in the checkpoint, print what it promises."""
+    model, info = load_checkpoint(run)
+    info = calibrate_info(model, info, dirs, cfg, progress)
+    save_checkpoint(run, model, info)
+    what = "CT" if info["kind"] == "ct_classifier" else "photo"
+    print(f"{run}: {conformal.describe(info['ood']['calibration'], what)}")
+    return info
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(
         prog="python -m training.ood", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -454,12 +517,37 @@ def main(argv=None) -> int:
         "runs", type=Path, nargs="+", help="run folders (CT or RGB) whose out-of-distribution gate to fit again"
     )
     p.add_argument("--data", type=Path, help="data set (AI Hub layout; default: the data each run was trained on)")
+    p.add_argument(
+        "--calibration",
+        type=Path,
+        nargs="+",
+        metavar="DIR",
+        help="then calibrate the gate for a false-refusal rate on these held-out data sets (AI Hub layout, every "
+        "split; cells drawn the way the line draws them: training/conformal.py)",
+    )
+    p.add_argument(
+        "--rate", type=float, default=conformal.DEFAULTS["rate"], help="false-refusal rate to promise per input"
+    )
+    p.add_argument(
+        "--confidence", type=float, default=conformal.DEFAULTS["confidence"], help="confidence of that promise"
+    )
+    p.add_argument(
+        "--no-refit", action="store_true", help="keep the fitted gate; only calibrate it (needs --calibration)"
+    )
     p.add_argument("--quiet", action="store_true")
     args = p.parse_args(argv)
+    if args.no_refit and not args.calibration:
+        p.error("--no-refit needs --calibration")
     for run in args.runs:
-        gate = recalibrate(run, args.data, progress=not args.quiet)
-        print(f"{run}: {describe(gate)}")
-        print(f"{run}: {describe_frame(load_checkpoint(run)[1]['frame'])}")
+        if not args.no_refit:
+            gate = recalibrate(run, args.data, progress=not args.quiet)
+            print(f"{run}: {describe(gate)}")
+            print(f"{run}: {describe_frame(load_checkpoint(run)[1]['frame'])}")
+        if args.calibration:
+            try:
+                calibrate_run(run, args.calibration, {"rate": args.rate, "confidence": args.confidence}, not args.quiet)
+            except ValueError as e:
+                raise SystemExit(f"error: {run}: {e}") from e
     return 0
 
 

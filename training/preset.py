@@ -1,15 +1,17 @@
 """python -m training.preset quick|standard|full [--out runs/NAME]
 
 One command for a whole preset: generate its synthetic training set (unless --data is
-given or it already exists), train the CT classifier and the RGB autoencoder, generate a
-fresh test set with another seed, evaluate both models on it, and print a table of the
-numbers with the time each step took. `make serve` runs the quick preset when no trained
+given or it already exists), train the CT classifier and the RGB autoencoder, calibrate
+their out-of-distribution gates on held-out cells of several sizes (training/conformal.py),
+generate a fresh test set with another seed, evaluate both models on it, and print a table
+of the numbers with the time each step took. `make serve` runs the quick preset when no trained
 runs exist.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 import time
@@ -17,6 +19,7 @@ from pathlib import Path
 
 from training.config import load_config
 from training.evaluate import evaluate, summary
+from training.ood import calibrate_run
 from training.synth.plan import DEFECT_VISIBILITY, SynthConfig
 from training.synth.writer import CONFIG_FILE, generate
 from training.train import train_ct, train_rgb
@@ -36,6 +39,31 @@ def synth_config(d: dict, seed: int, batteries: int | None = None) -> SynthConfi
         rgb_defect_rate=d["rgb_defect_rate"],
         visibility=dict(DEFECT_VISIBILITY) | dict(d.get("visibility") or {}),
     )
+
+
+def calibration_sets(cfg: dict, root: Path) -> list[tuple[Path, SynthConfig]]:
+    """The held-out cells the gates are calibrated on: at each size of `cfg["calibration"]`, one set
+    with the generator's default configuration and one with the preset's, each of its own seed."""
+    c, d = cfg["calibration"], cfg["data"]
+    out = []
+    for i, (ct, (w, h)) in enumerate(c["sizes"]):
+        seed = int(c["seed"]) + 2 * i
+        sizes = {"ct_size": int(ct), "rgb_width": int(w), "rgb_height": int(h), "photos_per_battery": c["photos"]}
+        default = SynthConfig(batteries=c["batteries"], seed=seed, **sizes)
+        own = dataclasses.replace(synth_config(d, seed + 1, c["batteries"]), **sizes)
+        out += [(root / f"default-{ct}-seed{seed}", default), (root / f"preset-{ct}-seed{seed + 1}", own)]
+    return out
+
+
+def calibrate(cfg: dict, runs: list[Path], root: Path) -> list[Path]:
+    """Generate the calibration sets under `root` (once) and calibrate each run's gate on them."""
+    sets = calibration_sets(cfg, root)
+    for path, synth in sets:
+        ensure_data(path, synth, "calibration data")
+    dirs = [p for p, _ in sets]
+    for run in runs:
+        calibrate_run(run, dirs, cfg["calibration"])
+    return dirs
 
 
 def ensure_data(path: Path, cfg: SynthConfig, what: str) -> None:
@@ -105,6 +133,10 @@ def main(argv=None) -> int:
         t = time.perf_counter()
         (train_ct if model == "ct" else train_rgb)(data, cfg, out / model, None, progress=True, reviewed=args.reviewed)
         timings[f"train_{model}_s"] = time.perf_counter() - t
+    if cfg["calibration"]["batteries"] > 0:
+        t = time.perf_counter()
+        calibrate(cfg, [out / m for m in models], Path("data") / f"{name}_calibration")
+        timings["calibrate_s"] = time.perf_counter() - t
     results = {}
     if not args.skip_eval:
         t = time.perf_counter()

@@ -34,6 +34,7 @@ WRAP_COLOURS = [
     (70, 70, 80),
 ]
 BENCH_COLOURS = [(120, 122, 125), (60, 62, 66), (50, 80, 120), (60, 110, 80), (200, 200, 196), (150, 135, 115)]
+BENCH_NAMES = ("grey", "dark grey", "blue", "green", "white", "beige")  # of BENCH_COLOURS, in order
 HOUSING_COLOURS = [(175, 178, 182), (45, 45, 50), (90, 95, 100), (200, 200, 205)]
 
 
@@ -321,6 +322,24 @@ def _draw_defect(ph: _Photo, rng: np.random.Generator, name: str, body_size: flo
         a = np.clip(specks * cov * rng.uniform(0.6, 0.9), 0, 1)[..., None]
         ph.img[box] = patch * (1 - a) + a * np.array([235, 232, 220], np.float32)
     return RGBDefect(name, kind, poly)
+
+
+def photo_conditions(spec: RGBPhotoSpec) -> dict:
+    """What the generator draws for the photo `spec` before the battery: camera distance (mm),
+    elevation and azimuth (degrees), light direction (-0.9 from the left .. 0.9 from the right) and
+    bench colour: the same draws, in the same order, as `render_rgb_photo` and `_bench` make."""
+    rng = spec.rng(1)
+    distance, elev, azim = float(rng.uniform(250, 450)), float(rng.uniform(10, 45)), float(rng.uniform(0, 360))
+    light_dir = float(rng.uniform(-0.9, 0.9))
+    rng.uniform(0.2, 0.8), rng.uniform(-0.2, 0.3)  # the light's position
+    bench = int(rng.integers(len(BENCH_COLOURS)))
+    return {
+        "distance": distance,
+        "elevation": elev,
+        "azimuth": azim,
+        "light_dir": light_dir,
+        "bench": BENCH_NAMES[bench],
+    }
 
 
 def render_rgb_photo(spec: RGBPhotoSpec, with_defects: bool = True) -> RGBPhoto:
