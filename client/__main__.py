@@ -37,9 +37,10 @@ from client.explain import Case
 from client.explain.cli import add_arguments as add_explain_arguments
 from client.explain.cli import build_pipeline
 from client.gateway.cli import add_parsers as add_gateway_parsers
-from client.inspection import CellError, Inspection, InspectionFailed, parse_meta
+from client.inspection import CellError, Inspection, InspectionFailed, in_words, is_input_refusal, parse_meta
 from client.lifecycle.cli import add_parsers as add_models_parsers
 from client.probe import probe_grpc
+from client.refusal import placement, why
 from client.service import InspectionClient
 from core.interface import NOT_INSPECTABLE, VERDICT_NAMES
 
@@ -182,6 +183,7 @@ def cmd_inspect_dir(args) -> int:
         return 2
     with_labels = all(c.ct_label for c in cells)
     verdicts, errors, confusion = Counter(), Counter(), np.zeros((len(VERDICT_NAMES),) * 2, int)
+    reasons = Counter()  # why cells were refused as not inspectable
     kept = Counter()
     args.out.parent.mkdir(parents=True, exist_ok=True)
     if args.local:
@@ -195,7 +197,7 @@ def cmd_inspect_dir(args) -> int:
         args.explain = args.out.parent / "explain"
     if args.explain:
         explain = build_pipeline(args, title=str(args.dir))
-        info = connect.serving_info()
+    info = _serving_info(connect)
     archive = None
     if args.keep:
         archive = LineArchive(
@@ -212,6 +214,12 @@ def cmd_inspect_dir(args) -> int:
                 "meta": list(cell.meta),
             }
             row |= result.to_dict()
+            refused_input = isinstance(result, CellError) and is_input_refusal(result.message)
+            if refused_input or (isinstance(result, Inspection) and not result.inspectable):
+                if refused_input:  # the preprocessing refused an image: a refusal, not a fault
+                    row["refusal"] = in_words(result.message)
+                row["placement"] = placement(cell.ct_path.read_bytes(), cell.rgb_path.read_bytes(), info)
+                reasons[why(row)] += 1
             if with_labels:
                 row["label"] = {
                     "ct_class": cell.ct_label,
@@ -226,7 +234,10 @@ def cmd_inspect_dir(args) -> int:
                         cell.load(), result, reason, source={"ct_path": row["ct_path"], "rgb_path": row["rgb_path"]}
                     )
                     kept[reason] += 1
-            if isinstance(result, CellError):
+            if refused_input:
+                verdicts[VERDICT_NAMES[NOT_INSPECTABLE]] += 1
+                confusion[cell.expected_verdict, NOT_INSPECTABLE] += 1
+            elif isinstance(result, CellError):
                 errors[result.kind] += 1
             else:
                 verdicts[result.verdict] += 1
@@ -255,6 +266,8 @@ def cmd_inspect_dir(args) -> int:
     print(f"\n{len(cells)} cells in {seconds:.1f} s: {len(cells) / seconds:.1f} cells/s ({how})")
     for name in VERDICT_NAMES:
         print(f"  {name:<16} {verdicts[name]:>6}")
+    for reason, n in reasons.most_common():
+        print(f"    refused: {reason:<40} {n:>6}")
     for kind, n in errors.items():
         print(f"  error {kind:<10} {n:>6}")
     if with_labels and answered:
@@ -278,6 +291,15 @@ def cmd_inspect_dir(args) -> int:
         entries = explain.close(progress=not args.quiet)
         _print_explained(entries, args.explain)
     return 0 if not errors else 1
+
+
+def _serving_info(connect) -> dict | None:
+    """The served models' facts (the placement ranges a refusal is measured against); None where the
+    service cannot say."""
+    try:
+        return connect.serving_info()
+    except Exception:  # noqa: BLE001 - a refusal row is still written, without the ranges
+        return None
 
 
 def _print_explained(entries: list[dict], folder: Path) -> None:

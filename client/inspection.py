@@ -12,6 +12,39 @@ from tritonclient.utils import InferenceServerException
 from core import interface as api
 from core.labels import BATTERY_TYPES, CT_CLASSES, CT_DEFECT_CLASSES, SLICE_AXES
 
+# what the preprocessing's refusals of an input say (core.preprocess.check_frame, _not_blank)
+INPUT_REFUSALS = ("not inspectable as placed", "no battery found", "is blank")
+ADVICE = {
+    "placement": "look at how the cell sits in the fixture and what the camera frames",
+    "no battery": "the station sent an image without a cell in it, or not a cell",
+    "blank": "the camera or the reconstruction sent a blank image",
+    "distribution": "the image does not look like the ones the models were trained on: another station setting, "
+    "a swapped cable, or a kind of cell the models do not know",
+}
+
+
+def is_input_refusal(message: str) -> bool:
+    """Whether a server error is the preprocessing refusing an image (not a fault of the request)."""
+    return any(marker in message for marker in INPUT_REFUSALS)
+
+
+def _cause(message: str) -> str:
+    if "no battery found" in message:
+        return "no battery"
+    if "is blank" in message:
+        return "blank"
+    if "out of distribution" in message:
+        return "distribution"
+    return "placement"
+
+
+def in_words(message: str) -> str:
+    """A refusal with what to do about it: the server's sentence and the advice for its cause."""
+    message = message.strip()
+    if message.startswith("cell ") and ": " in message:  # the server names the request's cell: "cell 0: ..."
+        message = message.split(": ", 1)[1]
+    return f"{message}; {ADVICE[_cause(message)]}"
+
 
 def parse_meta(text: str | tuple | list) -> tuple[float, float]:
     """'cell,z' or '0,2' (or a pair) -> (battery_type, slice_axis) as numbers."""
@@ -90,13 +123,14 @@ class Inspection:
 
     @property
     def refusal(self) -> str:
-        """Why the cell is not inspectable ("" when it is): which input was out of distribution."""
+        """Why the cell is not inspectable ("" when it is): which input was out of distribution, and
+        what that means on the station."""
         parts = [
             f"{what} out of distribution (score {v:.2f} >= 1)"
             for what, v in (("CT slice", self.ct_ood), ("photo", self.rgb_ood))
             if not v < 1.0
         ]
-        return "; ".join(parts) if not self.inspectable else ""
+        return in_words("; ".join(parts)) if not self.inspectable and parts else ""
 
     @classmethod
     def from_outputs(cls, outputs: dict[str, np.ndarray], row: int, cell_id: str = "") -> Inspection:

@@ -34,7 +34,7 @@ from client.explain.cli import add_arguments as add_explain_arguments
 from client.explain.cli import build_explainers
 from client.explain.pipeline import ExplanationPipeline
 from client.inspection import InspectionFailed
-from client.review.runs import filter_rows, load_run
+from client.review.runs import filter_rows, load_run, placement_table, refused_rows
 from client.service import Backoff, InspectionClient
 from core import interface as api
 from core.aihub import meta_from_name
@@ -271,6 +271,13 @@ def review_page(cfg: dict) -> None:
     except (FileNotFoundError, ValueError) as e:
         st.info(str(e))
         return
+    refused = refused_rows(run.rows)
+    if refused:
+        with st.expander(f"{len(refused)} cells refused as not inspectable: why"):
+            for r in refused:
+                st.markdown(f"**{r['cell_id']}**: {r['refusal']}")
+                if r.get("placement"):
+                    st.dataframe(placement_table(r["placement"]), hide_index=True)
     rows = run.answered
     if not rows:
         st.warning(f"No answered cells in {run.folder}.")

@@ -76,3 +76,31 @@ def filter_rows(
             continue
         out.append(r)
     return out
+
+
+def refused_rows(rows: list[dict]) -> list[dict]:
+    """The cells refused as not inspectable, answered (verdict 4) or refused by the preprocessing."""
+    return [r for r in rows if r.get("refusal")]
+
+
+def placement_table(placement: dict) -> dict[str, list]:
+    """A refused row's placement facts as table columns: input, fact, value, the range the model
+    accepts, and whether the value lies outside it."""
+    table: dict[str, list] = {"input": [], "fact": [], "value": [], "accepted": [], "outside": []}
+    for side, seen in placement.items():
+        facts, ranges = seen.get("facts"), seen.get("ranges") or {}
+        if facts is None:
+            table["input"].append(side)
+            table["fact"].append("battery")
+            table["value"].append("not found")
+            table["accepted"].append("")
+            table["outside"].append(True)
+            continue
+        for fact, value in facts.items():
+            lo, hi = ranges.get(fact, (None, None))
+            table["input"].append(side)
+            table["fact"].append(fact)
+            table["value"].append(round(value, 3))
+            table["accepted"].append("" if lo is None else f"{lo:.3f} to {hi:.3f}")
+            table["outside"].append(fact in (seen.get("outside_facts") or []))
+    return table

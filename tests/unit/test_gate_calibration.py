@@ -3,16 +3,21 @@ that keeps it on a fresh set of a seed drawn at run time."""
 
 from __future__ import annotations
 
+import json
 import secrets
+import shutil
 
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 from scipy.stats import binom
 
+from client.__main__ import main as client_main
+from client.review.runs import load_run, placement_table, refused_rows
 from core.aihub import scan
 from core.decode import ImageError
-from core.preprocess import fit_frame
+from core.preprocess import find_object_rgb, fit_frame
 from export.local import TorchPipeline
 from serving.runtime import ct_tensor, rgb_tensor
 from tests.support.tiny_models import make_ct_run, make_rgb_run
@@ -144,3 +149,45 @@ def test_a_calibrated_gate_keeps_its_promise_on_a_fresh_set_of_a_seed_drawn_now(
         assert refused_now <= bound, f"seed {seed}: {refused_now} {what} images refused, promise {rate:.2%}"
     # and the check can fail: the gate fitted on the training size alone does not keep such a promise
     assert any(p > b for p, b in zip(provisional[0::2], bounds)), (provisional, bounds)
+
+
+def test_inspect_dir_says_why_a_cell_was_refused_and_writes_the_placement_facts_that_decided_it(
+    tmp_path, small_dataset, capsys
+):
+    root, _ = small_dataset
+    data = tmp_path / "cells"
+    shutil.copytree(root, data)
+    ds = scan(data, progress=False)
+    ct = load_ct(ds.ct, 64, workers=1, progress=False, dtype=np.float32)
+    rgb = load_rgb(ds.rgb, 64, workers=1, progress=False, dtype=np.float32)
+    runs = tmp_path / "runs"
+    make_ct_run(runs / "ct", images=ct.images, meta=ct.meta, frame=fit_frame(ct.placements))
+    make_rgb_run(runs / "rgb", images=rgb.images, frame=fit_frame(rgb.placements))
+    # one photo cut so that its battery fills the frame edge to edge: no training photo was taken so
+    photo = ds.rgb[0]
+    image = Image.open(photo.path)
+    x0, y0, x1, y1 = find_object_rgb(np.asarray(image.convert("RGB")))
+    image.crop((x0 + 2, y0 + 2, x1 - 2, y1 - 2)).resize(image.size).save(photo.path)
+
+    out = tmp_path / "run" / "results.jsonl"
+    rc = client_main(["inspect-dir", str(data), "--local", str(runs / "ct"), str(runs / "rgb"), "--out", str(out)])
+    printed = capsys.readouterr().out
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    refused = [r for r in rows if r.get("refusal")]
+    assert rc == 0 and refused, printed  # a refusal is an answer, not a failed run
+    assert all(photo.path.stem in r["rgb_path"] for r in refused)
+    r = refused[0]
+    assert r["refusal"].startswith("photo: not inspectable as placed: the battery ")
+    assert "look at how the cell sits in the fixture" in r["refusal"]
+    seen = r["placement"]["photo"]
+    assert seen["outside_facts"] and set(seen["facts"]) == {"span", "aspect", "offset", "edge", "fill"}
+    for fact in seen["outside_facts"]:
+        lo, hi = seen["ranges"][fact]
+        assert not lo <= seen["facts"][fact] <= hi
+    assert r["placement"]["ct"]["outside_facts"] == []
+    assert f"refused: photo: placement ({', '.join(seen['outside_facts'])})" in printed
+    # the review station lists it with the facts and the accepted ranges
+    run = load_run(out.parent)
+    assert refused_rows(run.rows) == refused
+    table = placement_table(r["placement"])
+    assert sum(table["outside"]) == len(seen["outside_facts"]) and len(table["fact"]) == 10
