@@ -64,13 +64,15 @@ def fresh_sets(root: Path, preset: str, seeds, sizes, batteries: int, progress: 
     out = []
     for seed in seeds:
         for i, (ct, (w, h)) in enumerate(sizes):
-            s = int(seed) * 10 + i  # each size its own draw, still named by the seed
+            # each size and configuration its own draw (one seed for both configurations would draw the same
+            # batteries, scenes and cameras twice), still named by the seed
+            s = int(seed) * 10 + 2 * i
             dims = {"ct_size": ct, "rgb_width": w, "rgb_height": h}
             for name, cfg in (
                 ("default", SynthConfig(batteries=batteries, seed=s, **dims)),
-                (preset, replace(synth_config(data, s, batteries), **dims)),
+                (preset, replace(synth_config(data, s + 1, batteries), **dims)),
             ):
-                path = root / f"{name}-{ct}-{w}x{h}-seed{s}"
+                path = root / f"{name}-{ct}-{w}x{h}-seed{cfg.seed}"
                 if not (path / CONFIG_FILE).exists():
                     generate(path, cfg, progress=progress)
                 out.append({"path": path, "config": name, "seed": int(seed), "size": f"{ct} / {w}x{h}"})
@@ -145,7 +147,7 @@ def _photo_attributes(path: Path) -> dict:
 
 def evaluate_fresh(runs, sets: list[dict], progress: bool = True) -> dict:
     pipeline = TorchPipeline(runs)
-    cells_out = []
+    cells_out, images_out = [], []
     for s in tqdm(sets, desc="fresh sets", unit="set", disable=not progress):
         cells, _ = pair_cells(s["path"], progress=False)
         ds = scan(s["path"], progress=False)
@@ -155,6 +157,31 @@ def evaluate_fresh(runs, sets: list[dict], progress: bool = True) -> dict:
         photos = sorted({c.rgb_path for c in cells})
         ct = _scores(pipeline, "ct", [c.ct_path for c in cells], [c.meta for c in cells], False)
         rgb = dict(zip(photos, _scores(pipeline, "rgb", photos, None, False)))
+        for path, (score, reason) in rgb.items():
+            ph = photo_of[path]
+            images_out.append(
+                {
+                    "image": f"{s['path'].name}/{path.name}",
+                    "input": "photo",
+                    "score": score,
+                    "reason": reason,
+                    "groups": {"size": s["size"], "configuration": s["config"], "seed": str(s["seed"])}
+                    | {"battery": f"{ph.battery_type} {ph.form}", "photo": "normal" if ph.is_normal else "defective"}
+                    | {f"photo {k}": v for k, v in attrs[(ph.battery_key, ph.index)].items()},
+                }
+            )
+        for c, (score, reason) in zip(cells, ct):
+            sl = slice_of[c.ct_path]
+            images_out.append(
+                {
+                    "image": f"{s['path'].name}/{c.ct_path.name}",
+                    "input": "CT",
+                    "score": score,
+                    "reason": reason,
+                    "groups": {"size": s["size"], "configuration": s["config"], "seed": str(s["seed"])}
+                    | {"battery": f"{sl.battery_type} {sl.form}", "slice axis": sl.axis, "CT class": sl.label},
+                }
+            )
         for c, (ct_score, ct_reason) in zip(cells, ct):
             rgb_score, rgb_reason = rgb[c.rgb_path]
             sl, ph = slice_of[c.ct_path], photo_of[c.rgb_path]
@@ -178,7 +205,7 @@ def evaluate_fresh(runs, sets: list[dict], progress: bool = True) -> dict:
                 | {f"photo {k}": v for k, v in attrs[(ph.battery_key, ph.index)].items()},
             }
             cells_out.append(row)
-    return summarise(cells_out, [str(r) for r in runs], sets)
+    return summarise(cells_out, images_out, [str(r) for r in runs], sets)
 
 
 def _rate(refused: int, n: int) -> dict:
@@ -187,16 +214,31 @@ def _rate(refused: int, n: int) -> dict:
     return {"cells": n, "refused": refused, "rate": refused / n if n else 0.0, "ci95": [lo, hi]}
 
 
-def summarise(rows: list[dict], runs: list[str], sets: list[dict]) -> dict:
-    n = len(rows)
-    refused = sum(r["refused"] for r in rows)
+def _table(rows: list[dict], refused) -> dict:
     groups: dict = defaultdict(lambda: defaultdict(lambda: [0, 0]))
     for r in rows:
         for dim, value in r["groups"].items():
-            groups[dim][value][0] += r["refused"]
+            groups[dim][value][0] += bool(refused(r))
             groups[dim][value][1] += 1
-    table = {dim: {v: _rate(k, m) for v, (k, m) in sorted(vals.items())} for dim, vals in groups.items()}
+    return {dim: {v: _rate(k, m) for v, (k, m) in sorted(vals.items())} for dim, vals in groups.items()}
+
+
+def summarise(rows: list[dict], images: list[dict], runs: list[str], sets: list[dict]) -> dict:
+    """Cells (a CT slice and its battery's photo; a photo serves several cells, so one refused photo
+    refuses them all) and images (each slice and each photo once: what the calibration promises for)."""
+    n = len(rows)
+    refused = sum(r["refused"] for r in rows)
+    table = _table(rows, lambda r: r["refused"])
     worst = max((g["rate"] for vals in table.values() for g in vals.values()), default=0.0)
+    per_image = {
+        side: {
+            "overall": _rate(sum(bool(r["reason"]) for r in part), len(part)),
+            "subgroups": _table(part, lambda r: r["reason"]),
+        }
+        for side in ("CT", "photo")
+        for part in [[r for r in images if r["input"] == side]]
+        if part
+    }
     return {
         "runs": runs,
         "sets": [{k: str(v) for k, v in s.items()} for s in sets],
@@ -205,6 +247,8 @@ def summarise(rows: list[dict], runs: list[str], sets: list[dict]) -> dict:
         "photo": _rate(sum(bool(r["rgb_reason"]) for r in rows), n),
         "subgroups": table,
         "worst_subgroup_rate": worst,
+        "images": per_image,
+        "image_rows": images,
         "refused_cells": [
             {"cell": r["cell"], "ct": r["ct_reason"], "photo": r["rgb_reason"]} for r in rows if r["refused"]
         ],
@@ -233,6 +277,17 @@ def markdown(result: dict) -> str:
     for dim, vals in result["subgroups"].items():
         for v, g in vals.items():
             lines.append(f"| {dim} | {v} | {pct(g)} |")
+    for side, part in result.get("images", {}).items():
+        lines += [
+            "",
+            f"Each {side} image once ({part['overall']['cells']} images): refused {pct(part['overall'])}",
+            "",
+            "| subgroup | value | refused (count; 95% interval) |",
+            "|---|---|---|",
+        ]
+        for dim, vals in part["subgroups"].items():
+            for v, g in vals.items():
+                lines.append(f"| {dim} | {v} | {pct(g)} |")
     if result["refused_cells"]:
         lines += ["", "Refused cells:", ""]
         for r in result["refused_cells"]:

@@ -129,7 +129,8 @@ def ood_summary(gate: dict | None) -> dict | None:
     """What serving reports about a checkpoint's out-of-distribution gate (not its matrices); None: no gate."""
     if not gate:
         return None
-    return {k: gate[k] for k in ("threshold", "quantile", "margin", "validation", "fitted_on") if k in gate}
+    keys = ("threshold", "quantile", "margin", "validation", "fitted_on", "calibration")
+    return {k: gate[k] for k in keys if k in gate}
 
 
 def export_run(run: str | Path, out: str | Path, check: bool = True) -> Exported:

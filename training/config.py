@@ -99,12 +99,14 @@ DEFAULTS = {
     # The gate's calibration (training/conformal.py): after training, held-out cells are generated at each
     # size (CT slice side, photo width x height), `batteries` with the generator's default configuration and
     # as many with the preset's, seeds from `seed` on; each input's gate then refuses at most `rate` of new
-    # cells of that kind with `confidence`. batteries 0: no calibration (the fit-time thresholds stay).
+    # images of that kind with `confidence`. The photo's rate is lower: one photo serves several cells (each
+    # CT slice of its battery), so its refusals come in clusters of cells; it needs 1,197 calibration photos
+    # (`photos` per battery), the CT rate 598 slices. batteries 0: no calibration (the fit-time thresholds stay).
     "calibration": {
-        "rate": 0.005,
+        "rate": {"ct": 0.005, "rgb": 0.0025},
         "confidence": 0.95,
         "batteries": 17,
-        "photos": 6,
+        "photos": 12,
         "sizes": [[256, [480, 270]], [512, [960, 540]], [4000, [1920, 1080]]],
         "seed": 3000,
     },

@@ -53,6 +53,7 @@ from core.labels import BATTERY_TYPES, CT_CLASSES, class_type
 from core.preprocess import check_frame, encoded_rgb_input, fit_frame
 from training import conformal
 from training.checkpoint import load_checkpoint, save_checkpoint
+from training.config import DEFAULTS as CONFIG_DEFAULTS
 from training.data.split import DEFAULT_FRACTIONS, read_split, split_dataset
 from training.datasets import load_ct, load_rgb
 from training.models.autoencoder import scorer_from
@@ -62,6 +63,7 @@ SPREADS = ("held-out", "training")
 # The photo gate's default: a spread held out on photos of one resolution refused 6-19% of normal photos
 # of other resolutions (docs/robustness.md)
 RGB_SPREAD = "training"
+CALIBRATION = CONFIG_DEFAULTS["calibration"]
 # What each gate reads; a gate fitted on other features cannot be used (refit it: python -m training.ood RUN)
 CT_FEATURES = "ct/pooled+mean+border/class-and-axis/2"
 N_AXES = 3  # slice_axis values x, y, z
@@ -502,6 +504,9 @@ def calibrate_info(model, info: dict, dirs, cfg: dict | None = None, progress: b
 def calibrate_run(run: Path, dirs, cfg: dict | None = None, progress: bool = True) -> dict:
     """Calibrate a run's gate on the data sets `dirs`, save it in the checkpoint, print what it promises."""
     model, info = load_checkpoint(run)
+    cfg = dict(cfg or {})
+    if isinstance(cfg.get("rate"), dict):  # one rate per input: {"ct": ..., "rgb": ...}
+        cfg["rate"] = cfg["rate"]["ct" if info["kind"] == "ct_classifier" else "rgb"]
     info = calibrate_info(model, info, dirs, cfg, progress)
     save_checkpoint(run, model, info)
     what = "CT" if info["kind"] == "ct_classifier" else "photo"
@@ -526,11 +531,12 @@ def main(argv=None) -> int:
         "split; cells drawn the way the line draws them: training/conformal.py)",
     )
     p.add_argument(
-        "--rate", type=float, default=conformal.DEFAULTS["rate"], help="false-refusal rate to promise per input"
+        "--rate",
+        type=float,
+        help="false-refusal rate to promise (default: the presets' per input, CT "
+        f"{CALIBRATION['rate']['ct']:g}, photo {CALIBRATION['rate']['rgb']:g})",
     )
-    p.add_argument(
-        "--confidence", type=float, default=conformal.DEFAULTS["confidence"], help="confidence of that promise"
-    )
+    p.add_argument("--confidence", type=float, default=CALIBRATION["confidence"], help="confidence of that promise")
     p.add_argument(
         "--no-refit", action="store_true", help="keep the fitted gate; only calibrate it (needs --calibration)"
     )
