@@ -35,9 +35,13 @@ Held out (kinds the gate's design was not tuned on; reported apart):
               tiled 2 x 2), with valid metadata
   two_cells   two cells on the bench in one photo
   edge_on     the cell photographed from the wrong side (its edge: a thin strip)
+  inverted    the photo with its colours inverted (a camera in a negative mode)
 
-No kind is used to calibrate the gate: its thresholds come from the validation split of
-the training data alone (training/ood.py). An image the decoder refuses outright (too
+Greyscale photos (a camera left in monochrome) are reported apart: refused, or answered with
+the anomaly decision of their colour photo.
+
+No kind is used to calibrate the gate: its thresholds come from the training data and from
+held-out good cells (training/conformal.py), never from a foreign input. An image the decoder refuses outright (too
 small, say) counts as rejected and is shown apart. Each kind also gets the AUROC of its
 score against the in-distribution cells' scores.
 
@@ -84,7 +88,7 @@ from training.synth.writer import CONFIG_FILE, generate
 FALSE_REJECTION_TARGET = 0.01
 REJECTION_TARGET = 0.95
 # kinds not looked at while the gate was designed: their figures are reported apart
-HELD_OUT = ("exposure", "saturated", "unknown_pack", "two_cells", "edge_on")
+HELD_OUT = ("exposure", "saturated", "unknown_pack", "two_cells", "edge_on", "inverted")
 
 
 # --- images that ship inside installed packages ------------------------------------------
@@ -323,6 +327,17 @@ def edge_on(path: Path) -> bytes:
     return _encode(np.clip(canvas, 0, 255).astype(np.uint8), "JPEG")
 
 
+def inverted(path: Path) -> bytes:
+    """The photo's colours inverted (a camera in a negative mode)."""
+    return _encode(255 - _photo(path), "JPEG")
+
+
+def greyscale(path: Path) -> bytes:
+    """The photo in grey (a camera left in monochrome mode), as three equal channels."""
+    grey = np.asarray(Image.open(path).convert("L"))
+    return _encode(np.repeat(grey[..., None], 3, axis=2), "JPEG")
+
+
 def painted_over(path: Path) -> bytes:
     """A test photo whose cell was painted over with the bench around it (an empty fixture)."""
     a = _photo(path)
@@ -379,6 +394,21 @@ class Scorer:
             except ValueError:
                 tensors.append(None)
         return self._batched(self.pipeline.ct_graph, tensors, [m for _, m in items])
+
+    def rgb_scores(self, items: list[bytes]) -> list[tuple[float, float] | None]:
+        """(RGB_SCORE, RGB_OOD) per photo; None where the preprocessing refuses it."""
+        torch = self.torch
+        out: list = []
+        for data in items:
+            try:
+                x = torch.from_numpy(rgb_tensor(data, self.pipeline.rgb_facts)[None])
+            except ValueError:
+                out.append(None)
+                continue
+            with torch.no_grad():
+                score, _, ood = self.pipeline.rgb_graph(x)
+            out.append((float(score[0, 0]), float(ood[0, 0])))
+        return out
 
     def rgb(self, items: list[bytes]) -> list[float | None]:
 
@@ -445,6 +475,26 @@ def false_rejections(
         "rgb_p99": float(np.quantile(rgb_in, 0.99)),
         "refused_cells": [c.cell_id for c, r in zip(cells, refused) if r],
     }, (ct_in, rgb_in, cells)
+
+
+def greyscale_check(scorer: Scorer, cells) -> dict:
+    """A photo in grey is either refused or judged as its colour photo is: the share refused, and of
+    those answered, the share whose anomaly decision (score above the threshold) equals the colour photo's."""
+    colour = scorer.rgb_scores([c.rgb_path.read_bytes() for c in cells])
+    grey = scorer.rgb_scores([greyscale(c.rgb_path) for c in cells])
+    threshold = float(scorer.pipeline.rgb_info["threshold"])
+    refused = [g is None or g[1] >= 1 for g in grey]
+    same = [
+        (g[0] > threshold) == (c[0] > threshold)
+        for g, c, r in zip(grey, colour, refused)
+        if not r and c is not None and c[1] < 1
+    ]
+    return {
+        "photos": len(cells),
+        "refused": float(np.mean(refused)),
+        "answered": len(same),
+        "same_decision": float(np.mean(same)) if same else None,
+    }
 
 
 def _auroc(inside: np.ndarray, outside: np.ndarray) -> float | None:
@@ -541,6 +591,7 @@ def evaluate(
         )
     )
     kinds.append(("edge_on", "rgb", [(f"{c.cell_id}_edge", edge_on(c.rgb_path), None) for c in sample]))
+    kinds.append(("inverted", "rgb", [(f"{c.cell_id}_inverted", inverted(c.rgb_path), None) for c in sample]))
 
     kinds = [k for k in kinds if k[1] in inputs]
     rows = []
@@ -563,6 +614,8 @@ def evaluate(
             }
         )
 
+    grey = greyscale_check(scorer, sample) if "rgb" in inputs else None
+
     def share(rs):
         n = sum(r["images"] for r in rs)
         return (sum(r["rejected"] * r["images"] for r in rs) / n if n else None), n
@@ -579,6 +632,7 @@ def evaluate(
         "images": total,
         "designed_on": dict(zip(("rejection", "images"), share([r for r in rows if not r["held_out"]]))),
         "held_out": dict(zip(("rejection", "images"), share([r for r in rows if r["held_out"]]))),
+        "greyscale": grey,
         "targets": {"false_rejection_max": FALSE_REJECTION_TARGET, "rejection_min": REJECTION_TARGET},
         "met": inside["false_rejection"] <= FALSE_REJECTION_TARGET
         and all(r["false_rejection"] <= FALSE_REJECTION_TARGET for r in sizes.values())
@@ -618,6 +672,14 @@ def markdown(result: dict) -> str:
         if part.get("images"):
             lines.append(f"| {label} | | {part['images']} | {part['rejection']:.1%} | | |")
     lines.append(f"| **all** | | {result['images']} | **{result['overall_rejection']:.1%}** | | |")
+    g = result.get("greyscale")
+    if g:
+        same = "n/a" if g["same_decision"] is None else f"{g['same_decision']:.0%}"
+        lines += [
+            "",
+            f"Greyscale photos ({g['photos']}): {g['refused']:.0%} refused; of the {g['answered']} answered, {same} "
+            "got the anomaly decision of their colour photo",
+        ]
     return "\n".join(lines)
 
 

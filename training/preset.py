@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -59,6 +60,10 @@ def calibrate(cfg: dict, runs: list[Path], root: Path) -> list[Path]:
     """Generate the calibration sets under `root` (once) and calibrate each run's gate on them."""
     sets = calibration_sets(cfg, root)
     for path, synth in sets:
+        stored = path / CONFIG_FILE
+        if stored.exists() and json.loads(stored.read_text()) != json.loads(json.dumps(dataclasses.asdict(synth))):
+            print(f"calibration data: {path} was generated with another configuration; generating it again")
+            shutil.rmtree(path)
         ensure_data(path, synth, "calibration data")
     dirs = [p for p, _ in sets]
     for run in runs:
