@@ -197,7 +197,7 @@ def cmd_inspect_dir(args) -> int:
         args.explain = args.out.parent / "explain"
     if args.explain:
         explain = build_pipeline(args, title=str(args.dir))
-    info = _serving_info(connect)
+    info = connect.serving_info() if args.explain else _serving_info(connect)  # explanations need them
     archive = None
     if args.keep:
         archive = LineArchive(
