@@ -135,10 +135,10 @@ def test_line_size_files_give_identical_tensors_through_the_served_and_the_train
     for name, data in files.items():
         if name.startswith("ct"):
             x = ct_tensors(np.array([[data]], object), ct_facts)[0]
-            trained, crop, _ = _ct_one((tmp_path / name, 160, 0.2, 0.25))
+            trained, crop, _ = _ct_one((tmp_path / name, 160, 0.2, 0.25, np.float16))
         else:
             x = rgb_tensors(np.array([[data]], object), rgb_facts)[0]
-            trained, crop, _ = _rgb_one((tmp_path / name, 160))
+            trained, crop, _ = _rgb_one((tmp_path / name, 160, np.float16))
         np.testing.assert_array_equal(x.astype(np.float16), trained)  # training keeps its arrays in float16
         served[name] = (x, crop)
     # the crop is in the slice's own pixels, whatever scale it was decoded at: around the labelled outline
