@@ -49,7 +49,14 @@ def test_the_client_spreads_cells_evenly_and_a_draining_replica_fails_no_request
             before = replicas.served()
             answers = client.inspect_many(cells * 2, concurrency=4)
             assert all(isinstance(a, Inspection) for a in answers), [a for a in answers if isinstance(a, CellError)]
-            spread = [b - a for a, b in zip(before, replicas.served())]
+            # tritonserver counts an inference after its answer is on the way: on a loaded machine the
+            # last few reach the metrics a moment after the client has them
+            deadline = time.monotonic() + 10
+            while True:
+                spread = [b - a for a, b in zip(before, replicas.served())]
+                if sum(spread) >= len(answers) or time.monotonic() > deadline:
+                    break
+                time.sleep(0.2)
             assert sum(spread) == len(answers)
             assert evenness(spread) <= 0.2, spread  # round robin: each replica every other request
 
