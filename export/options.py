@@ -89,7 +89,7 @@ def resolve_runs(runs: list[Path] | None) -> list[Path]:
 
     print(
         "no trained models in runs/standard or runs/quick: training the quick preset on synthetic data (about 7 "
-        "minutes on 2 cores)"
+        "minutes on 2 cores, then 7-10 to calibrate its gate on held-out cells of line size)"
     )
     preset_main(["quick"])
     return [Path("runs/quick")]
