@@ -546,7 +546,13 @@ def main(argv=None) -> int:
         p.error("--no-refit needs --calibration")
     for run in args.runs:
         if not args.no_refit:
+            before = (load_checkpoint(run)[1].get("ood") or {}).get("calibration")
             gate = recalibrate(run, args.data, progress=not args.quiet)
+            if before and not args.calibration:
+                print(
+                    f"{run}: warning: the fit replaced the gate calibrated on {', '.join(before['data'])}; calibrate "
+                    "it again: --calibration DIR ... (the presets' sets are in data/<preset>_calibration)"
+                )
             print(f"{run}: {describe(gate)}")
             print(f"{run}: {describe_frame(load_checkpoint(run)[1]['frame'])}")
         if args.calibration:
