@@ -557,7 +557,8 @@ def main(argv=None) -> int:
             print(f"{run}: {describe_frame(load_checkpoint(run)[1]['frame'])}")
         if args.calibration:
             try:
-                calibrate_run(run, args.calibration, {"rate": args.rate, "confidence": args.confidence}, not args.quiet)
+                rate = CALIBRATION["rate"] if args.rate is None else args.rate  # the presets' per input by default
+                calibrate_run(run, args.calibration, {"rate": rate, "confidence": args.confidence}, not args.quiet)
             except ValueError as e:
                 raise SystemExit(f"error: {run}: {e}") from e
     return 0

@@ -22,8 +22,11 @@ from export.local import TorchPipeline
 from serving.runtime import ct_tensor, rgb_tensor
 from tests.support.tiny_models import make_ct_run, make_rgb_run
 from training import conformal
+from training.checkpoint import load_checkpoint
+from training.config import DEFAULTS as CONFIG_DEFAULTS
 from training.datasets import load_ct, load_rgb
 from training.ood import calibrate_run
+from training.ood import main as ood_main
 from training.synth.plan import SynthConfig
 from training.synth.writer import generate
 
@@ -191,3 +194,15 @@ def test_inspect_dir_says_why_a_cell_was_refused_and_writes_the_placement_facts_
     assert refused_rows(run.rows) == refused
     table = placement_table(r["placement"])
     assert sum(table["outside"]) == len(seen["outside_facts"]) and len(table["fact"]) == 10
+
+
+def test_the_command_calibrates_a_run_at_the_presets_rate_for_its_input_unless_told_another(tmp_path, small_dataset):
+    root, _ = small_dataset
+    ds = scan(root, progress=False)
+    rgb = load_rgb(ds.rgb, 64, workers=1, progress=False, dtype=np.float32)
+    run = make_rgb_run(tmp_path / "rgb", images=rgb.images, gate=True, frame=fit_frame(rgb.placements))
+    assert ood_main([str(run), "--no-refit", "--calibration", str(root), "--quiet"]) == 0
+    record = load_checkpoint(run)[1]["ood"]["calibration"]
+    assert record["rate"] == CONFIG_DEFAULTS["calibration"]["rate"]["rgb"] and record["images"] == len(ds.rgb)
+    assert ood_main([str(run), "--no-refit", "--calibration", str(root), "--rate", "0.2", "--quiet"]) == 0
+    assert load_checkpoint(run)[1]["ood"]["calibration"]["rate"] == 0.2
