@@ -26,7 +26,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from scipy.stats import binom, binomtest
+from scipy.stats import binomtest
 from tqdm import tqdm
 
 from client.dataset import pair_cells
@@ -145,6 +145,16 @@ def _photo_attributes(path: Path) -> dict:
     return out
 
 
+def _photo_groups(ph, attrs: dict) -> dict:
+    """A photo's subgroups: its battery, normal or defective, and what the generator drew for it."""
+    drawn = {f"photo {k}": v for k, v in attrs[(ph.battery_key, ph.index)].items()}
+    return {"battery": f"{ph.battery_type} {ph.form}", "photo": "normal" if ph.is_normal else "defective"} | drawn
+
+
+def _slice_groups(sl) -> dict:
+    return {"battery": f"{sl.battery_type} {sl.form}", "slice axis": sl.axis, "CT class": sl.label}
+
+
 def evaluate_fresh(runs, sets: list[dict], progress: bool = True) -> dict:
     pipeline = TorchPipeline(runs)
     cells_out, images_out = [], []
@@ -157,54 +167,46 @@ def evaluate_fresh(runs, sets: list[dict], progress: bool = True) -> dict:
         photos = sorted({c.rgb_path for c in cells})
         ct = _scores(pipeline, "ct", [c.ct_path for c in cells], [c.meta for c in cells], False)
         rgb = dict(zip(photos, _scores(pipeline, "rgb", photos, None, False)))
+        common = {"size": s["size"], "configuration": s["config"], "seed": str(s["seed"])}
         for path, (score, reason) in rgb.items():
-            ph = photo_of[path]
+            groups = common | _photo_groups(photo_of[path], attrs)
             images_out.append(
                 {
                     "image": f"{s['path'].name}/{path.name}",
                     "input": "photo",
                     "score": score,
                     "reason": reason,
-                    "groups": {"size": s["size"], "configuration": s["config"], "seed": str(s["seed"])}
-                    | {"battery": f"{ph.battery_type} {ph.form}", "photo": "normal" if ph.is_normal else "defective"}
-                    | {f"photo {k}": v for k, v in attrs[(ph.battery_key, ph.index)].items()},
+                    "groups": groups,
                 }
             )
         for c, (score, reason) in zip(cells, ct):
-            sl = slice_of[c.ct_path]
+            groups = common | _slice_groups(slice_of[c.ct_path])
             images_out.append(
                 {
                     "image": f"{s['path'].name}/{c.ct_path.name}",
                     "input": "CT",
                     "score": score,
                     "reason": reason,
-                    "groups": {"size": s["size"], "configuration": s["config"], "seed": str(s["seed"])}
-                    | {"battery": f"{sl.battery_type} {sl.form}", "slice axis": sl.axis, "CT class": sl.label},
+                    "groups": groups,
                 }
             )
         for c, (ct_score, ct_reason) in zip(cells, ct):
             rgb_score, rgb_reason = rgb[c.rgb_path]
-            sl, ph = slice_of[c.ct_path], photo_of[c.rgb_path]
-            row = {
-                "cell": f"{s['path'].name}/{c.cell_id}",
-                "ct_score": ct_score,
-                "rgb_score": rgb_score,
-                "ct_reason": ct_reason,
-                "rgb_reason": rgb_reason,
-                "refused": bool(ct_reason or rgb_reason),
-                "groups": {
-                    "size": s["size"],
-                    "configuration": s["config"],
-                    "seed": str(s["seed"]),
-                    "battery": f"{sl.battery_type} {sl.form}",
-                    "slice axis": sl.axis,
-                    "CT class": sl.label,
-                    "cell": "defective" if c.expected_verdict != 0 else "normal",
-                    "photo": "normal" if ph.is_normal else "defective",
+            cell = {"cell": "defective" if c.expected_verdict != 0 else "normal"}
+            cells_out.append(
+                {
+                    "cell": f"{s['path'].name}/{c.cell_id}",
+                    "ct_score": ct_score,
+                    "rgb_score": rgb_score,
+                    "ct_reason": ct_reason,
+                    "rgb_reason": rgb_reason,
+                    "refused": bool(ct_reason or rgb_reason),
+                    "groups": common
+                    | _slice_groups(slice_of[c.ct_path])
+                    | cell
+                    | _photo_groups(photo_of[c.rgb_path], attrs),
                 }
-                | {f"photo {k}": v for k, v in attrs[(ph.battery_key, ph.index)].items()},
-            }
-            cells_out.append(row)
+            )
     return summarise(cells_out, images_out, [str(r) for r in runs], sets)
 
 
@@ -257,11 +259,6 @@ def summarise(rows: list[dict], images: list[dict], runs: list[str], sets: list[
     }
 
 
-def binomial_bound(n: int, rate: float, confidence: float = 0.999) -> int:
-    """The most refusals of n cells that a true rate `rate` gives with probability `confidence`."""
-    return int(binom.ppf(confidence, n, rate))
-
-
 def markdown(result: dict) -> str:
     def pct(g):
         return f"{g['rate']:.1%} ({g['refused']}/{g['cells']}; {g['ci95'][0]:.1%}-{g['ci95'][1]:.1%})"
@@ -271,23 +268,16 @@ def markdown(result: dict) -> str:
         f"(CT {pct(result['ct'])}, photo {pct(result['photo'])}); targets <= {OVERALL_TARGET:.0%} overall, "
         f"<= {SUBGROUP_TARGET:.0%} per subgroup (worst {result['worst_subgroup_rate']:.1%})",
         "",
-        "| subgroup | value | refused (count; 95% interval) |",
-        "|---|---|---|",
     ]
-    for dim, vals in result["subgroups"].items():
-        for v, g in vals.items():
-            lines.append(f"| {dim} | {v} | {pct(g)} |")
+
+    def table(subgroups: dict) -> list[str]:
+        rows = [f"| {dim} | {v} | {pct(g)} |" for dim, vals in subgroups.items() for v, g in vals.items()]
+        return ["| subgroup | value | refused (count; 95% interval) |", "|---|---|---|", *rows]
+
+    lines += table(result["subgroups"])
     for side, part in result.get("images", {}).items():
-        lines += [
-            "",
-            f"Each {side} image once ({part['overall']['cells']} images): refused {pct(part['overall'])}",
-            "",
-            "| subgroup | value | refused (count; 95% interval) |",
-            "|---|---|---|",
-        ]
-        for dim, vals in part["subgroups"].items():
-            for v, g in vals.items():
-                lines.append(f"| {dim} | {v} | {pct(g)} |")
+        lines += ["", f"Each {side} image once ({part['overall']['cells']} images): refused {pct(part['overall'])}", ""]
+        lines += table(part["subgroups"])
     if result["refused_cells"]:
         lines += ["", "Refused cells:", ""]
         for r in result["refused_cells"]:
